@@ -1,0 +1,104 @@
+"""The one exception tree of dpmigrate.
+
+Every error a user can see derives from :class:`DpmigrateError`. Its message names the
+thing involved (stage, ring, node, file) and says what to do next; the CLI prints it as
+one line and exits non-zero, never with a traceback.
+
+::
+
+    DpmigrateError
+    ├── ConfigError                 a DPMIGRATE_* setting or a manifest value is wrong
+    ├── EnvironmentProblem          this machine lacks something (criu, root, netns, ...)
+    │   └── CriuNotFound            the criu binary named by DPMIGRATE_CRIU cannot run
+    ├── RingError                   anything about a ring
+    │   ├── WouldBlock              a *_nowait call could not proceed now
+    │   │   └── RingTimeout         a blocking call ran out of time (also a TimeoutError)
+    │   ├── RingClosed              *you* closed this end, then used it
+    │   ├── EndOfRing               the producer closed cleanly; everything was delivered
+    │   ├── RingBroken              the peer went away without closing (crash, cut link)
+    │   ├── MessageTooLarge         a message exceeds the ring's maximum message size
+    │   └── ProtocolError           a peer sent malformed or out-of-protocol bytes
+    └── NativeError                 a syscall in the C core failed (errno and syscall named)
+
+The split between RingClosed and RingBroken follows trio: "Closed" is a bug in the caller,
+"Broken" is something that happened to it. WouldBlock is what a non-blocking call raises
+instead of waiting; RingTimeout is its blocking cousin.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class DpmigrateError(Exception):
+    """Base of every error dpmigrate raises on purpose."""
+
+
+class ConfigError(DpmigrateError):
+    """A setting (environment variable, manifest key, CLI option) has a bad value."""
+
+
+class EnvironmentProblem(DpmigrateError):
+    """The machine lacks something dpmigrate needs; the message says how to get it."""
+
+
+class CriuNotFound(EnvironmentProblem):
+    """The configured criu binary is missing, not executable, or too old."""
+
+
+class RingError(DpmigrateError):
+    """Base of every error about a ring."""
+
+
+class WouldBlock(RingError):
+    """The call would have to wait (ring full on send, empty on receive)."""
+
+
+class RingTimeout(WouldBlock, TimeoutError):
+    """A blocking ring call did not complete within its timeout."""
+
+
+class RingClosed(RingError):
+    """This ring end was closed by its owner and must not be used again."""
+
+
+class EndOfRing(RingError):
+    """The producer closed the ring cleanly and every message has been received."""
+
+
+class RingBroken(RingError):
+    """The peer end vanished without a clean close (crash, kill, cut connection)."""
+
+
+class MessageTooLarge(RingError, ValueError):
+    """A message is larger than the ring's maximum message size."""
+
+
+class ProtocolError(RingError):
+    """The peer sent bytes that do not follow the ring or control protocol."""
+
+
+class NativeError(DpmigrateError, OSError):
+    """A system call made by the C core failed."""
+
+
+def from_errno(syscall: str, err: int, what: str) -> NativeError:
+    """Build the one error for a failed syscall: names the call, the object and errno.
+
+    This is the single place where errno values become dpmigrate errors, so every caller
+    reports a failing syscall the same way.
+    """
+    hint = {
+        _errno.ENOMEM: "not enough memory (or hugepages) for the ring; use a smaller capacity",
+        _errno.EPERM: "permission denied; run as root or check the file's owner",
+        _errno.EACCES: "permission denied; run as root or check the file's mode",
+        _errno.EMFILE: "too many open files; raise `ulimit -n`",
+        _errno.ENOSPC: "no space left; free some space or use a smaller ring",
+    }.get(err, "")
+    text = f"{syscall}() failed for {what}: {os.strerror(err)} (errno {err})"
+    if hint:
+        text += f"; {hint}"
+    exc = NativeError(err, text)
+    exc.args = (text,)
+    return exc

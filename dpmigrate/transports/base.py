@@ -1,0 +1,179 @@
+"""The ring interface every transport implements, and the sequence bookkeeping they share.
+
+A ring is a bounded, ordered, single-producer single-consumer channel of ``bytes``. It has
+two ends, usually in different processes: a :class:`RingSender` (producer) and a
+:class:`RingReceiver` (consumer). Every message carries a logical sequence number that is
+independent of the transport (DESIGN.md §3):
+
+* the producer numbers messages 0, 1, 2, ... and *retains* each one until the consumer
+  acknowledges it (cumulatively); the retained window is the ring's capacity, so a full
+  window blocks the producer (backpressure) and nothing is ever dropped;
+* the consumer delivers each sequence number exactly once, in order, and acknowledges only
+  what it has committed (``commit()``; with ``auto_commit`` a message counts as committed
+  once the caller asks for the next one);
+* after any break the consumer says ``next_expected`` and the producer resends from there;
+  anything below ``next_expected`` that still arrives is dropped as a duplicate.
+
+Who listens: the producer end is the server for both shm and tcp; the consumer end finds it
+by ring name through a :class:`~dpmigrate.transports.resolver.Resolver` and connects. A
+consumer that restarts or moves therefore only needs the ring name and its own committed
+``next_expected``.
+
+Burst calls follow DPDK's rte_ring vocabulary: ``send_burst`` sends *as many as fit* and
+returns the count; ``recv_burst`` returns up to ``max_n`` messages, possibly fewer.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from dpmigrate.errors import MessageTooLarge, RingClosed
+
+#: Largest message any transport accepts, in bytes (1 MiB). Larger is MessageTooLarge.
+MAX_MESSAGE = 1 << 20
+
+#: Default retained window (messages) when a ring is created without a capacity.
+DEFAULT_CAPACITY = 1024
+
+
+@dataclasses.dataclass
+class RingStatistics:
+    """What a ring end has done so far; ``as_dict()`` is the JSON form."""
+
+    name: str
+    transport: str
+    role: str  # "producer" or "consumer"
+    capacity: int
+    messages: int = 0  # sent (producer, first transmissions only) or delivered (consumer)
+    bytes: int = 0  # payload bytes of those messages
+    occupancy: int = 0  # producer: messages retained (unacked); consumer: buffered, undelivered
+    peak_occupancy: int = 0
+    reconnects: int = 0
+    resent: int = 0  # producer: messages transmitted again after a reconnection
+    duplicates_dropped: int = 0  # consumer: messages below next_expected that arrived again
+    next_seq: int = 0  # producer: sequence number of the next new message
+    acked: int = 0  # producer: every seq below this is acknowledged
+    next_expected: int = 0  # consumer: sequence number it will deliver next
+    committed: int = 0  # consumer: every seq below this is committed (acked to the producer)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # transport-specific
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_message(ring: str, msg: bytes | bytearray | memoryview, limit: int = MAX_MESSAGE) -> None:
+    """Raise MessageTooLarge (naming the ring) unless ``msg`` is a bytes-like of legal size."""
+    if not isinstance(msg, bytes | bytearray | memoryview):
+        raise TypeError(f"ring {ring!r}: messages are bytes, got {type(msg).__name__}")
+    if len(msg) > limit:
+        raise MessageTooLarge(
+            f"ring {ring!r}: message of {len(msg)} bytes exceeds the maximum of {limit} bytes; "
+            "split it or raise the ring's max_message"
+        )
+
+
+class RingEnd(abc.ABC):
+    """What both ends have: a name, a transport, close() and statistics()."""
+
+    name: str
+    transport: str
+    capacity: int
+    _closed: bool = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RingClosed(
+                f"ring {self.name!r}: this {self._role} end was closed; open a new one"
+            )
+
+    @property
+    @abc.abstractmethod
+    def _role(self) -> str: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close this end. Idempotent. A producer's close is seen by the consumer as
+        EndOfRing once it has received everything sent before the close."""
+
+    @abc.abstractmethod
+    def statistics(self) -> RingStatistics: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RingSender(RingEnd):
+    """The producer end."""
+
+    _role = "producer"
+
+    @abc.abstractmethod
+    def send(self, msg: bytes, timeout: float | None = None) -> None:
+        """Send one message, waiting while the window is full.
+
+        Raises RingTimeout if ``timeout`` seconds pass first, RingBroken if the consumer died
+        and did not come back within the ring's reconnect bound, RingClosed after close().
+        """
+
+    @abc.abstractmethod
+    def send_nowait(self, msg: bytes) -> None:
+        """Send one message or raise WouldBlock at once if the window is full."""
+
+    @abc.abstractmethod
+    def send_burst(self, msgs: Sequence[bytes], timeout: float | None = 0) -> int:
+        """Send as many of ``msgs`` (in order) as fit and return how many were sent.
+
+        With ``timeout=0`` it never waits; otherwise it waits up to ``timeout`` (None: for
+        ever) for room for at least one message. Returns 0 when nothing fit in time.
+        """
+
+    @property
+    @abc.abstractmethod
+    def next_seq(self) -> int:
+        """Sequence number the next new message will get."""
+
+
+class RingReceiver(RingEnd):
+    """The consumer end."""
+
+    _role = "consumer"
+
+    @abc.abstractmethod
+    def recv(self, timeout: float | None = None) -> bytes:
+        """Return the next message, waiting for one.
+
+        Raises RingTimeout after ``timeout`` seconds, EndOfRing when the producer closed and
+        everything was delivered, RingBroken if the producer died and did not come back
+        within the ring's reconnect bound, RingClosed after close().
+        """
+
+    @abc.abstractmethod
+    def recv_nowait(self) -> bytes:
+        """Return the next message or raise WouldBlock at once."""
+
+    @abc.abstractmethod
+    def recv_burst(self, max_n: int, timeout: float | None = None) -> list[bytes]:
+        """Return between 1 and ``max_n`` messages, waiting up to ``timeout`` for the first.
+
+        Returns an empty list when nothing arrived in time (never raises RingTimeout).
+        Raises EndOfRing only when the producer closed and nothing is left.
+        """
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Acknowledge every message delivered so far (a cumulative ack to the producer)."""
+
+    @property
+    @abc.abstractmethod
+    def next_expected(self) -> int:
+        """Sequence number of the next message this end will deliver."""

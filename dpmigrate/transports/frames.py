@@ -1,0 +1,328 @@
+"""The tcp ring's wire format: fixed 16-byte frame headers, encoders, and a validating reader.
+
+Every frame is a header followed by ``length`` payload bytes. All integers are big-endian::
+
+    offset  size  field
+    0       2     magic  b"DR"
+    2       1     protocol version (1)
+    3       1     frame type (HELLO, WELCOME, DATA, ACK, CLOSE, PING, ERROR)
+    4       8     sequence number (u64; meaning depends on the type, see below)
+    12      4     payload length (u32)
+
+========  =========  ======================  ==========================================
+type      direction  seq                     payload
+========  =========  ======================  ==========================================
+HELLO     c -> p     consumer next_expected  u64 consumer generation + ring name (ASCII)
+WELCOME   p -> c     first retained seq      u64 producer generation, u32 capacity,
+                                             u32 max_message, u64 next_seq
+DATA      p -> c     message seq             the message
+ACK       c -> p     N: all seq < N commit.  empty
+CLOSE     both       p: next_seq; c: commit. empty
+PING      both       0                       empty (liveness; ignored by the receiver)
+ERROR     p -> c     0                       UTF-8 text: why the producer refused
+========  =========  ======================  ==========================================
+
+The first four bytes (magic, version, type) are read as one u32 so the hot path validates a
+DATA header with a single comparison. Nothing here knows about sockets' peers or rings:
+problems are reported as :class:`FrameError` (a short description) and the transport turns
+them into a ProtocolError naming the ring and the peer.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+MAGIC = b"DR"
+VERSION = 1
+
+HELLO = 1
+WELCOME = 2
+DATA = 3
+ACK = 4
+CLOSE = 5
+PING = 6
+ERROR = 7
+
+TYPE_NAMES = {
+    HELLO: "HELLO",
+    WELCOME: "WELCOME",
+    DATA: "DATA",
+    ACK: "ACK",
+    CLOSE: "CLOSE",
+    PING: "PING",
+    ERROR: "ERROR",
+}
+
+#: magic, version, type as one u32; sequence number u64; payload length u32.
+HEADER = struct.Struct("!IQI")
+HEADER_SIZE = HEADER.size  # 16
+_PREFIX = (MAGIC[0] << 24) | (MAGIC[1] << 16) | (VERSION << 8)
+
+
+def type_word(frame_type: int) -> int:
+    """The first four header bytes of a frame of ``frame_type`` as the u32 HEADER reads."""
+    return _PREFIX | frame_type
+
+
+DATA_WORD = type_word(DATA)
+
+_HELLO_FIXED = struct.Struct("!Q")
+_WELCOME = struct.Struct("!QIIQ")
+MAX_NAME = 128
+MAX_ERROR_TEXT = 1024
+#: Largest max_message a WELCOME may announce (sanity bound on a peer's claim).
+MAX_ANNOUNCED_MESSAGE = 1 << 30
+_NAME_BYTES_RE = re.compile(rb"^[A-Za-z0-9_.:\-]{1,128}$")
+
+#: Largest payload of each control frame type; DATA is bounded by the ring's max_message.
+CONTROL_LIMITS = {
+    HELLO: _HELLO_FIXED.size + MAX_NAME,
+    WELCOME: _WELCOME.size,
+    ACK: 0,
+    CLOSE: 0,
+    PING: 0,
+    ERROR: MAX_ERROR_TEXT,
+}
+
+
+class FrameError(ValueError):
+    """A received byte sequence is not a valid frame; the text says what is wrong."""
+
+
+class GapError(FrameError):
+    """A DATA frame skipped ahead of the expected sequence number."""
+
+    def __init__(self, text: str, cursor: int, dups: int) -> None:
+        super().__init__(text)
+        self.cursor = cursor
+        self.dups = dups
+
+
+def header(frame_type: int, seq: int, length: int) -> bytes:
+    return HEADER.pack(_PREFIX | frame_type, seq, length)
+
+
+def encode_hello(ring: str, next_expected: int, generation: int) -> bytes:
+    name = ring.encode("ascii")
+    payload = _HELLO_FIXED.pack(generation) + name
+    return header(HELLO, next_expected, len(payload)) + payload
+
+
+def encode_welcome(
+    first_retained: int, generation: int, capacity: int, max_message: int, next_seq: int
+) -> bytes:
+    payload = _WELCOME.pack(generation, capacity, max_message, next_seq)
+    return header(WELCOME, first_retained, len(payload)) + payload
+
+
+def encode_ack(upto: int) -> bytes:
+    return header(ACK, upto, 0)
+
+
+def encode_close(seq: int) -> bytes:
+    return header(CLOSE, seq, 0)
+
+
+def encode_ping() -> bytes:
+    return header(PING, 0, 0)
+
+
+def encode_error(text: str) -> bytes:
+    payload = text.encode("utf-8", "replace")[:MAX_ERROR_TEXT]
+    return header(ERROR, 0, len(payload)) + payload
+
+
+def encode_data(seq: int, payload: bytes) -> bytes:
+    return header(DATA, seq, len(payload)) + payload
+
+
+def decode_hello(payload: bytes) -> tuple[int, str]:
+    """Return (consumer generation, ring name) from a HELLO payload."""
+    if len(payload) <= _HELLO_FIXED.size:
+        raise FrameError(f"HELLO payload of {len(payload)} bytes is too short to hold a ring name")
+    (generation,) = _HELLO_FIXED.unpack_from(payload)
+    name = bytes(payload[_HELLO_FIXED.size :])
+    if not _NAME_BYTES_RE.match(name):
+        raise FrameError(f"HELLO carries an invalid ring name {name[:40]!r}")
+    return generation, name.decode("ascii")
+
+
+def decode_welcome(payload: bytes) -> tuple[int, int, int, int]:
+    """Return (producer generation, capacity, max_message, next_seq) from a WELCOME payload."""
+    if len(payload) != _WELCOME.size:
+        raise FrameError(f"WELCOME payload is {len(payload)} bytes, expected {_WELCOME.size}")
+    generation, capacity, max_message, next_seq = _WELCOME.unpack(payload)
+    if capacity < 1:
+        raise FrameError("WELCOME announces a capacity of 0 messages")
+    if max_message > MAX_ANNOUNCED_MESSAGE:
+        raise FrameError(
+            f"WELCOME announces max_message={max_message}, above the sane bound "
+            f"{MAX_ANNOUNCED_MESSAGE}"
+        )
+    return generation, capacity, max_message, next_seq
+
+
+def decode_error(payload: bytes) -> str:
+    """The producer's refusal text, made printable (the peer is not trusted)."""
+    text = bytes(payload).decode("utf-8", "replace")
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def describe_bad_header(word: int, length: int, data_limit: int, allowed: frozenset[int]) -> str:
+    """Say what is wrong with a header whose first u32 is ``word`` (for error messages)."""
+    magic = bytes(((word >> 24) & 0xFF, (word >> 16) & 0xFF))
+    version = (word >> 8) & 0xFF
+    ftype = word & 0xFF
+    if magic != MAGIC:
+        return f"bad magic {magic!r} (expected {MAGIC!r}; is this a dpmigrate tcp ring peer?)"
+    if version != VERSION:
+        return f"unsupported protocol version {version} (this end speaks {VERSION})"
+    if ftype not in TYPE_NAMES:
+        return f"unknown frame type {ftype}"
+    if ftype not in allowed:
+        return f"unexpected {TYPE_NAMES[ftype]} frame in this direction or state"
+    limit = data_limit if ftype == DATA else CONTROL_LIMITS[ftype]
+    if length > limit:
+        return (
+            f"{TYPE_NAMES[ftype]} frame announces a payload of {length} bytes, above the "
+            f"limit of {limit} bytes"
+        )
+    return "malformed header"
+
+
+class FrameReader:
+    """Accumulates received bytes in one reusable buffer and cuts them into frames.
+
+    ``allowed`` is the set of frame types this direction may carry; ``data_limit`` bounds a
+    DATA payload (the ring's max_message). Every header is validated before its payload is
+    awaited, so a peer can never make the reader wait for or allocate more than one frame.
+    """
+
+    __slots__ = ("_allowed_words", "_mv", "allowed", "buf", "data_limit", "end", "start")
+
+    def __init__(self, allowed: frozenset[int], data_limit: int, size: int = 1 << 16) -> None:
+        self.data_limit = data_limit
+        self.set_allowed(allowed)
+        need = HEADER_SIZE + max(data_limit if DATA in allowed else 0, *CONTROL_LIMITS.values())
+        self.buf = bytearray(max(size, 2 * need))
+        self._mv = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+
+    def set_allowed(self, allowed: frozenset[int]) -> None:
+        """Change which frame types are acceptable (e.g. DATA only after WELCOME)."""
+        self.allowed = allowed
+        self._allowed_words = {type_word(t): t for t in allowed}
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet cut into frames (a partial frame at EOF = truncation)."""
+        return self.end - self.start
+
+    def set_data_limit(self, limit: int) -> None:
+        """Adopt the DATA payload bound the peer announced, growing the buffer if needed."""
+        self.data_limit = limit
+        need = 2 * (HEADER_SIZE + limit)
+        if need > len(self.buf):
+            data = bytes(self._mv[self.start : self.end])
+            self._mv.release()
+            self.buf = bytearray(need)
+            self.buf[: len(data)] = data
+            self._mv = memoryview(self.buf)
+            self.start, self.end = 0, len(data)
+
+    def _make_room(self) -> None:
+        """Move the unparsed tail to the front when the free space behind it runs low."""
+        start, end = self.start, self.end
+        if start == end:
+            self.start = self.end = 0
+        elif start and len(self.buf) - end < HEADER_SIZE + self.data_limit:
+            n = end - start
+            self.buf[:n] = self._mv[start:end]
+            self.start, self.end = 0, n
+
+    def recv_from(self, sock) -> int:  # sock: socket.socket
+        """One recv_into() into the free space; returns the byte count (0 means EOF).
+
+        Raises BlockingIOError / OSError as the socket does.
+        """
+        self._make_room()
+        n = sock.recv_into(self._mv[self.end :])
+        self.end += n
+        return n
+
+    def feed(self, data: bytes) -> None:
+        """Append ``data`` as if it had been received (tests and in-memory use)."""
+        self._make_room()
+        n = len(data)
+        if n > len(self.buf) - self.end:
+            raise FrameError(f"{n} bytes do not fit in the receive buffer")
+        self.buf[self.end : self.end + n] = data
+        self.end += n
+
+    def _check(self, word: int, length: int) -> int:
+        ftype = self._allowed_words.get(word)
+        if ftype is None or length > (
+            self.data_limit if ftype == DATA else CONTROL_LIMITS[ftype]
+        ):
+            raise FrameError(describe_bad_header(word, length, self.data_limit, self.allowed))
+        return ftype
+
+    def next_frame(self) -> tuple[int, int, bytes] | None:
+        """Return the next complete frame as (type, seq, payload), or None if incomplete."""
+        start = self.start
+        if self.end - start < HEADER_SIZE:
+            return None
+        word, seq, length = HEADER.unpack_from(self.buf, start)
+        ftype = self._check(word, length)
+        stop = start + HEADER_SIZE + length
+        if stop > self.end:
+            return None
+        payload = bytes(self._mv[start + HEADER_SIZE : stop])
+        self.start = stop
+        return ftype, seq, payload
+
+    def take_data(self, out: list[bytes], cursor: int) -> tuple[int, int]:
+        """Cut consecutive DATA frames, appending those with seq == cursor to ``out``.
+
+        Duplicates (seq < cursor) are dropped and counted. Stops at the first non-DATA or
+        incomplete frame, leaving it for :meth:`next_frame`. Returns (new cursor, duplicates).
+        A DATA seq above the cursor (a gap) raises :class:`GapError`, which carries the cursor
+        and duplicate count reached before it. This is the hot path: one struct unpack, one
+        comparison and one copy per message.
+        """
+        if DATA not in self.allowed:
+            return cursor, 0
+        buf, mv = self.buf, self._mv
+        unpack_from = HEADER.unpack_from
+        append = out.append
+        pos, end, limit = self.start, self.end, self.data_limit
+        dups = 0
+        try:
+            while end - pos >= HEADER_SIZE:
+                word, seq, length = unpack_from(buf, pos)
+                if word != DATA_WORD:
+                    break
+                if length > limit:
+                    self._check(word, length)
+                body = pos + HEADER_SIZE
+                stop = body + length
+                if stop > end:
+                    break
+                if seq == cursor:
+                    append(bytes(mv[body:stop]))
+                    cursor += 1
+                elif seq < cursor:
+                    dups += 1
+                else:
+                    raise GapError(
+                        f"DATA seq {seq} arrived while {cursor} was expected: a gap of "
+                        f"{seq - cursor} messages",
+                        cursor,
+                        dups,
+                    )
+                pos = stop
+        finally:
+            self.start = pos
+        return cursor, dups

@@ -1,0 +1,159 @@
+"""Finding a ring's producer end by the ring's name.
+
+A producer end registers where it can be reached (an :class:`Endpoint`); a consumer end looks
+the name up and connects. Nothing hard-codes an address, so after a producer moves (or
+restarts on another port) the consumer finds it again by looking the name up again.
+
+Two resolvers live here: :class:`MemoryResolver` for ends in one process, and
+:class:`DirectoryResolver` for ends in several processes of one host (one small JSON file per
+ring, replaced atomically). The cluster registry hosted by the node agents implements the same
+interface and pushes moves to watchers instead of being polled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from dpmigrate.errors import ConfigError, RingTimeout
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+
+
+def check_ring_name(name: str) -> str:
+    """Ring names appear in socket names and file names: keep them to a safe alphabet."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(
+            f"ring name {name!r} is not valid: use 1-128 characters from A-Z a-z 0-9 _ . : -"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a producer end listens: ``transport`` ("shm", "tcp") and an ``address``.
+
+    For tcp the address is ``host:port``; for shm it is the name of an abstract unix socket
+    (no leading NUL) on which the producer hands out the ring's memory file descriptor.
+    ``generation`` grows each time the producer end is re-created, so a consumer can tell a
+    fresh producer from the one it already knew.
+    """
+
+    transport: str
+    address: str
+    generation: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"transport": self.transport, "address": self.address, "generation": self.generation}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Endpoint:
+        if not isinstance(data, dict):
+            raise ConfigError(f"endpoint record must be an object, got {type(data).__name__}")
+        transport, address, generation = (
+            data.get("transport"),
+            data.get("address"),
+            data.get("generation", 0),
+        )
+        if not isinstance(transport, str) or not isinstance(address, str):
+            raise ConfigError(f"endpoint record {data!r} lacks a string transport and address")
+        if not isinstance(generation, int):
+            raise ConfigError(f"endpoint record {data!r} has a non-integer generation")
+        return cls(transport, address, generation)
+
+
+class Resolver(Protocol):
+    """Name → endpoint registry shared by the two ends of a ring."""
+
+    def register(self, ring: str, endpoint: Endpoint) -> None: ...
+
+    def unregister(self, ring: str) -> None: ...
+
+    def lookup(self, ring: str, timeout: float | None = 0) -> Endpoint:
+        """Return the ring's endpoint, waiting up to ``timeout`` for one to be registered.
+
+        Raises RingTimeout when there is none in time.
+        """
+        ...
+
+
+class MemoryResolver:
+    """A resolver for ring ends that live in one process (threads)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Endpoint] = {}
+        self._changed = threading.Condition()
+
+    def register(self, ring: str, endpoint: Endpoint) -> None:
+        check_ring_name(ring)
+        with self._changed:
+            self._entries[ring] = endpoint
+            self._changed.notify_all()
+
+    def unregister(self, ring: str) -> None:
+        with self._changed:
+            self._entries.pop(ring, None)
+            self._changed.notify_all()
+
+    def lookup(self, ring: str, timeout: float | None = 0) -> Endpoint:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while ring not in self._entries:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise RingTimeout(
+                        f"ring {ring!r}: no producer registered within {timeout} s; "
+                        "is the producing stage running?"
+                    )
+                self._changed.wait(remaining)
+            return self._entries[ring]
+
+
+class DirectoryResolver:
+    """A resolver for processes on one host: ``DIR/<ring>.json``, written atomically.
+
+    Lookups that must wait poll the directory every ``poll_interval`` seconds; this resolver is
+    for tests, benchmarks and single-host use. The agents' registry pushes changes instead.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], poll_interval: float = 0.005) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.poll_interval = poll_interval
+
+    def _path(self, ring: str) -> Path:
+        return self.directory / f"{check_ring_name(ring)}.json"
+
+    def register(self, ring: str, endpoint: Endpoint) -> None:
+        path = self._path(ring)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+        with os.fdopen(fd, "w") as out:
+            json.dump(endpoint.as_dict(), out)
+        os.replace(tmp, path)
+
+    def unregister(self, ring: str) -> None:
+        self._path(ring).unlink(missing_ok=True)
+
+    def lookup(self, ring: str, timeout: float | None = 0) -> Endpoint:
+        path = self._path(ring)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return Endpoint.from_dict(json.loads(path.read_text()))
+            except FileNotFoundError:
+                pass
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ConfigError(f"ring {ring!r}: registry file {path} is corrupt: {err}") from err
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RingTimeout(
+                    f"ring {ring!r}: no producer registered in {self.directory} within "
+                    f"{timeout} s; is the producing stage running?"
+                )
+            time.sleep(self.poll_interval)
