@@ -1,0 +1,481 @@
+"""The ring conformance kit: one body per behaviour, run against every transport.
+
+Every transport (mem, shm, tcp, and any added later) must pass every check here. A test
+module parametrises over transports and checks (see tests/test_rings_conformance.py):
+
+    harness = Harness("tcp", workdir)
+    for check in CHECKS:
+        check(harness)
+
+A check raises AssertionError (or a ring error) when the transport misbehaves. Checks that
+need a second process (peer death) run only for transports whose ends can live in two
+processes (``Harness.crosses_processes``); for the in-process mem ring a dead peer cannot
+happen, and those checks return early, saying so in ``Harness.notes``.
+
+Every wait is bounded: a hung transport fails the check instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from dpmigrate import transports
+from dpmigrate.errors import (
+    EndOfRing,
+    MessageTooLarge,
+    RingBroken,
+    RingClosed,
+    RingTimeout,
+    WouldBlock,
+)
+from dpmigrate.testing.peer import message
+from dpmigrate.transports.base import MAX_MESSAGE, RingReceiver, RingSender
+from dpmigrate.transports.resolver import DirectoryResolver, MemoryResolver
+
+#: Upper bound for any single wait in a check; far above what a healthy ring needs.
+BOUND_S = 30.0
+#: Reconnect bound given to ends in peer-death checks, and the slack allowed on top of it.
+RECONNECT_S = 1.0
+SLACK_S = 5.0
+
+_names = itertools.count()
+
+
+class Harness:
+    """Opens ring ends of one transport for the checks, and cleans them up."""
+
+    def __init__(self, transport: str, workdir: Path) -> None:
+        self.transport = transport
+        self.crosses_processes = transport != "mem"
+        self.workdir = Path(workdir)
+        self.notes: list[str] = []
+        self._ends: list[RingSender | RingReceiver] = []
+        self._procs: list[subprocess.Popen[str]] = []
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"ring-{transport}")
+
+    def ring_name(self) -> str:
+        return f"conf-{self.transport}-{os.getpid()}-{next(_names)}"
+
+    def pair(
+        self, capacity: int = 64, *, auto_commit: bool = True, reconnect_timeout: float = BOUND_S
+    ) -> tuple[RingSender, RingReceiver, str]:
+        """A producer and a consumer of a fresh ring in this process."""
+        name = self.ring_name()
+        resolver = MemoryResolver()
+        tx = transports.open_sender(
+            self.transport, name, resolver=resolver, capacity=capacity,
+            reconnect_timeout=reconnect_timeout,
+        )  # fmt: skip
+        self._ends.append(tx)
+        rx = transports.open_receiver(
+            self.transport, name, resolver=resolver, auto_commit=auto_commit,
+            reconnect_timeout=reconnect_timeout, connect_timeout=BOUND_S,
+        )  # fmt: skip
+        self._ends.append(rx)
+        return tx, rx, name
+
+    def background(self, fn: Callable[[], object]) -> Future[object]:
+        """Run ``fn`` in a worker thread (the other end of a ring usually needs one)."""
+        return self._pool.submit(fn)
+
+    def registry(self) -> DirectoryResolver:
+        return DirectoryResolver(self.workdir / "registry")
+
+    def spawn_peer(self, role: str, ring: str, *args: str) -> subprocess.Popen[str]:
+        """Start ``python -m dpmigrate.testing.peer ROLE`` for ``ring`` in a new process."""
+        cmd = [
+            sys.executable, "-m", "dpmigrate.testing.peer", role, "--transport", self.transport,
+            "--ring", ring, "--registry", str(self.registry().directory), *args,
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        """Close every end and end every process this harness started (by PID)."""
+        for end in self._ends:
+            with contextlib.suppress(Exception):
+                _close_quickly(end)
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=BOUND_S)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_quickly(end: RingSender | RingReceiver) -> None:
+    """Close an end at teardown; a producer's close may wait for acks, so bound it."""
+    done = threading.Event()
+
+    def closer() -> None:
+        with contextlib.suppress(Exception):
+            end.close()
+        done.set()
+
+    threading.Thread(target=closer, daemon=True).start()
+    done.wait(BOUND_S)
+
+
+def _drain(rx: RingReceiver, count: int, max_n: int = 64) -> list[bytes]:
+    """Receive exactly ``count`` messages (bounded in time)."""
+    out: list[bytes] = []
+    deadline = time.monotonic() + BOUND_S
+    while len(out) < count:
+        assert time.monotonic() < deadline, f"only {len(out)} of {count} messages arrived"
+        out.extend(rx.recv_burst(min(max_n, count - len(out)), timeout=1.0))
+    return out
+
+
+@contextlib.contextmanager
+def _timed(bound: float, what: str) -> Iterator[None]:
+    start = time.monotonic()
+    yield
+    elapsed = time.monotonic() - start
+    assert elapsed < bound, f"{what} took {elapsed:.2f} s, more than the bound of {bound} s"
+
+
+# --- the checks -------------------------------------------------------------------------
+
+
+def check_order_and_content(h: Harness) -> None:
+    """Messages of many sizes arrive complete and in order, with send, send_burst and recv."""
+    tx, rx, _ = h.pair(capacity=32)
+    count, seed = 2000, 11
+    expected = [message(seed, i) for i in range(count)]
+
+    def produce() -> None:
+        i = 0
+        while i < count:
+            if i % 3 == 0:
+                tx.send(expected[i], timeout=BOUND_S)
+                i += 1
+            else:
+                i += tx.send_burst(expected[i : i + 7], timeout=BOUND_S)
+
+    job = h.background(produce)
+    got = [rx.recv(timeout=BOUND_S) for _ in range(count // 2)]
+    got += _drain(rx, count - len(got))
+    job.result(BOUND_S)
+    assert got == expected
+    stats = rx.statistics()
+    assert stats.messages == count and stats.next_expected == count
+    assert stats.bytes == sum(map(len, expected))
+
+
+def check_backpressure(h: Harness) -> None:
+    """A full window blocks (timeout), raises WouldBlock (nowait), returns short (burst)."""
+    capacity = 16
+    tx, rx, _ = h.pair(capacity=capacity, auto_commit=False)
+    for i in range(capacity):
+        tx.send_nowait(b"m%d" % i)
+    try:
+        tx.send_nowait(b"one too many")
+    except WouldBlock:
+        pass
+    else:
+        raise AssertionError("send_nowait on a full window did not raise WouldBlock")
+    assert tx.send_burst([b"x", b"y"]) == 0, "send_burst on a full window must return 0"
+    try:
+        with _timed(BOUND_S, "send(timeout=0.2) on a full window"):
+            tx.send(b"late", timeout=0.2)
+    except RingTimeout:
+        pass
+    else:
+        raise AssertionError("send(timeout) on a full window did not time out")
+    stats = tx.statistics()
+    assert stats.occupancy == capacity and stats.peak_occupancy == capacity
+    # Without a commit the producer must keep everything: nothing frees up on delivery alone.
+    got = h.background(lambda: _drain(rx, capacity)).result(BOUND_S)
+    assert got == [b"m%d" % i for i in range(capacity)]
+    assert tx.send_burst([b"still full"]) == 0, "the window freed before the consumer committed"
+    rx.commit()
+    # After the commit the producer regains the whole window.
+    sent = 0
+    deadline = time.monotonic() + BOUND_S
+    while sent < capacity and time.monotonic() < deadline:
+        sent += tx.send_burst([b"again"] * (capacity - sent), timeout=1.0)
+    assert sent == capacity
+    assert h.background(lambda: _drain(rx, capacity)).result(BOUND_S) == [b"again"] * capacity
+
+
+def check_burst_semantics(h: Harness) -> None:
+    """send_burst sends as many as fit, in order; recv_burst returns 1..max_n, [] on timeout."""
+    capacity = 32
+    tx, rx, _ = h.pair(capacity=capacity)
+    assert tx.send_burst([]) == 0
+    msgs = [b"%05d" % i for i in range(capacity + 10)]
+    assert tx.send_burst(msgs) == capacity, "a burst larger than the window must fill it exactly"
+
+    def consume() -> list[bytes]:
+        first = rx.recv_burst(5, timeout=BOUND_S)
+        assert 1 <= len(first) <= 5
+        return first + _drain(rx, capacity - len(first))
+
+    assert h.background(consume).result(BOUND_S) == msgs[:capacity]
+    with _timed(BOUND_S, "recv_burst(timeout=0.1) on an empty ring"):
+        assert h.background(lambda: rx.recv_burst(8, timeout=0.1)).result(BOUND_S) == []
+    try:
+        rx.recv_burst(0)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("recv_burst(0) must be a ValueError")
+
+
+def check_timeouts(h: Harness) -> None:
+    """recv on an empty ring times out (RingTimeout) or raises WouldBlock (nowait)."""
+    tx, rx, _ = h.pair()
+
+    def consume() -> None:
+        with _timed(BOUND_S, "recv(timeout=0.2)"):
+            try:
+                rx.recv(timeout=0.2)
+            except RingTimeout as err:
+                assert isinstance(err, TimeoutError), "RingTimeout must be a TimeoutError"
+            else:
+                raise AssertionError("recv on an empty ring did not time out")
+        try:
+            rx.recv_nowait()
+        except WouldBlock:
+            pass
+        else:
+            raise AssertionError("recv_nowait on an empty ring did not raise WouldBlock")
+
+    h.background(consume).result(BOUND_S)
+    tx.send(b"now", timeout=BOUND_S)
+
+    def consume_one() -> bytes:
+        deadline = time.monotonic() + BOUND_S
+        while True:
+            try:
+                return rx.recv_nowait()
+            except WouldBlock:
+                assert time.monotonic() < deadline, "a sent message never became receivable"
+                time.sleep(0.001)
+
+    assert h.background(consume_one).result(BOUND_S) == b"now"
+
+
+def check_message_sizes(h: Harness) -> None:
+    """Zero-length and maximum-size messages pass intact; larger ones are MessageTooLarge."""
+    tx, rx, _ = h.pair(capacity=4)
+    big = bytes(random.Random(3).randbytes(MAX_MESSAGE))
+    job = h.background(lambda: _drain(rx, 3))
+    tx.send(b"", timeout=BOUND_S)
+    tx.send(big, timeout=BOUND_S)
+    tx.send(memoryview(b"view"), timeout=BOUND_S)
+    assert job.result(BOUND_S) == [b"", big, b"view"]
+    for bad in (bytes(MAX_MESSAGE + 1),):
+        try:
+            tx.send_nowait(bad)
+        except MessageTooLarge as err:
+            assert str(MAX_MESSAGE) in str(err), "the error must state the maximum"
+        else:
+            raise AssertionError("a message above the maximum was accepted")
+    try:
+        tx.send_nowait("text")  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("a str message was accepted; messages are bytes")
+
+
+def check_clean_close(h: Harness) -> None:
+    """Producer close: the consumer gets everything, then EndOfRing. Closed ends: RingClosed."""
+    tx, rx, _ = h.pair(capacity=64)
+    msgs = [b"last words %d" % i for i in range(20)]
+    job = h.background(lambda: _drain(rx, len(msgs)) + _end_of_ring(rx))
+    assert tx.send_burst(msgs, timeout=BOUND_S) == len(msgs)
+    tx.close()
+    tx.close()  # idempotent
+    assert job.result(BOUND_S) == [*msgs, b"<EndOfRing>"]
+    for call in (
+        lambda: tx.send(b"x"),
+        lambda: tx.send_nowait(b"x"),
+        lambda: tx.send_burst([b"x"]),
+    ):
+        _expect(RingClosed, call, "using a closed producer")
+    rx.close()
+    _expect(RingClosed, lambda: rx.recv(timeout=0.1), "using a closed consumer")
+
+
+def check_consumer_close_breaks_producer(h: Harness) -> None:
+    """A consumer that closes is gone for good: the producer's next send is RingBroken."""
+    tx, rx, _ = h.pair(capacity=8)
+    tx.send(b"hello", timeout=BOUND_S)
+    assert h.background(lambda: rx.recv(timeout=BOUND_S)).result(BOUND_S) == b"hello"
+    rx.close()
+
+    def fill_until_broken() -> None:
+        deadline = time.monotonic() + BOUND_S
+        while time.monotonic() < deadline:
+            tx.send(b"anyone?", timeout=1.0)
+        raise AssertionError("the producer never noticed that its consumer closed")
+
+    with _timed(BOUND_S, "noticing a closed consumer"):
+        _expect(
+            RingBroken,
+            lambda: h.background(fill_until_broken).result(BOUND_S),
+            "sending to a closed consumer",
+        )
+
+
+def check_producer_death(h: Harness) -> None:
+    """A producer killed with SIGKILL: the consumer gets what was sent, then RingBroken."""
+    if not h.crosses_processes:
+        h.notes.append("producer death: not applicable, both ends share one process")
+        return
+    ring = h.ring_name()
+    proc = h.spawn_peer("producer", ring, "--count", "10", "--seed", "5", "--then", "hang",
+                        "--reconnect-timeout", str(RECONNECT_S))  # fmt: skip
+    rx = transports.open_receiver(
+        h.transport, ring, resolver=h.registry(), reconnect_timeout=RECONNECT_S,
+        connect_timeout=BOUND_S,
+    )  # fmt: skip
+    h._ends.append(rx)
+    assert _drain(rx, 10) == [message(5, i) for i in range(10)]
+    assert proc.stdout is not None
+    assert json.loads(proc.stdout.readline()) == {"sent": 10}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(BOUND_S)
+    with _timed(RECONNECT_S + SLACK_S, "noticing a dead producer"):
+        _expect(RingBroken, lambda: rx.recv(timeout=None), "receiving from a dead producer")
+
+
+def check_consumer_death(h: Harness) -> None:
+    """A consumer killed with SIGKILL: the producer's blocked send ends with RingBroken."""
+    if not h.crosses_processes:
+        h.notes.append("consumer death: not applicable, both ends share one process")
+        return
+    ring = h.ring_name()
+    tx = transports.open_sender(
+        h.transport, ring, resolver=h.registry(), capacity=8, reconnect_timeout=RECONNECT_S
+    )
+    h._ends.append(tx)
+    proc = h.spawn_peer("consumer", ring, "--count", "4", "--seed", "9", "--then", "hang",
+                        "--reconnect-timeout", str(RECONNECT_S))  # fmt: skip
+    for i in range(4):
+        tx.send(message(9, i), timeout=BOUND_S)
+    assert proc.stdout is not None
+    line = h.background(proc.stdout.readline).result(BOUND_S)
+    assert json.loads(str(line)) == {"received": 4, "bad": 0}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(BOUND_S)
+
+    def send_until_broken() -> None:
+        for i in range(1000):
+            tx.send(b"%d" % i, timeout=None)
+        raise AssertionError("1000 sends succeeded with a dead consumer and a window of 8")
+
+    with _timed(RECONNECT_S + SLACK_S + 2, "noticing a dead consumer"):
+        _expect(
+            RingBroken,
+            lambda: h.background(send_until_broken).result(BOUND_S),
+            "sending to a dead consumer",
+        )
+
+
+def check_exactly_once_across_breaks(h: Harness) -> None:
+    """Thousands of messages, connection breaks injected at random points from both ends:
+    every message delivered exactly once, in order."""
+    tx, rx, _ = h.pair(capacity=64)
+    count, seed = 5000, 23
+    rng_p, rng_c = random.Random(seed), random.Random(seed + 1)
+
+    def produce() -> int:
+        seq = 0
+        deadline = time.monotonic() + BOUND_S * 2
+        while seq < count:
+            assert time.monotonic() < deadline, f"producer stuck at {seq}"
+            burst = [message(seed, s) for s in range(seq, min(count, seq + rng_p.randint(1, 32)))]
+            seq += tx.send_burst(burst, timeout=1.0)
+            if rng_p.random() < 0.02:
+                tx._break_connection()  # type: ignore[attr-defined]
+        return seq
+
+    job = h.background(produce)
+    got: list[bytes] = []
+    deadline = time.monotonic() + BOUND_S * 2
+    breaks = 0
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"consumer stuck at {len(got)}"
+        got.extend(rx.recv_burst(rng_c.randint(1, 64), timeout=1.0))
+        if rng_c.random() < 0.02:
+            rx._break_connection()  # type: ignore[attr-defined]
+            breaks += 1
+    assert job.result(BOUND_S) == count
+    assert len(got) == count, f"{len(got) - count} extra messages"
+    for i, msg in enumerate(got):
+        assert msg == message(seed, i), f"message {i} is wrong (lost, duplicated or reordered)"
+    rstats, tstats = rx.statistics(), tx.statistics()
+    assert rstats.messages == count and tstats.messages == count
+    assert breaks > 0 and rstats.reconnects + tstats.reconnects > 0
+    assert tstats.peak_occupancy <= 64
+
+
+def check_exactly_once_across_processes(h: Harness) -> None:
+    """Like the check above, with the producer in another process breaking links too."""
+    if not h.crosses_processes:
+        h.notes.append("cross-process exactly-once: not applicable to the in-process ring")
+        return
+    ring, count, seed = h.ring_name(), 4000, 31
+    proc = h.spawn_peer("producer", ring, "--count", str(count), "--seed", str(seed),
+                        "--break-prob", "0.02", "--then", "close", "--capacity", "64")  # fmt: skip
+    rx = transports.open_receiver(h.transport, ring, resolver=h.registry(), connect_timeout=BOUND_S)
+    h._ends.append(rx)
+    rng = random.Random(seed)
+    got: list[bytes] = []
+    deadline = time.monotonic() + BOUND_S * 2
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"consumer stuck at {len(got)}"
+        got.extend(rx.recv_burst(64, timeout=1.0))
+        if rng.random() < 0.02:
+            rx._break_connection()  # type: ignore[attr-defined]
+    assert got == [message(seed, i) for i in range(count)]
+    assert _end_of_ring(rx) == [b"<EndOfRing>"]
+    out, err = proc.communicate(timeout=BOUND_S)
+    assert proc.returncode == 0, f"producer process failed: {out} {err}"
+
+
+def _end_of_ring(rx: RingReceiver) -> list[bytes]:
+    try:
+        extra = rx.recv(timeout=BOUND_S)
+    except EndOfRing:
+        return [b"<EndOfRing>"]
+    raise AssertionError(f"expected EndOfRing, got a message {extra[:20]!r}")
+
+
+def _expect(exc: type[BaseException], call: Callable[[], object], what: str) -> None:
+    try:
+        call()
+    except exc:
+        return
+    raise AssertionError(f"{what} did not raise {exc.__name__}")
+
+
+CHECKS: tuple[Callable[[Harness], None], ...] = (
+    check_order_and_content,
+    check_backpressure,
+    check_burst_semantics,
+    check_timeouts,
+    check_message_sizes,
+    check_clean_close,
+    check_consumer_close_breaks_producer,
+    check_producer_death,
+    check_consumer_death,
+    check_exactly_once_across_breaks,
+    check_exactly_once_across_processes,
+)
