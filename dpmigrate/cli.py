@@ -97,5 +97,78 @@ def config_cmd(as_json: bool) -> None:
     Console().print(table)
 
 
+MODELS = ("in-process", "multi-process", "multi-node")
+
+
+@main.command("run")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--model", type=click.Choice(MODELS), default="in-process", show_default=True)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop after this many seconds (default: when every source finished).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool) -> None:
+    """Run an app in the foreground and print a summary at the end."""
+    from dpmigrate.runtime import inprocess
+    from dpmigrate.runtime.manifest import App
+
+    app = App.load(manifest)
+    if model != "in-process":
+        raise DpmigrateError(
+            f"--model {model} is not available in this version yet; use --model in-process"
+        )
+    console = Console(stderr=True)
+    live_view = not as_json and console.is_terminal
+    last: dict[str, tuple[float, int]] = {}
+
+    def tick(runners: list[Any]) -> None:
+        import time
+
+        now = time.monotonic()
+        parts = []
+        for r in runners:
+            t0, n0 = last.get(r.name, (r.stats.started, 0))
+            rate = (r.stats.msgs_in + r.stats.msgs_out - n0) / max(now - t0, 1e-9)
+            last[r.name] = (now, r.stats.msgs_in + r.stats.msgs_out)
+            parts.append(f"{r.name}: {rate:,.0f} msg/s")
+        console.print("  ".join(parts))
+
+    runners = inprocess.run(app, duration=duration, on_tick=tick if live_view else None)
+    result = {"model": model, "app": app.name, **inprocess.summary(runners)}
+    sinks = [
+        s
+        for s in result["stages"]
+        if {"received", "lost", "duplicated", "digest"} <= set(s["metrics"])
+    ]
+    if sinks:
+        m = sinks[-1]["metrics"]
+        result["checker"] = {k: m[k] for k in ("received", "lost", "duplicated", "digest")}
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(title=f"{app.name} — model {model}")
+    for col in ("stage", "in", "out", "batches", "state version", "metrics"):
+        table.add_column(col, overflow="fold")
+    for s in result["stages"]:
+        table.add_row(
+            s["name"],
+            f"{s['msgs_in']:,}",
+            f"{s['msgs_out']:,}",
+            f"{s['batches']:,}",
+            str(s["state_version"]),
+            json.dumps(s["metrics"]),
+        )
+    Console().print(table)
+    if "checker" in result:
+        c = result["checker"]
+        Console().print(
+            f"checker: received {c['received']:,}, lost {c['lost']}, "
+            f"duplicated {c['duplicated']}, digest {c['digest']}"
+        )
+
+
 if __name__ == "__main__":
     main()

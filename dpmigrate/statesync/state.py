@@ -1,0 +1,171 @@
+"""A stage's explicit state: a dict whose changes are recorded per batch as versioned deltas.
+
+The runtime commits the state at every batch boundary together with the batch's outputs and
+input positions (DESIGN.md §3). ``commit()`` turns the changes of the batch into a
+:class:`Delta` with the next version; the statesync protocol ships those deltas to replicas
+and migration targets, and a restart replays them onto the last snapshot.
+
+Changes are recorded on assignment and deletion of top-level keys. A value mutated in place
+(``state["k"].append(1)``) is *not* seen: assign it again (``state["k"] = v``). Keep values
+small and numerous (one key per flow) rather than one huge nested value, so deltas stay small.
+Values must be msgpack-serialisable: a bad value is reported at commit, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import msgpack
+
+from dpmigrate.errors import ConfigError
+
+_DELETED = object()
+
+
+def pack(value: Any) -> bytes:
+    """msgpack with the options every state byte in dpmigrate uses (deterministic maps)."""
+    return msgpack.packb(value, use_bin_type=True, strict_types=False)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """The changes of one committed batch: ``set`` keys with new values, ``deleted`` keys."""
+
+    version: int
+    set: dict[str, Any]
+    deleted: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return pack([self.version, self.set, list(self.deleted)])
+
+    @classmethod
+    def decode(cls, data: bytes) -> Delta:
+        try:
+            version, changes, deleted = unpack(data)
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as err:
+            raise ConfigError(f"state delta is malformed: {err}") from err
+        if (
+            not isinstance(version, int)
+            or not isinstance(changes, dict)
+            or not isinstance(deleted, list)
+        ):
+            raise ConfigError("state delta is malformed: wrong field types")
+        return cls(version, changes, tuple(deleted))
+
+
+class State(MutableMapping[str, Any]):
+    """Dict-like explicit state with a version and per-batch change recording."""
+
+    def __init__(self, data: dict[str, Any] | None = None, version: int = 0) -> None:
+        self._data: dict[str, Any] = dict(data or {})
+        self._version = version
+        self._pending: dict[str, Any] = {}
+        self._undo: dict[str, Any] = {}  # value before the batch first touched the key
+
+    # -- mapping protocol ------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"state keys are strings, got {type(key).__name__}")
+        if key not in self._undo:
+            self._undo[key] = self._data.get(key, _DELETED)
+        self._data[key] = value
+        self._pending[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self._undo and key in self._data:
+            self._undo[key] = self._data[key]
+        del self._data[key]
+        self._pending[key] = _DELETED
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    # -- versions and deltas ---------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """Number of committed batches that changed something since the state was created."""
+        return self._version
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._pending)
+
+    def commit(self) -> Delta | None:
+        """Close the batch: return its changes as the next version (None if it changed nothing)."""
+        if not self._pending:
+            return None
+        changes = {k: v for k, v in self._pending.items() if v is not _DELETED}
+        deleted = tuple(k for k, v in self._pending.items() if v is _DELETED)
+        for key, value in changes.items():
+            try:
+                pack(value)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(
+                    f"state key {key!r} holds a {type(value).__name__}, which msgpack cannot "
+                    f"serialise ({err}); store numbers, strings, bytes, lists or dicts"
+                ) from err
+        self._version += 1
+        self._pending = {}
+        self._undo = {}
+        return Delta(self._version, changes, deleted)
+
+    def rollback(self) -> None:
+        """Undo the uncommitted changes of the current batch (the batch failed)."""
+        for key, old in self._undo.items():
+            if old is _DELETED:
+                self._data.pop(key, None)
+            else:
+                self._data[key] = old
+        self._pending = {}
+        self._undo = {}
+
+    def apply(self, delta: Delta) -> bool:
+        """Apply a delta from elsewhere. Idempotent: a version already covered is ignored."""
+        if delta.version <= self._version:
+            return False
+        if delta.version != self._version + 1:
+            raise ConfigError(
+                f"state delta version {delta.version} does not follow version {self._version}; "
+                "resynchronise from a snapshot"
+            )
+        self._data.update(delta.set)
+        for key in delta.deleted:
+            self._data.pop(key, None)
+        self._version = delta.version
+        return True
+
+    def snapshot(self) -> bytes:
+        """The whole committed state and its version, as bytes."""
+        if self._pending:
+            raise ConfigError("snapshot of a state with uncommitted changes; commit() first")
+        return pack([self._version, self._data])
+
+    @classmethod
+    def restore(cls, data: bytes) -> State:
+        try:
+            version, values = unpack(data)
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as err:
+            raise ConfigError(f"state snapshot is malformed: {err}") from err
+        if not isinstance(version, int) or not isinstance(values, dict):
+            raise ConfigError("state snapshot is malformed: wrong field types")
+        return cls(values, version)
+
+    def digest(self) -> str:
+        """A content hash of the committed state, independent of insertion order."""
+        h = hashlib.sha256()
+        for key in sorted(self._data):
+            h.update(pack([key, self._data[key]]))
+        return h.hexdigest()[:32]
