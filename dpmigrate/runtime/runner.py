@@ -8,9 +8,16 @@ The same runner drives a stage in every deployment model; only the rings it is g
 2. take a batch from the next input port with data (round robin) — or, for a source, let it
    generate up to a batch;
 3. ``process`` it, collecting outputs in an outbox;
-4. commit: the state's delta (versioned), the outputs handed to the output rings (which retain
-   them until acknowledged downstream), then the input acknowledged. The input is
-   acknowledged only when every output of the batch is in an output ring.
+4. commit: the state's delta (versioned) and the batch's *point* (input and output positions)
+   are recorded; the outputs go to the output rings, which retain them until acknowledged.
+
+A point is *persisted* (journal, when the stage has one) once the downstream consumers have
+acknowledged every output sent before it; only then are the inputs acknowledged up to it. So
+after a crash the restarted stage resumes from its last persisted point, upstream producers
+still retain every input after it, and the outputs it regenerates carry the same sequence
+numbers, which downstream drops as duplicates (see :mod:`dpmigrate.runtime.journal`). This
+needs ``process`` to be deterministic: the same state and batch give the same outputs.
+Without a journal (in-process model) points are acknowledged as soon as they are reached.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dpmigrate.errors import EndOfRing
+from dpmigrate.runtime.journal import Positions, StageJournal
 from dpmigrate.runtime.stage import Service
 from dpmigrate.statesync.state import Delta, State
 from dpmigrate.transports.base import RingReceiver, RingSender
@@ -48,6 +56,7 @@ class StageRunner:
         config: Mapping[str, Any] | None = None,
         batch: int = 32,
         on_delta: Callable[[Delta], None] | None = None,
+        journal: StageJournal | None = None,
     ) -> None:
         self.name = name
         self.service = service
@@ -57,8 +66,10 @@ class StageRunner:
         self.batch = batch
         self.on_delta = on_delta
         self.stats = RunnerStats()
+        self.journal = journal
         self._outbox: dict[str, list[bytes]] = {port: [] for port in self.outputs}
-        self._pending_ack: RingReceiver | None = None
+        # Points reached but not yet persisted: (delta or None, input positions, output positions)
+        self._points: list[tuple[Delta | None, Positions, Positions]] = []
         self._finished_inputs: set[str] = set()
         self._source_done = False
         self._rr = 0
@@ -74,43 +85,70 @@ class StageRunner:
                 f"its outputs are {list(self.outputs)}"
             ) from None
 
-    def _flush(self) -> bool:
-        """Move outbox messages into the output rings; True when the outbox is empty."""
+    def _flush(self, wait: float = 0) -> bool:
+        """Move outbox messages into the output rings (waiting up to ``wait`` seconds for
+        room); True when the outbox is empty."""
         empty = True
         for port, queue in self._outbox.items():
             if queue:
-                sent = self.outputs[port].send_burst(queue, timeout=0)
+                sent = self.outputs[port].send_burst(queue, timeout=wait)
                 del queue[:sent]
                 self.stats.msgs_out += sent
                 empty = empty and not queue
-        if empty and self._pending_ack is not None:
-            self._pending_ack.commit()
-            self._pending_ack = None
+        self.persist()
         return empty
 
-    def _commit_batch(self, rx: RingReceiver | None) -> None:
+    def _commit_batch(self) -> None:
         delta = self.state.commit()
         if delta is not None and self.on_delta is not None:
             self.on_delta(delta)
-        self._pending_ack = rx
+        inputs = {port: rx.next_expected for port, rx in self.inputs.items()}
+        outputs = {port: tx.next_seq + len(self._outbox[port]) for port, tx in self.outputs.items()}
+        self._points.append((delta, inputs, outputs))
         self._flush()
 
-    def step(self) -> bool:
-        """Handle at most one batch; True if anything moved."""
+    def persist(self) -> None:
+        """Persist the latest point whose outputs downstream has acknowledged, then
+        acknowledge the inputs up to it."""
+        if not self._points:
+            return
+        acked = {port: tx.acked for port, tx in self.outputs.items()}
+        ready = 0
+        for i, (_delta, _inputs, outputs) in enumerate(self._points):
+            if all(outputs[port] <= acked[port] for port in outputs):
+                ready = i + 1
+            else:
+                break
+        if not ready:
+            return
+        done, self._points = self._points[:ready], self._points[ready:]
+        _, inputs, outputs = done[-1]
+        if self.journal is not None:
+            deltas = [d for d, _, _ in done if d is not None]
+            self.journal.append(deltas, inputs, outputs, None if self._points else self.state)
+        for port, rx in self.inputs.items():
+            rx.commit(upto=inputs[port])
+
+    def step(self, wait: float = 0) -> bool:
+        """Handle at most one batch; True if anything moved.
+
+        ``wait``: seconds to block for room in a full output ring or for input to arrive,
+        so a process running one stage sleeps in the ring instead of spinning.
+        """
         if self.done:
             return False
-        if not self._flush():
+        if not self._flush(wait):
             return False
         if not self.inputs:
             return self._step_source()
-        ports = list(self.inputs)
+        ports = [p for p in self.inputs if p not in self._finished_inputs]
         for i in range(len(ports)):
             port = ports[(self._rr + i) % len(ports)]
-            if port in self._finished_inputs:
-                continue
             rx = self.inputs[port]
+            # Block only on the last port tried, so one quiet input cannot starve the others.
+            timeout = wait if i == len(ports) - 1 else 0
             try:
-                batch = rx.recv_burst(self.batch, timeout=0)
+                batch = rx.recv_burst(self.batch, timeout=timeout)
             except EndOfRing:
                 self._finished_inputs.add(port)
                 continue
@@ -119,7 +157,7 @@ class StageRunner:
                 self.service.process(port, batch, self._emit)
                 self.stats.batches += 1
                 self.stats.msgs_in += len(batch)
-                self._commit_batch(rx)
+                self._commit_batch()
                 return True
         if len(self._finished_inputs) == len(self.inputs):
             self._finish()
@@ -132,14 +170,14 @@ class StageRunner:
         more = self.service.generate(self._emit, self.batch)
         produced = sum(map(len, self._outbox.values()))
         self.stats.batches += 1 if produced else 0
-        self._commit_batch(None)
+        self._commit_batch()
         if not more:
             self._source_done = True
         return produced > 0
 
     def _finish(self) -> None:
         """All inputs ended (or the source finished) and the outbox is empty: close outputs."""
-        if self._flush():
+        if self._flush() and not self._points:
             for tx in self.outputs.values():
                 tx.close()
             self.done = True

@@ -142,6 +142,15 @@ class RingSender(RingEnd):
     def next_seq(self) -> int:
         """Sequence number the next new message will get."""
 
+    @property
+    @abc.abstractmethod
+    def acked(self) -> int:
+        """Every seq below this has been acknowledged by the consumer.
+
+        Reading it also takes in acknowledgements that have arrived (no waiting), so a stage
+        with nothing to send still learns what its consumer committed.
+        """
+
 
 class RingReceiver(RingEnd):
     """The consumer end."""
@@ -170,8 +179,13 @@ class RingReceiver(RingEnd):
         """
 
     @abc.abstractmethod
-    def commit(self) -> None:
-        """Acknowledge every message delivered so far (a cumulative ack to the producer)."""
+    def commit(self, upto: int | None = None) -> None:
+        """Acknowledge delivered messages (a cumulative ack to the producer).
+
+        ``upto=None`` acknowledges everything delivered so far; ``upto=N`` acknowledges every
+        seq below N (N at most ``next_expected``). A stage uses ``upto`` to acknowledge only
+        what its persisted state covers, while it keeps processing later messages.
+        """
 
     @property
     @abc.abstractmethod

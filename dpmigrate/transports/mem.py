@@ -72,6 +72,10 @@ class MemSender(RingSender):
     def next_seq(self) -> int:
         return self._ch.next_seq
 
+    @property
+    def acked(self) -> int:
+        return self._ch.acked
+
     def _room(self) -> int:
         return self.capacity - len(self._ch.retained)
 
@@ -170,17 +174,23 @@ class MemReceiver(RingReceiver):
     def next_expected(self) -> int:
         return self._next_expected
 
-    def commit(self) -> None:
+    def commit(self, upto: int | None = None) -> None:
         self._check_open()
+        if upto is not None and upto > self._next_expected:
+            raise ValueError(
+                f"ring {self.name!r}: cannot commit up to {upto}, only {self._next_expected} "
+                "messages were delivered"
+            )
         with self._ch.cond:
-            self._commit_locked()
+            self._commit_locked(self._next_expected if upto is None else upto)
 
-    def _commit_locked(self) -> None:
+    def _commit_locked(self, upto: int | None = None) -> None:
         ch = self._ch
-        while ch.retained and ch.retained[0][0] < self._next_expected:
+        upto = self._next_expected if upto is None else upto
+        while ch.retained and ch.retained[0][0] < upto:
             ch.retained.popleft()
-        if self._next_expected > ch.acked:
-            ch.acked = self._next_expected
+        if upto > ch.acked:
+            ch.acked = upto
             ch.cond.notify_all()
 
     def _take_locked(self, max_n: int) -> list[bytes]:

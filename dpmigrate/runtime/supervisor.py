@@ -1,0 +1,147 @@
+"""Starts stage processes, watches them, restarts a crashed one from its persisted point.
+
+Each stage process is started the way CRIU needs it later (DESIGN.md §4): in its own PID
+namespace (it is PID 1 there) through ``unshare --pid --fork --kill-child``, in its own
+session (``setsid``), with no inherited descriptors and its output appended to a log file.
+No mount namespace. ``--kill-child`` ties the stage's life to the ``unshare`` process, so
+ending that one (by PID) never leaves the stage behind.
+
+A stage that exits 0 is finished. One that dies (signal or non-zero status) while the app runs
+is restarted, up to ``max_restarts`` times; it resumes from its journal
+(:mod:`dpmigrate.runtime.journal`) and its rings reconnect by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dpmigrate.errors import EnvironmentProblem
+
+#: Seconds a stage gets to finish its batch and close its rings after SIGTERM.
+STOP_GRACE_S = 10.0
+
+
+@dataclasses.dataclass
+class StageProcess:
+    name: str
+    argv: list[str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    exit_codes: list[int] = dataclasses.field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def stage_pid(self) -> int | None:
+        """Host PID of the stage itself (the child of ``unshare``; PID 1 in its namespace)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            children = path.read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+
+class Supervisor:
+    """Owns the stage processes of one app on one host."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        max_restarts: int = 10,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        for tool in ("unshare", "setsid"):
+            if shutil.which(tool) is None:
+                raise EnvironmentProblem(f"`{tool}` is missing; apt-get install util-linux")
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.max_restarts = max_restarts
+        self.on_event = on_event or (lambda message: None)
+        self.stages: dict[str, StageProcess] = {}
+        self._stopping = False
+
+    def start(
+        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
+    ) -> StageProcess:
+        stage = StageProcess(name, list(argv), self.log_dir / f"{name}.log")
+        self.stages[name] = stage
+        self._spawn(stage, env)
+        return stage
+
+    def _spawn(self, stage: StageProcess, env: dict[str, str] | None = None) -> None:
+        cmd = ["unshare", "--pid", "--fork", "--kill-child", "setsid", sys.executable, *stage.argv]
+        with open(stage.log, "ab") as log, open(os.devnull, "rb") as devnull:
+            stage.proc = subprocess.Popen(
+                cmd, stdin=devnull, stdout=log, stderr=log, close_fds=True,
+                env={**os.environ, **(env or {})},
+            )  # fmt: skip
+        self.on_event(f"stage {stage.name} started (pid {stage.proc.pid})")
+
+    def poll(self) -> None:
+        """Reap exited stages; restart the ones that crashed."""
+        for stage in self.stages.values():
+            if stage.proc is None or stage.finished:
+                continue
+            code = stage.proc.poll()
+            if code is None:
+                continue
+            stage.exit_codes.append(code)
+            if code == 0 or self._stopping:
+                stage.finished = True
+                self.on_event(f"stage {stage.name} exited ({_describe(code)})")
+                continue
+            if stage.restarts >= self.max_restarts:
+                stage.finished = True
+                self.on_event(
+                    f"stage {stage.name} died ({_describe(code)}) and was restarted "
+                    f"{stage.restarts} times already; giving up, see {stage.log}"
+                )
+                continue
+            stage.restarts += 1
+            self.on_event(
+                f"stage {stage.name} died ({_describe(code)}); restarting from its journal"
+            )
+            self._spawn(stage)
+
+    @property
+    def all_finished(self) -> bool:
+        return all(s.finished for s in self.stages.values())
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """SIGTERM every stage (it finishes its batch and closes its rings); SIGKILL leftovers."""
+        self._stopping = True
+        for stage in self.stages.values():
+            pid = stage.stage_pid
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for stage in self.stages.values():
+            if stage.proc is None:
+                continue
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                stage.proc.wait(max(0.0, deadline - time.monotonic()))
+            if stage.proc.poll() is None:  # --kill-child takes the stage down with unshare
+                stage.proc.kill()
+                stage.proc.wait(grace)
+            stage.finished = True
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    if code > 128 and code - 128 in signal.Signals._value2member_map_:
+        return f"signal {signal.Signals(code - 128).name}"
+    return f"status {code}"
