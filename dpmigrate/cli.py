@@ -112,36 +112,45 @@ MODELS = ("in-process", "multi-process", "multi-node")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool) -> None:
     """Run an app in the foreground and print a summary at the end."""
-    from dpmigrate.runtime import inprocess
     from dpmigrate.runtime.manifest import App
 
     app = App.load(manifest)
-    if model != "in-process":
-        raise DpmigrateError(
-            f"--model {model} is not available in this version yet; use --model in-process"
-        )
     console = Console(stderr=True)
     live_view = not as_json and console.is_terminal
-    last: dict[str, tuple[float, int]] = {}
+    rates = _RateView(console)
+    if model == "in-process":
+        from dpmigrate.runtime import inprocess
 
-    def tick(runners: list[Any]) -> None:
-        import time
+        runners = inprocess.run(
+            app, duration=duration,
+            on_tick=(lambda rs: rates.show(inprocess.summary(rs)["stages"])) if live_view else None,
+        )  # fmt: skip
+        stages = inprocess.summary(runners)["stages"]
+    elif model == "multi-process":
+        from dpmigrate.runtime.multiprocess import MultiProcessRun
 
-        now = time.monotonic()
-        parts = []
-        for r in runners:
-            t0, n0 = last.get(r.name, (r.stats.started, 0))
-            rate = (r.stats.msgs_in + r.stats.msgs_out - n0) / max(now - t0, 1e-9)
-            last[r.name] = (now, r.stats.msgs_in + r.stats.msgs_out)
-            parts.append(f"{r.name}: {rate:,.0f} msg/s")
-        console.print("  ".join(parts))
-
-    runners = inprocess.run(app, duration=duration, on_tick=tick if live_view else None)
-    result = {"model": model, "app": app.name, **inprocess.summary(runners)}
+        events = console.print if not as_json else (lambda message: None)
+        run = MultiProcessRun(app, on_event=lambda m: events(f"[dim]{m}[/dim]"))
+        try:
+            run.start()
+            finished = run.wait(duration, on_tick=rates.show if live_view else None)
+        finally:
+            run.stop()
+        stages = run.status()
+        if finished or duration is not None:
+            run.cleanup()
+        else:
+            console.print(f"stage logs kept in {run.run_dir / 'logs'}")
+    else:
+        raise DpmigrateError(
+            f"--model {model} is not available in this version yet (it needs the node agents "
+            "and the local cluster); use --model in-process or --model multi-process"
+        )
+    result: dict[str, Any] = {"model": model, "app": app.name, "stages": stages}
     sinks = [
         s
-        for s in result["stages"]
-        if {"received", "lost", "duplicated", "digest"} <= set(s["metrics"])
+        for s in stages
+        if {"received", "lost", "duplicated", "digest"} <= set(s.get("metrics", {}))
     ]
     if sinks:
         m = sinks[-1]["metrics"]
@@ -150,16 +159,16 @@ def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool) ->
         _print_json(result)
         return
     table = Table(title=f"{app.name} — model {model}")
-    for col in ("stage", "in", "out", "batches", "state version", "metrics"):
+    for col in ("stage", "in", "out", "state version", "restarts", "metrics"):
         table.add_column(col, overflow="fold")
-    for s in result["stages"]:
+    for s in stages:
         table.add_row(
             s["name"],
-            f"{s['msgs_in']:,}",
-            f"{s['msgs_out']:,}",
-            f"{s['batches']:,}",
-            str(s["state_version"]),
-            json.dumps(s["metrics"]),
+            f"{s.get('msgs_in', 0):,}",
+            f"{s.get('msgs_out', 0):,}",
+            str(s.get("state_version", "?")),
+            str(s.get("restarts", 0)),
+            json.dumps(s.get("metrics", {})),
         )
     Console().print(table)
     if "checker" in result:
@@ -168,6 +177,27 @@ def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool) ->
             f"checker: received {c['received']:,}, lost {c['lost']}, "
             f"duplicated {c['duplicated']}, digest {c['digest']}"
         )
+
+
+class _RateView:
+    """Prints per-stage message rates between two ticks (the live view of `run`)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.last: dict[str, tuple[float, int]] = {}
+
+    def show(self, stages: list[dict[str, Any]]) -> None:
+        import time
+
+        now = time.monotonic()
+        parts = []
+        for s in stages:
+            moved = s.get("msgs_in", 0) + s.get("msgs_out", 0)
+            t0, n0 = self.last.get(s["name"], (now, moved))
+            self.last[s["name"]] = (now, moved)
+            rate = (moved - n0) / (now - t0) if now > t0 else 0.0
+            parts.append(f"{s['name']}: {rate:,.0f} msg/s")
+        self.console.print("  ".join(parts))
 
 
 if __name__ == "__main__":

@@ -1,1 +1,358 @@
-/* placeholder */
+/*
+ * ring.c - atomics, futexes and record layout of the shm ring (see ring.h for the ABI).
+ *
+ * No policy here: no timeouts beyond one futex wait, no error texts beyond a static reason,
+ * no Python. Every value read from shared memory is copied to a local before it is checked,
+ * so a confused or hostile peer can produce a DPM_CORRUPT result but never an out-of-bounds
+ * access.
+ */
+#define _GNU_SOURCE
+#include "ring.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static inline uint64_t ld_acq(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint64_t ld_rlx(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void full_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+/* Non-private futex ops: the word is in a MAP_SHARED mapping used by two processes. */
+static long futex_wait(uint32_t *word, uint32_t expected, int timeout_ms)
+{
+    struct timespec ts = {timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000L};
+    return syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, NULL, 0);
+}
+
+static void futex_wake_all(uint32_t *word)
+{
+    syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static void bump_and_wake(uint32_t *ec)
+{
+    __atomic_fetch_add(ec, 1u, __ATOMIC_SEQ_CST);
+    futex_wake_all(ec);
+}
+
+void dpm_ring_init(struct dpm_ring *r, void *base, uint64_t data_bytes, uint64_t capacity,
+                   uint32_t max_message, uint64_t first_seq)
+{
+    struct dpm_ring_header *h = base;
+    memset(h, 0, sizeof(*h));
+    h->abi_version = DPM_RING_ABI_VERSION;
+    h->header_bytes = DPM_RING_HEADER_BYTES;
+    h->data_bytes = data_bytes;
+    h->capacity = capacity;
+    h->max_message = max_message;
+    h->head_seq = h->tail_seq = first_seq;
+    /* magic last: a half-written header never looks valid */
+    __atomic_store_n(&h->magic, DPM_RING_MAGIC, __ATOMIC_RELEASE);
+
+    memset(r, 0, sizeof(*r));
+    r->hdr = h;
+    r->data = (uint8_t *)base + DPM_RING_HEADER_BYTES;
+    r->data_bytes = data_bytes;
+    r->mask = data_bytes - 1;
+    r->capacity = capacity;
+    r->max_message = max_message;
+    r->head_seq = r->tail_seq_cache = first_seq;
+}
+
+const char *dpm_ring_check(const void *base, uint64_t map_bytes)
+{
+    const struct dpm_ring_header *h = base;
+    if (map_bytes < DPM_RING_HEADER_BYTES)
+        return "mapping is smaller than the ring header";
+    if (__atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != DPM_RING_MAGIC)
+        return "bad magic: this memory is not a dpmigrate ring";
+    if (h->abi_version != DPM_RING_ABI_VERSION)
+        return "ring ABI version differs from this build";
+    if (h->header_bytes != DPM_RING_HEADER_BYTES)
+        return "header size differs from this build";
+    uint64_t d = h->data_bytes;
+    if (d < DPM_RING_MIN_DATA || d > DPM_RING_MAX_DATA || (d & (d - 1)) != 0)
+        return "data area size is not a power of two in range";
+    if (DPM_RING_HEADER_BYTES + d > map_bytes)
+        return "data area extends beyond the mapping";
+    if (h->capacity == 0 || h->capacity > d / sizeof(struct dpm_record))
+        return "capacity out of range";
+    if (2 * dpm_record_bytes(h->max_message) > d)
+        return "max_message does not fit the data area";
+    return NULL;
+}
+
+void dpm_ring_attach(struct dpm_ring *r, void *base)
+{
+    struct dpm_ring_header *h = base;
+    memset(r, 0, sizeof(*r));
+    r->hdr = h;
+    r->data = (uint8_t *)base + DPM_RING_HEADER_BYTES;
+    r->data_bytes = h->data_bytes;
+    r->mask = r->data_bytes - 1;
+    r->capacity = h->capacity;
+    r->max_message = h->max_message;
+}
+
+/* ---------------------------------------------------------------- producer */
+
+/* Bytes needed at the current head for a record of `size` bytes, wrap padding included. */
+static inline uint64_t needed_bytes(const struct dpm_ring *r, uint64_t size)
+{
+    uint64_t contig = r->data_bytes - (r->head & r->mask);
+    return contig < size ? contig + size : size;
+}
+
+static inline int fits_cached(const struct dpm_ring *r, uint64_t need)
+{
+    return r->head_seq - r->tail_seq_cache < r->capacity &&
+           r->head + need - r->tail_cache <= r->data_bytes;
+}
+
+static inline int fits(struct dpm_ring *r, uint64_t need)
+{
+    if (fits_cached(r, need))
+        return 1;
+    r->tail_cache = ld_acq(&r->hdr->tail);
+    r->tail_seq_cache = ld_rlx(&r->hdr->tail_seq);
+    return fits_cached(r, need);
+}
+
+int dpm_ring_fits(struct dpm_ring *r, uint32_t len)
+{
+    return fits(r, needed_bytes(r, dpm_record_bytes(len)));
+}
+
+int dpm_ring_put(struct dpm_ring *r, const void *buf, uint32_t len)
+{
+    uint64_t size = dpm_record_bytes(len);
+    uint64_t off = r->head & r->mask;
+    uint64_t contig = r->data_bytes - off;
+    if (!fits(r, contig < size ? contig + size : size))
+        return DPM_FULL;
+    if (contig < size) {
+        if (contig >= sizeof(struct dpm_record)) {
+            struct dpm_record pad = {(uint32_t)(contig - sizeof(struct dpm_record)), DPM_REC_PAD,
+                                     0};
+            memcpy(r->data + off, &pad, sizeof(pad));
+        }
+        r->head += contig;
+        off = 0;
+    }
+    struct dpm_record rec = {len, DPM_REC_DATA, r->head_seq};
+    memcpy(r->data + off, &rec, sizeof(rec));
+    memcpy(r->data + off + sizeof(rec), buf, len);
+    r->head += size;
+    r->head_seq += 1;
+    return DPM_OK;
+}
+
+void dpm_ring_publish(struct dpm_ring *r)
+{
+    struct dpm_ring_header *h = r->hdr;
+    __atomic_store_n(&h->head_seq, r->head_seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->head, r->head, __ATOMIC_RELEASE);
+    full_fence(); /* pairs with the fence in dpm_ring_wait_data */
+    if (__atomic_load_n(&h->consumer_waiting, __ATOMIC_RELAXED))
+        bump_and_wake(&h->data_ec);
+}
+
+/* ---------------------------------------------------------------- consumer */
+
+/* Find the next data record at r->read, skipping pad space. check_seq=0 only in resync. */
+static int next_record(struct dpm_ring *r, uint64_t head, struct dpm_record *rec,
+                       const uint8_t **payload, int check_seq)
+{
+    for (;;) {
+        uint64_t avail = head - r->read;
+        if (avail == 0)
+            return DPM_EMPTY;
+        if (avail > r->data_bytes || (r->read & 7u) != 0)
+            return DPM_CORRUPT;
+        uint64_t off = r->read & r->mask;
+        uint64_t contig = r->data_bytes - off;
+        if (contig < sizeof(struct dpm_record)) { /* implicit pad: too short for a header */
+            if (avail < contig)
+                return DPM_CORRUPT;
+            r->read += contig;
+            continue;
+        }
+        if (avail < sizeof(struct dpm_record))
+            return DPM_CORRUPT;
+        memcpy(rec, r->data + off, sizeof(*rec));
+        if (rec->flags == DPM_REC_PAD) {
+            if ((uint64_t)rec->len + sizeof(*rec) != contig || avail < contig)
+                return DPM_CORRUPT;
+            r->read += contig;
+            continue;
+        }
+        if (rec->flags != DPM_REC_DATA || rec->len > r->max_message)
+            return DPM_CORRUPT;
+        uint64_t size = dpm_record_bytes(rec->len);
+        if (size > contig || size > avail)
+            return DPM_CORRUPT;
+        if (check_seq && rec->seq != r->read_seq)
+            return DPM_CORRUPT;
+        *payload = r->data + off + sizeof(*rec);
+        return DPM_OK;
+    }
+}
+
+int dpm_ring_peek(struct dpm_ring *r, uint64_t head, struct dpm_record *rec,
+                  const uint8_t **payload)
+{
+    return next_record(r, head, rec, payload, 1);
+}
+
+static void publish_tail(struct dpm_ring *r, uint64_t pos, uint64_t seq)
+{
+    struct dpm_ring_header *h = r->hdr;
+    r->tail_pub = pos;
+    r->tail_seq_pub = seq;
+    __atomic_store_n(&h->tail_seq, seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->tail, pos, __ATOMIC_RELEASE); /* tail_seq is visible first */
+    full_fence(); /* pairs with the fence in dpm_ring_wait_space */
+    if (__atomic_load_n(&h->producer_waiting, __ATOMIC_RELAXED))
+        bump_and_wake(&h->space_ec);
+}
+
+void dpm_ring_commit(struct dpm_ring *r)
+{
+    if (r->read != r->tail_pub)
+        publish_tail(r, r->read, r->read_seq);
+}
+
+int dpm_ring_commit_upto(struct dpm_ring *r, uint64_t seq)
+{
+    if (seq <= r->tail_seq_pub)
+        return DPM_OK;
+    if (seq >= r->read_seq) {
+        dpm_ring_commit(r);
+        return DPM_OK;
+    }
+    /* Walk the delivered (still intact, uncommitted) records from the committed position. */
+    struct dpm_ring walk = *r;
+    struct dpm_record rec;
+    const uint8_t *payload;
+    walk.read = r->tail_pub;
+    walk.read_seq = r->tail_seq_pub;
+    while (walk.read_seq < seq) {
+        if (next_record(&walk, r->read, &rec, &payload, 1) != DPM_OK)
+            return DPM_CORRUPT;
+        dpm_ring_advance(&walk, &rec);
+    }
+    publish_tail(r, walk.read, seq);
+    return DPM_OK;
+}
+
+int dpm_ring_resync(struct dpm_ring *r, uint64_t next_expected, uint64_t *skipped,
+                    uint64_t *committed_seq)
+{
+    struct dpm_ring_header *h = r->hdr;
+    uint64_t tail = ld_acq(&h->tail);
+    uint64_t tail_seq = ld_rlx(&h->tail_seq);
+    uint64_t head = ld_acq(&h->head);
+    struct dpm_record rec;
+    const uint8_t *payload;
+
+    *skipped = 0;
+    r->read = tail;
+    r->tail_pub = tail;
+    /* The first data record at tail carries the authoritative committed seq; tail_seq may
+     * be ahead of it if a consumer died between its two commit stores. */
+    int rc = next_record(r, head, &rec, &payload, 0);
+    if (rc == DPM_CORRUPT)
+        return DPM_CORRUPT;
+    if (rc == DPM_OK && rec.seq != tail_seq) {
+        tail_seq = rec.seq;
+        __atomic_store_n(&h->tail_seq, tail_seq, __ATOMIC_RELEASE);
+    }
+    r->read_seq = r->tail_seq_pub = tail_seq;
+    *committed_seq = tail_seq;
+    if (next_expected < tail_seq)
+        return DPM_GAP;
+    while (r->read_seq < next_expected) {
+        rc = next_record(r, head, &rec, &payload, 1);
+        if (rc == DPM_EMPTY)
+            return DPM_AHEAD;
+        if (rc != DPM_OK)
+            return DPM_CORRUPT;
+        dpm_ring_advance(r, &rec);
+        *skipped += 1;
+    }
+    return DPM_OK;
+}
+
+/* ---------------------------------------------------------------- both */
+
+void dpm_ring_wake_all(struct dpm_ring *r)
+{
+    bump_and_wake(&r->hdr->data_ec);
+    bump_and_wake(&r->hdr->space_ec);
+}
+
+void dpm_ring_set_flags(struct dpm_ring *r, uint32_t bits)
+{
+    __atomic_fetch_or(&r->hdr->flags, bits, __ATOMIC_SEQ_CST);
+    dpm_ring_wake_all(r);
+}
+
+static int space_ready(struct dpm_ring *r, int64_t len)
+{
+    if (dpm_load_flags(r))
+        return 1;
+    if (len < 0) {
+        r->tail_cache = ld_acq(&r->hdr->tail);
+        r->tail_seq_cache = ld_rlx(&r->hdr->tail_seq);
+        return r->tail_seq_cache >= r->head_seq;
+    }
+    return dpm_ring_fits(r, (uint32_t)len);
+}
+
+static int data_ready(struct dpm_ring *r)
+{
+    return dpm_load_head(r) != r->read || dpm_load_flags(r);
+}
+
+static int wait_result(long rc)
+{
+    if (rc == 0)
+        return 0;
+    if (errno == EAGAIN || errno == EINTR || errno == ETIMEDOUT)
+        return 0;
+    return -errno;
+}
+
+int dpm_ring_wait_space(struct dpm_ring *r, int64_t len, int timeout_ms)
+{
+    struct dpm_ring_header *h = r->hdr;
+    uint32_t snap = __atomic_load_n(&h->space_ec, __ATOMIC_ACQUIRE);
+    __atomic_store_n(&h->producer_waiting, 1u, __ATOMIC_RELAXED);
+    full_fence();
+    int err = 0;
+    if (!space_ready(r, len) && timeout_ms > 0)
+        err = wait_result(futex_wait(&h->space_ec, snap, timeout_ms));
+    __atomic_store_n(&h->producer_waiting, 0u, __ATOMIC_RELAXED);
+    if (err < 0)
+        return err;
+    return space_ready(r, len);
+}
+
+int dpm_ring_wait_data(struct dpm_ring *r, int timeout_ms)
+{
+    struct dpm_ring_header *h = r->hdr;
+    uint32_t snap = __atomic_load_n(&h->data_ec, __ATOMIC_ACQUIRE);
+    __atomic_store_n(&h->consumer_waiting, 1u, __ATOMIC_RELAXED);
+    full_fence();
+    int err = 0;
+    if (!data_ready(r) && timeout_ms > 0)
+        err = wait_result(futex_wait(&h->data_ec, snap, timeout_ms));
+    __atomic_store_n(&h->consumer_waiting, 0u, __ATOMIC_RELAXED);
+    if (err < 0)
+        return err;
+    return data_ready(r);
+}

@@ -106,7 +106,8 @@ class Harness:
 
     def close(self) -> None:
         """Close every end and end every process this harness started (by PID)."""
-        for end in self._ends:
+        # Consumers first: a producer's close waits for its consumer's last acknowledgement.
+        for end in sorted(self._ends, key=lambda e: isinstance(e, RingSender)):
             with contextlib.suppress(Exception):
                 _close_quickly(end)
         for proc in self._procs:
@@ -128,6 +129,15 @@ def _close_quickly(end: RingSender | RingReceiver) -> None:
 
     threading.Thread(target=closer, daemon=True).start()
     done.wait(BOUND_S)
+
+
+def _pump(tx: RingSender, job: Future[object]) -> object:
+    """Keep an otherwise idle producer serving (see RingSender.service) until ``job`` ends."""
+    deadline = time.monotonic() + BOUND_S
+    while not job.done():
+        assert time.monotonic() < deadline, "the consumer side never finished"
+        tx.service(0.01)
+    return job.result(0)
 
 
 def _drain(rx: RingReceiver, count: int, max_n: int = 64) -> list[bytes]:
@@ -371,7 +381,7 @@ def check_consumer_death(h: Harness) -> None:
     for i in range(4):
         tx.send(message(9, i), timeout=BOUND_S)
     assert proc.stdout is not None
-    line = h.background(proc.stdout.readline).result(BOUND_S)
+    line = _pump(tx, h.background(proc.stdout.readline))
     assert json.loads(str(line)) == {"received": 4, "bad": 0}
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(BOUND_S)
@@ -415,7 +425,7 @@ def check_partial_commit_and_restart(h: Harness) -> None:
         connect_timeout=BOUND_S,
     )  # fmt: skip
     h._ends.append(rx2)
-    got = h.background(lambda: _drain(rx2, capacity)).result(BOUND_S)
+    got = _pump(tx, h.background(lambda: _drain(rx2, capacity)))
     assert got == msgs[3:] + [b"more"] * 3
 
 
@@ -426,6 +436,8 @@ def check_exactly_once_across_breaks(h: Harness) -> None:
     count, seed = 5000, 23
     rng_p, rng_c = random.Random(seed), random.Random(seed + 1)
 
+    consumer_done = threading.Event()
+
     def produce() -> int:
         seq = 0
         deadline = time.monotonic() + BOUND_S * 2
@@ -435,6 +447,9 @@ def check_exactly_once_across_breaks(h: Harness) -> None:
             seq += tx.send_burst(burst, timeout=1.0)
             if rng_p.random() < 0.02:
                 tx._break_connection()  # type: ignore[attr-defined]
+        while not consumer_done.is_set():  # serve reconnections until the consumer has all
+            assert time.monotonic() < deadline, "consumer never finished"
+            tx.service(0.01)
         return seq
 
     job = h.background(produce)
@@ -447,6 +462,7 @@ def check_exactly_once_across_breaks(h: Harness) -> None:
         if rng_c.random() < 0.02:
             rx._break_connection()  # type: ignore[attr-defined]
             breaks += 1
+    consumer_done.set()
     assert job.result(BOUND_S) == count
     assert len(got) == count, f"{len(got) - count} extra messages"
     for i, msg in enumerate(got):

@@ -51,11 +51,14 @@ def _then(action: str, end: transports.RingSender | transports.RingReceiver) -> 
     elif action == "exit":
         sys.stdout.flush()
         os._exit(0)
-    elif action == "hang":
+    elif action == "hang":  # stay alive and serving (a producer has no thread of its own)
         sys.stdout.flush()
         signal.alarm(int(MAX_RUNTIME_S))  # never outlive the test that forgot to kill us
         while True:
-            time.sleep(1)
+            if isinstance(end, transports.RingSender):
+                end.service(0.1)
+            else:
+                time.sleep(0.1)
 
 
 def _producer(args: argparse.Namespace) -> dict[str, object]:

@@ -142,6 +142,17 @@ class RingSender(RingEnd):
     def next_seq(self) -> int:
         """Sequence number the next new message will get."""
 
+    @abc.abstractmethod
+    def service(self, timeout: float = 0.0) -> None:
+        """Do pending I/O without sending, waiting up to ``timeout`` for activity: let a
+        (re)connecting consumer in and resend to it, take in acknowledgements, notice a dead
+        consumer (RingBroken after reconnect_timeout).
+
+        An end has no thread of its own (cheap, deterministic, and nothing running while CRIU
+        freezes the process), so it makes progress only inside its calls: a producer that has
+        nothing to send for a while calls this from its idle loop.
+        """
+
     @property
     @abc.abstractmethod
     def acked(self) -> int:

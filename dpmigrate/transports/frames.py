@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 import struct
+from typing import Any
 
 MAGIC = b"DR"
 VERSION = 1
@@ -84,6 +85,12 @@ CONTROL_LIMITS = {
     PING: 0,
     ERROR: MAX_ERROR_TEXT,
 }
+
+
+#: A leftover partial frame up to this size is moved to the buffer's front before a recv.
+SMALL_MOVE = 64 << 10
+#: How many distinct payload lengths get a cached copying Struct (steady sizes are common).
+_MAX_CUTS = 64
 
 
 class FrameError(ValueError):
@@ -199,10 +206,24 @@ class FrameReader:
     awaited, so a peer can never make the reader wait for or allocate more than one frame.
     """
 
-    __slots__ = ("_allowed_words", "_mv", "allowed", "buf", "data_limit", "end", "start")
+    __slots__ = (
+        "_allowed_words",
+        "_cuts",
+        "_mv",
+        "allowed",
+        "buf",
+        "chunk",
+        "data_limit",
+        "end",
+        "start",
+    )
 
-    def __init__(self, allowed: frozenset[int], data_limit: int, size: int = 1 << 16) -> None:
+    def __init__(
+        self, allowed: frozenset[int], data_limit: int, size: int = 1 << 16, chunk: int = 0
+    ) -> None:
         self.data_limit = data_limit
+        self.chunk = chunk or size
+        self._cuts: dict[int, Any] = {}  # payload length -> Struct("<n>s").unpack_from
         self.set_allowed(allowed)
         need = HEADER_SIZE + max(data_limit if DATA in allowed else 0, *CONTROL_LIMITS.values())
         self.buf = bytearray(max(size, 2 * need))
@@ -233,22 +254,28 @@ class FrameReader:
             self.start, self.end = 0, len(data)
 
     def _make_room(self) -> None:
-        """Move the unparsed tail to the front when the free space behind it runs low."""
+        """Move the unparsed tail to the front when it is small (the working set then stays
+        in the first ``chunk`` bytes, warm in cache) or when the space behind it runs low."""
         start, end = self.start, self.end
         if start == end:
             self.start = self.end = 0
-        elif start and len(self.buf) - end < HEADER_SIZE + self.data_limit:
+        elif start and (
+            end - start <= SMALL_MOVE or len(self.buf) - end < HEADER_SIZE + self.data_limit
+        ):
             n = end - start
-            self.buf[:n] = self._mv[start:end]
+            # bytearray slice assignment is a memcpy: copy first if the regions overlap
+            tail = self._mv[start:end] if n <= start else bytes(self._mv[start:end])
+            self.buf[:n] = tail
             self.start, self.end = 0, n
 
     def recv_from(self, sock) -> int:  # sock: socket.socket
-        """One recv_into() into the free space; returns the byte count (0 means EOF).
+        """One recv_into() of at most ``chunk`` bytes; returns the count (0 means EOF).
 
         Raises BlockingIOError / OSError as the socket does.
         """
         self._make_room()
-        n = sock.recv_into(self._mv[self.end :])
+        stop = min(len(self.buf), self.end + self.chunk)
+        n = sock.recv_into(self._mv[self.end : stop])
         self.end += n
         return n
 
@@ -263,9 +290,7 @@ class FrameReader:
 
     def _check(self, word: int, length: int) -> int:
         ftype = self._allowed_words.get(word)
-        if ftype is None or length > (
-            self.data_limit if ftype == DATA else CONTROL_LIMITS[ftype]
-        ):
+        if ftype is None or length > (self.data_limit if ftype == DATA else CONTROL_LIMITS[ftype]):
             raise FrameError(describe_bad_header(word, length, self.data_limit, self.allowed))
         return ftype
 
@@ -297,6 +322,7 @@ class FrameReader:
         buf, mv = self.buf, self._mv
         unpack_from = HEADER.unpack_from
         append = out.append
+        cuts = self._cuts
         pos, end, limit = self.start, self.end, self.data_limit
         dups = 0
         try:
@@ -311,7 +337,16 @@ class FrameReader:
                 if stop > end:
                     break
                 if seq == cursor:
-                    append(bytes(mv[body:stop]))
+                    # A cached "<n>s" Struct copies the payload straight into a new bytes
+                    # object, cheaper than slicing a memoryview and copying that.
+                    cut = cuts.get(length)
+                    if cut is not None:
+                        append(cut(buf, body)[0])
+                    elif len(cuts) < _MAX_CUTS:
+                        cut = cuts[length] = struct.Struct(f"{length}s").unpack_from
+                        append(cut(buf, body)[0])
+                    else:
+                        append(bytes(mv[body:stop]))
                     cursor += 1
                 elif seq < cursor:
                     dups += 1

@@ -76,6 +76,15 @@ class MemSender(RingSender):
     def acked(self) -> int:
         return self._ch.acked
 
+    def service(self, timeout: float = 0.0) -> None:
+        """Nothing to do in-process; waits up to ``timeout`` for the consumer to commit."""
+        self._check_open()
+        with self._ch.cond:
+            if self._ch.consumer_closed:
+                raise RingBroken(f"ring {self.name!r}: the consumer closed the ring")
+            if timeout > 0:
+                self._ch.cond.wait(timeout)
+
     def _room(self) -> int:
         return self.capacity - len(self._ch.retained)
 

@@ -1,0 +1,1263 @@
+"""The tcp ring transport: one TCP connection per ring, producer listening, consumer connecting.
+
+The producer end listens on a loopback port and registers ``Endpoint("tcp", "host:port",
+generation)`` under the ring name; the consumer resolves the name on every connection attempt
+(the producer may have moved) and connects. Frames are described in
+:mod:`dpmigrate.transports.frames`.
+
+There are no background threads: every call does its I/O with non-blocking sockets and
+``poll()`` (accepting a reconnecting consumer, reading acks, writing queued frames), which
+keeps the GIL free for the stage and leaves nothing running behind CRIU's back. The price: a
+producer serves a (re)connecting consumer only inside its calls, so a producer with nothing
+to send calls :meth:`TcpSender.service` (or reads ``acked``) from its idle loop.
+
+Per-message Python work is kept to a header pack or unpack and one copy: a burst's headers
+and payloads go to the kernel in one gathering ``sendmsg()`` (no joined copy), and the
+consumer cuts many frames out of each large ``recv_into()``.
+
+Sequence bookkeeping follows :mod:`dpmigrate.transports.base`: the producer retains every
+unacked message (the window is ``capacity`` messages) and resends from the consumer's
+``next_expected`` after a reconnection; the consumer delivers each seq once, in order, and
+drops (counts) anything below its cursor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import select
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from dpmigrate.errors import (
+    ConfigError,
+    EndOfRing,
+    ProtocolError,
+    RingBroken,
+    RingTimeout,
+    WouldBlock,
+)
+from dpmigrate.transports import frames as fr
+from dpmigrate.transports.base import (
+    DEFAULT_CAPACITY,
+    MAX_MESSAGE,
+    RingReceiver,
+    RingSender,
+    RingStatistics,
+    check_message,
+)
+from dpmigrate.transports.resolver import Endpoint, Resolver, check_ring_name
+
+TRANSPORT = "tcp"
+
+_BACKOFF_MIN = 0.005  # first reconnection retry delay (s); doubles up to _BACKOFF_MAX
+_BACKOFF_MAX = 0.1
+_MAX_PENDING = 8  # accepted connections that have not said HELLO yet
+_IOV_MAX = 512  # buffers per sendmsg() call
+_RECV_BUFFER = 4 << 20  # consumer receive buffer; holds at least two maximal frames
+_ACK_DIVISOR = 8  # the consumer acks once committed advanced by capacity/8 (and before waiting)
+_RECV_CHUNK = 256 << 10  # bytes asked of one recv_into(): large, yet warm in cache
+_FLUSH_LINGER = 1.0  # how long close() waits to hand its last frames to the kernel
+_LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST (a crash)
+
+_PRODUCER_ALLOWED = frozenset({fr.ACK, fr.CLOSE, fr.PING})
+_HELLO_ALLOWED = frozenset({fr.HELLO})
+_HANDSHAKE_ALLOWED = frozenset({fr.WELCOME, fr.ERROR, fr.PING})
+_CONSUMER_ALLOWED = frozenset({fr.DATA, fr.CLOSE, fr.PING, fr.ERROR})
+
+_POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+
+
+def _poll_ms(wait: float | None) -> int | None:
+    """poll() takes milliseconds; round up so a short wait never becomes a busy spin."""
+    if wait is None:
+        return None
+    if wait <= 0:
+        return 0
+    return math.ceil(wait * 1000)
+
+
+def _tune(sock: socket.socket, sockbuf: int | None, reconnect_timeout: float) -> None:
+    """Non-blocking, no Nagle delay (acks and small frames must leave at once), a dead peer
+    noticed within about reconnect_timeout even on an idle or half-open link (keepalive and
+    TCP_USER_TIMEOUT), and optionally fixed socket buffers (the default keeps the kernel's
+    autotuning, which on loopback grows further than SO_SNDBUF may be set unprivileged)."""
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(reconnect_timeout / 2))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    sock.setsockopt(
+        socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1000, int(reconnect_timeout * 1000))
+    )
+    if sockbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sockbuf)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sockbuf)
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close ``sock`` the way a crash would look to the peer (RST, no close frame)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    sock.close()
+
+
+def _parse_address(ring: str, address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"ring {ring!r}: registered tcp address {address!r} is not host:port; "
+            "re-register the producer"
+        )
+    return host, int(port)
+
+
+def _split_opts(ring: str, opts: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(opts) - set(known)
+    if unknown:
+        raise ConfigError(
+            f"ring {ring!r}: unknown tcp transport option(s) {sorted(unknown)}; "
+            f"known: {sorted(known)}"
+        )
+    return {**known, **opts}
+
+
+class _OutQueue:
+    """Frames waiting to be handed to the kernel, as a list of buffers written with one
+    gathering sendmsg() per call: headers and payloads are never copied into a joined buffer
+    (the kernel gathers them), and only a partial write leaves a memoryview behind."""
+
+    __slots__ = ("bufs", "nbytes")
+
+    def __init__(self) -> None:
+        self.bufs: deque[bytes | memoryview] = deque()
+        self.nbytes = 0
+
+    def __bool__(self) -> bool:
+        return self.nbytes > 0
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self.bufs.append(data)
+            self.nbytes += len(data)
+
+    def extend(self, parts: list[bytes], nbytes: int) -> None:
+        """Queue ``parts`` (no empty buffers among them) totalling ``nbytes``."""
+        self.bufs.extend(parts)
+        self.nbytes += nbytes
+
+    def clear(self) -> None:
+        self.bufs.clear()
+        self.nbytes = 0
+
+    def write(self, sock: socket.socket) -> None:
+        """Write as much as the socket takes now. Raises OSError other than EAGAIN/EINTR."""
+        bufs = self.bufs
+        while bufs:
+            try:
+                if len(bufs) <= _IOV_MAX:
+                    n = sock.sendmsg(bufs)
+                else:
+                    n = sock.sendmsg(list(itertools.islice(bufs, _IOV_MAX)))
+            except (BlockingIOError, InterruptedError):
+                return
+            if n == self.nbytes:  # the common case: everything went
+                bufs.clear()
+                self.nbytes = 0
+                return
+            self.nbytes -= n
+            popleft = bufs.popleft
+            while n:
+                size = len(bufs[0])
+                if n >= size:
+                    n -= size
+                    popleft()
+                else:
+                    bufs[0] = memoryview(bufs[0])[n:]
+                    return  # the kernel took less than offered: it is full for now
+
+
+class _Pending:
+    """An accepted connection that has not yet sent a complete, valid HELLO."""
+
+    __slots__ = ("peer", "reader", "since", "sock")
+
+    def __init__(self, sock: socket.socket, peer: str, since: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.since = since
+        self.reader = fr.FrameReader(_HELLO_ALLOWED, 0, size=4096)
+
+
+class TcpSender(RingSender):
+    """The producer end: a listening socket, the retained window, and one consumer link."""
+
+    transport = TRANSPORT
+
+    def __init__(
+        self,
+        name: str,
+        resolver: Resolver,
+        capacity: int,
+        max_message: int,
+        reconnect_timeout: float,
+        host: str,
+        port: int,
+        generation: int | None,
+        sockbuf: int | None,
+    ) -> None:
+        check_ring_name(name)
+        if not 1 <= capacity < 1 << 32:
+            raise ConfigError(f"ring {name!r}: capacity {capacity} must be 1 .. 2**32-1 messages")
+        if not 0 <= max_message <= fr.MAX_ANNOUNCED_MESSAGE:
+            raise ConfigError(
+                f"ring {name!r}: max_message {max_message} must be 0 .. {fr.MAX_ANNOUNCED_MESSAGE}"
+            )
+        self.name = name
+        self.capacity = capacity
+        self.max_message = max_message
+        self.reconnect_timeout = reconnect_timeout
+        self._resolver = resolver
+        self._sockbuf = sockbuf
+
+        self._retained: deque[bytes] = deque()  # payloads of seq acked .. next_seq-1
+        self._acked = 0
+        self._next_seq = 0
+        self._transmitted = 0  # every seq below this was written to some connection
+        self._conn: socket.socket | None = None
+        self._conn_fd = -1
+        self._conn_peer = ""
+        self._conn_mask = 0
+        self._reader: fr.FrameReader | None = None
+        self._out = _OutQueue()
+        self._pending: dict[int, _Pending] = {}
+        self._had_consumer = False
+        self._lost_at: float | None = None
+        self._lost_reason = ""
+        self._consumer_closed = False
+        self._consumer_generation = -1
+        self._error: ProtocolError | None = None
+
+        self._messages = 0
+        self._bytes = 0
+        self._peak = 0
+        self._reconnects = 0
+        self._resent = 0
+        self._rejected = 0
+
+        if generation is None:
+            try:
+                generation = resolver.lookup(name, timeout=0).generation + 1
+            except (RingTimeout, ConfigError):
+                generation = 0
+        self.generation = generation
+
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(16)
+            listener.setblocking(False)
+        except OSError as err:
+            listener.close()
+            raise ConfigError(
+                f"ring {name!r}: cannot listen on {host}:{port}: {err}; choose another port "
+                "(port=0 picks a free one)"
+            ) from err
+        self._listener = listener
+        bound_host, bound_port = listener.getsockname()[:2]
+        self.address = f"{bound_host}:{bound_port}"
+        self._poller = select.poll()
+        self._listener_fd = listener.fileno()
+        self._poller.register(self._listener_fd, select.POLLIN)
+        self._endpoint = Endpoint(TRANSPORT, self.address, generation)
+        try:
+            resolver.register(name, self._endpoint)
+        except BaseException:
+            listener.close()
+            raise
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def acked(self) -> int:
+        """Every seq below this is acknowledged; reading it takes in acks that have arrived
+        (and pending reconnections) without waiting. Protocol errors found meanwhile are
+        raised by the next send."""
+        if not self._closed:
+            self._service(0)
+        return self._acked
+
+    def service(self, timeout: float = 0.0) -> None:
+        """Do this end's pending I/O without sending: accept a (re)connecting consumer and
+        resend to it, read acks, write queued frames; wait up to ``timeout`` for activity.
+
+        The end has no thread of its own, so a producer that has nothing to send for a while
+        calls this (or reads ``acked``) from its idle loop; otherwise a consumer that
+        reconnects meanwhile waits for the producer's next call.
+        """
+        self._check_open()
+        self._service(timeout)
+        self._raise_pending()
+
+    def send(self, msg: bytes, timeout: float | None = None) -> None:
+        check_message(self.name, msg, self.max_message)
+        if self._send([msg], timeout) == 0:
+            raise RingTimeout(
+                f"ring {self.name!r}: window of {self.capacity} messages still full after "
+                f"{timeout} s; the consumer is slow or stalled"
+            )
+
+    def send_nowait(self, msg: bytes) -> None:
+        check_message(self.name, msg, self.max_message)
+        if self._send([msg], 0) == 0:
+            raise WouldBlock(
+                f"ring {self.name!r}: window of {self.capacity} messages is full; retry later"
+            )
+
+    def send_burst(self, msgs: Sequence[bytes], timeout: float | None = 0) -> int:
+        return self._send(msgs, timeout)
+
+    def close(self) -> None:
+        """Wait up to reconnect_timeout for everything to be acked, send CLOSE, then close.
+
+        Never raises for the link: a consumer that does not come back simply sees a producer
+        that is gone (RingBroken on its side).
+        """
+        if self._closed:
+            return
+        try:
+            deadline = time.monotonic() + self.reconnect_timeout
+            with contextlib.suppress(ProtocolError):
+                while self._acked < self._next_seq and not self._consumer_closed:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        break
+                    self._service(deadline - now)
+            if self._conn is not None and not self._consumer_closed:
+                self._out.append(fr.encode_close(self._next_seq))
+                self._linger_flush(time.monotonic() + _FLUSH_LINGER)
+        finally:
+            self._teardown()
+
+    def statistics(self) -> RingStatistics:
+        return RingStatistics(
+            name=self.name,
+            transport=TRANSPORT,
+            role="producer",
+            capacity=self.capacity,
+            messages=self._messages,
+            bytes=self._bytes,
+            occupancy=self._next_seq - self._acked,
+            peak_occupancy=self._peak,
+            reconnects=self._reconnects,
+            resent=self._resent,
+            next_seq=self._next_seq,
+            acked=self._acked,
+            extra={
+                "address": self.address,
+                "generation": self.generation,
+                "connected": self._conn is not None,
+                "peer": self._conn_peer,
+                "rejected_connections": self._rejected,
+                "unwritten_bytes": self._out.nbytes,
+                "consumer_closed": self._consumer_closed,
+            },
+        )
+
+    def _break_connection(self) -> None:
+        """Testing hook: drop the consumer link as a crash would (RST, no CLOSE frame)."""
+        if self._conn is not None:
+            self._lose("connection broken by _break_connection()", abort=True)
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(self, msgs: Sequence[bytes], timeout: float | None) -> int:
+        self._check_open()
+        self._service(0)
+        self._raise_pending()
+        if self._consumer_closed:
+            self._raise_consumer_closed()
+        if not msgs:
+            return 0
+        room = self.capacity - (self._next_seq - self._acked)
+        if room <= 0:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            room = self._wait_room(deadline)
+            if room <= 0:
+                return 0
+        n = len(msgs)
+        if n > room:
+            msgs = list(itertools.islice(msgs, room))
+            n = room
+        limit = self.max_message
+        if set(map(type, msgs)) == {bytes}:
+            batch = msgs
+        else:
+            batch = []
+            for m in msgs:
+                check_message(self.name, m, limit)
+                batch.append(m if type(m) is bytes else bytes(m))
+        sizes = list(map(len, batch))
+        if max(sizes) > limit:
+            for m in batch:
+                check_message(self.name, m, limit)
+        total = sum(sizes)
+        seq = self._next_seq
+        self._retained.extend(batch)
+        self._next_seq = seq + n
+        self._messages += n
+        self._bytes += total
+        occupancy = self._next_seq - self._acked
+        if occupancy > self._peak:
+            self._peak = occupancy
+        if self._conn is not None:
+            self._queue_frames(seq, batch, sizes)
+            self._transmitted = self._next_seq
+            self._flush()
+        return n
+
+    def _queue_frames(
+        self, seq: int, payloads: Sequence[bytes], sizes: Sequence[int] | None = None
+    ) -> None:
+        """Queue DATA frames for ``payloads`` (seq, seq+1, ...): a packed header and the
+        payload itself per message, gathered by the kernel on write."""
+        if sizes is None:
+            sizes = list(map(len, payloads))
+        pack = fr.HEADER.pack
+        word = fr.DATA_WORD
+        parts: list[bytes] = []
+        append = parts.append
+        for m, size in zip(payloads, sizes, strict=True):
+            append(pack(word, seq, size))
+            if size:
+                append(m)
+            seq += 1
+        self._out.extend(parts, sum(sizes) + fr.HEADER_SIZE * len(sizes))
+
+    def _wait_room(self, deadline: float | None) -> int:
+        """Wait for window room; RingBroken if the consumer stays away too long."""
+        while True:
+            room = self.capacity - (self._next_seq - self._acked)
+            if room > 0:
+                return room
+            if self._consumer_closed:
+                self._raise_consumer_closed()
+            now = time.monotonic()
+            broken_at = None
+            if self._conn is None and self._lost_at is not None:
+                broken_at = self._lost_at + self.reconnect_timeout
+                if now >= broken_at:
+                    raise RingBroken(
+                        f"ring {self.name!r}: consumer gone since {now - self._lost_at:.2f} s "
+                        f"({self._lost_reason}) and did not reconnect within "
+                        f"{self.reconnect_timeout} s; {self._next_seq - self._acked} messages "
+                        "remain unacknowledged; restart the consumer or reopen the ring"
+                    )
+            if deadline is not None and now >= deadline:
+                return 0
+            wakes = [t for t in (deadline, broken_at, self._next_expiry()) if t is not None]
+            wake = min(wakes) if wakes else None
+            self._service(None if wake is None else wake - now)
+            self._raise_pending()
+
+    def _raise_consumer_closed(self) -> None:
+        raise RingBroken(
+            f"ring {self.name!r}: consumer closed the ring; "
+            f"{self._next_seq - self._acked} messages were not acknowledged; "
+            "open a new ring to a new consumer"
+        )
+
+    def _raise_pending(self) -> None:
+        err = self._error
+        if err is not None:
+            self._error = None
+            raise err
+
+    # ------------------------------------------------------------------ I/O
+
+    def _service(self, wait: float | None) -> None:
+        """One poll(): accept connections, read HELLOs and acks, write queued frames."""
+        for fd, ev in self._poller.poll(_poll_ms(wait)):
+            if fd == self._conn_fd:
+                if ev & _POLL_IN:
+                    self._read_conn()
+                if ev & select.POLLOUT and self._conn is not None:
+                    self._flush()
+            elif fd == self._listener_fd:
+                self._accept()
+            else:
+                pending = self._pending.get(fd)
+                if pending is not None:
+                    self._read_pending(pending)
+        if self._pending:
+            self._expire_pending()
+
+    def _next_expiry(self) -> float | None:
+        if not self._pending:
+            return None
+        return min(p.since for p in self._pending.values()) + self._hello_timeout
+
+    @property
+    def _hello_timeout(self) -> float:
+        return max(1.0, self.reconnect_timeout)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # e.g. ECONNABORTED, EMFILE: the client retries
+            try:
+                _tune(sock, self._sockbuf, self.reconnect_timeout)
+            except OSError:
+                sock.close()
+                continue
+            pending = _Pending(sock, f"{addr[0]}:{addr[1]}", time.monotonic())
+            self._pending[sock.fileno()] = pending
+            self._poller.register(sock.fileno(), select.POLLIN)
+            if len(self._pending) > _MAX_PENDING:
+                oldest = min(self._pending.values(), key=lambda p: p.since)
+                self._reject(oldest, "too many connections waiting to say HELLO")
+            # A consumer sends HELLO right behind connect(): take it now rather than one
+            # call later, so a consumer can be served by the very call that accepted it.
+            if pending.sock.fileno() in self._pending:
+                self._read_pending(pending)
+
+    def _expire_pending(self) -> None:
+        limit = time.monotonic() - self._hello_timeout
+        for p in [p for p in self._pending.values() if p.since < limit]:
+            self._reject(p, f"no HELLO within {self._hello_timeout} s")
+
+    def _drop_pending(self, p: _Pending, abort: bool = False) -> None:
+        fd = p.sock.fileno()
+        self._pending.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._poller.unregister(fd)
+        if abort:
+            _abort(p.sock)
+        else:
+            p.sock.close()
+
+    def _reject(self, p: _Pending, problem: str) -> None:
+        """Refuse a connection that is not (or not our) consumer; keep serving the ring."""
+        self._rejected += 1
+        with contextlib.suppress(OSError):
+            p.sock.send(fr.encode_error(f"ring {self.name!r}: {problem}"))
+        self._drop_pending(p)
+
+    def _read_pending(self, p: _Pending) -> None:
+        try:
+            n = p.reader.recv_from(p.sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._rejected += 1
+            self._drop_pending(p)
+            return
+        if n == 0:
+            self._rejected += 1
+            self._drop_pending(p)
+            return
+        try:
+            frame = p.reader.next_frame()
+        except fr.FrameError as err:
+            self._reject(p, f"rejected connection from {p.peer}: {err}")
+            return
+        if frame is None:
+            return
+        _ftype, next_expected, payload = frame
+        try:
+            generation, ring = fr.decode_hello(payload)
+        except fr.FrameError as err:
+            self._reject(p, f"rejected connection from {p.peer}: {err}")
+            return
+        if ring != self.name:
+            self._reject(
+                p, f"HELLO from {p.peer} asks for ring {ring!r}; this producer serves {self.name!r}"
+            )
+            return
+        if generation < self._consumer_generation:
+            self._reject(
+                p,
+                f"consumer generation {generation} from {p.peer} is older than the current "
+                f"consumer's {self._consumer_generation}",
+            )
+            return
+        if not self._acked <= next_expected <= self._next_seq:
+            problem = (
+                f"consumer at {p.peer} expects seq {next_expected} but this producer retains "
+                f"only {self._acked} .. {self._next_seq - 1} (next new seq {self._next_seq}): a "
+                "gap that cannot be resent; restore the consumer from a checkpoint at or after "
+                f"seq {self._acked}"
+            )
+            self._reject(p, problem)
+            self._error = ProtocolError(f"ring {self.name!r}: {problem}")
+            return
+        self._adopt(p, generation, next_expected)
+
+    def _adopt(self, p: _Pending, generation: int, next_expected: int) -> None:
+        """Make ``p`` the consumer link: WELCOME, then resend everything from next_expected."""
+        self._pending.pop(p.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._poller.unregister(p.sock.fileno())
+        if self._conn is not None:
+            self._lose("superseded by a new connection from the consumer", abort=True)
+        if self._had_consumer:
+            self._reconnects += 1
+        self._had_consumer = True
+        self._lost_at = None
+        self._consumer_closed = False
+        self._consumer_generation = generation
+        self._conn = p.sock
+        self._conn_fd = p.sock.fileno()
+        self._conn_peer = p.peer
+        p.reader.set_allowed(_PRODUCER_ALLOWED)
+        self._reader = p.reader
+        self._conn_mask = 0
+        self._out.clear()
+        self._out.append(
+            fr.encode_welcome(
+                self._acked, self.generation, self.capacity, self.max_message, self._next_seq
+            )
+        )
+        start = next_expected - self._acked
+        count = self._next_seq - next_expected
+        if count:
+            self._resent += max(0, min(self._transmitted, self._next_seq) - next_expected)
+            chunk = 1024  # keep each joined buffer moderate
+            for i in range(start, start + count, chunk):
+                part = list(itertools.islice(self._retained, i, min(i + chunk, start + count)))
+                self._queue_frames(self._acked + i, part)
+        self._transmitted = self._next_seq
+        self._set_mask(select.POLLIN)
+        self._flush()
+        # The consumer may have sent more right behind its HELLO.
+        if self._conn is not None and self._reader.pending:
+            self._parse_conn()
+
+    def _set_mask(self, mask: int) -> None:
+        if self._conn is None or mask == self._conn_mask:
+            return
+        if self._conn_mask:
+            self._poller.modify(self._conn_fd, mask)
+        else:
+            self._poller.register(self._conn_fd, mask)
+        self._conn_mask = mask
+
+    def _flush(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            self._out.write(conn)
+        except OSError as err:
+            self._lose(f"write to consumer {self._conn_peer} failed: {err.strerror or err}")
+            return
+        self._set_mask(select.POLLIN | select.POLLOUT if self._out else select.POLLIN)
+
+    def _read_conn(self) -> None:
+        conn, reader = self._conn, self._reader
+        if conn is None or reader is None:
+            return
+        try:
+            n = reader.recv_from(conn)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            self._lose(f"consumer link {self._conn_peer} failed: {err.strerror or err}")
+            return
+        if n == 0:
+            self._lose(f"consumer {self._conn_peer} closed the connection without CLOSE")
+            return
+        self._parse_conn()
+
+    def _parse_conn(self) -> None:
+        reader = self._reader
+        while self._conn is not None and reader is not None:
+            try:
+                frame = reader.next_frame()
+            except fr.FrameError as err:
+                self._protocol_failure(str(err))
+                return
+            if frame is None:
+                return
+            ftype, seq, _payload = frame
+            if ftype == fr.ACK or ftype == fr.CLOSE:
+                if not self._acked <= seq <= self._next_seq:
+                    self._protocol_failure(
+                        f"{fr.TYPE_NAMES[ftype]} {seq} outside the window "
+                        f"{self._acked} .. {self._next_seq}"
+                    )
+                    return
+                retained = self._retained
+                for _ in range(seq - self._acked):
+                    retained.popleft()
+                self._acked = seq
+                if ftype == fr.CLOSE:
+                    self._consumer_closed = True
+                    self._drop_conn(abort=False)
+                    self._lost_at = None
+                    return
+
+    def _protocol_failure(self, problem: str) -> None:
+        peer = self._conn_peer
+        self._lose(f"protocol error: {problem}", abort=True)
+        self._error = ProtocolError(
+            f"ring {self.name!r}: consumer {peer} sent bad data: {problem}; the link was "
+            "dropped and the consumer may reconnect"
+        )
+
+    def _drop_conn(self, abort: bool) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        if self._conn_mask:
+            with contextlib.suppress(KeyError, ValueError):
+                self._poller.unregister(self._conn_fd)
+        if abort:
+            _abort(conn)
+        else:
+            conn.close()
+        self._conn = None
+        self._conn_fd = -1
+        self._conn_mask = 0
+        self._reader = None
+        self._out.clear()
+
+    def _lose(self, reason: str, abort: bool = False) -> None:
+        self._drop_conn(abort)
+        self._lost_at = time.monotonic()
+        self._lost_reason = reason
+
+    def _linger_flush(self, deadline: float) -> None:
+        """close(): hand the last frames to the kernel, then wait briefly for the consumer's
+        EOF so that closing with unread input cannot turn into an RST that loses the CLOSE."""
+        self._flush()
+        while self._conn is not None and self._out:
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            self._service(deadline - now)
+        conn = self._conn
+        if conn is None:
+            return
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_WR)
+        while self._conn is not None:
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            self._service(deadline - now)  # reading EOF drops the link
+
+    def _teardown(self) -> None:
+        self._closed = True
+        self._drop_conn(abort=False)
+        for p in list(self._pending.values()):
+            self._drop_pending(p)
+        self._listener.close()
+        with contextlib.suppress(Exception):
+            if self._resolver.lookup(self.name, timeout=0) == self._endpoint:
+                self._resolver.unregister(self.name)
+
+
+class TcpReceiver(RingReceiver):
+    """The consumer end: connects by name, delivers in order once, acks in batches."""
+
+    transport = TRANSPORT
+
+    def __init__(
+        self,
+        name: str,
+        resolver: Resolver,
+        auto_commit: bool,
+        next_expected: int,
+        reconnect_timeout: float,
+        connect_timeout: float,
+        max_message: int,
+        generation: int,
+        sockbuf: int | None,
+    ) -> None:
+        check_ring_name(name)
+        if next_expected < 0:
+            raise ConfigError(f"ring {name!r}: next_expected must be >= 0, got {next_expected}")
+        self.name = name
+        self.capacity = DEFAULT_CAPACITY  # replaced by the producer's WELCOME
+        self.auto_commit = auto_commit
+        self.reconnect_timeout = reconnect_timeout
+        self.connect_timeout = connect_timeout
+        self.generation = generation
+        self._max_message = max_message
+        self._resolver = resolver
+        self._sockbuf = sockbuf
+
+        self._queue: list[bytes] = []
+        self._qhead = 0
+        self._next_expected = next_expected  # delivered
+        self._cursor = next_expected  # parsed (delivered + queued)
+        self._committed = next_expected
+        self._ack_sent = next_expected
+        self._ack_every = max(1, self.capacity // _ACK_DIVISOR)
+        self._ended = False
+
+        self._sock: socket.socket | None = None
+        self._peer = ""
+        self._welcomed = False
+        self._sock_since = 0.0
+        self._reader = fr.FrameReader(
+            _HANDSHAKE_ALLOWED, max_message, size=_RECV_BUFFER, chunk=_RECV_CHUNK
+        )
+        self._out = _OutQueue()
+        self._poller = select.poll()
+        self._down_since: float | None = None
+        self._down_reason = ""
+        self._next_attempt = 0.0
+        self._backoff = _BACKOFF_MIN
+        self._producer_generation = -1
+        self._had_producer = False
+
+        self._messages = 0
+        self._bytes = 0
+        self._peak = 0
+        self._reconnects = 0
+        self._dups = 0
+
+        resolver.lookup(name, timeout=connect_timeout)
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            self._down_since = None  # the bound here is connect_timeout, not reconnect_timeout
+            self._connect()
+            if self._sock is not None:
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                raise RingBroken(
+                    f"ring {name!r}: producer registered but unreachable for {connect_timeout} s "
+                    f"({self._down_reason}); is the producing stage alive?"
+                )
+            time.sleep(max(0.0, min(self._next_attempt, deadline) - now))
+        self._down_since = None
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def next_expected(self) -> int:
+        return self._next_expected
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        got = self._recv(1, timeout)
+        if not got:
+            raise RingTimeout(f"ring {self.name!r}: no message within {timeout} s")
+        return got[0]
+
+    def recv_nowait(self) -> bytes:
+        got = self._recv(1, 0)
+        if not got:
+            raise WouldBlock(f"ring {self.name!r}: no message available now; retry later")
+        return got[0]
+
+    def recv_burst(self, max_n: int, timeout: float | None = None) -> list[bytes]:
+        if max_n < 1:
+            raise ValueError(f"ring {self.name!r}: recv_burst needs max_n >= 1, got {max_n}")
+        return self._recv(max_n, timeout)
+
+    def commit(self, upto: int | None = None) -> None:
+        """Acknowledge every seq below ``upto`` (default: all delivered) at once."""
+        self._check_open()
+        if upto is None:
+            upto = self._next_expected
+        elif upto > self._next_expected:
+            raise ValueError(
+                f"ring {self.name!r}: cannot commit up to {upto}, only {self._next_expected} "
+                "messages were delivered"
+            )
+        if upto > self._committed:
+            self._committed = upto
+            self._send_ack(force=True)
+
+    def close(self) -> None:
+        """Tell the producer we are leaving (CLOSE carries what was committed) and close."""
+        if self._closed:
+            return
+        self._closed = True
+        sock = self._sock
+        if sock is None:
+            return
+        if self._welcomed and not self._ended:
+            self._out.append(fr.encode_close(max(self._committed, self._ack_sent)))
+            deadline = time.monotonic() + _FLUSH_LINGER
+            with contextlib.suppress(OSError):
+                while self._out and time.monotonic() < deadline:
+                    self._out.write(sock)
+                    if self._out:
+                        select.select([], [sock], [], max(0.0, deadline - time.monotonic()))
+        self._drop_sock(abort=False)
+
+    def statistics(self) -> RingStatistics:
+        return RingStatistics(
+            name=self.name,
+            transport=TRANSPORT,
+            role="consumer",
+            capacity=self.capacity,
+            messages=self._messages,
+            bytes=self._bytes,
+            occupancy=len(self._queue) - self._qhead,
+            peak_occupancy=self._peak,
+            reconnects=self._reconnects,
+            duplicates_dropped=self._dups,
+            next_expected=self._next_expected,
+            committed=self._committed,
+            extra={
+                "connected": self._sock is not None and self._welcomed,
+                "peer": self._peer,
+                "producer_generation": self._producer_generation,
+                "acked_to_producer": self._ack_sent,
+                "ended": self._ended,
+            },
+        )
+
+    def _break_connection(self) -> None:
+        """Testing hook: drop the link as a crash would (RST, no CLOSE frame)."""
+        if self._sock is not None:
+            self._lose("connection broken by _break_connection()", abort=True)
+
+    # ------------------------------------------------------------------ receiving
+
+    def _recv(self, max_n: int, timeout: float | None) -> list[bytes]:
+        self._check_open()
+        if self.auto_commit and self._next_expected > self._committed:
+            self._committed = self._next_expected
+            if self._committed - self._ack_sent >= self._ack_every:
+                self._send_ack()
+        if self._qhead == len(self._queue):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not self._fill(deadline):
+                return []
+            if self._qhead == len(self._queue):
+                raise EndOfRing(
+                    f"ring {self.name!r}: the producer closed the ring after seq "
+                    f"{self._next_expected - 1}; every message was delivered"
+                )
+        head = self._qhead
+        queue = self._queue
+        got = queue[head : head + max_n]
+        n = len(got)
+        head += n
+        if head == len(queue):
+            queue.clear()
+            head = 0
+        self._qhead = head
+        self._next_expected += n
+        self._messages += n
+        self._bytes += sum(map(len, got))
+        return got
+
+    def _fill(self, deadline: float | None) -> bool:
+        """Make the queue non-empty (True), or see the end of the ring (True, queue empty),
+        or run out of time (False). Reconnects as needed; bounded by deadline and by the
+        reconnect bound (RingBroken)."""
+        while True:
+            if self._ended:
+                return True
+            if self._sock is None:
+                self._connect()
+                if self._sock is None:
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        return False
+                    wake = (
+                        self._next_attempt
+                        if deadline is None
+                        else min(self._next_attempt, deadline)
+                    )
+                    time.sleep(max(0.0, wake - now))
+                    continue
+            if self._read_once():
+                return True
+            if self._sock is None:
+                continue
+            self._send_ack(force=True)
+            now = time.monotonic()
+            wake = deadline
+            if not self._welcomed:
+                limit = self._sock_since + max(self.reconnect_timeout, self.connect_timeout)
+                if now >= limit:
+                    self._lose(f"producer {self._peer} accepted but never sent WELCOME")
+                    continue
+                wake = limit if wake is None else min(wake, limit)
+            if deadline is not None and now >= deadline:
+                return False
+            sock = self._sock
+            if sock is None:
+                continue
+            mask = select.POLLIN | select.POLLOUT if self._out else select.POLLIN
+            self._poller.modify(sock.fileno(), mask)
+            events = self._poller.poll(_poll_ms(None if wake is None else wake - now))
+            if events and self._out:
+                self._write_out()
+
+    def _read_once(self) -> bool:
+        """One non-blocking recv_into() and parse; True when something can be returned."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            n = self._reader.recv_from(sock)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as err:
+            self._lose(f"link to producer {self._peer} failed: {err.strerror or err}")
+            return False
+        if n == 0:
+            torn = " in the middle of a frame" if self._reader.pending else ""
+            self._lose(f"producer {self._peer} closed the connection{torn} without CLOSE")
+            return False
+        self._parse()
+        return self._qhead < len(self._queue) or self._ended
+
+    def _parse(self) -> None:
+        reader = self._reader
+        queue = self._queue
+        while True:
+            if self._welcomed:
+                try:
+                    self._cursor, dups = reader.take_data(queue, self._cursor)
+                except fr.GapError as err:
+                    self._cursor, self._dups = err.cursor, self._dups + err.dups
+                    self._fail(str(err))
+                except fr.FrameError as err:
+                    self._cursor = self._next_expected + len(queue) - self._qhead
+                    self._fail(str(err))
+                self._dups += dups
+                occupancy = len(queue) - self._qhead
+                if occupancy > self._peak:
+                    self._peak = occupancy
+            try:
+                frame = reader.next_frame()
+            except fr.FrameError as err:
+                self._fail(str(err))
+            if frame is None:
+                return
+            ftype, seq, payload = frame
+            if ftype == fr.WELCOME:
+                self._on_welcome(seq, payload)
+            elif ftype == fr.CLOSE:
+                if seq != self._cursor:
+                    self._fail(
+                        f"CLOSE after seq {seq - 1} but this consumer has received up to "
+                        f"{self._cursor - 1}"
+                    )
+                self._ended = True
+                self._drop_sock(abort=False)
+                return
+            elif ftype == fr.ERROR:
+                text = fr.decode_error(payload)
+                peer = self._peer
+                self._lose(f"producer refused: {text}", abort=True)
+                raise ProtocolError(
+                    f"ring {self.name!r}: producer {peer} refused this consumer: {text}"
+                )
+            # PING: nothing to do
+
+    def _on_welcome(self, first_retained: int, payload: bytes) -> None:
+        try:
+            generation, capacity, max_message, next_seq = fr.decode_welcome(payload)
+        except fr.FrameError as err:
+            self._fail(str(err))
+        if not first_retained <= self._cursor <= next_seq:
+            self._fail(
+                f"WELCOME says the producer retains {first_retained} .. {next_seq - 1} but this "
+                f"consumer expects seq {self._cursor}: a gap that cannot be resent"
+            )
+        if max_message > self._max_message:
+            self._fail(
+                f"the producer allows messages of up to {max_message} bytes, above this "
+                f"consumer's max_message={self._max_message}; open the receiver with "
+                f"max_message={max_message}"
+            )
+        if generation < self._producer_generation:
+            self._lose(
+                f"stale producer at {self._peer}: generation {generation} is older than "
+                f"{self._producer_generation}"
+            )
+            return
+        self._producer_generation = generation
+        self.capacity = capacity
+        self._ack_every = max(1, capacity // _ACK_DIVISOR)
+        self._reader.set_data_limit(max_message)
+        self._reader.set_allowed(_CONSUMER_ALLOWED)
+        self._welcomed = True
+        if self._had_producer:
+            self._reconnects += 1
+        self._had_producer = True
+        self._down_since = None
+        self._backoff = _BACKOFF_MIN
+        self._ack_sent = first_retained
+        self._send_ack(force=True)
+
+    def _fail(self, problem: str) -> NoReturn:
+        """Malformed input: drop the link (the next call reconnects) and raise."""
+        peer = self._peer
+        self._lose(f"protocol error: {problem}", abort=True)
+        raise ProtocolError(
+            f"ring {self.name!r}: producer {peer} sent bad data: {problem}; the link was "
+            "dropped and will be re-established on the next call"
+        )
+
+    # ------------------------------------------------------------------ acks and links
+
+    def _send_ack(self, force: bool = False) -> None:
+        if self._committed <= self._ack_sent or not self._welcomed or self._sock is None:
+            return
+        if not force and self._committed - self._ack_sent < self._ack_every:
+            return
+        self._out.append(fr.encode_ack(self._committed))
+        self._ack_sent = self._committed
+        self._write_out()
+
+    def _write_out(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            self._out.write(sock)
+        except OSError as err:
+            self._lose(f"write to producer {self._peer} failed: {err.strerror or err}")
+
+    def _connect(self) -> None:
+        """One connection attempt if the back-off allows; RingBroken past the bound."""
+        now = time.monotonic()
+        if self._down_since is not None and now - self._down_since > self.reconnect_timeout:
+            raise RingBroken(
+                f"ring {self.name!r}: lost the producer {now - self._down_since:.2f} s ago "
+                f"({self._down_reason}) and could not reconnect within {self.reconnect_timeout} "
+                f"s; {self._next_expected} messages were delivered; is the producer alive?"
+            )
+        if now < self._next_attempt:
+            return
+        sock = None
+        try:
+            endpoint = self._resolver.lookup(self.name, timeout=0)
+            if endpoint.transport != TRANSPORT:
+                raise ConfigError(
+                    f"ring {self.name!r} is now served over {endpoint.transport!r}, not tcp"
+                )
+            host, port = _parse_address(self.name, endpoint.address)
+            wait = max(0.05, min(1.0, self.reconnect_timeout))
+            sock = socket.create_connection((host, port), timeout=wait)
+            sock.sendall(fr.encode_hello(self.name, self._cursor, self.generation))
+            _tune(sock, self._sockbuf, self.reconnect_timeout)
+        except (RingTimeout, ConfigError, OSError) as err:
+            if sock is not None:
+                sock.close()
+            self._down_reason = f"connect failed: {err}"
+            if self._down_since is None:
+                self._down_since = now
+            self._next_attempt = now + self._backoff
+            self._backoff = min(_BACKOFF_MAX, self._backoff * 2)
+            return
+        self._sock = sock
+        self._peer = f"{host}:{port}"
+        self._sock_since = now
+        self._welcomed = False
+        self._reader.set_allowed(_HANDSHAKE_ALLOWED)
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def _drop_sock(self, abort: bool) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self._poller.unregister(sock.fileno())
+        if abort:
+            _abort(sock)
+        else:
+            sock.close()
+        self._sock = None
+        self._welcomed = False
+        self._out.clear()
+        self._reader.start = self._reader.end = 0
+
+    def _lose(self, reason: str, abort: bool = False) -> None:
+        self._drop_sock(abort)
+        self._down_reason = reason
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        self._next_attempt = 0.0
+
+
+def open_sender(
+    name: str,
+    *,
+    resolver: Resolver,
+    capacity: int = DEFAULT_CAPACITY,
+    max_message: int = MAX_MESSAGE,
+    reconnect_timeout: float = 5.0,
+    **opts: Any,
+) -> TcpSender:
+    """Listen on ``host:port`` (default 127.0.0.1, a free port) and register the ring.
+
+    Options: ``host``, ``port``, ``generation`` (default: the registered one + 1, else 0),
+    ``sockbuf`` (fixed SO_SNDBUF/SO_RCVBUF in bytes; default: kernel autotuning).
+    Does not wait for a consumer.
+    """
+    o = _split_opts(
+        name, opts, {"host": "127.0.0.1", "port": 0, "generation": None, "sockbuf": None}
+    )
+    return TcpSender(
+        name,
+        resolver,
+        capacity,
+        max_message,
+        reconnect_timeout,
+        o["host"],
+        o["port"],
+        o["generation"],
+        o["sockbuf"],
+    )
+
+
+def open_receiver(
+    name: str,
+    *,
+    resolver: Resolver,
+    auto_commit: bool = True,
+    next_expected: int = 0,
+    reconnect_timeout: float = 5.0,
+    connect_timeout: float = 10.0,
+    **opts: Any,
+) -> TcpReceiver:
+    """Resolve ``name`` (waiting up to connect_timeout), connect and say HELLO.
+
+    Options: ``max_message`` (largest DATA accepted before the producer's WELCOME says its
+    own), ``generation`` (this consumer's generation, default 0), ``sockbuf``.
+    Does not wait for the producer's WELCOME: that arrives inside the first recv call.
+    """
+    o = _split_opts(name, opts, {"max_message": MAX_MESSAGE, "generation": 0, "sockbuf": None})
+    return TcpReceiver(
+        name,
+        resolver,
+        auto_commit,
+        next_expected,
+        reconnect_timeout,
+        connect_timeout,
+        o["max_message"],
+        o["generation"],
+        o["sockbuf"],
+    )
+
+
+__all__ = ["TRANSPORT", "TcpReceiver", "TcpSender", "open_receiver", "open_sender"]

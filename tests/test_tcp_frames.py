@@ -1,0 +1,413 @@
+"""The tcp ring's wire format, and what both tcp ends do with malformed or hostile input.
+
+The cross-transport behaviour (order, backpressure, close, peer death) is covered by the
+conformance kit; here are the byte-level checks only tcp has: the frame layout, the reader's
+validation, and real ring ends facing a fake peer that speaks raw bytes.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from dpmigrate.errors import ProtocolError, RingBroken
+from dpmigrate.transports import frames as fr
+from dpmigrate.transports import tcp
+from dpmigrate.transports.resolver import Endpoint, MemoryResolver
+
+ALL_TYPES = frozenset(fr.TYPE_NAMES)
+CONSUMER_SIDE = frozenset({fr.WELCOME, fr.DATA, fr.CLOSE, fr.PING, fr.ERROR})
+
+
+def reader(allowed: frozenset[int] = ALL_TYPES, limit: int = 1024) -> fr.FrameReader:
+    return fr.FrameReader(allowed, limit, size=8192)
+
+
+def raw_header(magic: bytes, version: int, ftype: int, seq: int, length: int) -> bytes:
+    return magic + bytes([version, ftype]) + struct.pack("!QI", seq, length)
+
+
+# --- layout and round trips ---------------------------------------------------------------
+
+
+def test_header_layout_is_fixed_and_big_endian() -> None:
+    frame = fr.encode_data(0x0102030405060708, b"abc")
+    assert fr.HEADER_SIZE == 16
+    assert frame == b"DR\x01\x03" + bytes.fromhex("0102030405060708") + b"\x00\x00\x00\x03abc"
+
+
+@pytest.mark.parametrize(
+    "frame, expected",
+    [
+        (fr.encode_ack(77), (fr.ACK, 77, b"")),
+        (fr.encode_close(9), (fr.CLOSE, 9, b"")),
+        (fr.encode_ping(), (fr.PING, 0, b"")),
+        (fr.encode_data(5, b""), (fr.DATA, 5, b"")),
+        (fr.encode_error("no"), (fr.ERROR, 0, b"no")),
+    ],
+)
+def test_simple_frames_round_trip(frame: bytes, expected: tuple[int, int, bytes]) -> None:
+    r = reader()
+    r.feed(frame)
+    assert r.next_frame() == expected
+    assert r.next_frame() is None and r.pending == 0
+
+
+def test_hello_and_welcome_round_trip() -> None:
+    r = reader()
+    r.feed(fr.encode_hello("ring-a.1", 42, 3) + fr.encode_welcome(10, 7, 64, 1 << 20, 50))
+    ftype, seq, payload = r.next_frame()
+    assert (ftype, seq, fr.decode_hello(payload)) == (fr.HELLO, 42, (3, "ring-a.1"))
+    ftype, seq, payload = r.next_frame()
+    assert (ftype, seq, fr.decode_welcome(payload)) == (fr.WELCOME, 10, (7, 64, 1 << 20, 50))
+
+
+def test_reader_waits_for_a_frame_fed_byte_by_byte() -> None:
+    frame = fr.encode_data(0, b"x" * 100)
+    r = reader()
+    for byte in frame[:-1]:
+        r.feed(bytes([byte]))
+        assert r.next_frame() is None
+    r.feed(frame[-1:])
+    assert r.next_frame() == (fr.DATA, 0, b"x" * 100)
+
+
+def test_take_data_delivers_in_order_and_drops_duplicates() -> None:
+    r = reader()
+    for seq in (3, 4, 3, 4, 5):
+        r.feed(fr.encode_data(seq, b"m%d" % seq))
+    r.feed(fr.encode_close(6))
+    out: list[bytes] = []
+    assert r.take_data(out, 3) == (6, 2)
+    assert out == [b"m3", b"m4", b"m5"]
+    assert r.next_frame() == (fr.CLOSE, 6, b""), "take_data must stop at a control frame"
+
+
+# --- malformed input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (raw_header(b"GE", 1, fr.DATA, 0, 0), "bad magic"),
+        (raw_header(b"DR", 2, fr.DATA, 0, 0), "unsupported protocol version 2"),
+        (raw_header(b"DR", 1, 99, 0, 0), "unknown frame type 99"),
+        (raw_header(b"DR", 1, fr.DATA, 0, 1025), "1025 bytes, above the limit of 1024"),
+        (raw_header(b"DR", 1, fr.ACK, 0, 1), "ACK frame announces a payload of 1 bytes"),
+        (raw_header(b"DR", 1, fr.HELLO, 0, 5000), "HELLO frame announces a payload"),
+        (b"GET / HTTP/1.1\r\n", "bad magic"),
+    ],
+)
+def test_bad_headers_are_frame_errors(data: bytes, words: str) -> None:
+    r = reader()
+    r.feed(data)
+    with pytest.raises(fr.FrameError, match=words):
+        r.next_frame()
+
+
+def test_oversized_length_is_refused_before_the_payload_arrives() -> None:
+    r = reader(limit=1024)
+    r.feed(raw_header(b"DR", 1, fr.DATA, 0, 0xFFFFFFFF))  # no payload follows
+    with pytest.raises(fr.FrameError, match="above the limit"):
+        r.take_data([], 0)
+
+
+def test_a_type_not_allowed_in_this_direction_is_refused() -> None:
+    r = reader(allowed=CONSUMER_SIDE)
+    r.feed(fr.encode_ack(1))
+    with pytest.raises(fr.FrameError, match="unexpected ACK frame"):
+        r.next_frame()
+
+
+def test_a_data_gap_is_an_error_that_keeps_what_came_before() -> None:
+    r = reader()
+    r.feed(fr.encode_data(0, b"a") + fr.encode_data(2, b"c"))
+    out: list[bytes] = []
+    with pytest.raises(fr.GapError, match="gap of 1 messages") as info:
+        r.take_data(out, 0)
+    assert out == [b"a"] and info.value.cursor == 1
+
+
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (struct.pack("!Q", 0), "too short"),
+        (struct.pack("!Q", 0) + b"../etc/passwd", "invalid ring name"),
+        (struct.pack("!Q", 0) + b"a\x00b", "invalid ring name"),
+        (struct.pack("!Q", 0) + b"x" * 129, "invalid ring name"),
+    ],
+)
+def test_bad_hello_payloads(payload: bytes, words: str) -> None:
+    with pytest.raises(fr.FrameError, match=words):
+        fr.decode_hello(payload)
+
+
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (b"\x00" * 10, "expected 24"),
+        (struct.pack("!QIIQ", 0, 0, 10, 0), "capacity of 0"),
+        (struct.pack("!QIIQ", 0, 8, 0xFFFFFFFF, 0), "above the sane bound"),
+    ],
+)
+def test_bad_welcome_payloads(payload: bytes, words: str) -> None:
+    with pytest.raises(fr.FrameError, match=words):
+        fr.decode_welcome(payload)
+
+
+def test_error_text_from_a_peer_is_made_printable() -> None:
+    assert fr.decode_error(b"bad\x1b[2Jthing\xff") == "bad?[2Jthing\ufffd"
+
+
+# --- real ends facing raw bytes -----------------------------------------------------------
+
+
+class FakeProducer:
+    """A listening socket registered as a tcp ring's producer that replies with raw bytes."""
+
+    def __init__(self, resolver: MemoryResolver, ring: str, replies: list[bytes]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        host, port = self.listener.getsockname()
+        resolver.register(ring, Endpoint("tcp", f"{host}:{port}", 0))
+        self.hellos: list[tuple[int, int, str]] = []
+        self.replies = list(replies)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        """Answer one connection per scripted reply: read HELLO, send the reply, close."""
+        for reply in self.replies:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                r = fr.FrameReader(frozenset({fr.HELLO}), 0)
+                frame = None
+                while frame is None:
+                    if r.recv_from(conn) == 0:
+                        break
+                    frame = r.next_frame()
+                if frame is not None:
+                    generation, name = fr.decode_hello(frame[2])
+                    self.hellos.append((frame[1], generation, name))
+                conn.sendall(reply)
+                time.sleep(0.05)  # let the consumer read before our close
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(10)
+
+
+def welcome(first: int = 0, next_seq: int = 100, max_message: int = 1024) -> bytes:
+    return fr.encode_welcome(first, 1, 16, max_message, next_seq)
+
+
+@pytest.fixture
+def resolver() -> MemoryResolver:
+    return MemoryResolver()
+
+
+def consumer(resolver: MemoryResolver, ring: str, **kw) -> tcp.TcpReceiver:
+    kw.setdefault("reconnect_timeout", 2.0)
+    return tcp.open_receiver(ring, resolver=resolver, connect_timeout=5.0, **kw)
+
+
+@pytest.mark.parametrize(
+    "reply, words",
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "bad magic"),
+        (welcome() + raw_header(b"DR", 7, fr.DATA, 0, 0), "unsupported protocol version 7"),
+        (welcome() + raw_header(b"DR", 1, 42, 0, 0), "unknown frame type 42"),
+        (welcome() + raw_header(b"DR", 1, fr.DATA, 0, 1025), "above the limit of 1024"),
+        (welcome() + fr.encode_data(0, b"a") + fr.encode_data(5, b"f"), "gap of 4"),
+        (fr.encode_data(0, b"early"), "unexpected DATA frame"),
+        (welcome(first=0, next_seq=0) + fr.encode_close(3), "CLOSE after seq 2"),
+        (welcome(first=5, next_seq=9), "gap that cannot be resent"),
+        (welcome(max_message=2 << 20), "open the receiver with max_message=2097152"),
+        (fr.encode_error("go away"), "refused this consumer: ring"),
+    ],
+)
+def test_consumer_raises_protocol_error_naming_ring_and_peer(
+    resolver: MemoryResolver, reply: bytes, words: str
+) -> None:
+    fake = FakeProducer(resolver, "victim", [reply])
+    rx = consumer(resolver, "victim")
+    try:
+        with pytest.raises(ProtocolError) as info:
+            for _ in range(50):
+                rx.recv_burst(8, timeout=0.2)
+        text = str(info.value)
+        assert "'victim'" in text and "127.0.0.1:" in text, text
+        assert words in text or (words == "refused this consumer: ring" and "go away" in text)
+    finally:
+        rx.close()
+        fake.close()
+
+
+def test_consumer_keeps_raising_while_the_peer_keeps_sending_garbage(
+    resolver: MemoryResolver,
+) -> None:
+    fake = FakeProducer(resolver, "garbage", [b"\xff" * 64] * 3)
+    rx = consumer(resolver, "garbage")
+    try:
+        for _ in range(3):
+            with pytest.raises(ProtocolError, match="bad magic"):
+                rx.recv(timeout=2.0)
+    finally:
+        rx.close()
+        fake.close()
+    assert len(fake.hellos) == 3, "each call must have reconnected and said HELLO again"
+
+
+def test_truncated_frame_is_a_broken_link_then_a_resend(resolver: MemoryResolver) -> None:
+    full = fr.encode_data(0, b"zero") + fr.encode_data(1, b"one")
+    fake = FakeProducer(
+        resolver,
+        "torn",
+        [
+            welcome() + fr.encode_data(0, b"zero") + fr.encode_data(1, b"one")[:10],
+            welcome() + full + fr.encode_data(2, b"two"),  # the resend from next_expected=1
+        ],
+    )
+    rx = consumer(resolver, "torn")
+    try:
+        got: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            got += rx.recv_burst(8, timeout=0.5)
+        assert got == [b"zero", b"one", b"two"]
+        stats = rx.statistics()
+        assert stats.duplicates_dropped == 1 and stats.reconnects == 1
+    finally:
+        rx.close()
+        fake.close()
+    assert [h[0] for h in fake.hellos] == [0, 1], "the second HELLO must say next_expected=1"
+
+
+def test_consumer_gives_up_with_ring_broken_when_the_producer_vanishes(
+    resolver: MemoryResolver,
+) -> None:
+    fake = FakeProducer(resolver, "gone", [welcome() + fr.encode_data(0, b"only")])
+    rx = consumer(resolver, "gone", reconnect_timeout=0.5)
+    assert rx.recv(timeout=5) == b"only"
+    fake.close()
+    start = time.monotonic()
+    with pytest.raises(RingBroken, match="'gone'"):
+        rx.recv(timeout=None)
+    assert time.monotonic() - start < 3
+    rx.close()
+
+
+def _hello_client(port: int, data: bytes) -> bytes:
+    """Connect to a producer, send ``data``, return whatever comes back before EOF."""
+    chunks = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (TimeoutError, ConnectionError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _serve_until(tx: tcp.TcpSender, done: threading.Event) -> None:
+    """The producer only does I/O inside its calls: keep calling while a client talks."""
+    while not done.is_set():
+        _ = tx.acked
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"bad magic"),
+        (fr.encode_hello("someone-else", 0, 0), b"asks for ring 'someone-else'"),
+        (fr.encode_ack(3), b"unexpected ACK frame"),
+        (raw_header(b"DR", 1, fr.HELLO, 0, 0xFFFFFF), b"HELLO frame announces a payload"),
+        (b"", b""),  # connects and hangs up at once
+    ],
+)
+def test_producer_rejects_bad_clients_and_keeps_serving(
+    resolver: MemoryResolver, data: bytes, words: bytes
+) -> None:
+    tx = tcp.open_sender("served", resolver=resolver, capacity=8, reconnect_timeout=2.0)
+    port = int(tx.address.rsplit(":", 1)[1])
+    done = threading.Event()
+    server = threading.Thread(target=_serve_until, args=(tx, done))
+    server.start()
+    try:
+        reply = _hello_client(port, data)
+    finally:
+        done.set()
+        server.join()
+    try:
+        assert words in reply
+        if words:
+            assert b"'served'" in reply, "the refusal must name the ring"
+        deadline = time.monotonic() + 5
+        while tx.statistics().extra["rejected_connections"] < 1:
+            assert time.monotonic() < deadline, "the bad client was not counted"
+            _ = tx.acked
+            time.sleep(0.01)
+        # The producer still works for its real consumer.
+        rx = consumer(resolver, "served")
+        tx.send(b"still here", timeout=5)
+        assert rx.recv(timeout=5) == b"still here"
+        rx.close()
+    finally:
+        tx.close()
+
+
+def test_producer_reports_a_consumer_asking_for_a_gap(resolver: MemoryResolver) -> None:
+    tx = tcp.open_sender("gappy", resolver=resolver, capacity=8, reconnect_timeout=2.0)
+    tx.send(b"a", timeout=1)
+    rx = consumer(resolver, "gappy", next_expected=5)
+    try:
+        with pytest.raises(ProtocolError, match=r"expects seq 5.*gap"):
+            for _ in range(100):
+                tx.send_burst([], timeout=0)
+                time.sleep(0.01)
+        with pytest.raises(ProtocolError, match=r"gappy.*expects seq 5"):
+            rx.recv(timeout=2)
+    finally:
+        rx.close()
+        tx.close()
+
+
+def test_producer_drops_a_consumer_that_sends_garbage_and_says_so(
+    resolver: MemoryResolver,
+) -> None:
+    tx = tcp.open_sender("noisy", resolver=resolver, capacity=8, reconnect_timeout=2.0)
+    rx = consumer(resolver, "noisy")
+    try:
+        tx.send(b"one", timeout=1)
+        assert rx.recv(timeout=5) == b"one"
+        assert rx._sock is not None
+        rx._sock.send(b"\x00" * 16)  # corrupt the consumer's side of the stream
+        with pytest.raises(ProtocolError, match=r"'noisy': consumer 127\.0\.0\.1:\d+ .*bad magic"):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                tx.send_burst([], timeout=0)
+                time.sleep(0.01)
+        # The consumer reconnects and nothing is lost.
+        tx.send(b"two", timeout=1)
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < 1 and time.monotonic() < deadline:
+            got += rx.recv_burst(8, timeout=0.2)
+            _ = tx.acked
+        assert got == [b"two"]
+    finally:
+        rx.close()
+        tx.close()
