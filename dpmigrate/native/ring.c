@@ -327,8 +327,31 @@ static int wait_result(long rc)
     return -errno;
 }
 
+/* Spin (with the CPU's pause hint) up to r->spin_limit rounds for `ready`; adapt the limit. */
+static int adaptive_spin(struct dpm_ring *r, int (*ready)(struct dpm_ring *, int64_t), int64_t arg)
+{
+    uint32_t limit = r->spin_limit ? r->spin_limit : 128u;
+    for (uint32_t i = 0; i < limit; i++) {
+        if (ready(r, arg)) {
+            r->spin_limit = limit * 2 > DPM_SPIN_MAX ? DPM_SPIN_MAX : limit * 2;
+            return 1;
+        }
+        __builtin_ia32_pause();
+    }
+    r->spin_limit = limit / 2 < DPM_SPIN_MIN ? DPM_SPIN_MIN : limit / 2;
+    return 0;
+}
+
+static int data_ready_arg(struct dpm_ring *r, int64_t unused)
+{
+    (void)unused;
+    return data_ready(r);
+}
+
 int dpm_ring_wait_space(struct dpm_ring *r, int64_t len, int timeout_ms)
 {
+    if (timeout_ms > 0 && adaptive_spin(r, space_ready, len))
+        return 1;
     struct dpm_ring_header *h = r->hdr;
     uint32_t snap = __atomic_load_n(&h->space_ec, __ATOMIC_ACQUIRE);
     __atomic_store_n(&h->producer_waiting, 1u, __ATOMIC_RELAXED);
@@ -344,6 +367,8 @@ int dpm_ring_wait_space(struct dpm_ring *r, int64_t len, int timeout_ms)
 
 int dpm_ring_wait_data(struct dpm_ring *r, int timeout_ms)
 {
+    if (timeout_ms > 0 && adaptive_spin(r, data_ready_arg, 0))
+        return 1;
     struct dpm_ring_header *h = r->hdr;
     uint32_t snap = __atomic_load_n(&h->data_ec, __ATOMIC_ACQUIRE);
     __atomic_store_n(&h->consumer_waiting, 1u, __ATOMIC_RELAXED);

@@ -140,7 +140,13 @@ struct dpm_ring {
     /* consumer private state: the read cursor (delivered, maybe not committed) */
     uint64_t read, read_seq;
     uint64_t tail_pub, tail_seq_pub; /* last tail/tail_seq this consumer published */
+    /* adaptive spin before sleeping on the futex: grows while spinning pays off, shrinks
+     * while it does not (a wake-up syscall costs more than a few microseconds of spin) */
+    uint32_t spin_limit;
 };
+
+#define DPM_SPIN_MIN 16u
+#define DPM_SPIN_MAX 2048u
 
 /* Result codes (>= 0 success, < 0 failure) */
 #define DPM_OK 0

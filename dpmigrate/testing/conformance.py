@@ -429,6 +429,34 @@ def check_partial_commit_and_restart(h: Harness) -> None:
     assert got == msgs[3:] + [b"more"] * 3
 
 
+def check_producer_restarted_behind(h: Harness) -> None:
+    """A producer restarted from an older persisted point (next_seq below what the consumer
+    has) regenerates messages: the consumer gets only the new ones, numbered on."""
+    if not h.crosses_processes:
+        h.notes.append("producer restart: not applicable, both ends share one process")
+        return
+    # A short reconnect bound: the abandoned first producer's close at teardown waits for it.
+    tx, rx, name = h.pair(capacity=16, reconnect_timeout=2.0)
+    assert tx.send_burst([b"old%d" % i for i in range(10)], timeout=BOUND_S) == 10
+    first = _pump(tx, h.background(lambda: _drain(rx, 10)))
+    assert first == [b"old%d" % i for i in range(10)]
+    # The producer "crashes" (link dropped, end abandoned) and restarts at persisted seq 6.
+    tx._break_connection()  # type: ignore[attr-defined]
+    tx2 = transports.open_sender(h.transport, name, resolver=h.last_resolver, capacity=16,
+                                 next_seq=6, reconnect_timeout=BOUND_S)  # fmt: skip
+    h._ends.append(tx2)
+    job = h.background(lambda: _drain(rx, 5))
+    regenerated = [b"old%d" % i for i in range(6, 10)] + [b"new%d" % i for i in range(10, 15)]
+    sent = 0
+    deadline = time.monotonic() + BOUND_S
+    while sent < len(regenerated):
+        assert time.monotonic() < deadline, f"the restarted producer sent only {sent}"
+        sent += tx2.send_burst(regenerated[sent:], timeout=0.05)
+    assert tx2.next_seq == 15
+    assert _pump(tx2, job) == [b"new%d" % i for i in range(10, 15)]
+    assert rx.next_expected == 15
+
+
 def check_exactly_once_across_breaks(h: Harness) -> None:
     """Thousands of messages, connection breaks injected at random points from both ends:
     every message delivered exactly once, in order."""
@@ -521,6 +549,7 @@ CHECKS: tuple[Callable[[Harness], None], ...] = (
     check_message_sizes,
     check_clean_close,
     check_partial_commit_and_restart,
+    check_producer_restarted_behind,
     check_consumer_close_breaks_producer,
     check_producer_death,
     check_consumer_death,

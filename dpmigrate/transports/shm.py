@@ -144,6 +144,7 @@ class ShmSender(RingSender):
         self._had_consumer = self._consumer_closed = False
         self._broken: str | None = None
         self._reconnects = self._resent = self._rejected = 0
+        self._skip = 0  # upcoming sends the consumer already has (see _catch_up)
         try:
             self._create(ring_bytes, hugepages, next_seq)
             self._listen()
@@ -288,6 +289,7 @@ class ShmSender(RingSender):
             self._consumer_closed = True
             self._drop_pending(fd, sock)
             return
+        self._catch_up(next_expected)
         geometry = _GEOM.pack(
             _MAGIC, _VERSION, _GEOMETRY, self._map_bytes, self._data_bytes, self.capacity,
             self._max_message, self._page,
@@ -304,6 +306,19 @@ class ShmSender(RingSender):
             self._reconnects += 1
             self._resent += max(0, self._ring.positions()[1] - next_expected)
         self._had_consumer = True
+
+    def _catch_up(self, next_expected: int) -> None:
+        """A consumer ahead of everything this producer holds: this producer restarted from
+        an older persisted point and will regenerate messages the consumer already has. Start
+        the (empty) ring at the consumer's seq and drop that many upcoming sends."""
+        _head, head_seq, _tail, tail_seq, *_ = self._ring.positions()
+        if next_expected <= head_seq or tail_seq != head_seq:
+            return
+        fresh = _ring.Ring(self._fd, self._map_bytes)
+        fresh.init_producer(self._data_bytes, self.capacity, self._max_message, next_expected)
+        self._ring.close()
+        self._ring = fresh
+        self._skip += next_expected - head_seq
 
     def _on_consumer_message(self) -> None:
         try:
@@ -337,7 +352,7 @@ class ShmSender(RingSender):
     def next_seq(self) -> int:
         if self._ring is None:
             return self._final.next_seq if self._final else 0
-        return self._ring.positions()[1]
+        return self._ring.positions()[1] - self._skip
 
     def service(self, timeout: float = 0.0) -> None:
         """See RingSender.service: wait for socket activity, then handle it."""
@@ -355,6 +370,10 @@ class ShmSender(RingSender):
         return self._ring.positions()[3]
 
     def _push(self, msgs: Sequence[bytes]) -> int:
+        if self._skip:  # regenerated messages the consumer already has (see _catch_up)
+            k = min(self._skip, len(msgs))
+            self._skip -= k
+            return k + (self._push(msgs[k:]) if k < len(msgs) else 0)
         try:
             n = self._ring.push_burst(msgs)
         except ValueError as err:  # the C core names the message and its size

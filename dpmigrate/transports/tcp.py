@@ -212,6 +212,7 @@ class TcpSender(RingSender):
         port: int,
         generation: int | None,
         sockbuf: int | None,
+        next_seq: int = 0,
     ) -> None:
         check_ring_name(name)
         if not 1 <= capacity < 1 << 32:
@@ -228,9 +229,10 @@ class TcpSender(RingSender):
         self._sockbuf = sockbuf
 
         self._retained: deque[bytes] = deque()  # payloads of seq acked .. next_seq-1
-        self._acked = 0
-        self._next_seq = 0
-        self._transmitted = 0  # every seq below this was written to some connection
+        # A producer resumed from a persisted point numbers on from there.
+        self._acked = self._next_seq = next_seq
+        self._skip = 0  # upcoming sends the consumer already has (producer restarted behind)
+        self._transmitted = next_seq  # every seq below this was written to some connection
         self._conn: socket.socket | None = None
         self._conn_fd = -1
         self._conn_peer = ""
@@ -288,7 +290,7 @@ class TcpSender(RingSender):
 
     @property
     def next_seq(self) -> int:
-        return self._next_seq
+        return self._next_seq - self._skip
 
     @property
     def acked(self) -> int:
@@ -391,6 +393,10 @@ class TcpSender(RingSender):
             self._raise_consumer_closed()
         if not msgs:
             return 0
+        if self._skip:  # regenerated messages the consumer already has (see _read_pending)
+            k = min(self._skip, len(msgs))
+            self._skip -= k
+            return k + (self._send(msgs[k:], timeout) if k < len(msgs) else 0)
         room = self.capacity - (self._next_seq - self._acked)
         if room <= 0:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -597,6 +603,12 @@ class TcpSender(RingSender):
                 f"consumer's {self._consumer_generation}",
             )
             return
+        if next_expected > self._next_seq and self._acked == self._next_seq:
+            # This producer restarted from an older persisted point and will regenerate
+            # messages the consumer already has: number on from the consumer's seq and drop
+            # that many upcoming sends.
+            self._skip += next_expected - self._next_seq
+            self._acked = self._next_seq = self._transmitted = next_expected
         if not self._acked <= next_expected <= self._next_seq:
             problem = (
                 f"consumer at {p.peer} expects seq {next_expected} but this producer retains "
@@ -1211,11 +1223,14 @@ def open_sender(
     """Listen on ``host:port`` (default 127.0.0.1, a free port) and register the ring.
 
     Options: ``host``, ``port``, ``generation`` (default: the registered one + 1, else 0),
-    ``sockbuf`` (fixed SO_SNDBUF/SO_RCVBUF in bytes; default: kernel autotuning).
+    ``sockbuf`` (fixed SO_SNDBUF/SO_RCVBUF in bytes; default: kernel autotuning),
+    ``next_seq`` (seq of the first message, for a producer resumed from a persisted point).
     Does not wait for a consumer.
     """
     o = _split_opts(
-        name, opts, {"host": "127.0.0.1", "port": 0, "generation": None, "sockbuf": None}
+        name,
+        opts,
+        {"host": "127.0.0.1", "port": 0, "generation": None, "sockbuf": None, "next_seq": 0},
     )
     return TcpSender(
         name,
@@ -1227,6 +1242,7 @@ def open_sender(
         o["port"],
         o["generation"],
         o["sockbuf"],
+        int(o["next_seq"]),
     )
 
 
