@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 from typing import Any
 
 from dpmigrate.runtime.stage import Emit, Service
@@ -32,12 +33,25 @@ def packet(index: int, sources: int, flows: int, seed: int) -> bytes:
 
 
 class Generator(Service):
+    """Config: sources, flows, seed, total (0: until stopped), rate (packets/s, 0: flat out)."""
+
     outputs = ("out",)
+
+    def setup(self, state, config) -> None:  # type: ignore[no-untyped-def]
+        super().setup(state, config)
+        self._t0 = time.monotonic()
+        self._n0 = state.get("next", 0)
 
     def generate(self, emit: Emit, budget: int) -> bool:
         cfg = self.config
         total = int(cfg.get("total", 0)) or None  # 0: run until stopped
         nxt = self.state.get("next", 0)
+        rate = float(cfg.get("rate", 0))
+        if rate > 0:  # pacing only changes when packets go out, never which packets
+            due = self._n0 + int((time.monotonic() - self._t0) * rate)
+            budget = max(0, min(budget, due - nxt))
+            if budget == 0:
+                time.sleep(min(0.005, 1 / rate))
         count = budget if total is None else min(budget, total - nxt)
         sources, flows, seed = (
             int(cfg.get("sources", 8)),
