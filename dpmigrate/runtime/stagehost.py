@@ -25,8 +25,9 @@ from dpmigrate import transports
 from dpmigrate.errors import DpmigrateError
 from dpmigrate.runtime.journal import StageJournal
 from dpmigrate.runtime.manifest import App, RingSpec
+from dpmigrate.runtime.registry import AgentResolver
 from dpmigrate.runtime.runner import StageRunner
-from dpmigrate.transports.resolver import DirectoryResolver
+from dpmigrate.transports.resolver import DirectoryResolver, Resolver
 
 STATUS_INTERVAL_S = 0.5
 
@@ -58,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", required=True)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--model", required=True, choices=["multi-process", "multi-node"])
+    parser.add_argument(
+        "--registry",
+        choices=["dir", "agent"],
+        default="dir",
+        help="where ring endpoints are registered: the run folder or the node agent",
+    )
     args = parser.parse_args(argv)
 
     stop = {"requested": False}
@@ -68,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     journal = StageJournal(run_dir / "stages" / spec.name)
     state, in_pos, out_pos = journal.load()
-    resolver = DirectoryResolver(run_dir / "registry")
+    resolver: Resolver = (
+        AgentResolver() if args.registry == "agent" else DirectoryResolver(run_dir / "registry")
+    )
     outputs, inputs = {}, {}
     for ring in app.rings:  # producers first: they are the servers their consumers look up
         if ring.src_stage == spec.name:

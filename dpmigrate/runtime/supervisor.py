@@ -119,16 +119,25 @@ class Supervisor:
     def all_finished(self) -> bool:
         return all(s.finished for s in self.stages.values())
 
+    def stop_one(self, name: str, grace: float = STOP_GRACE_S) -> None:
+        """SIGTERM one stage and wait for it (SIGKILL after ``grace``); it is not restarted."""
+        stage = self.stages[name]
+        stage.finished = True  # before the signal: poll() must not restart it
+        self._terminate([stage], grace)
+
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM every stage (it finishes its batch and closes its rings); SIGKILL leftovers."""
         self._stopping = True
-        for stage in self.stages.values():
+        self._terminate(list(self.stages.values()), grace)
+
+    def _terminate(self, stages: list[StageProcess], grace: float) -> None:
+        for stage in stages:
             pid = stage.stage_pid
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for stage in self.stages.values():
+        for stage in stages:
             if stage.proc is None:
                 continue
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -1,0 +1,283 @@
+"""The node agent: `dpmigrate agent` — one per node, in the foreground, logs as JSON lines.
+
+It starts, watches and stops the stages of its node (through a :class:`Supervisor`), hosts the
+ring-endpoint registry that ring ends use to find their peers, and reports status. It listens
+on:
+
+* the abstract unix socket ``@dpmigrate-agent`` — per network namespace, so a stage reaches
+  the agent of whatever node it runs on without being told an address (also after a move);
+* a unix socket file (``--socket``), for the CLI in the host's namespace;
+* optionally TCP (``--listen HOST:PORT``), for the agents of other nodes.
+
+Registrations are pushed to every peer agent (``--peers``), so a lookup is answered locally.
+Every connection must authenticate with the cluster token (DPMIGRATE_TOKEN, see
+:mod:`dpmigrate.runtime.control`). SIGTERM stops the node's stages (each finishes its batch)
+and the agent exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dpmigrate import config
+from dpmigrate.errors import DpmigrateError, ProtocolError
+from dpmigrate.runtime import control
+from dpmigrate.runtime.supervisor import Supervisor
+
+ABSTRACT_NAME = "@dpmigrate-agent"
+_MAX_LOOKUP_WAIT_S = 30.0
+_MAX_CONNECTIONS = 64
+
+
+def log(event: str, **fields: Any) -> None:
+    """One JSON line on stdout: the agent's event stream."""
+    print(json.dumps({"t": round(time.time(), 3), "event": event, **fields}), flush=True)
+
+
+class Agent:
+    def __init__(self, node: str, token: str, run_dir: Path, peers: list[str]) -> None:
+        self.node = node
+        self.token = token
+        self.run_dir = run_dir
+        self.peers = peers
+        self.registry: dict[str, dict[str, Any]] = {}
+        self.changed = threading.Condition()
+        self.supervisor = Supervisor(
+            run_dir / "logs" / node, on_event=lambda m: log("stage", message=m)
+        )
+        self.stage_runs: dict[str, str] = {}  # stage -> run dir (for its status file)
+        self.stopping = threading.Event()
+        self.listeners: list[socket.socket] = []
+        self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
+        self._lock = threading.Lock()
+
+    # -- serving ------------------------------------------------------------------------
+    def listen(self, address: str) -> None:
+        if address.startswith("@") or address.startswith("/"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            if address.startswith("/"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(address)
+                sock.bind(address)
+                os.chmod(address, 0o600)
+            else:
+                sock.bind("\0" + address[1:])
+        else:
+            host, _, port = address.rpartition(":")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port)))
+        sock.listen(32)
+        self.listeners.append(sock)
+        threading.Thread(target=self._accept_loop, args=(sock, address), daemon=True).start()
+        log("listening", address=address)
+
+    def _accept_loop(self, sock: socket.socket, address: str) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            if not self._connections.acquire(blocking=False):
+                conn.close()
+                log("refused", reason="too many connections", listener=address)
+                continue
+            threading.Thread(target=self._serve, args=(conn, address), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, address: str) -> None:
+        try:
+            conn.settimeout(60)
+            control.server_handshake(conn, self.token, self.node)
+            conn.settimeout(None)
+            while not self.stopping.is_set():
+                try:
+                    request = control.recv_frame(conn)
+                except ProtocolError as err:
+                    control.send_frame(conn, {"v": control.VERSION, "ok": False, "error": str(err)})
+                    log("bad request", listener=address, error=str(err))
+                    return  # the stream may be out of step: hang up
+                control.send_frame(conn, self._handle(request))
+        except control.AuthError:
+            log("refused", reason="authentication failed", listener=address)
+        except ProtocolError as err:
+            log("refused", reason=str(err), listener=address)
+            with contextlib.suppress(OSError):
+                control.send_frame(conn, {"v": control.VERSION, "ok": False, "error": str(err)})
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            conn.close()
+            self._connections.release()
+
+    def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        rid = request.get("id")
+        reply: dict[str, Any] = {"v": control.VERSION, "id": rid}
+        op = request.get("op")
+        handler = (
+            getattr(self, f"op_{op}", None) if isinstance(op, str) and op.isidentifier() else None
+        )
+        if handler is None:
+            return {**reply, "ok": False, "error": f"unknown operation {op!r}"}
+        try:
+            result = handler(request.get("args", {}))
+        except (ProtocolError, DpmigrateError, ValueError, KeyError) as err:
+            return {**reply, "ok": False, "error": str(err)}
+        return {**reply, "ok": True, "result": result}
+
+    # -- operations (each validates its arguments) --------------------------------------
+    def op_ping(self, args: Any) -> dict[str, Any]:
+        control.check_args(args, {})
+        return {"node": self.node, "pid": os.getpid()}
+
+    def op_register(self, args: Any) -> None:
+        a = control.check_args(args, {"ring": str, "endpoint": dict})
+        self._store(a["ring"], a["endpoint"])
+        for peer in self.peers:  # push, so that lookups elsewhere are answered locally
+            threading.Thread(
+                target=self._forward, args=(peer, a["ring"], a["endpoint"]), daemon=True
+            ).start()
+
+    def op_peer_register(self, args: Any) -> None:
+        a = control.check_args(args, {"ring": str, "endpoint": dict})
+        self._store(a["ring"], a["endpoint"])
+
+    def _store(self, ring: str, endpoint: dict[str, Any]) -> None:
+        from dpmigrate.transports.resolver import Endpoint, check_ring_name
+
+        check_ring_name(ring)
+        ep = Endpoint.from_dict(endpoint)
+        with self.changed:
+            old = self.registry.get(ring)
+            if old is not None and old["generation"] > ep.generation:
+                return  # a stale forward arriving late
+            self.registry[ring] = ep.as_dict()
+            self.changed.notify_all()
+        log("registered", ring=ring, endpoint=ep.as_dict())
+
+    def _forward(self, peer: str, ring: str, endpoint: dict[str, Any]) -> None:
+        try:
+            with control.AgentClient(peer, self.token, timeout=10) as client:
+                client.call("peer_register", ring=ring, endpoint=endpoint)
+        except DpmigrateError as err:
+            log("forward failed", peer=peer, ring=ring, error=str(err))
+
+    def op_unregister(self, args: Any) -> None:
+        a = control.check_args(args, {"ring": str})
+        with self.changed:
+            self.registry.pop(a["ring"], None)
+            self.changed.notify_all()
+
+    def op_lookup(self, args: Any) -> dict[str, Any] | None:
+        a = control.check_args(args, {"ring": str, "timeout": (int, float)})
+        deadline = time.monotonic() + min(max(0.0, float(a["timeout"])), _MAX_LOOKUP_WAIT_S)
+        with self.changed:
+            while a["ring"] not in self.registry:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self.changed.wait(remaining)
+            return self.registry[a["ring"]]
+
+    def op_start_stage(self, args: Any) -> dict[str, Any]:
+        a = control.check_args(args, {"manifest": str, "stage": str, "run_dir": str, "model": str})
+        if a["model"] not in ("multi-process", "multi-node"):
+            raise ProtocolError(f"model {a['model']!r} cannot run in an agent")
+        for key in ("manifest", "run_dir"):
+            if not a[key].startswith("/"):
+                raise ProtocolError(f"{key} must be an absolute path")
+        with self._lock:
+            existing = self.supervisor.stages.get(a["stage"])
+            if existing is not None and not existing.finished:
+                raise ProtocolError(f"stage {a['stage']!r} already runs on node {self.node}")
+            proc = self.supervisor.start(a["stage"], [
+                "-m", "dpmigrate.runtime.stagehost", "--manifest", a["manifest"], "--stage",
+                a["stage"], "--run-dir", a["run_dir"], "--model", a["model"], "--registry", "agent",
+            ])  # fmt: skip
+            self.stage_runs[a["stage"]] = a["run_dir"]
+        return {"stage": a["stage"], "node": self.node, "pid": proc.proc.pid if proc.proc else None}
+
+    def op_stop_stage(self, args: Any) -> None:
+        a = control.check_args(args, {"stage": str})
+        stage = self.supervisor.stages.get(a["stage"])
+        if stage is None:
+            raise ProtocolError(f"no stage {a['stage']!r} on node {self.node}")
+        self.supervisor.stop_one(a["stage"])
+
+    def op_status(self, args: Any) -> dict[str, Any]:
+        control.check_args(args, {})
+        stages = []
+        for name, proc in self.supervisor.stages.items():
+            info: dict[str, Any] = {"name": name, "node": self.node}
+            status_file = Path(self.stage_runs[name]) / "status" / f"{name}.json"
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                info.update(json.loads(status_file.read_text()))
+            info.update(pid=proc.stage_pid, restarts=proc.restarts, finished=proc.finished)
+            stages.append(info)
+        with self.changed:
+            rings = dict(self.registry)
+        return {"node": self.node, "pid": os.getpid(), "stages": stages, "registry": rings}
+
+    def op_shutdown(self, args: Any) -> None:
+        control.check_args(args, {})
+        threading.Thread(target=self.shutdown, daemon=True).start()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            with self._lock:
+                self.supervisor.poll()
+            self.stopping.wait(0.2)
+
+    def shutdown(self) -> None:
+        if self.stopping.is_set():
+            return
+        log("stopping", stages=len(self.supervisor.stages))
+        with self._lock:
+            self.supervisor.stop()
+        self.stopping.set()
+        for sock in self.listeners:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpmigrate agent")
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--socket", help="unix socket file for the CLI")
+    parser.add_argument("--listen", help="HOST:PORT for other agents")
+    parser.add_argument("--peers", default="", help="comma-separated HOST:PORT of peer agents")
+    args = parser.parse_args(argv)
+    cfg = config.load()
+    if not cfg.token:
+        print("dpmigrate agent: DPMIGRATE_TOKEN is not set; every agent of a cluster needs the "
+              "cluster token", file=sys.stderr)  # fmt: skip
+        return 2
+    agent = Agent(
+        args.node, cfg.token, Path(cfg.state_dir), [p for p in args.peers.split(",") if p]
+    )
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=agent.shutdown).start())
+    signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=agent.shutdown).start())
+    agent.listen(ABSTRACT_NAME)
+    if args.socket:
+        agent.listen(args.socket)
+    if args.listen:
+        agent.listen(args.listen)
+    log("agent started", node=args.node, pid=os.getpid())
+    agent.run()
+    log("agent stopped", node=args.node)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The ring-endpoint registry as ring ends see it in a cluster: the local node agent.
+
+:class:`AgentResolver` implements the :class:`~dpmigrate.transports.resolver.Resolver`
+interface by asking the agent of the network namespace the process runs in (abstract socket
+``@dpmigrate-agent``). A stage that was moved to another node therefore asks that node's agent
+without being told any address.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from dpmigrate import config
+from dpmigrate.errors import RingTimeout
+from dpmigrate.runtime.control import AgentClient
+from dpmigrate.transports.resolver import Endpoint, check_ring_name
+
+LOCAL_AGENT = "@dpmigrate-agent"
+
+
+class AgentResolver:
+    """Resolver backed by the local agent (one authenticated connection, reopened if lost)."""
+
+    def __init__(self, address: str = LOCAL_AGENT, token: str | None = None) -> None:
+        self.address = address
+        self.token = token if token is not None else config.load().token
+        self._client: AgentClient | None = None
+        self._lock = threading.Lock()
+
+    def _call(self, op: str, **args: object) -> object:
+        with self._lock:
+            if self._client is None:
+                self._client = AgentClient(self.address, self.token, timeout=60)
+            try:
+                return self._client.call(op, **args)
+            except Exception:
+                self._client.close()
+                self._client = None
+                raise
+
+    def register(self, ring: str, endpoint: Endpoint) -> None:
+        self._call("register", ring=check_ring_name(ring), endpoint=endpoint.as_dict())
+
+    def unregister(self, ring: str) -> None:
+        self._call("unregister", ring=check_ring_name(ring))
+
+    def lookup(self, ring: str, timeout: float | None = 0) -> Endpoint:
+        wait = 30.0 if timeout is None else max(0.0, timeout)
+        found = self._call("lookup", ring=check_ring_name(ring), timeout=wait)
+        if found is None:
+            raise RingTimeout(
+                f"ring {ring!r}: no producer registered with the node agent within {wait} s; "
+                "is the producing stage running?"
+            )
+        return Endpoint.from_dict(found)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None

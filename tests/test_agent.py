@@ -1,0 +1,123 @@
+"""The node agent: authenticated control protocol, registry, and robustness to bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support import require
+
+from dpmigrate.errors import RingTimeout
+from dpmigrate.runtime.control import AgentClient, AuthError, RemoteError
+from dpmigrate.runtime.registry import AgentResolver
+from dpmigrate.transports.resolver import Endpoint
+
+TOKEN = "test-token-0123456789"
+
+
+@pytest.fixture
+def agent(tmp_path: Path):
+    require("root", "netns")
+    sock = tmp_path / "agent.sock"
+    env = {**os.environ, "DPMIGRATE_TOKEN": TOKEN, "DPMIGRATE_STATE_DIR": str(tmp_path / "state")}
+    # Its own network namespace: the abstract socket and the node are then truly its own.
+    proc = subprocess.Popen(
+        ["unshare", "--net", sys.executable, "-m", "dpmigrate.runtime.agent", "--node", "t1",
+         "--socket", str(sock)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "agent did not start"
+        time.sleep(0.02)
+    yield str(sock), proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_registry_roundtrip(agent) -> None:
+    path, _ = agent
+    resolver = AgentResolver(path, TOKEN)
+    resolver.register("flows.a-b", Endpoint("tcp", "127.0.0.1:4000", 2))
+    assert resolver.lookup("flows.a-b") == Endpoint("tcp", "127.0.0.1:4000", 2)
+    resolver.register("flows.a-b", Endpoint("tcp", "127.0.0.1:4001", 1))  # stale: ignored
+    assert resolver.lookup("flows.a-b").address == "127.0.0.1:4000"
+    with pytest.raises(RingTimeout, match="no producer registered"):
+        resolver.lookup("flows.none", timeout=0.1)
+    resolver.unregister("flows.a-b")
+    with pytest.raises(RingTimeout):
+        resolver.lookup("flows.a-b", timeout=0)
+    resolver.close()
+
+
+def test_wrong_token_is_refused_and_changes_nothing(agent) -> None:
+    path, _ = agent
+    with pytest.raises(AuthError, match="wrong or missing cluster token"):
+        AgentClient(path, "not-the-cluster-token")
+    with AgentClient(path, TOKEN) as client:
+        assert client.call("status")["registry"] == {}
+
+
+def test_malformed_requests_get_errors_and_the_agent_survives(agent) -> None:
+    path, proc = agent
+    with AgentClient(path, TOKEN) as client:
+        for op, args, phrase in [
+            ("no_such_op", {}, "unknown operation"),
+            ("lookup", {"ring": "x"}, "missing argument 'timeout'"),
+            ("lookup", {"ring": "x", "timeout": "soon"}, "wrong type"),
+            (
+                "register",
+                {"ring": "bad name!", "endpoint": {"transport": "tcp", "address": "a"}},
+                "not valid",
+            ),
+            ("register", {"ring": "r", "endpoint": {"transport": 5}}, "lacks a string"),
+            (
+                "start_stage",
+                {"manifest": "rel.toml", "stage": "s", "run_dir": "/x", "model": "multi-node"},
+                "absolute",
+            ),
+            ("ping", {"extra": 1}, "unknown argument"),
+        ]:
+            with pytest.raises(RemoteError, match=phrase):
+                client.call(op, **args)
+        assert client.call("status")["registry"] == {}, "a refused request changed the registry"
+    # Raw garbage: before authentication, after authentication, and an oversized length.
+    for payload in (b"\xff" * 64, b"GET / HTTP/1.0\r\n\r\n", struct.pack("!I", 10) + b"not json!!"):
+        raw = socket.socket(socket.AF_UNIX)
+        raw.connect(path)
+        hello = raw.recv(4096)
+        assert b"dpmigrate-agent" in hello
+        raw.sendall(payload)
+        raw.settimeout(5)
+        try:
+            reply = raw.recv(4096)
+        except ConnectionResetError:
+            reply = b""
+        raw.close()
+        if reply:
+            assert json.loads(reply[4:])["ok"] is False
+    assert proc.poll() is None, "the agent died on garbage"
+    with AgentClient(path, TOKEN) as client:
+        assert client.call("ping")["node"] == "t1"
+
+
+def test_sigterm_stops_the_agent_cleanly(agent) -> None:
+    _path, proc = agent
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    events = [
+        json.loads(line)["event"]
+        for line in proc.stdout.read().splitlines()
+        if line.startswith("{")
+    ]
+    assert events[-1] == "agent stopped"
