@@ -110,7 +110,10 @@ MODELS = ("in-process", "multi-process", "multi-node")
     help="Stop after this many seconds (default: when every source finished).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool) -> None:
+@click.option(
+    "--detach", is_flag=True, help="multi-node: start the app on the running cluster and return."
+)
+def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool, detach: bool) -> None:
     """Run an app in the foreground and print a summary at the end."""
     from dpmigrate.runtime.manifest import App
 
@@ -142,10 +145,16 @@ def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool) ->
         else:
             console.print(f"stage logs kept in {run.run_dir / 'logs'}")
     else:
-        raise DpmigrateError(
-            f"--model {model} is not available in this version yet (it needs the node agents "
-            "and the local cluster); use --model in-process or --model multi-process"
-        )
+        stages = _run_multi_node(app, duration, detach, console, rates if live_view else None)
+        if stages is None:  # detached
+            if as_json:
+                _print_json({"model": model, "app": app.name, "detached": True})
+            else:
+                console.print(
+                    f"{app.name} started on the cluster; `dpmigrate status` to watch, "
+                    f"`dpmigrate stop {app.name}` to stop it"
+                )
+            return
     result: dict[str, Any] = {"model": model, "app": app.name, "stages": stages}
     sinks = [
         s
@@ -177,6 +186,132 @@ def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool) ->
             f"checker: received {c['received']:,}, lost {c['lost']}, "
             f"duplicated {c['duplicated']}, digest {c['digest']}"
         )
+
+
+def _run_multi_node(
+    app: Any, duration: float | None, detach: bool, console: Console, rates: _RateView | None
+) -> list[dict[str, Any]] | None:
+    """Run on the running cluster, or on a temporary one with the nodes the manifest names."""
+    from dpmigrate.runtime.cluster import LocalCluster
+    from dpmigrate.runtime.multinode import MultiNodeRun, nodes_needed
+
+    try:
+        cluster, temporary = LocalCluster.current(), False
+    except DpmigrateError:
+        if detach:
+            raise DpmigrateError(
+                "--detach needs a running cluster: `dpmigrate cluster up --nodes N` first"
+            ) from None
+        cluster, temporary = LocalCluster(nodes=nodes_needed(app)), True
+        console.print(f"[dim]bringing up a temporary cluster of {nodes_needed(app)} nodes[/dim]")
+        cluster.up()
+    try:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        if detach:
+            return None
+        try:
+            finished = run.wait(duration, on_tick=rates.show if rates else None)
+        finally:
+            run.stop()
+        stages = run.status()
+        if finished or duration is not None:
+            run.cleanup()
+        return stages
+    finally:
+        if temporary:
+            cluster.down()
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status_cmd(as_json: bool) -> None:
+    """Nodes, stages and rings of the running cluster."""
+    from dpmigrate.runtime.cluster import LocalCluster
+
+    cluster = LocalCluster.current()
+    nodes, stages = [], []
+    for node in cluster.nodes:
+        entry: dict[str, Any] = {"name": node.name, "address": node.address,
+                                 "agent_pid": node.agent_pid, "alive": False}  # fmt: skip
+        try:
+            with cluster.client(node.name) as agent:
+                report = agent.call("status")
+            entry["alive"] = True
+            stages.extend(report["stages"])
+        except DpmigrateError as err:
+            entry["error"] = str(err)
+        nodes.append(entry)
+    rings = [
+        {"stage": s["name"], "app": s.get("app"), "ring": r["name"], "role": r["role"],
+         "transport": r["transport"], "occupancy": r["occupancy"], "messages": r["messages"]}
+        for s in stages for r in s.get("rings", [])
+    ]  # fmt: skip
+    result = {"nodes": nodes, "stages": [_stage_row(s) for s in stages], "rings": rings}
+    if as_json:
+        _print_json(result)
+        return
+    out = Console()
+    table = Table(title="nodes")
+    for col in ("node", "address", "agent pid", "alive"):
+        table.add_column(col)
+    for n in nodes:
+        table.add_row(n["name"], n["address"], str(n["agent_pid"]), "yes" if n["alive"] else "NO")
+    out.print(table)
+    table = Table(title="stages")
+    for col in ("app", "stage", "node", "pid", "version", "in", "out", "restarts", "metrics"):
+        table.add_column(col, overflow="fold")
+    for s in result["stages"]:
+        table.add_row(str(s["app"]), s["name"], s["node"], str(s["pid"]), str(s["state_version"]),
+                      f"{s['msgs_in']:,}", f"{s['msgs_out']:,}", str(s["restarts"]),
+                      json.dumps(s["metrics"]))  # fmt: skip
+    out.print(table)
+    table = Table(title="rings")
+    for col in ("ring", "stage", "role", "transport", "occupancy", "messages"):
+        table.add_column(col)
+    for r in rings:
+        table.add_row(r["ring"], r["stage"], r["role"], r["transport"], str(r["occupancy"]),
+                      f"{r['messages']:,}")  # fmt: skip
+    out.print(table)
+
+
+def _stage_row(s: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "app": s.get("app"), "name": s["name"], "node": s.get("node"), "pid": s.get("pid"),
+        "state_version": s.get("state_version", 0), "msgs_in": s.get("msgs_in", 0),
+        "msgs_out": s.get("msgs_out", 0), "restarts": s.get("restarts", 0),
+        "finished": s.get("finished", False), "metrics": s.get("metrics", {}),
+    }  # fmt: skip
+
+
+@main.command("stop")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True)
+def stop_cmd(app: str, as_json: bool) -> None:
+    """Stop a detached app on the running cluster (each stage finishes its batch)."""
+    from dpmigrate.runtime.cluster import LocalCluster
+
+    cluster = LocalCluster.current()
+    stopped: list[str] = []
+    for node in cluster.nodes:
+        with cluster.client(node.name) as agent:
+            stopped += [f"{node.name}:{key}" for key in agent.call("stop_app", app=app)]
+            agent.call("forget_app", app=app)
+    if not stopped:
+        raise DpmigrateError(f"no stage of app {app!r} runs on the cluster (`dpmigrate status`)")
+    if as_json:
+        _print_json({"app": app, "stopped": stopped})
+    else:
+        Console().print(f"stopped {', '.join(stopped)}")
+
+
+@main.command("agent", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def agent_cmd(args: tuple[str, ...]) -> None:
+    """Run a node agent in the foreground (see `dpmigrate agent --help`)."""
+    from dpmigrate.runtime import agent
+
+    sys.exit(agent.main(list(args)))
 
 
 class _RateView:

@@ -78,12 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     resolver: Resolver = (
         AgentResolver() if args.registry == "agent" else DirectoryResolver(run_dir / "registry")
     )
+    # tcp rings listen on this node's own address (asked from the local agent in a cluster).
+    host = str(resolver.node_info()["address"]) if isinstance(resolver, AgentResolver) else None
     outputs, inputs = {}, {}
     for ring in app.rings:  # producers first: they are the servers their consumers look up
         if ring.src_stage == spec.name:
+            transport = ring_transport(app, ring, args.model)
+            extra = {"host": host} if transport == "tcp" and host else {}
             outputs[ring.src_port] = transports.open_sender(
-                ring_transport(app, ring, args.model), ring_name(app, ring), resolver=resolver,
-                capacity=ring.capacity, next_seq=out_pos.get(ring.src_port, 0),
+                transport, ring_name(app, ring), resolver=resolver,
+                capacity=ring.capacity, next_seq=out_pos.get(ring.src_port, 0), **extra,
             )  # fmt: skip
     for ring in app.rings:
         if ring.dst_stage == spec.name:
