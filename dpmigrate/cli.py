@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dpmigrate import __version__, config, doctor
+from dpmigrate.cli_cluster import clean, cluster
 from dpmigrate.errors import ConfigError, DpmigrateError
 
 _STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
@@ -140,10 +141,10 @@ def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool, de
         finally:
             run.stop()
         stages = run.status()
-        if finished or duration is not None:
-            run.cleanup()
-        else:
+        if any(s.get("failed") for s in stages) or not (finished or duration is not None):
             console.print(f"stage logs kept in {run.run_dir / 'logs'}")
+        else:
+            run.cleanup()
     else:
         stages = _run_multi_node(app, duration, detach, console, rates if live_view else None)
         if stages is None:  # detached
@@ -155,6 +156,10 @@ def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool, de
                     f"`dpmigrate stop {app.name}` to stop it"
                 )
             return
+    failed = [s for s in stages if s.get("failed")]
+    if failed:
+        names = ", ".join(f"{s['name']} (log: {s.get('log')})" for s in failed)
+        raise DpmigrateError(f"stage(s) kept crashing and were given up: {names}")
     result: dict[str, Any] = {"model": model, "app": app.name, "stages": stages}
     sinks = [
         s
@@ -215,7 +220,11 @@ def _run_multi_node(
         finally:
             run.stop()
         stages = run.status()
-        if finished or duration is not None:
+        if any(s.get("failed") for s in stages):
+            kept = run.keep_logs(stages)  # the cluster's log folders may go with it
+            for s in stages:
+                s["log"] = kept.get(s["name"], s.get("log"))
+        elif finished or duration is not None:
             run.cleanup()
         return stages
     finally:
@@ -334,6 +343,9 @@ class _RateView:
             parts.append(f"{s['name']}: {rate:,.0f} msg/s")
         self.console.print("  ".join(parts))
 
+
+main.add_command(cluster)
+main.add_command(clean)
 
 if __name__ == "__main__":
     main()

@@ -83,7 +83,13 @@ def test_malformed_requests_get_errors_and_the_agent_survives(agent) -> None:
             ("register", {"ring": "r", "endpoint": {"transport": 5}}, "lacks a string"),
             (
                 "start_stage",
-                {"manifest": "rel.toml", "stage": "s", "run_dir": "/x", "model": "multi-node"},
+                {
+                    "app": "a",
+                    "manifest": "rel.toml",
+                    "stage": "s",
+                    "run_dir": "/x",
+                    "model": "multi-node",
+                },
                 "absolute",
             ),
             ("ping", {"extra": 1}, "unknown argument"),

@@ -27,7 +27,14 @@ def test_flows_in_process_is_complete_and_deterministic() -> None:
     assert all(s["done"] for s in first["stages"])
 
 
-def test_unavailable_model_is_a_clear_error() -> None:
-    result = run_cli("run", str(EXAMPLE), "--model", "multi-node")
-    assert result.returncode == 1
-    assert "not available" in result.stderr and "Traceback" not in result.stderr
+def test_bad_manifest_is_one_clear_line(tmp_path) -> None:
+    bad = tmp_path / "app.toml"
+    bad.write_text('[app]\nname = "x"\n[stages.a]\nentry = "nowhere:Nothing"\n')
+    for path, phrase in (
+        (bad, "cannot import module 'nowhere'"),
+        (tmp_path / "no.toml", "does not exist"),
+    ):
+        result = run_cli("run", str(path), "--json")
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and phrase in lines[0] and "Traceback" not in result.stderr

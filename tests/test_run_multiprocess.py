@@ -95,3 +95,48 @@ def test_sigkilled_stage_restarts_without_loss(
     checker = _checker(list(stages.values()))
     assert checker == {"received": 40000, "lost": 0, "duplicated": 0, "digest": expected["digest"]}
     run.cleanup()
+
+
+def test_sigterm_stops_a_stage_cleanly_and_a_restart_resumes(
+    tmp_path: Path, state_dir: Path
+) -> None:
+    """Disposability: SIGTERM finishes the batch, persists, detaches and exits 0; the whole app
+    stopped half-way and started again from the same folder finishes with nothing lost."""
+    require("root")
+    manifest = _paced_manifest(tmp_path, total=30000, rate=15000)
+    app = App.load(manifest)
+    expected = _checker(inprocess.summary(inprocess.run(app))["stages"])
+    run = MultiProcessRun(app)
+    try:
+        run.start()
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, run.status()
+            status = {s["name"]: s for s in run.status()}
+            if status["check"].get("msgs_in", 0) > 6000 and status["table"]["pid"]:
+                break
+            time.sleep(0.05)
+        os.kill(status["table"]["pid"], signal.SIGTERM)
+        table = run.supervisor.stages["table"]
+        assert table.proc is not None
+        table.proc.wait(15)  # bounded: a SIGTERMed stage exits within its grace
+        run.supervisor.poll()
+        assert table.exit_codes == [0] and table.finished and table.restarts == 0
+        run.stop()  # the rest, mid-stream
+    finally:
+        run.stop()
+    half = _checker(run.status())
+    assert 0 < half["received"] < 30000 and half["lost"] == 0 and half["duplicated"] == 0
+    again = MultiProcessRun(app, run_dir=run.run_dir)
+    try:
+        again.start()
+        assert again.wait(duration=90), again.status()
+    finally:
+        again.stop()
+    assert _checker(again.status()) == {
+        "received": 30000,
+        "lost": 0,
+        "duplicated": 0,
+        "digest": expected["digest"],
+    }
+    again.cleanup()

@@ -21,11 +21,13 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import signal
 import socket
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from dpmigrate.runtime.supervisor import Supervisor
 ABSTRACT_NAME = "@dpmigrate-agent"
 _MAX_LOOKUP_WAIT_S = 30.0
 _MAX_CONNECTIONS = 64
+_PUSH_ATTEMPTS = 10
 
 
 def log(event: str, **fields: Any) -> None:
@@ -45,8 +48,11 @@ def log(event: str, **fields: Any) -> None:
 
 
 class Agent:
-    def __init__(self, node: str, token: str, run_dir: Path, peers: list[str]) -> None:
+    def __init__(
+        self, node: str, token: str, run_dir: Path, peers: list[str], address: str = "127.0.0.1"
+    ) -> None:
         self.node = node
+        self.address = address  # where this node's stages listen for tcp rings
         self.token = token
         self.run_dir = run_dir
         self.peers = peers
@@ -60,6 +66,7 @@ class Agent:
         self.listeners: list[socket.socket] = []
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         self._lock = threading.Lock()
+        self._outboxes: dict[str, queue.Queue[tuple[str, dict[str, Any]]]] = {}
 
     # -- serving ------------------------------------------------------------------------
     def listen(self, address: str) -> None:
@@ -132,20 +139,20 @@ class Agent:
             result = handler(request.get("args", {}))
         except (ProtocolError, DpmigrateError, ValueError, KeyError) as err:
             return {**reply, "ok": False, "error": str(err)}
+        except Exception as err:  # a bug must not take the agent (or the connection) down
+            log("internal error", op=op, error=repr(err), traceback=traceback.format_exc())
+            return {**reply, "ok": False, "error": f"internal error in {op}: {err!r}"}
         return {**reply, "ok": True, "result": result}
 
     # -- operations (each validates its arguments) --------------------------------------
     def op_ping(self, args: Any) -> dict[str, Any]:
         control.check_args(args, {})
-        return {"node": self.node, "pid": os.getpid()}
+        return {"node": self.node, "pid": os.getpid(), "address": self.address}
 
     def op_register(self, args: Any) -> None:
         a = control.check_args(args, {"ring": str, "endpoint": dict})
         self._store(a["ring"], a["endpoint"])
-        for peer in self.peers:  # push, so that lookups elsewhere are answered locally
-            threading.Thread(
-                target=self._forward, args=(peer, a["ring"], a["endpoint"]), daemon=True
-            ).start()
+        self._push("peer_register", {"ring": a["ring"], "endpoint": a["endpoint"]})
 
     def op_peer_register(self, args: Any) -> None:
         a = control.check_args(args, {"ring": str, "endpoint": dict})
@@ -164,14 +171,44 @@ class Agent:
             self.changed.notify_all()
         log("registered", ring=ring, endpoint=ep.as_dict())
 
-    def _forward(self, peer: str, ring: str, endpoint: dict[str, Any]) -> None:
-        try:
-            with control.AgentClient(peer, self.token, timeout=10) as client:
-                client.call("peer_register", ring=ring, endpoint=endpoint)
-        except DpmigrateError as err:
-            log("forward failed", peer=peer, ring=ring, error=str(err))
+    def _push(self, op: str, args: dict[str, Any]) -> None:
+        """Queue a registry change for every peer; one sender per peer keeps the order."""
+        for peer in self.peers:
+            with self._lock:
+                box = self._outboxes.get(peer)
+                if box is None:
+                    box = self._outboxes[peer] = queue.Queue()
+                    threading.Thread(target=self._forward, args=(peer, box), daemon=True).start()
+            box.put((op, args))
+
+    def _forward(self, peer: str, box: queue.Queue[tuple[str, dict[str, Any]]]) -> None:
+        client: control.AgentClient | None = None
+        while not self.stopping.is_set():
+            try:
+                op, args = box.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            for attempt in range(_PUSH_ATTEMPTS):  # a peer may still be starting
+                try:
+                    if client is None:
+                        client = control.AgentClient(peer, self.token, timeout=10)
+                    client.call(op, **args)
+                    break
+                except DpmigrateError as err:
+                    if client is not None:
+                        client.close()
+                        client = None
+                    if attempt == _PUSH_ATTEMPTS - 1:
+                        log("push failed", peer=peer, op=op, ring=args.get("ring"), error=str(err))
+                    else:
+                        self.stopping.wait(0.2 * (attempt + 1))
 
     def op_unregister(self, args: Any) -> None:
+        a = control.check_args(args, {"ring": str})
+        self.op_peer_unregister(a)
+        self._push("peer_unregister", {"ring": a["ring"]})
+
+    def op_peer_unregister(self, args: Any) -> None:
         a = control.check_args(args, {"ring": str})
         with self.changed:
             self.registry.pop(a["ring"], None)
@@ -189,39 +226,65 @@ class Agent:
             return self.registry[a["ring"]]
 
     def op_start_stage(self, args: Any) -> dict[str, Any]:
-        a = control.check_args(args, {"manifest": str, "stage": str, "run_dir": str, "model": str})
+        a = control.check_args(
+            args, {"app": str, "manifest": str, "stage": str, "run_dir": str, "model": str}
+        )
         if a["model"] not in ("multi-process", "multi-node"):
             raise ProtocolError(f"model {a['model']!r} cannot run in an agent")
         for key in ("manifest", "run_dir"):
             if not a[key].startswith("/"):
                 raise ProtocolError(f"{key} must be an absolute path")
+        key = f"{a['app']}/{a['stage']}"
         with self._lock:
-            existing = self.supervisor.stages.get(a["stage"])
+            existing = self.supervisor.stages.get(key)
             if existing is not None and not existing.finished:
-                raise ProtocolError(f"stage {a['stage']!r} already runs on node {self.node}")
-            proc = self.supervisor.start(a["stage"], [
+                raise ProtocolError(f"stage {key!r} already runs on node {self.node}")
+            proc = self.supervisor.start(key, [
                 "-m", "dpmigrate.runtime.stagehost", "--manifest", a["manifest"], "--stage",
                 a["stage"], "--run-dir", a["run_dir"], "--model", a["model"], "--registry", "agent",
             ])  # fmt: skip
-            self.stage_runs[a["stage"]] = a["run_dir"]
-        return {"stage": a["stage"], "node": self.node, "pid": proc.proc.pid if proc.proc else None}
+            self.stage_runs[key] = a["run_dir"]
+        pid = proc.proc.pid if proc.proc else None
+        log("stage start", stage=key, pid=pid)
+        return {"stage": key, "node": self.node, "pid": pid}
 
     def op_stop_stage(self, args: Any) -> None:
-        a = control.check_args(args, {"stage": str})
-        stage = self.supervisor.stages.get(a["stage"])
-        if stage is None:
-            raise ProtocolError(f"no stage {a['stage']!r} on node {self.node}")
-        self.supervisor.stop_one(a["stage"])
+        a = control.check_args(args, {"app": str, "stage": str})
+        key = f"{a['app']}/{a['stage']}"
+        if key not in self.supervisor.stages:
+            raise ProtocolError(f"no stage {key!r} on node {self.node}")
+        self.supervisor.stop_one(key)
+
+    def op_stop_app(self, args: Any) -> list[str]:
+        """Stop every stage of an app on this node (each finishes its batch)."""
+        a = control.check_args(args, {"app": str})
+        prefix = a["app"] + "/"
+        keys = [k for k, p in self.supervisor.stages.items() if k.startswith(prefix)]
+        for key in keys:
+            if not self.supervisor.stages[key].finished:
+                self.supervisor.stop_one(key)
+        return keys
+
+    def op_forget_app(self, args: Any) -> None:
+        """Drop an app's finished stages from the status (after `dpmigrate stop`)."""
+        a = control.check_args(args, {"app": str})
+        with self._lock:
+            for key in [k for k in self.supervisor.stages if k.startswith(a["app"] + "/")]:
+                if self.supervisor.stages[key].finished:
+                    del self.supervisor.stages[key]
+                    self.stage_runs.pop(key, None)
 
     def op_status(self, args: Any) -> dict[str, Any]:
         control.check_args(args, {})
         stages = []
-        for name, proc in self.supervisor.stages.items():
-            info: dict[str, Any] = {"name": name, "node": self.node}
-            status_file = Path(self.stage_runs[name]) / "status" / f"{name}.json"
+        for key, proc in list(self.supervisor.stages.items()):
+            app, _, name = key.partition("/")
+            info: dict[str, Any] = {"app": app, "name": name, "node": self.node}
+            status_file = Path(self.stage_runs[key]) / "status" / f"{name}.json"
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 info.update(json.loads(status_file.read_text()))
-            info.update(pid=proc.stage_pid, restarts=proc.restarts, finished=proc.finished)
+            info.update(pid=proc.stage_pid, restarts=proc.restarts, finished=proc.finished,
+                        failed=proc.failed, log=str(proc.log))  # fmt: skip
             stages.append(info)
         with self.changed:
             rings = dict(self.registry)
@@ -263,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         print("dpmigrate agent: DPMIGRATE_TOKEN is not set; every agent of a cluster needs the "
               "cluster token", file=sys.stderr)  # fmt: skip
         return 2
-    agent = Agent(
-        args.node, cfg.token, Path(cfg.state_dir), [p for p in args.peers.split(",") if p]
-    )
+    address = args.listen.rpartition(":")[0] if args.listen else "127.0.0.1"
+    peers = [p for p in args.peers.split(",") if p]
+    agent = Agent(args.node, cfg.token, Path(cfg.state_dir), peers, address)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=agent.shutdown).start())
     signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=agent.shutdown).start())
     agent.listen(ABSTRACT_NAME)

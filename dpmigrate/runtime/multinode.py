@@ -87,6 +87,19 @@ class MultiNodeRun:
             with contextlib.suppress(DpmigrateError), self.cluster.client(spec.node) as agent:
                 agent.call("stop_app", app=self.app.name)
 
+    def keep_logs(self, stages: list[dict[str, Any]]) -> dict[str, str]:
+        """Copy the stages' logs into the run folder (kept); returns stage -> kept copy."""
+        kept = {}
+        folder = self.run_dir / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        for info in stages:
+            source = info.get("log")
+            if source and Path(source).exists():
+                target = folder / f"{info['name']}.log"
+                shutil.copyfile(source, target)
+                kept[info["name"]] = str(target)
+        return kept
+
     def cleanup(self) -> None:
         for node in {spec.node for spec in self.app.stages}:
             with contextlib.suppress(DpmigrateError), self.cluster.client(node) as agent:

@@ -39,7 +39,9 @@ class MultiProcessRun:
         base = Path(config.load().state_dir) / "runs"
         self.run_dir = run_dir or base / f"{app.name}-{os.getpid()}-{int(time.time())}"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.supervisor = Supervisor(self.run_dir / "logs", on_event=on_event)
+        self.supervisor = Supervisor(
+            self.run_dir / "logs", on_event=on_event, die_with_supervisor=True
+        )
 
     def start(self) -> None:
         for spec in self.app.stages:
@@ -56,7 +58,8 @@ class MultiProcessRun:
             data: dict[str, Any] = {"stage": name}
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 data = json.loads(path.read_text())
-            data.update(name=name, pid=proc.stage_pid, restarts=proc.restarts)
+            data.update(name=name, pid=proc.stage_pid, restarts=proc.restarts,
+                        finished=proc.finished, failed=proc.failed, log=str(proc.log))  # fmt: skip
             out.append(data)
         return out
 

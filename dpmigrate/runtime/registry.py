@@ -12,7 +12,7 @@ import threading
 
 from dpmigrate import config
 from dpmigrate.errors import RingTimeout
-from dpmigrate.runtime.control import AgentClient
+from dpmigrate.runtime.control import AgentClient, RemoteError
 from dpmigrate.transports.resolver import Endpoint, check_ring_name
 
 LOCAL_AGENT = "@dpmigrate-agent"
@@ -53,6 +53,13 @@ class AgentResolver:
                 "is the producing stage running?"
             )
         return Endpoint.from_dict(found)
+
+    def node_info(self) -> dict[str, object]:
+        """The local agent's node name and the address this node's tcp rings listen on."""
+        info = self._call("ping")
+        if not isinstance(info, dict):
+            raise RemoteError(f"agent at {self.address} answered ping with {info!r}")
+        return info
 
     def close(self) -> None:
         with self._lock:

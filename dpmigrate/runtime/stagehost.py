@@ -6,7 +6,8 @@ peers by ring name through the run's registry, and runs batches until its inputs
 source, until it finishes). It writes a status file about twice a second.
 
 SIGTERM (twelve-factor disposability): the current batch finishes, the point is persisted as far
-as downstream acknowledged it, the rings are closed and the process exits 0.
+as downstream acknowledged it, the rings are detached (not closed: the peers wait for a new
+instance) and the process exits 0.
 """
 
 from __future__ import annotations
@@ -107,20 +108,25 @@ def main(argv: list[str] | None = None) -> int:
                       "inputs": in_pos, "outputs": out_pos}), flush=True)  # fmt: skip
     next_status = 0.0
     while not runner.done and not stop["requested"]:
-        if not runner.step(wait=0.05):
+        if not runner.step(wait=0.05) and not runner.done:
+            # Idle: serve the output rings (a reconnecting consumer, acks), then persist.
+            for tx in outputs.values():
+                tx.service(0.005)
             runner.persist()
         now = time.monotonic()
         if now >= next_status:
             _write_status(status_path, _status(runner))
             next_status = now + STATUS_INTERVAL_S
-    # Finish: persist what downstream acknowledged, close rings (a producer's close waits for
-    # its consumer to acknowledge everything it sent).
+    # Persist what downstream acknowledged. A finished stream closes the rings (downstream sees
+    # EndOfRing); a stage told to stop detaches instead, so a restarted or moved instance
+    # resumes from its journal and its peers just wait for it.
     runner.persist()
-    for tx in outputs.values():
-        tx.close()
-    runner.persist()
-    for rx in inputs.values():
-        rx.close()
+    if runner.done:
+        for rx in inputs.values():
+            rx.close()
+    else:
+        for end in [*outputs.values(), *inputs.values()]:
+            end.detach()
     journal.close()
     _write_status(status_path, _status(runner))
     print(

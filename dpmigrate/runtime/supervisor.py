@@ -14,6 +14,7 @@ is restarted, up to ``max_restarts`` times; it resumes from its journal
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import os
 import shutil
@@ -39,6 +40,7 @@ class StageProcess:
     restarts: int = 0
     exit_codes: list[int] = dataclasses.field(default_factory=list)
     finished: bool = False
+    failed: bool = False  # gave up after max_restarts
 
     @property
     def stage_pid(self) -> int | None:
@@ -61,6 +63,7 @@ class Supervisor:
         log_dir: Path,
         max_restarts: int = 10,
         on_event: Callable[[str], None] | None = None,
+        die_with_supervisor: bool = False,
     ) -> None:
         for tool in ("unshare", "setsid"):
             if shutil.which(tool) is None:
@@ -71,11 +74,14 @@ class Supervisor:
         self.on_event = on_event or (lambda message: None)
         self.stages: dict[str, StageProcess] = {}
         self._stopping = False
+        # A foreground run's stages must not outlive it (Ctrl-C, kill -9 of the CLI); an
+        # agent's stages are the agent's business and are stopped by it.
+        self._preexec = _die_with_parent if die_with_supervisor else None
 
     def start(
         self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
     ) -> StageProcess:
-        stage = StageProcess(name, list(argv), self.log_dir / f"{name}.log")
+        stage = StageProcess(name, list(argv), self.log_dir / f"{name.replace('/', '.')}.log")
         self.stages[name] = stage
         self._spawn(stage, env)
         return stage
@@ -85,7 +91,7 @@ class Supervisor:
         with open(stage.log, "ab") as log, open(os.devnull, "rb") as devnull:
             stage.proc = subprocess.Popen(
                 cmd, stdin=devnull, stdout=log, stderr=log, close_fds=True,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, **(env or {})}, preexec_fn=self._preexec,
             )  # fmt: skip
         self.on_event(f"stage {stage.name} started (pid {stage.proc.pid})")
 
@@ -103,7 +109,7 @@ class Supervisor:
                 self.on_event(f"stage {stage.name} exited ({_describe(code)})")
                 continue
             if stage.restarts >= self.max_restarts:
-                stage.finished = True
+                stage.finished = stage.failed = True
                 self.on_event(
                     f"stage {stage.name} died ({_describe(code)}) and was restarted "
                     f"{stage.restarts} times already; giving up, see {stage.log}"
@@ -146,6 +152,16 @@ class Supervisor:
                 stage.proc.kill()
                 stage.proc.wait(grace)
             stage.finished = True
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the supervising process dies (the
+    ``--kill-child`` of unshare then takes the stage with it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _describe(code: int) -> str:

@@ -417,9 +417,10 @@ def check_partial_commit_and_restart(h: Harness) -> None:
         time.sleep(0.002)
     assert tx.acked == 3, "commit(upto=3) acknowledged more than asked"
     assert tx.send_burst([b"more"] * 5, timeout=1.0) == 3, "exactly the committed 3 must free up"
-    # The consumer "crashes" (its link drops and it is never used again); a new instance
-    # resumes from what was committed.
-    rx._break_connection()  # type: ignore[attr-defined]
+    # The consumer leaves without closing the ring (a stage stopping to be restarted or
+    # moved); a new instance resumes from what was committed.
+    rx.detach()
+    _expect(RingClosed, lambda: rx.recv(timeout=0.1), "using a detached consumer")
     rx2 = transports.open_receiver(
         h.transport, name, resolver=h.last_resolver, auto_commit=True, next_expected=3,
         connect_timeout=BOUND_S,
@@ -435,13 +436,14 @@ def check_producer_restarted_behind(h: Harness) -> None:
     if not h.crosses_processes:
         h.notes.append("producer restart: not applicable, both ends share one process")
         return
-    # A short reconnect bound: the abandoned first producer's close at teardown waits for it.
-    tx, rx, name = h.pair(capacity=16, reconnect_timeout=2.0)
+    tx, rx, name = h.pair(capacity=16)
     assert tx.send_burst([b"old%d" % i for i in range(10)], timeout=BOUND_S) == 10
     first = _pump(tx, h.background(lambda: _drain(rx, 10)))
     assert first == [b"old%d" % i for i in range(10)]
-    # The producer "crashes" (link dropped, end abandoned) and restarts at persisted seq 6.
-    tx._break_connection()  # type: ignore[attr-defined]
+    # The producer leaves without closing (its stage restarts) and comes back at its persisted
+    # seq 6; the consumer just waits for it.
+    tx.detach()
+    _expect(RingClosed, lambda: tx.send(b"x", timeout=0.1), "using a detached producer")
     tx2 = transports.open_sender(h.transport, name, resolver=h.last_resolver, capacity=16,
                                  next_seq=6, reconnect_timeout=BOUND_S)  # fmt: skip
     h._ends.append(tx2)

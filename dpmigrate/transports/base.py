@@ -103,6 +103,13 @@ class RingEnd(abc.ABC):
         EndOfRing once it has received everything sent before the close."""
 
     @abc.abstractmethod
+    def detach(self) -> None:
+        """Leave without closing the ring: free this end's resources but do not tell the peer
+        the ring is over, so the peer waits (up to its reconnect_timeout) for a new instance
+        of this end to come back — after a restart, a checkpoint/restore or a migration.
+        Afterwards this end is closed (RingClosed on use)."""
+
+    @abc.abstractmethod
     def statistics(self) -> RingStatistics: ...
 
     def __enter__(self):

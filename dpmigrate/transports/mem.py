@@ -154,6 +154,9 @@ class MemSender(RingSender):
             self._ch.reconnects += 1
             self._ch.cond.notify_all()
 
+    def detach(self) -> None:
+        self._closed = True  # in-process: the channel stays for a new end to pick up
+
     def statistics(self) -> RingStatistics:
         with self._ch.cond:
             return RingStatistics(
@@ -270,6 +273,9 @@ class MemReceiver(RingReceiver):
         with self._ch.cond:
             self._ch.resend_from = self._ch.acked
             self._ch.reconnects += 1
+
+    def detach(self) -> None:
+        self._closed = True
 
     def statistics(self) -> RingStatistics:
         with self._ch.cond:

@@ -453,6 +453,15 @@ class ShmSender(RingSender):
         finally:
             self._release()
 
+    def detach(self) -> None:
+        """Leave without CLOSE: the consumer waits for a new producer instance."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._ring is not None:
+            self._final = self.statistics()
+        self._release()
+
     def _release(self) -> None:
         """Free every resource this end holds; safe on a half-built end."""
         self._drop_consumer()
@@ -837,6 +846,12 @@ class ShmReceiver(RingReceiver):
         lost_at = self._lost_at
         self._drop_link()
         self._lost_at = lost_at
+
+    def detach(self) -> None:
+        """Leave without CLOSE: the producer keeps the ring for a new consumer instance."""
+        if not self._closed:
+            self._closed = True
+            self._drop_link()
 
     def _break_connection(self) -> None:
         """Testing hook: drop socket and mapping as a crash would; the next call recovers."""

@@ -378,6 +378,11 @@ class TcpSender(RingSender):
             },
         )
 
+    def detach(self) -> None:
+        """Leave without CLOSE: the consumer waits for a new producer instance."""
+        if not self._closed:
+            self._teardown()
+
     def _break_connection(self) -> None:
         """Testing hook: drop the consumer link as a crash would (RST, no CLOSE frame)."""
         if self._conn is not None:
@@ -899,6 +904,13 @@ class TcpReceiver(RingReceiver):
         if upto > self._committed:
             self._committed = upto
             self._send_ack(force=True)
+
+    def detach(self) -> None:
+        """Leave without CLOSE: the producer keeps the window for a new consumer instance."""
+        if not self._closed:
+            self._closed = True
+            if self._sock is not None:
+                self._drop_sock(abort=False)
 
     def close(self) -> None:
         """Tell the producer we are leaving (CLOSE carries what was committed) and close."""

@@ -1,0 +1,708 @@
+"""The local cluster: N nodes as network namespaces joined by veth pairs, one agent in each.
+
+``dpmigrate cluster up --nodes N`` builds, all inside namespaces it creates::
+
+    dpm<id>-hub        bridge br0, one port veth<i> per node
+    dpm<id>-node<i>    lo up, eth0 = 10.213.0.<i>/24 (the peer of the hub's veth<i>),
+                       agent `dpmigrate.runtime.agent --node node<i>` listening on :7070
+
+Nothing is created in the host's own namespace except the ``/run/netns`` files that
+``ip netns add`` makes. Test-host addresses therefore exist only on interfaces the project
+created (DESIGN.md §7).
+
+Everything is written to a record, ``<state_dir>/cluster/cluster.json`` (mode 0600, replaced
+atomically), *before* it is created. :func:`clean` (and :meth:`LocalCluster.down`) remove
+exactly what that record lists and nothing found by a name pattern, so a cluster whose CLI or
+machine crashed half-way through ``up`` can still be removed completely. An agent's PID is
+recorded with its start time and the boot id, so a PID the kernel has since given to another
+process is never signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from dpmigrate import config
+from dpmigrate.errors import ConfigError, DpmigrateError, EnvironmentProblem
+from dpmigrate.runtime.control import AgentClient
+
+MAX_NODES = 16
+SUBNET = "10.213.0"
+AGENT_PORT = 7070
+RECORD_VERSION = 1
+NO_CLUSTER = "no cluster is up; run `dpmigrate cluster up`"
+
+_AGENT_START_TIMEOUT_S = 30.0
+_STOP_TIMEOUT_S = 15.0
+_KILL_TIMEOUT_S = 5.0
+_CHECK_TIMEOUT_S = 15.0
+_IP_TIMEOUT_S = 10.0
+_MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One node of the local cluster, as the CLI and the Python API reach it."""
+
+    name: str
+    netns: str
+    address: str
+    agent_socket: str
+    agent_pid: int | None
+    log: str = ""
+
+    @property
+    def agent_address(self) -> str:
+        """HOST:PORT on which the node's agent listens for the other nodes' agents."""
+        return f"{self.address}:{AGENT_PORT}"
+
+
+# -- the record ---------------------------------------------------------------------------
+
+
+def _cluster_dir(state_dir: str) -> Path:
+    return Path(state_dir) / "cluster"
+
+
+def _record_path(state_dir: str) -> Path:
+    return _cluster_dir(state_dir) / "cluster.json"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: dict[str, Any]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save(record_path: Path, record: dict[str, Any]) -> None:
+    """Replace the record atomically: a crash leaves the old or the new one, never half."""
+    tmp = record_path.with_name(record_path.name + ".tmp")
+    _write_file(tmp, record)
+    os.replace(tmp, record_path)
+    _fsync_dir(record_path.parent)
+
+
+def _claim(record_path: Path, record: dict[str, Any]) -> None:
+    """Create the record only if none exists (link() is atomic and exclusive).
+
+    Two `cluster up` started at once cannot both win: exactly one link succeeds.
+    """
+    tmp = record_path.with_name(f"{record_path.name}.{secrets.token_hex(4)}.claim")
+    _write_file(tmp, record)
+    try:
+        os.link(tmp, record_path)
+    except FileExistsError:
+        raise DpmigrateError(
+            f"a local cluster is already recorded in {record_path}; remove it with "
+            "`dpmigrate cluster down` (or `dpmigrate clean` if it crashed) before "
+            "`dpmigrate cluster up`"
+        ) from None
+    finally:
+        tmp.unlink()
+    _fsync_dir(record_path.parent)
+
+
+def _load(record_path: Path) -> dict[str, Any] | None:
+    try:
+        text = record_path.read_text()
+    except FileNotFoundError:
+        return None
+    except PermissionError as err:
+        raise EnvironmentProblem(
+            f"cannot read the cluster record {record_path}: permission denied; run as root"
+        ) from err
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DpmigrateError(
+            f"the cluster record {record_path} is not valid JSON ({err}); it was edited or "
+            "damaged — remove what it names by hand (`ip netns list`), then delete the file"
+        ) from err
+    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+        raise DpmigrateError(
+            f"the cluster record {record_path} is not a version {RECORD_VERSION} record; "
+            "it was written by another dpmigrate version — remove its resources by hand"
+        )
+    return record
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def _start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks); None if gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # field 3 onwards; comm may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _reap(pid: int) -> None:
+    """Collect our own exited child so it stops looking alive (no-op for anyone else's)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _same_process(pid: int, start_time: int | None, boot_id: str | None) -> bool:
+    """True only if ``pid`` is still the very process that was recorded."""
+    if start_time is None or (boot_id and boot_id != _boot_id()):
+        return False
+    _reap(pid)
+    return _start_time(pid) == start_time
+
+
+def _stop_processes(procs: list[tuple[int, int]], label: dict[int, str]) -> list[str]:
+    """SIGTERM each recorded (pid, start time), wait, SIGKILL what is left; say what went.
+
+    The start time is checked before every signal, so a PID reused meanwhile is left alone.
+    """
+    alive = [(pid, st) for pid, st in procs if _same_process(pid, st, None)]
+    gone = [pid for pid, st in procs if (pid, st) not in alive]
+    for sig, wait_s in ((signal.SIGTERM, _STOP_TIMEOUT_S), (signal.SIGKILL, _KILL_TIMEOUT_S)):
+        for pid, st in alive:
+            if _same_process(pid, st, None):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.02)
+            still = [(pid, st) for pid, st in alive if _same_process(pid, st, None)]
+            gone += [pid for pid, st in alive if (pid, st) not in still]
+            alive = still
+    if alive:
+        raise DpmigrateError(
+            "process(es) " + ", ".join(str(p) for p, _ in alive) + " survived SIGKILL for "
+            f"{_KILL_TIMEOUT_S:.0f} s (stuck in the kernel?); run `dpmigrate clean` again"
+        )
+    return [label.get(pid, f"process {pid}") for pid in gone]
+
+
+# -- ip(8) --------------------------------------------------------------------------------
+
+
+def _tool(name: str, package: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if path is None:
+        raise EnvironmentProblem(f"`{name}` is missing; apt-get install {package}")
+    return path
+
+
+def _ip(*args: str) -> str:
+    cmd = [_tool("ip", "iproute2"), *args]
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=_IP_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise EnvironmentProblem(f"`{' '.join(cmd)}` hung for {_IP_TIMEOUT_S:.0f} s") from err
+    if done.returncode != 0:
+        raise EnvironmentProblem(f"`{' '.join(cmd)}` failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _netns_exists(name: str) -> bool:
+    return os.path.exists(f"/run/netns/{name}")
+
+
+def _netns_pids(name: str) -> list[int]:
+    """PIDs whose network namespace is ``name`` (``ip netns pids`` compares the inode)."""
+    if not _netns_exists(name):
+        return []
+    try:
+        out = _ip("netns", "pids", name)
+    except EnvironmentProblem:
+        return []
+    return [int(p) for p in out.split() if p.isdigit()]
+
+
+# -- teardown -----------------------------------------------------------------------------
+
+
+def _teardown(record_path: Path, record: dict[str, Any]) -> list[str]:
+    """Remove exactly what ``record`` lists; safe to repeat, safe after a half-done up()."""
+    removed: list[str] = []
+    boot_id = record.get("boot_id", "")
+    agents = [a for a in record.get("agents", []) if isinstance(a.get("pid"), int)]
+    procs = [
+        (a["pid"], a.get("start_time"))
+        for a in agents
+        if _same_process(a["pid"], a.get("start_time"), boot_id)
+    ]
+    labels = {a["pid"]: f"agent {a['node']} (pid {a['pid']})" for a in agents}
+    removed += _stop_processes(procs, labels)
+
+    namespaces = [str(n) for n in record.get("namespaces", [])]
+    # Anything still inside a namespace this cluster created was started in it by this
+    # cluster (a stage of a killed agent, an agent whose PID was not recorded yet because
+    # up() crashed right after spawning it). ip netns pids identifies them by namespace
+    # inode, not by name, so they go too: otherwise they would keep the namespace alive.
+    strays: list[tuple[int, int]] = []
+    for ns in namespaces:
+        for pid in _netns_pids(ns):
+            st = _start_time(pid)
+            if st is not None and pid != os.getpid():
+                strays.append((pid, st))
+                labels[pid] = f"process {pid} in {ns}"
+    removed += _stop_processes(strays, labels)
+
+    for ns in reversed(namespaces):
+        if _netns_exists(ns):
+            try:
+                _ip("netns", "del", ns)
+            except EnvironmentProblem:
+                if _netns_exists(ns):
+                    raise
+            removed.append(f"netns {ns}")
+
+    kept: list[str] = []
+    for name in record.get("files", []):
+        try:
+            os.unlink(name)
+            removed.append(f"file {name}")
+        except FileNotFoundError:
+            pass
+        except OSError as err:  # e.g. a directory put there by someone else: not ours
+            kept.append(f"{name} ({err.strerror})")
+    for name in reversed(record.get("trees", [])):  # directories this cluster created
+        if os.path.isdir(name):
+            shutil.rmtree(name, ignore_errors=True)
+            removed.append(f"directory {name}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(record_path.with_name(record_path.name + ".tmp"))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(record_path)
+        removed.append(f"record {record_path}")
+    for name in reversed(record.get("dirs", [])):  # created by us, removed only if empty
+        with contextlib.suppress(OSError):
+            os.rmdir(name)
+    if kept:
+        raise DpmigrateError(
+            "the cluster is removed but these recorded paths could not be: "
+            + "; ".join(kept)
+            + "; remove them by hand"
+        )
+    return removed
+
+
+def clean(state_dir: str | None = None) -> list[str]:
+    """Remove everything the cluster record lists (after a crash of the CLI or the machine).
+
+    Needs no running agent and no live object: the record alone says what exists. Returns a
+    line per removed thing; an absent record means there is nothing to remove.
+    """
+    state_dir = state_dir or config.load().state_dir
+    path = _record_path(state_dir)
+    record = _load(path)
+    if record is None:
+        return []
+    _require_root("remove the local cluster")
+    return _teardown(path, record)
+
+
+def _require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        raise EnvironmentProblem(
+            f"must run as root to {action} (network namespaces need CAP_SYS_ADMIN); use sudo"
+        )
+
+
+# -- the cluster --------------------------------------------------------------------------
+
+
+class LocalCluster:
+    """N nodes on this host; a context manager (up on enter, down on exit, whatever happens)."""
+
+    def __init__(self, nodes: int = 3, state_dir: str | None = None) -> None:
+        self.state_dir = state_dir or config.load().state_dir
+        self.size = nodes
+        self.record_path = _record_path(self.state_dir)
+        self._record: dict[str, Any] | None = None
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @classmethod
+    def current(cls, state_dir: str | None = None) -> LocalCluster:
+        """The cluster recorded in ``state_dir``; DpmigrateError when none is up."""
+        state_dir = state_dir or config.load().state_dir
+        path = _record_path(state_dir)
+        record = _load(path)
+        if record is None:
+            raise DpmigrateError(NO_CLUSTER)
+        cluster = cls(int(record.get("size", 0)) or 1, state_dir)
+        cluster._record = record
+        return cluster
+
+    # -- context manager ------------------------------------------------------------------
+    def __enter__(self) -> LocalCluster:
+        self.up()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.down()
+
+    # -- facts ----------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return str(self._require_record()["id"])
+
+    @property
+    def token(self) -> str:
+        return str(self._require_record()["token"])
+
+    @property
+    def nodes(self) -> list[Node]:
+        record = self._require_record()
+        pids = {a["node"]: a.get("pid") for a in record.get("agents", [])}
+        return [
+            Node(
+                name=n["name"],
+                netns=n["netns"],
+                address=n["address"],
+                agent_socket=n["agent_socket"],
+                agent_pid=pids.get(n["name"]),
+                log=n.get("log", ""),
+            )
+            for n in record.get("nodes", [])
+        ]
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(n.name for n in self.nodes)
+        raise ConfigError(f"no node {name!r} in the local cluster (nodes: {known})")
+
+    def client(self, node_name: str, timeout: float = 30.0) -> AgentClient:
+        """An authenticated connection to ``node_name``'s agent (through its socket file)."""
+        return AgentClient(self.node(node_name).agent_socket, self.token, timeout=timeout)
+
+    def _require_record(self) -> dict[str, Any]:
+        if self._record is None:
+            raise DpmigrateError(NO_CLUSTER)
+        return self._record
+
+    # -- up -------------------------------------------------------------------------------
+    def up(self) -> None:
+        """Build the namespaces, links and agents; on any failure remove what was made."""
+        _require_root("build a local cluster")
+        if not 1 <= self.size <= MAX_NODES:
+            raise ConfigError(
+                f"--nodes {self.size} is out of range: a local cluster has 1 to {MAX_NODES} nodes"
+            )
+        _tool("ip", "iproute2")
+        longest = _cluster_dir(self.state_dir) / f"node{self.size}.sock"
+        if len(str(longest).encode()) > _MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"DPMIGRATE_STATE_DIR={self.state_dir!r} is too long for the agents' unix "
+                f"sockets ({longest} exceeds {_MAX_SOCKET_PATH} bytes); use a shorter path"
+            )
+        nsenter = _tool("nsenter", "util-linux")
+        token = config.load().token or secrets.token_hex(16)
+        cid = secrets.token_hex(3)
+        cdir = _cluster_dir(self.state_dir)
+        # Every directory made here is recorded, so down() can remove it again if empty.
+        missing = [p for p in reversed(Path(self.state_dir).parents) if not p.exists()]
+        dirs = [d for d in (*missing, Path(self.state_dir), cdir, cdir / "logs") if not d.exists()]
+        for d in dirs:
+            d.mkdir(mode=0o700, exist_ok=True)
+        hub = f"dpm{cid}-hub"
+        nodes = [
+            {
+                "name": f"node{i}",
+                "netns": f"dpm{cid}-node{i}",
+                "address": f"{SUBNET}.{i}",
+                "agent_socket": str(cdir / f"node{i}.sock"),
+                "log": str(cdir / "logs" / f"node{i}.log"),
+            }
+            for i in range(1, self.size + 1)
+        ]
+        record: dict[str, Any] = {
+            "version": RECORD_VERSION,
+            "id": cid,
+            "size": self.size,
+            "status": "creating",
+            "created": time.time(),
+            "creator_pid": os.getpid(),
+            "boot_id": _boot_id(),
+            "state_dir": self.state_dir,
+            "token": token,
+            "hub": hub,
+            "nodes": nodes,
+            "namespaces": [],
+            "agents": [],
+            "files": [],
+            "trees": [],
+            "dirs": [str(d) for d in dirs],
+        }
+        _claim(self.record_path, record)  # refuses when a cluster is already recorded
+        self._record = record
+        try:
+            self._build(record, hub, nodes, nsenter)
+        except BaseException:
+            with contextlib.suppress(DpmigrateError):
+                self.down()
+            raise
+
+    def _save(self) -> None:
+        assert self._record is not None
+        _save(self.record_path, self._record)
+
+    def _add_netns(self, name: str) -> None:
+        if _netns_exists(name):  # not ours: never record (and so never delete) it
+            raise EnvironmentProblem(f"network namespace {name} already exists; try again")
+        assert self._record is not None
+        self._record["namespaces"].append(name)
+        self._save()
+        try:
+            _ip("netns", "add", name)
+        except EnvironmentProblem as err:
+            if os.strerror(errno.EEXIST) in str(err):  # someone else's after all
+                self._record["namespaces"].remove(name)
+                self._save()
+            raise
+
+    def _build(
+        self, record: dict[str, Any], hub: str, nodes: list[dict[str, Any]], nsenter: str
+    ) -> None:
+        self._add_netns(hub)
+        _ip("-n", hub, "link", "add", "br0", "type", "bridge", "forward_delay", "0")
+        _ip("-n", hub, "link", "set", "br0", "up")
+        for i, node in enumerate(nodes, start=1):
+            ns = node["netns"]
+            self._add_netns(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")  # CRIU needs loopback up
+            # Created inside the hub with its peer directly in the node: never in the host.
+            _ip("-n", hub, "link", "add", f"veth{i}", "type", "veth", "peer", "name", "eth0",
+                "netns", ns)  # fmt: skip
+            _ip("-n", hub, "link", "set", f"veth{i}", "master", "br0", "up")
+            _ip("-n", ns, "addr", "add", f"{node['address']}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+
+        for node in nodes:
+            self._start_agent(node, nodes, nsenter)
+        for node in nodes:
+            self._wait_agent(node)
+        self._check_links(nodes)
+        record["status"] = "up"
+        self._save()
+
+    def _start_agent(self, node: dict[str, Any], nodes: list[dict[str, Any]], nsenter: str) -> None:
+        assert self._record is not None
+        record = self._record
+        peers = ",".join(f"{n['address']}:{AGENT_PORT}" for n in nodes if n is not node)
+        supervisor_logs = Path(self.state_dir) / "logs" / node["name"]
+        # The agent's supervisor keeps stage logs there; created by this cluster, removed
+        # with it. The shared parent is only removed if it ends up empty.
+        if (
+            not supervisor_logs.parent.exists()
+            and str(supervisor_logs.parent) not in record["dirs"]
+        ):
+            record["dirs"].append(str(supervisor_logs.parent))
+        if not supervisor_logs.exists():
+            record["trees"].append(str(supervisor_logs))
+        record["files"] += [node["agent_socket"], node["log"]]
+        entry: dict[str, Any] = {"node": node["name"], "pid": None, "start_time": None}
+        record["agents"].append(entry)
+        self._save()  # before the spawn: a crash now still names the files and netns
+        env = {
+            **os.environ,
+            "DPMIGRATE_TOKEN": record["token"],
+            "DPMIGRATE_STATE_DIR": self.state_dir,
+        }
+        cmd = [
+            nsenter, f"--net=/run/netns/{node['netns']}", sys.executable, "-m",
+            "dpmigrate.runtime.agent", "--node", node["name"], "--socket", node["agent_socket"],
+            "--listen", f"{node['address']}:{AGENT_PORT}", "--peers", peers,
+        ]  # fmt: skip
+        fd = os.open(node["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
+                close_fds=True, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            os.close(fd)
+        self._procs[proc.pid] = proc
+        entry["pid"] = proc.pid  # nsenter execs the agent: same PID, same start time
+        entry["start_time"] = _start_time(proc.pid)
+        self._save()
+
+    def _wait_agent(self, node: dict[str, Any]) -> None:
+        """Bounded wait until the agent answers a ping on its socket file."""
+        assert self._record is not None
+        entry = next(a for a in self._record["agents"] if a["node"] == node["name"])
+        proc = self._procs.get(entry["pid"])
+        deadline = time.monotonic() + _AGENT_START_TIMEOUT_S
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise EnvironmentProblem(
+                    f"the agent of {node['name']} exited with status {proc.returncode} while "
+                    f"starting: {_tail(node['log'])}"
+                )
+            if os.path.exists(node["agent_socket"]):
+                try:
+                    with AgentClient(node["agent_socket"], self._record["token"], 2) as c:
+                        c.call("ping")
+                    return
+                except DpmigrateError as err:
+                    last = err
+            time.sleep(0.05)
+        raise EnvironmentProblem(
+            f"the agent of {node['name']} did not answer within {_AGENT_START_TIMEOUT_S:.0f} s "
+            f"({last or 'no socket'}): {_tail(node['log'])}"
+        )
+
+    def _check_links(self, nodes: list[dict[str, Any]]) -> None:
+        """Prove the veths carry traffic: a registration on node1 must reach every node.
+
+        Registrations are pushed from agent to agent over TCP on 10.213.0.0/24, so a lookup
+        answered by node<N>'s own registry means node1 reached it through the bridge. A push
+        that raced a peer's TCP listener is retried by registering again (same generation:
+        the registry accepts it), all within a bounded time.
+        """
+        if len(nodes) < 2:
+            return
+        assert self._record is not None
+        token = self._record["token"]
+        ring = f"dpmigrate.cluster-check.{self._record['id']}"
+        endpoint = {"transport": "tcp", "address": f"{nodes[0]['address']}:1", "generation": 0}
+        deadline = time.monotonic() + _CHECK_TIMEOUT_S
+        missing = list(nodes[1:])
+        try:
+            with AgentClient(nodes[0]["agent_socket"], token, 10) as first:
+                while missing and time.monotonic() < deadline:
+                    first.call("register", ring=ring, endpoint=endpoint)
+                    still = []
+                    for node in missing:
+                        with AgentClient(node["agent_socket"], token, 10) as other:
+                            if other.call("lookup", ring=ring, timeout=1.0) is None:
+                                still.append(node)
+                    missing = still
+        finally:
+            for node in nodes:
+                with (
+                    contextlib.suppress(DpmigrateError),
+                    AgentClient(node["agent_socket"], token, 5) as c,
+                ):
+                    c.call("unregister", ring=ring)
+        if missing:
+            names = ", ".join(n["name"] for n in missing)
+            raise EnvironmentProblem(
+                f"{nodes[0]['name']}'s agent could not reach {names} over the veth links within "
+                f"{_CHECK_TIMEOUT_S:.0f} s; see {_cluster_dir(self.state_dir) / 'logs'}"
+            )
+
+    # -- down / status --------------------------------------------------------------------
+    def down(self) -> list[str]:
+        """Stop the agents and remove every recorded namespace, file and the record.
+
+        Idempotent, and complete after a half-finished up(): it works from the record alone.
+        """
+        record = self._record if self._record is not None else _load(self.record_path)
+        if record is None:
+            return []
+        _require_root("remove the local cluster")
+        removed = _teardown(self.record_path, record)
+        for proc in self._procs.values():  # reap our own children (no zombies, no warnings)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0)
+        self._procs.clear()
+        self._record = None
+        return removed
+
+    def status(self, timeout: float = 2.0) -> dict[str, Any]:
+        """What the record says, checked against reality (process alive, agent answers)."""
+        record = self._require_record()
+        boot_id = record.get("boot_id", "")
+        agents = {a["node"]: a for a in record.get("agents", [])}
+        rows = []
+        for node in self.nodes:
+            entry = agents.get(node.name, {})
+            pid = entry.get("pid")
+            running = isinstance(pid, int) and _same_process(pid, entry.get("start_time"), boot_id)
+            answers = False
+            error = ""
+            if running:
+                try:
+                    with AgentClient(node.agent_socket, record["token"], timeout) as c:
+                        pong = c.call("ping")
+                    answers = isinstance(pong, dict) and pong.get("node") == node.name
+                except DpmigrateError as err:
+                    error = str(err)
+            rows.append(
+                {
+                    "name": node.name,
+                    "netns": node.netns,
+                    "netns_present": _netns_exists(node.netns),
+                    "address": node.address,
+                    "agent_socket": node.agent_socket,
+                    "agent_pid": pid,
+                    "agent_running": running,
+                    "alive": answers,
+                    "error": error,
+                    "log": node.log,
+                }
+            )
+        healthy = record.get("status") == "up" and all(r["alive"] for r in rows)
+        return {
+            "id": record["id"],
+            "state_dir": self.state_dir,
+            "record": str(self.record_path),
+            "status": record.get("status"),
+            "healthy": healthy,
+            "created": record.get("created"),
+            "hub": record.get("hub"),
+            "namespaces": [
+                {"name": ns, "present": _netns_exists(ns)} for ns in record.get("namespaces", [])
+            ],
+            "nodes": rows,
+        }
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    """The last lines of an agent log, for an error message that explains itself."""
+    try:
+        text = Path(path).read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return f"(no log at {path})"
+    return " | ".join(text) if text else f"(log {path} is empty)"
