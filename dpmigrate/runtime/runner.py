@@ -85,7 +85,7 @@ class StageRunner:
                 f"its outputs are {list(self.outputs)}"
             ) from None
 
-    def _flush(self, wait: float = 0) -> bool:
+    def flush(self, wait: float = 0) -> bool:
         """Move outbox messages into the output rings (waiting up to ``wait`` seconds for
         room); True when the outbox is empty."""
         empty = True
@@ -105,7 +105,12 @@ class StageRunner:
         inputs = {port: rx.next_expected for port, rx in self.inputs.items()}
         outputs = {port: tx.next_seq + len(self._outbox[port]) for port, tx in self.outputs.items()}
         self._points.append((delta, inputs, outputs))
-        self._flush()
+        self.flush()
+
+    @property
+    def settled(self) -> bool:
+        """Nothing in the outbox and every point persisted: state, journal and rings agree."""
+        return not self._points and not any(self._outbox.values())
 
     def persist(self) -> None:
         """Persist the latest point whose outputs downstream has acknowledged, then
@@ -137,7 +142,7 @@ class StageRunner:
         """
         if self.done:
             return False
-        if not self._flush(wait):
+        if not self.flush(wait):
             return False
         if not self.inputs:
             return self._step_source()
@@ -177,7 +182,7 @@ class StageRunner:
 
     def _finish(self) -> None:
         """All inputs ended (or the source finished) and the outbox is empty: close outputs."""
-        if self._flush() and not self._points:
+        if self.flush() and not self._points:
             for tx in self.outputs.values():
                 tx.close()
             self.done = True

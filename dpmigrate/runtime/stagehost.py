@@ -5,32 +5,52 @@ opens its rings — shm to stages on the same node, tcp to stages on other nodes
 peers by ring name through the run's registry, and runs batches until its inputs end (or, for a
 source, until it finishes). It writes a status file about twice a second.
 
-SIGTERM (twelve-factor disposability): the current batch finishes, the point is persisted as far
-as downstream acknowledged it, the rings are detached (not closed: the peers wait for a new
-instance) and the process exits 0.
+Signals, the stage's whole control surface (nothing else reaches into a running stage):
+
+* SIGTERM (twelve-factor disposability): the current batch finishes, the point is persisted as
+  far as downstream acknowledged it, the rings are detached (not closed: the peers wait for a
+  new instance) and the process exits 0.
+* SIGUSR2 — *quiesce* before a checkpoint (DESIGN.md §4): stop taking input, hand every output
+  to its ring and wait until downstream acknowledged all of it, persist, acknowledge the
+  inputs, detach every ring and close every file and socket, so the process holds no
+  connection to anything outside it. Status phase ``quiesced``; then it sleeps in
+  ``sigwaitinfo``.
+* SIGUSR1 — *wake* (after a restore, maybe on another node, or to resume in place): ask the
+  local agent (the one of whatever network namespace it now runs in) where the peers are and
+  reopen the rings from the same positions. Status phase ``running``.
+
+The stage's output goes to its log file by open-append-close per event, never through an open
+descriptor, so a checkpointed image does not hold a file that keeps growing (CRIU refuses to
+restore a file whose size changed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from dpmigrate import transports
 from dpmigrate.errors import DpmigrateError
-from dpmigrate.runtime.journal import StageJournal
+from dpmigrate.runtime.journal import Positions, StageJournal
 from dpmigrate.runtime.manifest import App, RingSpec
 from dpmigrate.runtime.registry import AgentResolver
 from dpmigrate.runtime.runner import StageRunner
+from dpmigrate.transports.base import RingReceiver, RingSender
 from dpmigrate.transports.resolver import DirectoryResolver, Resolver
 
 STATUS_INTERVAL_S = 0.5
+#: How long a quiesce may wait for downstream to acknowledge everything before it gives up
+#: (the stage then keeps running where it is).
+QUIESCE_TIMEOUT_S = 15.0
 
 
 def ring_transport(app: App, ring: RingSpec, model: str) -> str:
@@ -47,11 +67,208 @@ def ring_name(app: App, ring: RingSpec) -> str:
     return f"{app.name}.{ring.name}"
 
 
-def _write_status(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status-")
-    with os.fdopen(fd, "w") as out:
-        json.dump(data, out)
-    os.replace(tmp, path)
+class StageHost:
+    """The stage process: rings, runner, journal, signals."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.app = App.load(args.manifest)
+        self.spec = self.app.stage(args.stage)
+        self.run_dir = Path(args.run_dir)
+        self.log_path = Path(args.log) if args.log else None
+        self.journal = StageJournal(self.run_dir / "stages" / self.spec.name)
+        self.status_path = self.run_dir / "status" / f"{self.spec.name}.json"
+        self.status_path.parent.mkdir(parents=True, exist_ok=True)
+        self.phase = "starting"
+        self.flags = {"stop": False, "quiesce": False}
+        self.resolver: Resolver | None = None
+        state, in_pos, out_pos = self.journal.load()
+        inputs, outputs = self.open_rings(in_pos, out_pos)
+        service = self.app.service_class(self.spec.name)()
+        self.runner = StageRunner(
+            self.spec.name, service, inputs, outputs, state=state, config=self.spec.config,
+            batch=self.spec.batch, journal=self.journal,
+        )  # fmt: skip
+        self.event("stage started", state_version=state.version, inputs=in_pos, outputs=out_pos)
+
+    # -- rings --------------------------------------------------------------------------
+    def open_rings(
+        self, in_pos: Positions, out_pos: Positions
+    ) -> tuple[dict[str, RingReceiver], dict[str, RingSender]]:
+        """Open every ring end at the given positions, producers first (they are the servers
+        their consumers look up)."""
+        args, app = self.args, self.app
+        if args.registry == "agent":
+            self.resolver = AgentResolver()
+            # tcp rings listen on this node's own address, asked from the local agent
+            host: str | None = str(self.resolver.node_info()["address"])
+        else:
+            self.resolver = DirectoryResolver(self.run_dir / "registry")
+            host = None
+        outputs: dict[str, RingSender] = {}
+        inputs: dict[str, RingReceiver] = {}
+        for ring in app.rings:
+            if ring.src_stage == self.spec.name:
+                transport = ring_transport(app, ring, args.model)
+                extra = {"host": host} if transport == "tcp" and host else {}
+                outputs[ring.src_port] = transports.open_sender(
+                    transport, ring_name(app, ring), resolver=self.resolver,
+                    capacity=ring.capacity, next_seq=out_pos.get(ring.src_port, 0), **extra,
+                )  # fmt: skip
+        for ring in app.rings:
+            if ring.dst_stage == self.spec.name:
+                inputs[ring.dst_port] = transports.open_receiver(
+                    ring_transport(app, ring, args.model), ring_name(app, ring),
+                    resolver=self.resolver, auto_commit=False,
+                    next_expected=in_pos.get(ring.dst_port, 0), connect_timeout=60.0,
+                )  # fmt: skip
+        return inputs, outputs
+
+    def positions(self) -> tuple[Positions, Positions]:
+        r = self.runner
+        return (
+            {port: rx.next_expected for port, rx in r.inputs.items()},
+            {port: tx.next_seq for port, tx in r.outputs.items()},
+        )
+
+    def detach_all(self) -> None:
+        for end in [*self.runner.outputs.values(), *self.runner.inputs.values()]:
+            end.detach()
+        if isinstance(self.resolver, AgentResolver):
+            self.resolver.close()
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.flags.update(stop=True))
+        signal.signal(signal.SIGUSR2, lambda *_: self.flags.update(quiesce=True))
+        self.phase = "running"
+        runner = self.runner
+        next_status = 0.0
+        while not runner.done and not self.flags["stop"]:
+            if self.flags["quiesce"]:
+                self.flags["quiesce"] = False
+                self.quiesce_and_wait()
+                continue
+            if not runner.step(wait=0.05) and not runner.done:
+                # Idle: serve the output rings (a reconnecting consumer, acks), then persist.
+                for tx in runner.outputs.values():
+                    tx.service(0.005)
+                runner.persist()
+            now = time.monotonic()
+            if now >= next_status:
+                self.write_status()
+                next_status = now + STATUS_INTERVAL_S
+        return self.finish()
+
+    def finish(self) -> int:
+        """A finished stream closes the rings (downstream sees EndOfRing); a stage told to
+        stop detaches instead, so a restarted or moved instance resumes from its journal."""
+        runner = self.runner
+        runner.persist()
+        if runner.done:
+            for rx in runner.inputs.values():
+                rx.close()
+        else:
+            self.detach_all()
+        self.journal.close()
+        self.phase = "finished" if runner.done else "stopped"
+        self.write_status()
+        self.event("stage stopped", done=runner.done)
+        return 0
+
+    # -- quiesce and wake ---------------------------------------------------------------
+    def drain(self, timeout: float) -> bool:
+        """Everything out and acknowledged, inputs acknowledged up to the same point."""
+        runner = self.runner
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runner.persist()
+            outbox_empty = runner.flush(wait=0.01)
+            acked = all(tx.acked >= tx.next_seq for tx in runner.outputs.values())
+            if outbox_empty and acked:
+                runner.persist()
+                return runner.settled
+            for tx in runner.outputs.values():
+                tx.service(0.005)
+        return False
+
+    def quiesce_and_wait(self) -> None:
+        started = time.monotonic()
+        if not self.drain(QUIESCE_TIMEOUT_S):
+            self.event("quiesce failed", reason=f"downstream did not acknowledge within "
+                       f"{QUIESCE_TIMEOUT_S} s; still running")  # fmt: skip
+            self.write_status(quiesce_error="downstream did not acknowledge in time")
+            return
+        in_pos, out_pos = self.positions()
+        self.detach_all()
+        self.journal.close()
+        self.phase = "quiesced"
+        self.write_status(quiesced={"inputs": in_pos, "outputs": out_pos,
+                                    "drain_s": round(time.monotonic() - started, 4)})  # fmt: skip
+        self.event("stage quiesced", inputs=in_pos, outputs=out_pos)
+        # Sleep until woken (SIGUSR1) — a checkpoint is taken while we sit here — or stopped.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+        try:
+            info = signal.sigwaitinfo({signal.SIGUSR1, signal.SIGTERM})
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGTERM})
+        if info.si_signo == signal.SIGTERM:
+            self.flags["stop"] = True
+        inputs, outputs = self.open_rings(in_pos, out_pos)
+        self.runner.inputs, self.runner.outputs = inputs, outputs
+        self.phase = "running"
+        self.event("stage woken", inputs=in_pos, outputs=out_pos, node=self.node_name())
+        self.write_status()
+
+    def node_name(self) -> str | None:
+        if isinstance(self.resolver, AgentResolver):
+            with contextlib.suppress(DpmigrateError):
+                return str(self.resolver.node_info()["node"])
+        return None
+
+    # -- reporting ----------------------------------------------------------------------
+    def event(self, name: str, **fields: Any) -> None:
+        """One JSON line appended to the stage's log (opened and closed each time)."""
+        line = json.dumps({"t": round(time.time(), 3), "event": name, "stage": self.spec.name,
+                           **fields})  # fmt: skip
+        if self.log_path is None:
+            print(line, flush=True)
+            return
+        with open(self.log_path, "a") as log:
+            log.write(line + "\n")
+
+    def write_status(self, **extra: Any) -> None:
+        runner = self.runner
+        data = {
+            "stage": runner.name,
+            "phase": self.phase,
+            "host_pid_ns_pid": os.getpid(),
+            "state_version": runner.state.version,
+            "state_digest": runner.state.digest(),
+            "msgs_in": runner.stats.msgs_in,
+            "msgs_out": runner.stats.msgs_out,
+            "batches": runner.stats.batches,
+            "done": runner.done,
+            "metrics": runner.metrics(),
+            "rings": [end.statistics().as_dict()
+                      for end in [*runner.inputs.values(), *runner.outputs.values()]],
+            "time": time.time(),
+            **extra,
+        }  # fmt: skip
+        fd, tmp = tempfile.mkstemp(dir=self.status_path.parent, prefix=".status-")
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out)
+        os.replace(tmp, self.status_path)
+
+
+def _quiet_stdio() -> None:
+    """Point stdout/stderr at /dev/null: the image then holds no growing log descriptor."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,98 +281,25 @@ def main(argv: list[str] | None = None) -> int:
         "--registry",
         choices=["dir", "agent"],
         default="dir",
-        help="where ring endpoints are registered: the run folder or the node agent",
+        help="where ring endpoints are registered: the run folder or the agent",
     )
+    parser.add_argument("--log", help="append the stage's events here (else stdout)")
     args = parser.parse_args(argv)
-
-    stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-
-    app = App.load(args.manifest)
-    spec = app.stage(args.stage)
-    run_dir = Path(args.run_dir)
-    journal = StageJournal(run_dir / "stages" / spec.name)
-    state, in_pos, out_pos = journal.load()
-    resolver: Resolver = (
-        AgentResolver() if args.registry == "agent" else DirectoryResolver(run_dir / "registry")
-    )
-    # tcp rings listen on this node's own address (asked from the local agent in a cluster).
-    host = str(resolver.node_info()["address"]) if isinstance(resolver, AgentResolver) else None
-    outputs, inputs = {}, {}
-    for ring in app.rings:  # producers first: they are the servers their consumers look up
-        if ring.src_stage == spec.name:
-            transport = ring_transport(app, ring, args.model)
-            extra = {"host": host} if transport == "tcp" and host else {}
-            outputs[ring.src_port] = transports.open_sender(
-                transport, ring_name(app, ring), resolver=resolver,
-                capacity=ring.capacity, next_seq=out_pos.get(ring.src_port, 0), **extra,
-            )  # fmt: skip
-    for ring in app.rings:
-        if ring.dst_stage == spec.name:
-            inputs[ring.dst_port] = transports.open_receiver(
-                ring_transport(app, ring, args.model), ring_name(app, ring), resolver=resolver,
-                auto_commit=False, next_expected=in_pos.get(ring.dst_port, 0),
-                connect_timeout=60.0,
-            )  # fmt: skip
-    service = app.service_class(spec.name)()
-    runner = StageRunner(
-        spec.name, service, inputs, outputs, state=state, config=spec.config,
-        batch=spec.batch, journal=journal,
-    )  # fmt: skip
-    status_path = run_dir / "status" / f"{spec.name}.json"
-    status_path.parent.mkdir(parents=True, exist_ok=True)
-    print(json.dumps({"event": "stage started", "stage": spec.name, "state_version": state.version,
-                      "inputs": in_pos, "outputs": out_pos}), flush=True)  # fmt: skip
-    next_status = 0.0
-    while not runner.done and not stop["requested"]:
-        if not runner.step(wait=0.05) and not runner.done:
-            # Idle: serve the output rings (a reconnecting consumer, acks), then persist.
-            for tx in outputs.values():
-                tx.service(0.005)
-            runner.persist()
-        now = time.monotonic()
-        if now >= next_status:
-            _write_status(status_path, _status(runner))
-            next_status = now + STATUS_INTERVAL_S
-    # Persist what downstream acknowledged. A finished stream closes the rings (downstream sees
-    # EndOfRing); a stage told to stop detaches instead, so a restarted or moved instance
-    # resumes from its journal and its peers just wait for it.
-    runner.persist()
-    if runner.done:
-        for rx in inputs.values():
-            rx.close()
-    else:
-        for end in [*outputs.values(), *inputs.values()]:
-            end.detach()
-    journal.close()
-    _write_status(status_path, _status(runner))
-    print(
-        json.dumps({"event": "stage stopped", "stage": spec.name, "done": runner.done}), flush=True
-    )
-    return 0
-
-
-def _status(runner: StageRunner) -> dict[str, Any]:
-    return {
-        "stage": runner.name,
-        "state_version": runner.state.version,
-        "state_digest": runner.state.digest(),
-        "msgs_in": runner.stats.msgs_in,
-        "msgs_out": runner.stats.msgs_out,
-        "batches": runner.stats.batches,
-        "done": runner.done,
-        "metrics": runner.metrics(),
-        "rings": [
-            end.statistics().as_dict()
-            for end in [*runner.inputs.values(), *runner.outputs.values()]
-        ],
-        "time": time.time(),
-    }
+    try:
+        host = StageHost(args)
+        if args.log:
+            _quiet_stdio()
+        return host.run()
+    except Exception as err:
+        text = "".join(traceback.format_exception(err))
+        line = json.dumps({"t": round(time.time(), 3), "event": "stage failed",
+                           "stage": args.stage, "error": str(err), "traceback": text})  # fmt: skip
+        if args.log:
+            with open(args.log, "a") as log:
+                log.write(line + "\n")
+        print(line, file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DpmigrateError as err:
-        print(json.dumps({"event": "stage failed", "error": str(err)}), flush=True)
-        sys.exit(1)
+    sys.exit(main())

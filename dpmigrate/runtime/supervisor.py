@@ -79,9 +79,17 @@ class Supervisor:
         self._preexec = _die_with_parent if die_with_supervisor else None
 
     def start(
-        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        log_flag: str | None = "--log",
     ) -> StageProcess:
-        stage = StageProcess(name, list(argv), self.log_dir / f"{name.replace('/', '.')}.log")
+        """Start ``python ARGV`` as stage ``name``; ``log_flag`` passes it its log file (a
+        stage host appends its events there itself; its stdout only catches early failures)."""
+        log = self.log_dir / f"{name.replace('/', '.')}.log"
+        argv = [*argv, log_flag, str(log)] if log_flag else list(argv)
+        stage = StageProcess(name, argv, log)
         self.stages[name] = stage
         self._spawn(stage, env)
         return stage
