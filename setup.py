@@ -12,7 +12,13 @@ setup(
             "dpmigrate.native._ring",
             sources=["dpmigrate/native/ring.c", "dpmigrate/native/_ringmodule.c"],
             depends=["dpmigrate/native/ring.h"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            extra_compile_args=[
+                "-O2",
+                "-std=gnu11",
+                "-Wall",
+                "-Wextra",
+                "-Werror=implicit-function-declaration",
+            ],
         )
     ]
 )
