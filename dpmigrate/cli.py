@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dpmigrate import __version__, config, doctor
+from dpmigrate.cli_checkpoint import COMMANDS as CHECKPOINT_COMMANDS
 from dpmigrate.cli_cluster import clean, cluster
 from dpmigrate.errors import ConfigError, DpmigrateError
 
@@ -345,6 +346,8 @@ class _RateView:
 
 
 main.add_command(cluster)
+for _command in CHECKPOINT_COMMANDS:
+    main.add_command(_command)
 main.add_command(clean)
 
 if __name__ == "__main__":

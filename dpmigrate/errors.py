@@ -18,6 +18,8 @@ one line and exits non-zero, never with a traceback.
     │   ├── RingBroken              the peer went away without closing (crash, cut link)
     │   ├── MessageTooLarge         a message exceeds the ring's maximum message size
     │   └── ProtocolError           a peer sent malformed or out-of-protocol bytes
+    ├── CheckpointError             a CRIU dump or restore failed (quotes CRIU's log, names it)
+    │   └── BundleError             an image bundle is missing, corrupt or incompatible
     └── NativeError                 a syscall in the C core failed (errno and syscall named)
 
 The split between RingClosed and RingBroken follows trio: "Closed" is a bug in the caller,
@@ -77,6 +79,34 @@ class MessageTooLarge(RingError, ValueError):
 
 class ProtocolError(RingError):
     """The peer sent bytes that do not follow the ring or control protocol."""
+
+
+class CheckpointError(DpmigrateError):
+    """CRIU could not dump or restore; the message quotes CRIU's log and names the kept log.
+
+    ``log_file`` is the path of CRIU's log (kept for the operator), ``log_lines`` the lines
+    quoted from it and ``detail`` what the RPC answer said, so a caller that moves the log can
+    rebuild the message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        log_file: str | None = None,
+        log_lines: tuple[str, ...] = (),
+        detail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.log_file = log_file
+        self.log_lines = log_lines
+        self.detail = detail
+
+
+class BundleError(CheckpointError):
+    """An image bundle cannot be used: a file is missing, extra, truncated or altered, the
+    manifest is unreadable, or the bundle needs a newer CRIU or CPU features this node lacks.
+    Nothing is deleted when this is raised."""
 
 
 class NativeError(DpmigrateError, OSError):

@@ -33,7 +33,7 @@ from typing import Any
 
 from dpmigrate import config
 from dpmigrate.errors import DpmigrateError, ProtocolError
-from dpmigrate.runtime import control
+from dpmigrate.runtime import control, stage_checkpoint
 from dpmigrate.runtime.supervisor import Supervisor
 
 ABSTRACT_NAME = "@dpmigrate-agent"
@@ -62,10 +62,11 @@ class Agent:
             run_dir / "logs" / node, on_event=lambda m: log("stage", message=m)
         )
         self.stage_runs: dict[str, str] = {}  # stage -> run dir (for its status file)
+        self.stage_args: dict[str, tuple[str, str, str]] = {}  # stage -> manifest, run dir, model
         self.stopping = threading.Event()
         self.listeners: list[socket.socket] = []
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._outboxes: dict[str, queue.Queue[tuple[str, dict[str, Any]]]] = {}
 
     # -- serving ------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class Agent:
     def _push(self, op: str, args: dict[str, Any]) -> None:
         """Queue a registry change for every peer; one sender per peer keeps the order."""
         for peer in self.peers:
-            with self._lock:
+            with self.lock:
                 box = self._outboxes.get(peer)
                 if box is None:
                     box = self._outboxes[peer] = queue.Queue()
@@ -235,7 +236,7 @@ class Agent:
             if not a[key].startswith("/"):
                 raise ProtocolError(f"{key} must be an absolute path")
         key = f"{a['app']}/{a['stage']}"
-        with self._lock:
+        with self.lock:
             existing = self.supervisor.stages.get(key)
             if existing is not None and not existing.finished:
                 raise ProtocolError(f"stage {key!r} already runs on node {self.node}")
@@ -244,6 +245,7 @@ class Agent:
                 a["stage"], "--run-dir", a["run_dir"], "--model", a["model"], "--registry", "agent",
             ])  # fmt: skip
             self.stage_runs[key] = a["run_dir"]
+            self.stage_args[key] = (a["manifest"], a["run_dir"], a["model"])
         pid = proc.proc.pid if proc.proc else None
         log("stage start", stage=key, pid=pid)
         return {"stage": key, "node": self.node, "pid": pid}
@@ -268,11 +270,31 @@ class Agent:
     def op_forget_app(self, args: Any) -> None:
         """Drop an app's finished stages from the status (after `dpmigrate stop`)."""
         a = control.check_args(args, {"app": str})
-        with self._lock:
+        with self.lock:
             for key in [k for k in self.supervisor.stages if k.startswith(a["app"] + "/")]:
                 if self.supervisor.stages[key].finished:
                     del self.supervisor.stages[key]
                     self.stage_runs.pop(key, None)
+
+    def op_checkpoint_stage(self, args: Any) -> dict[str, Any]:
+        """Quiesce a stage and dump it with CRIU into a bundle (see stage_checkpoint)."""
+        a = control.check_args(args, {"app": str, "stage": str, "out": str, "leave_running": bool})
+        if not a["out"].startswith("/"):
+            raise ProtocolError("out must be an absolute path")
+        key = f"{a['app']}/{a['stage']}"
+        log("checkpoint", stage=key, out=a["out"], leave_running=a["leave_running"])
+        result = stage_checkpoint.checkpoint_stage(self, key, a["out"], a["leave_running"])
+        log("checkpointed", stage=key, frozen_time_us=result["criu"]["frozen_time"])
+        return result
+
+    def op_restore_stage(self, args: Any) -> dict[str, Any]:
+        """Restore a stage bundle on this node, adopt it and wake it."""
+        a = control.check_args(args, {"bundle": str})
+        if not a["bundle"].startswith("/"):
+            raise ProtocolError("bundle must be an absolute path")
+        result = stage_checkpoint.restore_stage(self, a["bundle"])
+        log("restored", stage=result["stage"], pid=result["pid"])
+        return result
 
     def op_status(self, args: Any) -> dict[str, Any]:
         control.check_args(args, {})
@@ -284,6 +306,7 @@ class Agent:
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 info.update(json.loads(status_file.read_text()))
             info.update(pid=proc.stage_pid, restarts=proc.restarts, finished=proc.finished,
+                        moved=proc.moved,
                         failed=proc.failed, log=str(proc.log))  # fmt: skip
             stages.append(info)
         with self.changed:
@@ -297,7 +320,7 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> None:
         while not self.stopping.is_set():
-            with self._lock:
+            with self.lock:
                 self.supervisor.poll()
             self.stopping.wait(0.2)
 
@@ -305,7 +328,7 @@ class Agent:
         if self.stopping.is_set():
             return
         log("stopping", stages=len(self.supervisor.stages))
-        with self._lock:
+        with self.lock:
             self.supervisor.stop()
         self.stopping.set()
         for sock in self.listeners:

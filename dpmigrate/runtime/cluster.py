@@ -415,6 +415,49 @@ class LocalCluster:
         """An authenticated connection to ``node_name``'s agent (through its socket file)."""
         return AgentClient(self.node(node_name).agent_socket, self.token, timeout=timeout)
 
+    # -- stages -----------------------------------------------------------------------------
+    def find_stage(self, stage: str) -> tuple[str, str, str]:
+        """Where a running stage is: (node, app, stage). ``stage`` is ``STAGE`` or
+        ``APP/STAGE``; an ambiguous or unknown name is an error listing what runs."""
+        app, _, name = stage.rpartition("/")
+        found, running = [], []
+        for node in self.nodes:
+            with self.client(node.name) as agent:
+                for info in agent.call("status")["stages"]:
+                    if info.get("finished") or not info.get("pid"):
+                        continue
+                    running.append(f"{info['app']}/{info['name']}@{node.name}")
+                    if info["name"] == name and (not app or info["app"] == app):
+                        found.append((node.name, info["app"], info["name"]))
+        if len(found) == 1:
+            return found[0]
+        what = ", ".join(running) or "nothing"
+        if not found:
+            raise DpmigrateError(f"no running stage {stage!r} in the cluster (running: {what})")
+        raise DpmigrateError(f"stage name {stage!r} is ambiguous; use APP/STAGE (running: {what})")
+
+    def checkpoint(
+        self, stage: str, out: str | os.PathLike[str], leave_running: bool = False
+    ) -> dict[str, Any]:
+        """Checkpoint a running stage into the bundle ``out`` (its node's agent runs CRIU)."""
+        node, app, name = self.find_stage(stage)
+        with self.client(node, timeout=300) as agent:
+            return agent.call(
+                "checkpoint_stage", app=app, stage=name, out=str(Path(out).absolute()),
+                leave_running=leave_running,
+            )  # fmt: skip
+
+    def restore(self, bundle: str | os.PathLike[str], node: str | None = None) -> dict[str, Any]:
+        """Restore a stage bundle on ``node`` (default: the node it was checkpointed on)."""
+        from dpmigrate.checkpoint import bundle as bundles
+
+        loaded = bundles.load(bundle)  # refuse a bad bundle before asking any agent
+        target = node or loaded.node
+        if target is None:
+            raise DpmigrateError(f"bundle {bundle} names no node; pass --node")
+        with self.client(target, timeout=300) as agent:
+            return agent.call("restore_stage", bundle=str(Path(bundle).absolute()))
+
     def _require_record(self) -> dict[str, Any]:
         if self._record is None:
             raise DpmigrateError(NO_CLUSTER)

@@ -44,6 +44,7 @@ class StageJournal:
 
     def load(self) -> tuple[State, Positions, Positions]:
         """The last persisted point: (state, input positions, output positions)."""
+        self._records = 0
         state, inputs, outputs = State(), {}, {}
         if self._snapshot_path.exists():
             try:

@@ -56,7 +56,8 @@ class MultiNodeRun:
         for node in self.cluster.nodes:
             with contextlib.suppress(DpmigrateError), self.cluster.client(node.name) as agent:
                 for info in agent.call("status")["stages"]:
-                    if info.get("app") == self.app.name:
+                    # a stage that left this node by checkpoint shows up where it was restored
+                    if info.get("app") == self.app.name and not info.get("moved"):
                         stages.append(info)
         order = {spec.name: i for i, spec in enumerate(self.app.stages)}
         return sorted(stages, key=lambda s: order.get(s["name"], 99))

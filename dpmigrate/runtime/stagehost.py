@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -214,11 +215,31 @@ class StageHost:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGTERM})
         if info.si_signo == signal.SIGTERM:
             self.flags["stop"] = True
+        # CRIU restores the parent-death signal `unshare --kill-child` gave us, but after a
+        # restore our parent is the restoring agent's (short-lived) thread: drop it.
+        _clear_parent_death_signal()
+        in_pos, out_pos = self.catch_up_with_journal(in_pos, out_pos)
         inputs, outputs = self.open_rings(in_pos, out_pos)
         self.runner.inputs, self.runner.outputs = inputs, outputs
         self.phase = "running"
         self.event("stage woken", inputs=in_pos, outputs=out_pos, node=self.node_name())
         self.write_status()
+
+    def catch_up_with_journal(
+        self, in_pos: Positions, out_pos: Positions
+    ) -> tuple[Positions, Positions]:
+        """Woken from an older checkpoint while the original ran on (``--leave-running``):
+        the journal then holds a later persisted point, and the upstream producers no longer
+        retain the inputs between the two. Continue from the journal's point: same state the
+        original had there, same positions, so nothing is lost or duplicated."""
+        state, j_in, j_out = self.journal.load()
+        if state.version <= self.runner.state.version:
+            return in_pos, out_pos
+        self.event("caught up with journal", from_version=self.runner.state.version,
+                   to_version=state.version)  # fmt: skip
+        self.runner.state = state
+        self.runner.service.setup(state, dict(self.spec.config))
+        return {**in_pos, **j_in}, {**out_pos, **j_out}
 
     def node_name(self) -> str | None:
         if isinstance(self.resolver, AgentResolver):
@@ -259,6 +280,11 @@ class StageHost:
         with os.fdopen(fd, "w") as out:
             json.dump(data, out)
         os.replace(tmp, self.status_path)
+
+
+def _clear_parent_death_signal() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG, none
 
 
 def _quiet_stdio() -> None:

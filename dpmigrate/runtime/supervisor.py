@@ -41,10 +41,15 @@ class StageProcess:
     exit_codes: list[int] = dataclasses.field(default_factory=list)
     finished: bool = False
     failed: bool = False  # gave up after max_restarts
+    adopted_pid: int | None = None  # a restored stage: our child, but not through unshare
+    checkpointing: bool = False  # being dumped: its exit is a departure, not a crash
+    moved: bool = False  # left this node by checkpoint (it runs on, elsewhere or later)
 
     @property
     def stage_pid(self) -> int | None:
         """Host PID of the stage itself (the child of ``unshare``; PID 1 in its namespace)."""
+        if self.adopted_pid is not None:
+            return None if self.finished else self.adopted_pid
         if self.proc is None or self.proc.poll() is not None:
             return None
         path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
@@ -103,15 +108,36 @@ class Supervisor:
             )  # fmt: skip
         self.on_event(f"stage {stage.name} started (pid {stage.proc.pid})")
 
+    def adopt(self, name: str, pid: int, argv: Sequence[str], log: Path) -> StageProcess:
+        """Take over a stage restored by CRIU as a child of this process: watch it, and if it
+        crashes, restart it from its journal with ``argv`` like any other stage."""
+        stage = StageProcess(name, list(argv), log, adopted_pid=pid)
+        self.stages[name] = stage
+        self.on_event(f"stage {name} adopted (restored, pid {pid})")
+        return stage
+
+    def _exit_code(self, stage: StageProcess) -> int | None:
+        if stage.adopted_pid is not None:
+            try:
+                pid, status = os.waitpid(stage.adopted_pid, os.WNOHANG)
+            except ChildProcessError:
+                return 1  # not ours to reap any more: treat as gone
+            return None if pid == 0 else os.waitstatus_to_exitcode(status)
+        return stage.proc.poll() if stage.proc is not None else None
+
     def poll(self) -> None:
         """Reap exited stages; restart the ones that crashed."""
         for stage in self.stages.values():
-            if stage.proc is None or stage.finished:
+            if stage.finished or (stage.proc is None and stage.adopted_pid is None):
                 continue
-            code = stage.proc.poll()
+            code = self._exit_code(stage)
             if code is None:
                 continue
             stage.exit_codes.append(code)
+            if stage.checkpointing:
+                stage.finished = stage.moved = True
+                self.on_event(f"stage {stage.name} left with its checkpoint ({_describe(code)})")
+                continue
             if code == 0 or self._stopping:
                 stage.finished = True
                 self.on_event(f"stage {stage.name} exited ({_describe(code)})")
@@ -127,6 +153,7 @@ class Supervisor:
             self.on_event(
                 f"stage {stage.name} died ({_describe(code)}); restarting from its journal"
             )
+            stage.adopted_pid = None  # a restored stage restarts the ordinary way
             self._spawn(stage)
 
     @property
@@ -146,20 +173,38 @@ class Supervisor:
 
     def _terminate(self, stages: list[StageProcess], grace: float) -> None:
         for stage in stages:
-            pid = stage.stage_pid
+            pid = stage.adopted_pid if stage.adopted_pid is not None else stage.stage_pid
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for stage in stages:
-            if stage.proc is None:
-                continue
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                stage.proc.wait(max(0.0, deadline - time.monotonic()))
-            if stage.proc.poll() is None:  # --kill-child takes the stage down with unshare
-                stage.proc.kill()
-                stage.proc.wait(grace)
+            if stage.adopted_pid is not None:
+                self._wait_adopted(stage, deadline)
+            elif stage.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    stage.proc.wait(max(0.0, deadline - time.monotonic()))
+                if stage.proc.poll() is None:  # --kill-child takes the stage down with unshare
+                    stage.proc.kill()
+                    stage.proc.wait(grace)
             stage.finished = True
+
+    @staticmethod
+    def _wait_adopted(stage: StageProcess, deadline: float) -> None:
+        pid = stage.adopted_pid
+        assert pid is not None
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if done:
+                return
+            time.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def _die_with_parent() -> None:

@@ -1,0 +1,539 @@
+"""CRIU dump and restore over RPC (pycriu, ``criu swrk``): the one place that drives CRIU.
+
+Why RPC and not the CLI: the request is a typed protobuf and the answer (success, the restored
+PID) comes back on a socket, so nothing depends on parsing CRIU's human output (DESIGN.md §4).
+Only the *reasons* of a failure still come from CRIU's log, which is why every failure here is
+one :class:`~dpmigrate.errors.CheckpointError` that quotes the log's error lines and names the
+log file, which is kept.
+
+Facts this module is built around (measured here, DESIGN.md §4):
+
+* criu is run through the configured binary (``DPMIGRATE_CRIU``; a wrapper running CRIU 4.2
+  through a private loader). To run it inside a network namespace, a per-call wrapper does
+  ``nsenter --net=PATH -- <criu> "$@"`` — not ``ip netns exec``, which adds a mount namespace.
+  CRIU needs ``lo`` up in the namespace it runs in.
+* A dump of a process *in its own network namespace*, or with TCP sockets, locks the network
+  with an nftables table ``CRIU-*`` that CRIU may leave behind. Call
+  :func:`remove_network_lock` for that namespace once the dumped process is done with it: after
+  a successful restore elsewhere, or after a dump with ``leave_running=True`` when the original
+  goes on. (A dump with nothing to lock leaves no table; calling it then is harmless.)
+* A restore with ``restore_sibling=True`` (the default) makes the restored root a *child of
+  the calling process* (CLONE_PARENT). CRIU also restores the task's parent-death signal: a
+  process started by ``unshare --kill-child`` (as the supervisor starts stages) is SIGKILLed
+  when its new parent — the caller — exits. A caller that wants the restored tree to outlive
+  it uses :mod:`dpmigrate.checkpoint.keeper`, which restores from a small long-lived parent.
+* No soft-dirty tracking on this kernel: ``track_mem`` (and pre-dump) fail here. Post-copy
+  (``lazy_pages``) works and needs ``/proc/sys/fs/pipe-max-size`` >= 4194304.
+* Every criu run logs "Can't setup RLIMIT_NOFILE" (and "kdat cache" notes) and still succeeds;
+  these lines are never quoted as the reason of a failure.
+
+Times in the results are microseconds, as CRIU reports them in its stats images (so the
+names match CRIU's own: ``frozen_time``, ``pages_written``, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pycriu
+import pycriu.images
+import pycriu.rpc_pb2 as rpc
+
+from dpmigrate import config
+from dpmigrate.checkpoint.criu_binary import HARMLESS_LINES
+from dpmigrate.errors import CheckpointError, EnvironmentProblem
+
+#: pycriu's module (the package re-exports the class `criu` under the same name).
+_pycriu_criu = importlib.import_module("pycriu.criu")
+
+#: CRIU log verbosity: 4 (debug) gives the context lines that make an error understandable.
+LOG_LEVEL = 4
+#: Default bound on one CRIU call (seconds); a hung criu is killed after it.
+DEFAULT_TIMEOUT_S = 300.0
+#: At most this many lines of CRIU's log are quoted in an error message.
+MAX_QUOTED_LINES = 8
+#: Log lines that say "Error" but are not why a run failed: the RLIMIT/kdat notes of every
+#: run, and nft complaining that the lock table it is asked to delete at unlock is not there.
+_QUIET = (*HARMLESS_LINES, "Could not process rule: No such file or directory")
+
+_NETWORK_LOCKS = {
+    "nftables": rpc.NFTABLES,
+    "iptables": rpc.IPTABLES,
+    "skip": rpc.SKIP,
+}
+
+
+@dataclasses.dataclass
+class DumpResult:
+    """What one dump produced; times in microseconds (CRIU's stats-dump)."""
+
+    pid: int
+    images_dir: str
+    log_file: str
+    leave_running: bool
+    #: Wall-clock time of the whole RPC call, microseconds (includes starting criu).
+    total_time: int
+    freezing_time: int = 0
+    frozen_time: int = 0
+    memdump_time: int = 0
+    memwrite_time: int = 0
+    pages_scanned: int = 0
+    pages_skipped_parent: int = 0
+    pages_written: int = 0
+    pages_lazy: int = 0
+    irmap_resolve: int = 0
+    page_pipes: int = 0
+    page_pipe_bufs: int = 0
+    shpages_scanned: int = 0
+    shpages_skipped_parent: int = 0
+    shpages_written: int = 0
+    #: CRIU's id of this dump run (inventory.img); its lock table is named after it.
+    criu_run_id: str = ""
+    #: nftables tables this dump left in the namespace ("FAMILY NAME"; see
+    #: :func:`remove_network_lock`).
+    network_lock_tables: list[str] = dataclasses.field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RestoreResult:
+    """What one restore produced; ``pid`` is the restored root as seen from the host."""
+
+    pid: int
+    images_dir: str
+    log_file: str
+    #: Wall-clock time of the whole RPC call, microseconds.
+    total_time: int
+    restore_time: int = 0
+    forking_time: int = 0
+    pages_restored: int = 0
+    pages_compared: int = 0
+    pages_skipped_cow: int = 0
+    #: PID of the process that is the restored root's parent when it is not the caller
+    #: (set by :mod:`dpmigrate.checkpoint.keeper`).
+    keeper_pid: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- running criu
+
+
+class _TimedBinComm(_pycriu_criu._criu_comm_bin):
+    """pycriu's "exec the binary" transport with a receive timeout.
+
+    pycriu blocks in ``recv`` forever; a criu that hangs (a process that cannot be frozen, a
+    stuck page server) would hang the caller with it. With a socket timeout the call ends and
+    :func:`_call` kills the criu it started, by PID.
+    """
+
+    def __init__(self, bin_path: str, timeout: float) -> None:
+        super().__init__(bin_path)
+        self._timeout = timeout
+
+    def connect(self, daemon: bool) -> Any:
+        sk = super().connect(daemon)
+        sk.settimeout(self._timeout)
+        return sk
+
+
+@contextlib.contextmanager
+def _criu_command(netns: str | None) -> Iterator[str]:
+    """The executable pycriu should run: the configured criu, or a per-call wrapper that runs
+    it inside ``netns`` (a ``/run/netns/NAME`` path) through ``nsenter --net``."""
+    criu = config.load().criu
+    if not os.access(criu, os.X_OK):
+        raise EnvironmentProblem(
+            f"criu not found or not executable at {criu}: run `scripts/setup` (as root) or set "
+            "DPMIGRATE_CRIU"
+        )
+    if netns is None:
+        yield criu
+        return
+    if not os.path.exists(netns):
+        raise CheckpointError(
+            f"network namespace {netns} does not exist; pass a /run/netns/NAME path of a "
+            "namespace that is up (`ip netns list`)"
+        )
+    nsenter = shutil.which("nsenter")
+    if nsenter is None:
+        raise EnvironmentProblem("`nsenter` is missing; apt-get install util-linux")
+    folder = tempfile.mkdtemp(prefix="dpmigrate-criu-")
+    wrapper = os.path.join(folder, "criu-in-netns")
+    try:
+        with open(wrapper, "w") as out:
+            out.write(f'#!/bin/sh\nexec {_sh(nsenter)} --net={_sh(netns)} -- {_sh(criu)} "$@"\n')
+        os.chmod(wrapper, stat.S_IRWXU)
+        yield wrapper
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sh(text: str) -> str:
+    """Single-quote ``text`` for /bin/sh."""
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def _open_dir(path: str) -> int:
+    """An inheritable O_DIRECTORY descriptor: criu swrk receives it by number."""
+    fd = os.open(path, os.O_DIRECTORY | os.O_RDONLY)
+    os.set_inheritable(fd, True)
+    return fd
+
+
+def _call(
+    action: str,
+    opts: rpc.criu_opts,
+    *,
+    netns: str | None,
+    log_file: str,
+    timeout: float,
+) -> Any:
+    """Send one request (``action`` is "dump" or "restore"); CRIU failures → CheckpointError."""
+    with _criu_command(netns) as command:
+        client = pycriu.criu()
+        comm = _TimedBinComm(command, timeout)
+        client._comm = comm  # pycriu has no public hook for a transport with a timeout
+        client.opts.MergeFrom(opts)
+        try:
+            return getattr(client, action)()
+        except _pycriu_criu.CRIUException as err:
+            _reap(comm)
+            detail = str(err)
+            if "timed out" in detail:
+                detail = f"criu did not answer within {timeout:g} s and was killed"
+            raise criu_failure(action, log_file, detail) from err
+
+
+def _reap(comm: _TimedBinComm) -> None:
+    """After a failed call: kill the criu swrk we started (by PID) if it still runs, reap it."""
+    pid = comm.swrk
+    if not pid:
+        return
+    with contextlib.suppress(OSError):
+        comm.sk.close()
+    with contextlib.suppress(ChildProcessError, ProcessLookupError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def criu_failure(action: str, log_file: str, detail: str = "") -> CheckpointError:
+    """The one error for a failed CRIU call: quotes the log's error lines, names the log."""
+    lines = error_lines(log_file)
+    return _failure(action, log_file, lines, detail)
+
+
+def _failure(action: str, log_file: str, lines: tuple[str, ...], detail: str) -> CheckpointError:
+    if lines:
+        quoted = " | ".join(lines)
+        why = f" ({detail})" if detail else ""
+        message = f"criu {action} failed{why}: {quoted} (full log: {log_file})"
+    elif os.path.exists(log_file):
+        message = f"criu {action} failed ({detail}); no error line in its log {log_file}"
+    else:
+        message = f"criu {action} failed ({detail}); criu wrote no log at {log_file}"
+    return CheckpointError(message, log_file=log_file, log_lines=lines, detail=detail)
+
+
+def relocated(err: CheckpointError, action: str, new_log: str) -> CheckpointError:
+    """The same failure, naming the log at its new place (after the caller moved it)."""
+    return _failure(action, new_log, err.log_lines, err.detail)
+
+
+def error_lines(log_file: str, context: int = 1) -> tuple[str, ...]:
+    """CRIU's "Error" lines (minus the harmless ones) with ``context`` lines before each."""
+    try:
+        with open(log_file, errors="replace") as log:
+            text = log.read().splitlines()
+    except OSError:
+        return ()
+    picked: list[int] = []
+    for index, line in enumerate(text):
+        if "Error" in line and not any(quiet in line for quiet in _QUIET):
+            for i in range(max(0, index - context), index + 1):
+                if i not in picked and not any(q in text[i] for q in _QUIET):
+                    picked.append(i)
+    if not picked:
+        return ()
+    picked = picked[-MAX_QUOTED_LINES:]  # the last errors are the ones that ended the run
+    return tuple(text[i].strip() for i in picked)
+
+
+# --------------------------------------------------------------------------- dump / restore
+
+
+def dump(
+    pid: int,
+    images_dir: str | os.PathLike[str],
+    *,
+    leave_running: bool = False,
+    netns: str | None = None,
+    network_lock: str = "nftables",
+    tcp_close: bool = False,
+    tcp_established: bool = False,
+    ext_unix_sk: bool = False,
+    shell_job: bool = False,
+    track_mem: bool = False,
+    page_server: tuple[str, int] | None = None,
+    lazy_pages: bool = False,
+    log_name: str = "dump.log",
+    log_dir: str | os.PathLike[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> DumpResult:
+    """Checkpoint the process tree rooted at ``pid`` (a host PID) into ``images_dir``.
+
+    ``netns``: run criu inside this network namespace (``/run/netns/NAME``); use the
+    namespace the process lives in when it is not the caller's. ``leave_running``: the tree
+    goes on after the dump (else CRIU kills it once the images are written). ``tcp_close`` /
+    ``tcp_established`` / ``ext_unix_sk`` / ``shell_job``: CRIU's options of the same names;
+    without them CRIU refuses open TCP connections, unix sockets to outside the tree and a
+    controlling terminal. ``page_server=(address, port)`` sends pages to a page server instead
+    of the images folder; with ``lazy_pages`` pages stay behind for a post-copy restore (the
+    tree stays frozen until every page is pulled). ``track_mem`` needs soft-dirty, which
+    this kernel lacks. CRIU's log goes to ``log_dir/log_name`` (default: ``images_dir``).
+
+    Raises CheckpointError (quoting CRIU's log) on any CRIU failure. Afterwards, see
+    :func:`remove_network_lock` for the nftables table the dump may leave.
+    """
+    if network_lock not in _NETWORK_LOCKS:
+        raise CheckpointError(
+            f"unknown network lock {network_lock!r}; use one of {', '.join(_NETWORK_LOCKS)}"
+        )
+    images = os.fspath(images_dir)
+    logs = os.fspath(log_dir) if log_dir is not None else images
+    log_file = os.path.join(logs, log_name)
+    if not os.path.isdir(images):
+        raise CheckpointError(f"images folder {images} does not exist; create it first")
+    images_fd = _open_dir(images)
+    work_fd = _open_dir(logs) if logs != images else None
+    try:
+        opts = rpc.criu_opts(images_dir_fd=images_fd)
+        opts.pid = pid
+        opts.leave_running = leave_running
+        opts.network_lock = _NETWORK_LOCKS[network_lock]
+        opts.log_level = LOG_LEVEL
+        opts.log_file = log_name
+        if work_fd is not None:
+            opts.work_dir_fd = work_fd
+        if tcp_close:
+            opts.tcp_close = True
+        if tcp_established:
+            opts.tcp_established = True
+        if ext_unix_sk:
+            opts.ext_unix_sk = True
+        if shell_job:
+            opts.shell_job = True
+        if track_mem:
+            opts.track_mem = True
+        if lazy_pages:
+            opts.lazy_pages = True
+        if page_server is not None:
+            opts.ps.address, opts.ps.port = page_server[0], int(page_server[1])
+        started = time.monotonic()
+        _call("dump", opts, netns=netns, log_file=log_file, timeout=timeout)
+        wall = int((time.monotonic() - started) * 1e6)
+    finally:
+        os.close(images_fd)
+        if work_fd is not None:
+            os.close(work_fd)
+    result = DumpResult(
+        pid=pid, images_dir=images, log_file=log_file, leave_running=leave_running,
+        total_time=wall,
+    )  # fmt: skip
+    _fill(result, read_stats(logs, "dump") or read_stats(images, "dump"))
+    result.criu_run_id = _run_id(images)
+    result.network_lock_tables = network_lock_tables(netns, run_id=result.criu_run_id or None)
+    return result
+
+
+def _run_id(images_dir: str) -> str:
+    """CRIU's id of the dump run, from inventory.img ("" if absent)."""
+    try:
+        with open(os.path.join(images_dir, "inventory.img"), "rb") as image:
+            entries = pycriu.images.load(image).get("entries") or [{}]
+    except (OSError, pycriu.images.MagicException, ValueError):
+        return ""
+    return str(entries[0].get("dump_criu_run_id", ""))
+
+
+def restore(
+    images_dir: str | os.PathLike[str],
+    *,
+    netns: str | None = None,
+    restore_sibling: bool = True,
+    pidfile: str | None = None,
+    lazy_pages: bool = False,
+    tcp_close: bool = False,
+    tcp_established: bool = False,
+    ext_unix_sk: bool = False,
+    shell_job: bool = False,
+    log_name: str = "restore.log",
+    log_dir: str | os.PathLike[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> RestoreResult:
+    """Restore the tree in ``images_dir``; returns its root's host PID.
+
+    ``netns``: run criu — and so the restored tree, unless the images carry their own network
+    namespace — inside this namespace (``/run/netns/NAME``). ``restore_sibling``: the
+    restored root becomes a child of the caller (CRIU's ``rst_sibling``); without it CRIU's
+    swrk is the parent and the root is re-parented to PID 1 when it exits. Either way a
+    restored ``--kill-child`` stage keeps its parent-death signal (see the module docstring).
+    ``pidfile`` (absolute path): written with the restored PID. CRIU writes its log and
+    ``stats-restore`` into ``log_dir`` (default ``images_dir``); give a separate ``log_dir``
+    (or restore from a scratch folder of links, as :func:`dpmigrate.checkpoint.bundle.restore`
+    does) to leave a bundle untouched.
+
+    Raises CheckpointError (quoting CRIU's log) on any CRIU failure.
+    """
+    if pidfile is not None and not os.path.isabs(pidfile):
+        raise CheckpointError(f"pidfile {pidfile!r} must be an absolute path")
+    images = os.fspath(images_dir)
+    logs = os.fspath(log_dir) if log_dir is not None else images
+    log_file = os.path.join(logs, log_name)
+    if not os.path.isdir(images):
+        raise CheckpointError(f"images folder {images} does not exist")
+    images_fd = _open_dir(images)
+    work_fd = _open_dir(logs) if logs != images else None
+    try:
+        opts = rpc.criu_opts(images_dir_fd=images_fd)
+        opts.rst_sibling = restore_sibling
+        opts.log_level = LOG_LEVEL
+        opts.log_file = log_name
+        if work_fd is not None:
+            opts.work_dir_fd = work_fd
+        if lazy_pages:
+            opts.lazy_pages = True
+        if tcp_close:
+            opts.tcp_close = True
+        if tcp_established:
+            opts.tcp_established = True
+        if ext_unix_sk:
+            opts.ext_unix_sk = True
+        if shell_job:
+            opts.shell_job = True
+        started = time.monotonic()
+        answer = _call("restore", opts, netns=netns, log_file=log_file, timeout=timeout)
+        wall = int((time.monotonic() - started) * 1e6)
+    finally:
+        os.close(images_fd)
+        if work_fd is not None:
+            os.close(work_fd)
+    result = RestoreResult(pid=int(answer.pid), images_dir=images, log_file=log_file,
+                           total_time=wall)  # fmt: skip
+    _fill(result, read_stats(logs, "restore") or read_stats(images, "restore"))
+    if pidfile is not None:
+        tmp = f"{pidfile}.tmp"
+        with open(tmp, "w") as out:
+            out.write(f"{result.pid}\n")
+        os.replace(tmp, pidfile)
+    return result
+
+
+def read_stats(folder: str, kind: str) -> dict[str, int]:
+    """CRIU's own statistics (``stats-dump`` or ``stats-restore``) as a flat dict; empty when
+    the image is absent (a failed run, or a CRIU that wrote none). CRIU 4.2 writes them into
+    its work folder (the log folder), not the images folder."""
+    path = os.path.join(folder, f"stats-{kind}")
+    try:
+        with open(path, "rb") as image:
+            decoded = pycriu.images.load(image)
+    except (OSError, pycriu.images.MagicException, ValueError):
+        return {}
+    entries = decoded.get("entries") or [{}]
+    section = entries[0].get(kind, {})
+    return {key: int(value) for key, value in section.items() if isinstance(value, int)}
+
+
+def _fill(result: DumpResult | RestoreResult, stats: dict[str, int]) -> None:
+    names = {f.name for f in dataclasses.fields(result)}
+    for key, value in stats.items():
+        if key in names:
+            setattr(result, key, value)
+
+
+# --------------------------------------------------------------------------- network lock
+
+
+def _nft(netns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    nft = shutil.which("nft")
+    if nft is None:
+        raise EnvironmentProblem("`nft` is missing; apt-get install nftables")
+    cmd = [nft, *args]
+    if netns is not None:
+        cmd = ["nsenter", f"--net={netns}", "--", *cmd]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired as err:
+        raise CheckpointError(f"`{' '.join(cmd)}` did not finish in 30 s") from err
+
+
+def network_lock_tables(netns: str | None = None, *, run_id: str | None = None) -> list[str]:
+    """The ``CRIU-*`` nftables tables in ``netns`` (None: the caller's), as "FAMILY NAME".
+
+    With ``run_id`` (:attr:`DumpResult.criu_run_id`) only that dump's table: CRIU names it
+    ``CRIU-<run id>``, cut to nftables' name length.
+    """
+    if shutil.which("nft") is None:
+        return []
+    listing = _nft(netns, "list", "tables")
+    tables = []
+    for line in listing.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "table" and parts[2].startswith("CRIU-"):
+            if run_id is not None and not f"CRIU-{run_id}".startswith(parts[2]):
+                continue
+            tables.append(f"{parts[1]} {parts[2]}")
+    return tables
+
+
+def remove_network_lock(netns: str | None = None, *, run_id: str | None = None) -> list[str]:
+    """Delete the ``CRIU-*`` nftables tables a dump left in ``netns`` (None: the caller's).
+
+    A dump that locks the network (a process in its own namespace, or with TCP sockets) blocks
+    that namespace's traffic with such a table, and CRIU may leave it. Call this when the
+    dumped process is done with the namespace: after the restored copy runs elsewhere, after a
+    ``leave_running`` dump whose original goes on, or after giving up on a restore and
+    resuming the original. Only tables that exist there and are named ``CRIU-*`` are
+    deleted — with ``run_id`` only the one of that dump, so a dump running at the same time
+    in the same namespace keeps its lock; returns them ("FAMILY NAME").
+    """
+    removed = []
+    for table in network_lock_tables(netns, run_id=run_id):
+        family, name = table.split()
+        result = _nft(netns, "delete", "table", family, name)
+        if result.returncode != 0:
+            raise CheckpointError(
+                f"could not delete nftables table {table} in "
+                f"{netns or 'the host namespace'}: {result.stderr.strip()}"
+            )
+        removed.append(table)
+    return removed
+
+
+def check() -> None:
+    """Ask criu over RPC whether the kernel supports checkpoint/restore; CheckpointError if not."""
+    with _criu_command(None) as command:
+        client = pycriu.criu()
+        client._comm = _TimedBinComm(command, 60)
+        try:
+            client.check()
+        except _pycriu_criu.CRIUException as err:
+            raise CheckpointError(
+                f"criu check failed: {err}; run `{command} check` for details"
+            ) from err

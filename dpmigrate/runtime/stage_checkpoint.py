@@ -1,0 +1,151 @@
+"""Checkpoint and restore of a running stage, as its node agent does them (DESIGN.md §4).
+
+Checkpoint: quiesce the stage (SIGUSR2: everything out and acknowledged, rings detached, no
+socket or growing file open), take its committed state from the journal, dump the process
+tree with CRIU into a bundle (state snapshot and ring positions included), remove CRIU's
+network-lock table, and — with ``leave_running`` — wake it again (SIGUSR1). Any failure wakes
+the stage where it is: a failed checkpoint never loses the stage.
+
+Restore: verify the bundle, restore the tree with CRIU inside this node's namespace as a child
+of the agent, adopt it into the supervisor (a later crash restarts it from its journal), and
+wake it: it asks this node's agent where its peers are and reconnects its rings. A stage whose
+journal moved on after the checkpoint (``--leave-running``) continues from the journal's point
+(see ``StageHost.catch_up_with_journal``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dpmigrate.checkpoint import bundle as bundles
+from dpmigrate.checkpoint import criu_rpc
+from dpmigrate.errors import CheckpointError, DpmigrateError
+from dpmigrate.runtime.journal import StageJournal
+
+if TYPE_CHECKING:
+    from dpmigrate.runtime.agent import Agent
+
+#: Bound on how long a stage may take to reach its quiesced point or to wake.
+PHASE_TIMEOUT_S = 30.0
+
+
+def read_status(run_dir: str, stage: str) -> dict[str, Any]:
+    path = Path(run_dir) / "status" / f"{stage}.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def wait_phase(run_dir: str, stage: str, phase: str, since: float) -> dict[str, Any]:
+    """Wait until the stage's status file, written after ``since``, says ``phase``."""
+    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = read_status(run_dir, stage)
+        if status.get("time", 0) >= since:
+            if status.get("phase") == phase:
+                return status
+            if phase == "quiesced" and status.get("quiesce_error"):
+                raise CheckpointError(
+                    f"stage {stage!r} could not quiesce: {status['quiesce_error']}; it keeps "
+                    "running where it is"
+                )
+        time.sleep(0.01)
+    raise CheckpointError(
+        f"stage {stage!r} did not reach phase {phase!r} within {PHASE_TIMEOUT_S} s; see its log"
+    )
+
+
+def checkpoint_stage(agent: Agent, key: str, out: str, leave_running: bool) -> dict[str, Any]:
+    app, _, stage = key.partition("/")
+    proc = agent.supervisor.stages.get(key)
+    pid = proc.stage_pid if proc is not None else None
+    if proc is None or pid is None:
+        raise DpmigrateError(f"stage {key!r} is not running on node {agent.node}")
+    manifest, run_dir, model = agent.stage_args[key]
+    t0 = time.monotonic()
+    since = time.time()
+    os.kill(pid, signal.SIGUSR2)
+    status = wait_phase(run_dir, stage, "quiesced", since)
+    quiesce_s = time.monotonic() - t0
+    state, _, _ = StageJournal(Path(run_dir) / "stages" / stage).load()
+    context = {
+        "app": app, "stage": stage, "manifest": manifest, "run_dir": run_dir, "model": model,
+        "positions": status["quiesced"], "state_version": state.version,
+        "state_digest": state.digest(),
+    }  # fmt: skip
+    proc.checkpointing = True
+    try:
+        bundle, result = bundles.create(
+            out, pid, state=state.snapshot(), rings=context, stage=key, node=agent.node,
+            leave_running=leave_running,
+        )  # fmt: skip
+    except BaseException:
+        proc.checkpointing = False
+        wake(pid)  # never lose the stage to a failed checkpoint
+        raise
+    finally:
+        criu_rpc.remove_network_lock()
+    if leave_running:
+        proc.checkpointing = False
+        wake(pid)
+    return {
+        "bundle": str(bundle.path), "stage": key, "node": agent.node,
+        "leave_running": leave_running, "quiesce_s": round(quiesce_s, 4),
+        "state_version": state.version, "state_digest": state.digest(),
+        "positions": status["quiesced"], "criu": result.as_dict(),
+    }  # fmt: skip
+
+
+def restore_stage(agent: Agent, path: str) -> dict[str, Any]:
+    bundle = bundles.load(path)
+    context = bundle.rings or {}
+    try:
+        app, stage = str(context["app"]), str(context["stage"])
+        manifest, run_dir, model = (
+            str(context["manifest"]),
+            str(context["run_dir"]),
+            str(context["model"]),
+        )
+    except KeyError as err:
+        raise CheckpointError(
+            f"bundle {path} is not a stage checkpoint (no {err} in rings.json); restore a "
+            "process checkpoint with `dpmigrate restore DIR` on a host instead"
+        ) from err
+    key = f"{app}/{stage}"
+    running = agent.supervisor.stages.get(key)
+    if running is not None and not running.finished:
+        raise DpmigrateError(
+            f"stage {key!r} is running on node {agent.node}; stop it first (or migrate it)"
+        )
+    t0 = time.monotonic()
+    logs = Path(run_dir) / "criu" / f"{stage}-{int(time.time() * 1000)}"
+    logs.mkdir(parents=True, exist_ok=True)
+    result = bundles.restore(bundle, restore_sibling=True, log_dir=logs)
+    argv = ["-m", "dpmigrate.runtime.stagehost", "--manifest", manifest, "--stage", stage,
+            "--run-dir", run_dir, "--model", model, "--registry", "agent"]  # fmt: skip
+    log = agent.supervisor.log_dir / f"{key.replace('/', '.')}.log"
+    with agent.lock:
+        agent.supervisor.adopt(key, result.pid, [*argv, "--log", str(log)], log)
+        agent.stage_runs[key] = run_dir
+        agent.stage_args[key] = (manifest, run_dir, model)
+    since = time.time()
+    wake(result.pid)
+    status = wait_phase(run_dir, stage, "running", since)
+    return {
+        "stage": key, "node": agent.node, "pid": result.pid,
+        "restore_s": round(time.monotonic() - t0, 4), "state_version": status["state_version"],
+        "state_digest": status["state_digest"], "criu": result.as_dict(),
+    }  # fmt: skip
+
+
+def wake(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError as err:
+        raise DpmigrateError(f"stage process {pid} is gone; it cannot be woken") from err
