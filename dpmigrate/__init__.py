@@ -29,7 +29,7 @@ _EXPORTS = {
     "App": "dpmigrate.runtime.manifest",
     "Service": "dpmigrate.runtime.stage",
     "State": "dpmigrate.statesync.state",
-    "LocalCluster": "dpmigrate.runtime.cluster",
+    "LocalCluster": "dpmigrate.migrate",
     "MultiNodeRun": "dpmigrate.runtime.multinode",
     "MultiProcessRun": "dpmigrate.runtime.multiprocess",
     "DpmigrateError": "dpmigrate.errors",

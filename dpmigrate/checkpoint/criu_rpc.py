@@ -39,11 +39,12 @@ import importlib
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pycriu
@@ -188,7 +189,7 @@ def _sh(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
-def _open_dir(path: str) -> int:
+def open_dir(path: str) -> int:
     """An inheritable O_DIRECTORY descriptor: criu swrk receives it by number."""
     fd = os.open(path, os.O_DIRECTORY | os.O_RDONLY)
     os.set_inheritable(fd, True)
@@ -231,6 +232,119 @@ def _reap(comm: _TimedBinComm) -> None:
         if done == 0:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+class Swrk:
+    """A ``criu swrk`` of our own, for requests that outlast one call or take several messages.
+
+    Why not :func:`_call`: pycriu sends one request and reads one answer, which fits dump and
+    restore. Two requests do not fit it: a page server started with ``PAGE_SERVER_CHLD`` is a
+    child of the swrk and is waited for later with ``WAIT_PID`` on the same socket; a lazy
+    dump answers only when its pages are all pulled, and says that it is ready on the way
+    with a ``status-ready`` notification that must be acknowledged. This class keeps the
+    socket, answers notifications, and knows the swrk's PID so that the caller can end it —
+    by that PID, and only while it is still its unreaped child.
+
+    The swrk is our child (pycriu forks it); ``netns`` runs it inside that namespace (the
+    ``nsenter`` wrapper execs criu, so the PID stays the swrk's).
+    """
+
+    def __init__(self, *, netns: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self._stack = contextlib.ExitStack()
+        command = self._stack.enter_context(_criu_command(netns))  # kept until close()
+        self._comm = _TimedBinComm(command, timeout)
+        self.timeout = timeout
+        try:
+            self._sk = self._comm.connect(False)
+        except BaseException:
+            self._stack.close()
+            raise
+        #: PID of the criu swrk (our child).
+        self.pid: int = int(self._comm.swrk)
+        self._reaped = False
+        self.status: int | None = None
+
+    def send(self, req: rpc.criu_req) -> None:
+        self._sk.send(req.SerializeToString())
+
+    def receive(self, timeout: float | None = None) -> rpc.criu_resp:
+        """One message from criu; ``TimeoutError`` after ``timeout`` seconds (default: the
+        session's), ``ConnectionError`` when criu closed the socket."""
+        self._sk.settimeout(self.timeout if timeout is None else timeout)
+        try:
+            size = len(self._sk.recv(1, socket.MSG_TRUNC | socket.MSG_PEEK))
+            if size == 0:
+                raise ConnectionError("criu closed its RPC socket")
+            data = self._sk.recv(size)
+        except TimeoutError:
+            raise
+        except OSError as err:
+            raise ConnectionError(f"criu RPC socket: {err}") from err
+        resp = rpc.criu_resp()
+        resp.ParseFromString(data)
+        return resp
+
+    def request(
+        self,
+        req: rpc.criu_req,
+        *,
+        on_notify: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> rpc.criu_resp:
+        """Send ``req`` and return criu's answer. Notifications (``opts.notify_scripts``) on
+        the way are passed to ``on_notify(script name)`` and acknowledged. ``timeout``
+        bounds the whole exchange."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        self.send(req)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"criu did not answer within {limit:g} s")
+            resp = self.receive(left)
+            if resp.type != rpc.NOTIFY:
+                return resp
+            if on_notify is not None:
+                on_notify(resp.notify.script)
+            self.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=True))
+
+    def alive(self) -> bool:
+        """Whether the swrk still runs (reaps it when it has ended)."""
+        if self._reaped:
+            return False
+        try:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            self._reaped = True
+            return False
+        if done == 0:
+            return True
+        self._reaped, self.status = True, status
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL the swrk (our child, not yet reaped) and reap it."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._wait(10.0)
+
+    def _wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self, grace: float = 5.0) -> None:
+        """Close the socket; the swrk then ends by itself — killed if it has not after
+        ``grace`` seconds. Idempotent."""
+        with contextlib.suppress(OSError):
+            self._sk.close()
+        if not self._wait(grace):
+            self.kill()
+        self._stack.close()
 
 
 def criu_failure(action: str, log_file: str, detail: str = "") -> CheckpointError:
@@ -305,46 +419,29 @@ def dump(
     without them CRIU refuses open TCP connections, unix sockets to outside the tree and a
     controlling terminal. ``page_server=(address, port)`` sends pages to a page server instead
     of the images folder; with ``lazy_pages`` pages stay behind for a post-copy restore (the
-    tree stays frozen until every page is pulled). ``track_mem`` needs soft-dirty, which
-    this kernel lacks. CRIU's log goes to ``log_dir/log_name`` (default: ``images_dir``).
+    tree stays frozen until every page is pulled, and this call returns only then: use
+    :class:`dpmigrate.checkpoint.transfer.LazySource` for post-copy). ``track_mem`` needs
+    soft-dirty, which this kernel lacks. CRIU's log goes to ``log_dir/log_name`` (default:
+    ``images_dir``).
 
     Raises CheckpointError (quoting CRIU's log) on any CRIU failure. Afterwards, see
     :func:`remove_network_lock` for the nftables table the dump may leave.
     """
-    if network_lock not in _NETWORK_LOCKS:
-        raise CheckpointError(
-            f"unknown network lock {network_lock!r}; use one of {', '.join(_NETWORK_LOCKS)}"
-        )
+    _check_network_lock(network_lock)
     images = os.fspath(images_dir)
     logs = os.fspath(log_dir) if log_dir is not None else images
     log_file = os.path.join(logs, log_name)
     if not os.path.isdir(images):
         raise CheckpointError(f"images folder {images} does not exist; create it first")
-    images_fd = _open_dir(images)
-    work_fd = _open_dir(logs) if logs != images else None
+    images_fd = open_dir(images)
+    work_fd = open_dir(logs) if logs != images else None
     try:
-        opts = rpc.criu_opts(images_dir_fd=images_fd)
-        opts.pid = pid
-        opts.leave_running = leave_running
-        opts.network_lock = _NETWORK_LOCKS[network_lock]
-        opts.log_level = LOG_LEVEL
-        opts.log_file = log_name
-        if work_fd is not None:
-            opts.work_dir_fd = work_fd
-        if tcp_close:
-            opts.tcp_close = True
-        if tcp_established:
-            opts.tcp_established = True
-        if ext_unix_sk:
-            opts.ext_unix_sk = True
-        if shell_job:
-            opts.shell_job = True
-        if track_mem:
-            opts.track_mem = True
-        if lazy_pages:
-            opts.lazy_pages = True
-        if page_server is not None:
-            opts.ps.address, opts.ps.port = page_server[0], int(page_server[1])
+        opts = dump_opts(
+            pid, images_fd, work_fd=work_fd, log_name=log_name, leave_running=leave_running,
+            network_lock=network_lock, tcp_close=tcp_close, tcp_established=tcp_established,
+            ext_unix_sk=ext_unix_sk, shell_job=shell_job, track_mem=track_mem,
+            page_server=page_server, lazy_pages=lazy_pages,
+        )  # fmt: skip
         started = time.monotonic()
         _call("dump", opts, netns=netns, log_file=log_file, timeout=timeout)
         wall = int((time.monotonic() - started) * 1e6)
@@ -352,14 +449,88 @@ def dump(
         os.close(images_fd)
         if work_fd is not None:
             os.close(work_fd)
+    return dump_result(pid, images, logs, log_file, leave_running=leave_running,
+                       total_time=wall, netns=netns)  # fmt: skip
+
+
+def dump_opts(
+    pid: int,
+    images_fd: int,
+    *,
+    work_fd: int | None = None,
+    log_name: str = "dump.log",
+    leave_running: bool = False,
+    network_lock: str = "nftables",
+    tcp_close: bool = False,
+    tcp_established: bool = False,
+    ext_unix_sk: bool = False,
+    shell_job: bool = False,
+    track_mem: bool = False,
+    page_server: tuple[str, int] | None = None,
+    lazy_pages: bool = False,
+) -> rpc.criu_opts:
+    """The RPC options of a dump, as :func:`dump` sends them (``images_fd``/``work_fd``: open,
+    inheritable directory descriptors, see :func:`open_dir`). Public for callers that run a
+    dump request themselves over a :class:`Swrk` (a lazy dump that answers only at the end)."""
+    _check_network_lock(network_lock)
+    opts = rpc.criu_opts(images_dir_fd=images_fd)
+    opts.pid = pid
+    opts.leave_running = leave_running
+    opts.network_lock = _NETWORK_LOCKS[network_lock]
+    opts.log_level = LOG_LEVEL
+    opts.log_file = log_name
+    if work_fd is not None:
+        opts.work_dir_fd = work_fd
+    if tcp_close:
+        opts.tcp_close = True
+    if tcp_established:
+        opts.tcp_established = True
+    if ext_unix_sk:
+        opts.ext_unix_sk = True
+    if shell_job:
+        opts.shell_job = True
+    if track_mem:
+        opts.track_mem = True
+    if lazy_pages:
+        opts.lazy_pages = True
+    if page_server is not None:
+        opts.ps.address, opts.ps.port = page_server[0], int(page_server[1])
+    return opts
+
+
+def _check_network_lock(network_lock: str) -> None:
+    if network_lock not in _NETWORK_LOCKS:
+        raise CheckpointError(
+            f"unknown network lock {network_lock!r}; use one of {', '.join(_NETWORK_LOCKS)}"
+        )
+
+
+def dump_result(
+    pid: int,
+    images_dir: str,
+    log_dir: str,
+    log_file: str,
+    *,
+    leave_running: bool,
+    total_time: int,
+    netns: str | None,
+) -> DumpResult:
+    """The :class:`DumpResult` of a finished dump: CRIU's stats, its run id and the lock
+    tables it left in ``netns``."""
     result = DumpResult(
-        pid=pid, images_dir=images, log_file=log_file, leave_running=leave_running,
-        total_time=wall,
+        pid=pid, images_dir=images_dir, log_file=log_file, leave_running=leave_running,
+        total_time=total_time,
     )  # fmt: skip
-    _fill(result, read_stats(logs, "dump") or read_stats(images, "dump"))
-    result.criu_run_id = _run_id(images)
+    _fill(result, read_stats(log_dir, "dump") or read_stats(images_dir, "dump"))
+    result.criu_run_id = _run_id(images_dir)
     result.network_lock_tables = network_lock_tables(netns, run_id=result.criu_run_id or None)
     return result
+
+
+def run_id(images_dir: str | os.PathLike[str]) -> str:
+    """CRIU's id of the dump in ``images_dir`` ("" if none): its lock table is named after it
+    (see :func:`remove_network_lock`)."""
+    return _run_id(os.fspath(images_dir))
 
 
 def _run_id(images_dir: str) -> str:
@@ -408,8 +579,8 @@ def restore(
     log_file = os.path.join(logs, log_name)
     if not os.path.isdir(images):
         raise CheckpointError(f"images folder {images} does not exist")
-    images_fd = _open_dir(images)
-    work_fd = _open_dir(logs) if logs != images else None
+    images_fd = open_dir(images)
+    work_fd = open_dir(logs) if logs != images else None
     try:
         opts = rpc.criu_opts(images_dir_fd=images_fd)
         opts.rst_sibling = restore_sibling

@@ -18,6 +18,7 @@ and the agent exits 0.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -67,6 +68,8 @@ class Agent:
         self.listeners: list[socket.socket] = []
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         self.lock = threading.Lock()
+        #: Every CRIU dump and restore runs on this one thread, which lives as long as the agent.
+        self.criu_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="criu")
         self._outboxes: dict[str, queue.Queue[tuple[str, dict[str, Any]]]] = {}
 
     # -- serving ------------------------------------------------------------------------
@@ -283,18 +286,54 @@ class Agent:
             raise ProtocolError("out must be an absolute path")
         key = f"{a['app']}/{a['stage']}"
         log("checkpoint", stage=key, out=a["out"], leave_running=a["leave_running"])
-        result = stage_checkpoint.checkpoint_stage(self, key, a["out"], a["leave_running"])
+        result = self.criu_thread.submit(
+            stage_checkpoint.checkpoint_stage, self, key, a["out"], a["leave_running"]
+        ).result()
         log("checkpointed", stage=key, frozen_time_us=result["criu"]["frozen_time"])
         return result
 
     def op_restore_stage(self, args: Any) -> dict[str, Any]:
-        """Restore a stage bundle on this node, adopt it and wake it."""
-        a = control.check_args(args, {"bundle": str})
+        """Restore a stage bundle on this node, adopt it and (unless told not to) wake it."""
+        a = control.check_args(args, {"bundle": str, "wake": bool})
         if not a["bundle"].startswith("/"):
             raise ProtocolError("bundle must be an absolute path")
-        result = stage_checkpoint.restore_stage(self, a["bundle"])
+        # On the long-lived CRIU thread: a restored process's parent is the thread that ran
+        # criu, and the parent-death signal CRIU restores would fire when that thread ends.
+        result = self.criu_thread.submit(
+            stage_checkpoint.restore_stage, self, a["bundle"], wake_it=a["wake"]
+        ).result()
         log("restored", stage=result["stage"], pid=result["pid"])
         return result
+
+    def _key(self, args: Any) -> str:
+        a = control.check_args(args, {"app": str, "stage": str})
+        return f"{a['app']}/{a['stage']}"
+
+    def op_quiesce_stage(self, args: Any) -> dict[str, Any]:
+        return stage_checkpoint.quiesce_stage(self, self._key(args))
+
+    def op_wake_stage(self, args: Any) -> dict[str, Any]:
+        return stage_checkpoint.wake_stage(self, self._key(args))
+
+    def op_discard_stage(self, args: Any) -> None:
+        key = self._key(args)
+        log("discard", stage=key)
+        stage_checkpoint.discard_stage(self, key)
+
+    def op_dump_stage(self, args: Any) -> dict[str, Any]:
+        """Dump an already quiesced stage, leaving it asleep (migration transfer phase)."""
+        a = control.check_args(args, {"app": str, "stage": str, "out": str, "quiesced": dict})
+        if not a["out"].startswith("/"):
+            raise ProtocolError("out must be an absolute path")
+        key = f"{a['app']}/{a['stage']}"
+        return self.criu_thread.submit(
+            stage_checkpoint.dump_stage, self, key, a["out"], True, a["quiesced"]
+        ).result()
+
+    def op_facts(self, args: Any) -> dict[str, Any]:
+        """What a migration's pre-flight compares: CRIU, CPU flags, kernel, free space."""
+        control.check_args(args, {})
+        return stage_checkpoint.node_facts(self)
 
     def op_status(self, args: Any) -> dict[str, Any]:
         control.check_args(args, {})
@@ -306,7 +345,8 @@ class Agent:
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 info.update(json.loads(status_file.read_text()))
             info.update(pid=proc.stage_pid, restarts=proc.restarts, finished=proc.finished,
-                        moved=proc.moved,
+                        moved=proc.moved, run_dir=self.stage_runs.get(key),
+                        manifest=self.stage_args.get(key, ("",))[0],
                         failed=proc.failed, log=str(proc.log))  # fmt: skip
             stages.append(info)
         with self.changed:

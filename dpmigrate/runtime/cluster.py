@@ -456,7 +456,7 @@ class LocalCluster:
         if target is None:
             raise DpmigrateError(f"bundle {bundle} names no node; pass --node")
         with self.client(target, timeout=300) as agent:
-            return agent.call("restore_stage", bundle=str(Path(bundle).absolute()))
+            return agent.call("restore_stage", bundle=str(Path(bundle).absolute()), wake=True)
 
     def _require_record(self) -> dict[str, Any]:
         if self._record is None:

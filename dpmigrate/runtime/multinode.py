@@ -21,6 +21,7 @@ from dpmigrate import config
 from dpmigrate.errors import ConfigError, DpmigrateError
 from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.manifest import App
+from dpmigrate.runtime.stagehost import write_placement
 
 _POLL_S = 0.2
 
@@ -43,6 +44,7 @@ class MultiNodeRun:
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_placement(self.run_dir, {spec.name: spec.node for spec in self.app.stages})
         for spec in self.app.stages:
             with self.cluster.client(spec.node) as agent:
                 agent.call(

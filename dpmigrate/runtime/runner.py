@@ -22,6 +22,7 @@ Without a journal (in-process model) points are acknowledged as soon as they are
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +34,9 @@ from dpmigrate.runtime.stage import Service
 from dpmigrate.statesync.state import Delta, State
 from dpmigrate.transports.base import RingReceiver, RingSender
 
+#: An input pause longer than this is recorded as a gap (what a migration's downtime is).
+GAP_S = 0.02
+
 
 @dataclasses.dataclass
 class RunnerStats:
@@ -40,6 +44,18 @@ class RunnerStats:
     msgs_in: int = 0
     msgs_out: int = 0
     started: float = dataclasses.field(default_factory=time.monotonic)
+    last_input: float | None = None  # wall clock of the last batch taken in
+    #: Recent pauses in the input, (start, end) wall-clock seconds: the downtime a stage's
+    #: consumer saw while its producer was quiesced, moved and woken.
+    gaps: collections.deque[tuple[float, float]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=64)
+    )
+
+    def took_input(self) -> None:
+        now = time.time()
+        if self.last_input is not None and now - self.last_input > GAP_S:
+            self.gaps.append((self.last_input, now))
+        self.last_input = now
 
 
 class StageRunner:
@@ -162,6 +178,7 @@ class StageRunner:
                 self.service.process(port, batch, self._emit)
                 self.stats.batches += 1
                 self.stats.msgs_in += len(batch)
+                self.stats.took_input()
                 self._commit_batch()
                 return True
         if len(self._finished_inputs) == len(self.inputs):

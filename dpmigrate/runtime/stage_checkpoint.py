@@ -15,8 +15,10 @@ journal moved on after the checkpoint (``--leave-running``) continues from the j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -61,22 +63,55 @@ def wait_phase(run_dir: str, stage: str, phase: str, since: float) -> dict[str, 
     )
 
 
-def checkpoint_stage(agent: Agent, key: str, out: str, leave_running: bool) -> dict[str, Any]:
-    app, _, stage = key.partition("/")
+def _running(agent: Agent, key: str) -> tuple[Any, int]:
     proc = agent.supervisor.stages.get(key)
     pid = proc.stage_pid if proc is not None else None
     if proc is None or pid is None:
         raise DpmigrateError(f"stage {key!r} is not running on node {agent.node}")
-    manifest, run_dir, model = agent.stage_args[key]
+    return proc, pid
+
+
+def quiesce_stage(agent: Agent, key: str) -> dict[str, Any]:
+    """SIGUSR2, then wait for the stage's quiesced status (positions, digest)."""
+    _app, _, stage = key.partition("/")
+    _proc, pid = _running(agent, key)
+    _manifest, run_dir, _model = agent.stage_args[key]
     t0 = time.monotonic()
     since = time.time()
     os.kill(pid, signal.SIGUSR2)
     status = wait_phase(run_dir, stage, "quiesced", since)
-    quiesce_s = time.monotonic() - t0
+    return {"stage": key, "node": agent.node, "pid": pid, "quiesce_s": time.monotonic() - t0,
+            "positions": status["quiesced"], "state_version": status["state_version"],
+            "state_digest": status["state_digest"]}  # fmt: skip
+
+
+def wake_stage(agent: Agent, key: str) -> dict[str, Any]:
+    """SIGUSR1 to a quiesced stage; wait until it runs again (rings reopened)."""
+    _app, _, stage = key.partition("/")
+    proc, pid = _running(agent, key)
+    proc.checkpointing = False
+    _manifest, run_dir, _model = agent.stage_args[key]
+    since = time.time()
+    wake(pid)
+    status = wait_phase(run_dir, stage, "running", since)
+    return {
+        "stage": key, "node": agent.node, "pid": pid,
+        "state_version": status["state_version"], "state_digest": status["state_digest"],
+    }  # fmt: skip
+
+
+def dump_stage(
+    agent: Agent, key: str, out: str, leave_running: bool, quiesced: dict[str, Any]
+) -> dict[str, Any]:
+    """Dump a quiesced stage into the bundle ``out``. With ``leave_running`` the source stays,
+    quiesced (asleep in sigwaitinfo), so it can be woken again — the migration's rollback."""
+    app, _, stage = key.partition("/")
+    proc, pid = _running(agent, key)
+    manifest, run_dir, model = agent.stage_args[key]
     state, _, _ = StageJournal(Path(run_dir) / "stages" / stage).load()
     context = {
         "app": app, "stage": stage, "manifest": manifest, "run_dir": run_dir, "model": model,
-        "positions": status["quiesced"], "state_version": state.version,
+        "positions": quiesced["positions"], "state_version": state.version,
         "state_digest": state.digest(),
     }  # fmt: skip
     proc.checkpointing = True
@@ -87,22 +122,49 @@ def checkpoint_stage(agent: Agent, key: str, out: str, leave_running: bool) -> d
         )  # fmt: skip
     except BaseException:
         proc.checkpointing = False
-        wake(pid)  # never lose the stage to a failed checkpoint
         raise
     finally:
         criu_rpc.remove_network_lock()
     if leave_running:
         proc.checkpointing = False
-        wake(pid)
-    return {
-        "bundle": str(bundle.path), "stage": key, "node": agent.node,
-        "leave_running": leave_running, "quiesce_s": round(quiesce_s, 4),
-        "state_version": state.version, "state_digest": state.digest(),
-        "positions": status["quiesced"], "criu": result.as_dict(),
-    }  # fmt: skip
+    return {"bundle": str(bundle.path), "stage": key, "node": agent.node,
+            "leave_running": leave_running, "state_version": state.version,
+            "state_digest": state.digest(), "bytes": bundle.manifest["sizes"]["total"],
+            "criu": result.as_dict()}  # fmt: skip
 
 
-def restore_stage(agent: Agent, path: str) -> dict[str, Any]:
+def discard_stage(agent: Agent, key: str) -> None:
+    """End a quiesced stage for good (its copy runs elsewhere): SIGKILL, never restarted."""
+    proc = agent.supervisor.stages.get(key)
+    if proc is None:
+        return
+    pid = proc.adopted_pid if proc.adopted_pid is not None else proc.stage_pid
+    proc.checkpointing = True  # its exit is a departure, not a crash
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    while not proc.finished and time.monotonic() < deadline:
+        with agent.lock:
+            agent.supervisor.poll()
+        time.sleep(0.01)
+
+
+def checkpoint_stage(agent: Agent, key: str, out: str, leave_running: bool) -> dict[str, Any]:
+    """`dpmigrate checkpoint STAGE`: quiesce, dump, and wake it again or let it go."""
+    quiesced = quiesce_stage(agent, key)
+    try:
+        result = dump_stage(agent, key, out, leave_running, quiesced)
+    except BaseException:
+        wake_stage(agent, key)  # never lose the stage to a failed checkpoint
+        raise
+    if leave_running:
+        wake_stage(agent, key)
+    return {**result, "quiesce_s": round(quiesced["quiesce_s"], 4),
+            "positions": quiesced["positions"]}  # fmt: skip
+
+
+def restore_stage(agent: Agent, path: str, wake_it: bool = True) -> dict[str, Any]:
     bundle = bundles.load(path)
     context = bundle.rings or {}
     try:
@@ -134,6 +196,9 @@ def restore_stage(agent: Agent, path: str) -> dict[str, Any]:
         agent.supervisor.adopt(key, result.pid, [*argv, "--log", str(log)], log)
         agent.stage_runs[key] = run_dir
         agent.stage_args[key] = (manifest, run_dir, model)
+    if not wake_it:  # the migration wakes it after the placement changed
+        return {"stage": key, "node": agent.node, "pid": result.pid,
+                "restore_s": round(time.monotonic() - t0, 4), "criu": result.as_dict()}  # fmt: skip
     since = time.time()
     wake(result.pid)
     status = wait_phase(run_dir, stage, "running", since)
@@ -149,3 +214,19 @@ def wake(pid: int) -> None:
         os.kill(pid, signal.SIGUSR1)
     except ProcessLookupError as err:
         raise DpmigrateError(f"stage process {pid} is gone; it cannot be woken") from err
+
+
+def node_facts(agent: Agent) -> dict[str, Any]:
+    """CRIU version and features, CPU flags, kernel and free space of this node."""
+    from dpmigrate import config
+    from dpmigrate.checkpoint.criu_binary import CriuBinary
+
+    cfg = config.load()
+    criu = CriuBinary(cfg.criu)
+    facts = bundles.HostFacts.local()
+    usage = shutil.disk_usage(cfg.state_dir)
+    return {
+        "node": agent.node, "criu_version": criu.version_text,
+        "lazy_pages": criu.check("uffd-noncoop").ok, "cpu_flags": sorted(facts.cpu_flags),
+        "kernel": facts.kernel, "free_bytes": usage.free,
+    }  # fmt: skip

@@ -54,14 +54,39 @@ STATUS_INTERVAL_S = 0.5
 QUIESCE_TIMEOUT_S = 15.0
 
 
-def ring_transport(app: App, ring: RingSpec, model: str) -> str:
-    """The transport a ring uses in ``model``: the manifest's hint, else by locality."""
+def ring_transport(
+    app: App, ring: RingSpec, model: str, placement: dict[str, str] | None = None
+) -> str:
+    """The transport a ring uses in ``model``: the manifest's hint, else by locality — shm
+    between stages on one node, tcp between nodes. ``placement`` (stage → node) is where the
+    stages are now; it differs from the manifest after a migration, and then a ring that
+    was shm continues as tcp (or back), its sequence numbers continuing."""
     if ring.transport != "auto":
         return ring.transport
     if model == "in-process":
         return "mem"
-    same_node = app.stage(ring.src_stage).node == app.stage(ring.dst_stage).node
-    return "shm" if model == "multi-process" or same_node else "tcp"
+    if model == "multi-process":
+        return "shm"
+    where = placement or {}
+    src = where.get(ring.src_stage, app.stage(ring.src_stage).node)
+    dst = where.get(ring.dst_stage, app.stage(ring.dst_stage).node)
+    return "shm" if src == dst else "tcp"
+
+
+def read_placement(run_dir: Path) -> dict[str, str]:
+    """The run's current stage → node map (written by the runtime and by migrations)."""
+    try:
+        data = json.loads((run_dir / "placement.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def write_placement(run_dir: Path, placement: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".placement-")
+    with os.fdopen(fd, "w") as out:
+        json.dump(placement, out)
+    os.replace(tmp, run_dir / "placement.json")
 
 
 def ring_name(app: App, ring: RingSpec) -> str:
@@ -108,9 +133,10 @@ class StageHost:
             host = None
         outputs: dict[str, RingSender] = {}
         inputs: dict[str, RingReceiver] = {}
+        placement = read_placement(self.run_dir)
         for ring in app.rings:
             if ring.src_stage == self.spec.name:
-                transport = ring_transport(app, ring, args.model)
+                transport = ring_transport(app, ring, args.model, placement)
                 extra = {"host": host} if transport == "tcp" and host else {}
                 outputs[ring.src_port] = transports.open_sender(
                     transport, ring_name(app, ring), resolver=self.resolver,
@@ -119,7 +145,7 @@ class StageHost:
         for ring in app.rings:
             if ring.dst_stage == self.spec.name:
                 inputs[ring.dst_port] = transports.open_receiver(
-                    ring_transport(app, ring, args.model), ring_name(app, ring),
+                    ring_transport(app, ring, args.model, placement), ring_name(app, ring),
                     resolver=self.resolver, auto_commit=False,
                     next_expected=in_pos.get(ring.dst_port, 0), connect_timeout=60.0,
                 )  # fmt: skip
@@ -270,6 +296,7 @@ class StageHost:
             "msgs_out": runner.stats.msgs_out,
             "batches": runner.stats.batches,
             "done": runner.done,
+            "input_gaps": [list(g) for g in runner.stats.gaps],
             "metrics": runner.metrics(),
             "rings": [end.statistics().as_dict()
                       for end in [*runner.inputs.values(), *runner.outputs.values()]],

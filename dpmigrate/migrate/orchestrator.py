@@ -1,0 +1,355 @@
+"""Live migration of one stage to another node (DESIGN.md §6).
+
+Phases, each timed and named in the report and the logs:
+
+1. ``preflight`` — the stage runs on its source node and is healthy; the destination is
+   another live node; its CRIU is not older than the source's, it has every CPU flag the
+   source has, lazy pages when the strategy needs them, and room for the images.
+2. ``quiesce`` — the stage, and every peer whose ring to it changes transport (shm between
+   stages on one node, tcp between nodes), stop at a batch boundary with everything
+   acknowledged and their rings detached. Peers go first in pipeline order, so that each
+   drain still has a running consumer.
+3. ``transfer`` — CRIU dumps the stage, leaving the source asleep (quiesced, not killed).
+4. ``restore`` — the destination's agent restores it (not yet woken) and adopts it.
+5. ``reconnect`` — the run's placement now says the destination; the restored stage and the
+   quiesced peers wake and reopen their rings by name through their local agents, with the
+   transport the new placement calls for; sequence numbers continue.
+6. ``verify`` — the restored stage runs, its state digest equals the source's at the freeze,
+   and (unless the stream is over) messages flow through it again.
+
+**Point of no return**: after ``verify``. Until then any failure rolls back — the restored
+copy (if any) is discarded, the placement put back, the source and the peers woken where they
+were — and the stage keeps running on the source with nothing lost (its state and positions
+were never released). After it, ``cleanup`` ends the sleeping source and removes the images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from dpmigrate.errors import DpmigrateError
+from dpmigrate.runtime.cluster import LocalCluster
+from dpmigrate.runtime.manifest import App
+from dpmigrate.runtime.stagehost import read_placement, ring_transport, write_placement
+
+STRATEGIES = ("stop-and-copy", "post-copy")
+PHASES = ("preflight", "quiesce", "transfer", "restore", "reconnect", "verify", "cleanup")
+#: How long verification waits to see messages flow through the restored stage.
+FLOW_TIMEOUT_S = 15.0
+
+
+class MigrationError(DpmigrateError):
+    """A migration failed (and was rolled back: the message says so and why)."""
+
+
+@dataclasses.dataclass
+class MigrationReport:
+    """What one migration did; the JSON keys use CRIU's / QEMU's vocabulary."""
+
+    strategy: str
+    stage: str
+    source: str
+    destination: str
+    total_time_s: float = 0.0
+    downtime_s: float | None = None
+    frozen_time_s: float = 0.0
+    transferred_bytes: int = 0
+    pages_written: int = 0
+    lost: int | None = None
+    duplicated: int | None = None
+    state_digest_before: str | None = None
+    state_digest_after: str | None = None
+    rolled_back: bool = False
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+    started_at: float = 0.0  # wall clock, for timelines
+    ended_at: float = 0.0
+    phase_times: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Placed:
+    app: str
+    stage: str
+    node: str
+    run_dir: Path
+
+
+class Migration:
+    """One migration; ``run()`` returns its report (and raises MigrationError on rollback
+    only when ``raise_on_rollback``)."""
+
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        stage: str,
+        destination: str,
+        strategy: str = "stop-and-copy",
+        on_phase: Callable[[str], None] | None = None,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise DpmigrateError(
+                f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
+        self.cluster = cluster
+        self.strategy = strategy
+        self.destination = destination
+        self.on_phase = on_phase or (lambda name: None)
+        node, app, name = cluster.find_stage(stage)
+        self.report = MigrationReport(strategy, f"{app}/{name}", node, destination)
+        self.app_name, self.stage = app, name
+        self.source = node
+        self._quiesced: list[_Placed] = []  # in the order they were quiesced
+        self._restored = False
+        self._bundle: Path | None = None
+        self._old_placement: dict[str, str] = {}
+
+    # -- helpers ------------------------------------------------------------------------
+    def _call(self, node: str, op: str, **args: Any) -> Any:
+        with self.cluster.client(node, timeout=300) as agent:
+            return agent.call(op, **args)
+
+    def _stages(self, include_finished: bool = False) -> dict[str, dict[str, Any]]:
+        """This app's stages by name (as their agents report them), running ones unless
+        ``include_finished`` (a stage that left by checkpoint never counts)."""
+        found = {}
+        for node in self.cluster.nodes:
+            for info in self._call(node.name, "status")["stages"]:
+                if info.get("app") != self.app_name or info.get("moved"):
+                    continue
+                if include_finished or not info.get("finished"):
+                    found[info["name"]] = info
+        return found
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        self.on_phase(name)
+        start, wall = time.monotonic(), time.time()
+        try:
+            yield
+        finally:
+            self.report.phases[name] = round(time.monotonic() - start, 4)
+            self.report.phase_times[name] = [wall, time.time()]
+
+    # -- the migration ------------------------------------------------------------------
+    def run(self) -> MigrationReport:
+        report = self.report
+        report.started_at = time.time()
+        t0 = time.monotonic()
+        before = self._checker()
+        phase = "preflight"
+        try:
+            with self._phase("preflight"):
+                stages, app = self._preflight()
+            phase = "quiesce"
+            with self._phase("quiesce"):
+                frozen = self._quiesce(stages, app)
+            phase = "transfer"
+            with self._phase("transfer"):
+                self._transfer(frozen)
+            phase = "restore"
+            with self._phase("restore"):
+                self._restore()
+            phase = "reconnect"
+            with self._phase("reconnect"):
+                self._reconnect()
+            phase = "verify"
+            with self._phase("verify"):
+                self._verify(frozen)
+        except Exception as err:  # any failure before the point of no return: roll back
+            report.error = f"{phase}: {err}"
+            report.rolled_back = True
+            with self._phase("rollback"):
+                self._rollback()
+        else:
+            # -- point of no return: the destination runs the stage; end the source --------
+            with self._phase("cleanup"):
+                self._cleanup()
+        report.total_time_s = round(time.monotonic() - t0, 4)
+        report.ended_at = time.time()
+        self._measure(before)
+        return report
+
+    def _preflight(self) -> tuple[dict[str, dict[str, Any]], App]:
+        nodes = {n.name for n in self.cluster.nodes}
+        if self.destination not in nodes:
+            raise MigrationError(f"no node {self.destination!r} (nodes: {sorted(nodes)})")
+        if self.destination == self.source:
+            raise MigrationError(f"stage {self.report.stage} already runs on {self.source}")
+        stages = self._stages()
+        me = stages.get(self.stage)
+        if me is None or me.get("phase") != "running" or not me.get("pid"):
+            raise MigrationError(f"stage {self.report.stage} is not running and healthy: {me}")
+        src, dst = self._call(self.source, "facts"), self._call(self.destination, "facts")
+        if _version(dst["criu_version"]) < _version(src["criu_version"]):
+            raise MigrationError(
+                f"{self.destination}'s CRIU {dst['criu_version']} is older than "
+                f"{self.source}'s {src['criu_version']}"
+            )
+        missing = sorted(set(src["cpu_flags"]) - set(dst["cpu_flags"]))
+        if missing:
+            raise MigrationError(f"{self.destination} lacks CPU flags {missing[:8]}")
+        if self.strategy == "post-copy" and not dst["lazy_pages"]:
+            raise MigrationError(f"{self.destination} has no userfaultfd: no post-copy there")
+        if dst["free_bytes"] < 512 << 20:
+            raise MigrationError(f"{self.destination} has under 512 MiB free for the images")
+        app = App.load(me["manifest"])
+        self._downstream = {r.dst_stage for r in app.rings if r.src_stage == self.stage}
+        return stages, app
+
+    def _quiesce(self, stages: dict[str, dict[str, Any]], app: App) -> dict[str, Any]:
+        run_dir = Path(stages[self.stage]["run_dir"])
+        placement = read_placement(run_dir) or {s.name: s.node for s in app.stages}
+        self._old_placement = dict(placement)
+        moved = {**placement, self.stage: self.destination}
+        peers = set()
+        for ring in app.rings:
+            if self.stage in (ring.src_stage, ring.dst_stage):
+                peer = ring.dst_stage if ring.src_stage == self.stage else ring.src_stage
+                if ring_transport(app, ring, "multi-node", placement) != ring_transport(
+                    app, ring, "multi-node", moved
+                ):
+                    peers.add(peer)
+        order = [s.name for s in app.stages if s.name in peers or s.name == self.stage]
+        frozen: dict[str, Any] = {}
+        for name in order:  # pipeline order: every drain still has a running consumer
+            info = stages[name]
+            result = self._call(info["node"], "quiesce_stage", app=self.app_name, stage=name)
+            self._quiesced.append(_Placed(self.app_name, name, info["node"], run_dir))
+            if name == self.stage:
+                frozen = result
+        self._moved_placement = moved
+        self._run_dir = run_dir
+        self.report.state_digest_before = frozen["state_digest"]
+        return frozen
+
+    def _transfer(self, frozen: dict[str, Any]) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="migrate-", dir=self._run_dir))
+        self._bundle = folder / "bundle"
+        result = self._call(self.source, "dump_stage", app=self.app_name, stage=self.stage,
+                            out=str(self._bundle), quiesced=frozen)  # fmt: skip
+        criu = result["criu"]
+        self.report.frozen_time_s = round(criu["frozen_time"] / 1e6, 4)
+        self.report.pages_written = int(criu["pages_written"])
+        self.report.transferred_bytes = int(result["bytes"])
+
+    def _restore(self) -> None:
+        self._call(self.destination, "restore_stage", bundle=str(self._bundle), wake=False)
+        self._restored = True
+
+    def _reconnect(self) -> None:
+        """Wake in pipeline order: a stage opens its outputs (registering them) before it
+        looks up its inputs, so each finds its upstream producers already back."""
+        write_placement(self._run_dir, self._moved_placement)
+        for placed in self._quiesced:
+            node = self.destination if placed.stage == self.stage else placed.node
+            self._call(node, "wake_stage", app=placed.app, stage=placed.stage)
+
+    def _on_destination(self) -> dict[str, Any] | None:
+        """The stage as the destination's agent reports it (the sleeping source shares its
+        status file, so ask the node, not the file)."""
+        for info in self._call(self.destination, "status")["stages"]:
+            mine = info.get("app") == self.app_name and info.get("name") == self.stage
+            if mine and not info.get("finished"):
+                return info
+        return None
+
+    def _verify(self, frozen: dict[str, Any]) -> None:
+        me = self._on_destination()
+        if me is None or me.get("node") != self.destination or me.get("phase") != "running":
+            raise MigrationError(f"the restored stage does not run on {self.destination}: {me}")
+        self.report.state_digest_after = me.get("state_digest")
+        # The digest is the stage's state right after waking: it must be the frozen one
+        # (or, if it already took batches, its version moved on from the frozen one).
+        if me.get("state_version") == frozen["state_version"] and (
+            me.get("state_digest") != frozen["state_digest"]
+        ):
+            raise MigrationError("the restored state differs from the frozen state")
+        self._wait_flow(me)
+
+    def _wait_flow(self, me: dict[str, Any]) -> None:
+        """Messages move through the restored stage again (unless its inputs are over)."""
+        start_in = me.get("msgs_in", 0)
+        deadline = time.monotonic() + FLOW_TIMEOUT_S
+        while time.monotonic() < deadline:
+            now = self._on_destination()
+            if now is None:
+                return  # finished its stream already
+            if now.get("msgs_in", 0) > start_in or now.get("done") or not _has_inputs(now):
+                return
+            upstream_done = all(s.get("done") for n, s in self._stages().items() if n != self.stage)
+            if upstream_done:
+                return
+            time.sleep(0.05)
+        raise MigrationError(f"no message reached the restored stage within {FLOW_TIMEOUT_S} s")
+
+    def _rollback(self) -> None:
+        """Undo in reverse: restored copy away, placement back, source and peers woken."""
+        if self._restored:
+            with contextlib.suppress(DpmigrateError):
+                self._call(self.destination, "discard_stage", app=self.app_name,
+                           stage=self.stage)  # fmt: skip
+        if self._old_placement and hasattr(self, "_run_dir"):
+            write_placement(self._run_dir, self._old_placement)
+        for placed in self._quiesced:  # pipeline order, as in _reconnect
+            with contextlib.suppress(DpmigrateError):
+                self._call(placed.node, "wake_stage", app=placed.app, stage=placed.stage)
+        self._cleanup_images()
+
+    def _cleanup(self) -> None:
+        self._call(self.source, "discard_stage", app=self.app_name, stage=self.stage)
+        self._cleanup_images()
+
+    def _cleanup_images(self) -> None:
+        if self._bundle is not None:
+            shutil.rmtree(self._bundle.parent, ignore_errors=True)
+
+    # -- measuring ----------------------------------------------------------------------
+    def _checker(self) -> dict[str, Any] | None:
+        with contextlib.suppress(DpmigrateError):
+            for info in self._stages(include_finished=True).values():
+                metrics = info.get("metrics", {})
+                if {"lost", "duplicated"} <= set(metrics):
+                    return {"name": info["name"], **metrics}
+        return None
+
+    def _measure(self, before: dict[str, Any] | None) -> None:
+        """Downtime: the longest input gap the stage's downstream peer saw during the
+        migration (its status is written every 0.5 s, so wait for a fresh one)."""
+        time.sleep(0.6)
+        stages = {}
+        with contextlib.suppress(DpmigrateError):
+            stages = self._stages(include_finished=True)
+        window = (self.report.started_at, self.report.ended_at + 0.5)
+        # the stage's consumers saw the gap in its output; a sink's own input shows it
+        seen_by = getattr(self, "_downstream", set()) or {self.stage}
+        watchers = [s for n, s in stages.items() if n in seen_by and s.get("input_gaps")]
+        gaps = [
+            end - start
+            for s in watchers
+            for start, end in s["input_gaps"]
+            if end >= window[0] and start <= window[1]
+        ]
+        self.report.downtime_s = round(max(gaps), 4) if gaps else 0.0
+        after = self._checker()
+        if before is not None and after is not None:
+            self.report.lost = int(after["lost"]) - int(before["lost"])
+            self.report.duplicated = int(after["duplicated"]) - int(before["duplicated"])
+
+
+def _has_inputs(info: dict[str, Any]) -> bool:
+    return any(r.get("role") == "consumer" for r in info.get("rings", []))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".") if p.isdigit())
