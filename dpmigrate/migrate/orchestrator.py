@@ -96,6 +96,7 @@ class Migration:
         destination: str,
         strategy: str = "stop-and-copy",
         on_phase: Callable[[str], None] | None = None,
+        flow_timeout: float = FLOW_TIMEOUT_S,
     ) -> None:
         if strategy not in STRATEGIES:
             raise DpmigrateError(
@@ -105,6 +106,9 @@ class Migration:
         self.strategy = strategy
         self.destination = destination
         self.on_phase = on_phase or (lambda name: None)
+        self.flow_timeout = flow_timeout
+        self._woken_version: int | None = None
+        self._woken: set[str] = set()  # stages woken with the new placement
         node, app, name = cluster.find_stage(stage)
         self.report = MigrationReport(strategy, f"{app}/{name}", node, destination)
         self.app_name, self.stage = app, name
@@ -253,7 +257,11 @@ class Migration:
         write_placement(self._run_dir, self._moved_placement)
         for placed in self._quiesced:
             node = self.destination if placed.stage == self.stage else placed.node
-            self._call(node, "wake_stage", app=placed.app, stage=placed.stage)
+            woken = self._call(node, "wake_stage", app=placed.app, stage=placed.stage)
+            self._woken.add(placed.stage)
+            if placed.stage == self.stage:  # its state as it woke, before any new batch
+                self.report.state_digest_after = woken["state_digest"]
+                self._woken_version = woken["state_version"]
 
     def _on_destination(self) -> dict[str, Any] | None:
         """The stage as the destination's agent reports it (the sleeping source shares its
@@ -268,19 +276,21 @@ class Migration:
         me = self._on_destination()
         if me is None or me.get("node") != self.destination or me.get("phase") != "running":
             raise MigrationError(f"the restored stage does not run on {self.destination}: {me}")
-        self.report.state_digest_after = me.get("state_digest")
-        # The digest is the stage's state right after waking: it must be the frozen one
-        # (or, if it already took batches, its version moved on from the frozen one).
-        if me.get("state_version") == frozen["state_version"] and (
-            me.get("state_digest") != frozen["state_digest"]
+        if (self.report.state_digest_after, self._woken_version) != (
+            frozen["state_digest"],
+            frozen["state_version"],
         ):
-            raise MigrationError("the restored state differs from the frozen state")
+            raise MigrationError(
+                f"the restored state (version {self._woken_version}, digest "
+                f"{self.report.state_digest_after}) is not the frozen one (version "
+                f"{frozen['state_version']}, digest {frozen['state_digest']})"
+            )
         self._wait_flow(me)
 
     def _wait_flow(self, me: dict[str, Any]) -> None:
         """Messages move through the restored stage again (unless its inputs are over)."""
         start_in = me.get("msgs_in", 0)
-        deadline = time.monotonic() + FLOW_TIMEOUT_S
+        deadline = time.monotonic() + self.flow_timeout
         while time.monotonic() < deadline:
             now = self._on_destination()
             if now is None:
@@ -291,10 +301,14 @@ class Migration:
             if upstream_done:
                 return
             time.sleep(0.05)
-        raise MigrationError(f"no message reached the restored stage within {FLOW_TIMEOUT_S} s")
+        raise MigrationError(f"no message reached the restored stage within {self.flow_timeout} s")
 
     def _rollback(self) -> None:
-        """Undo in reverse: restored copy away, placement back, source and peers woken."""
+        """Restored copy away, placement back, then in pipeline order: the source woken (it
+        catches up with the journal if its copy got further), every peer still asleep woken,
+        every peer already woken under the new placement restarted from its journal (it
+        reopens its rings the old way; nothing it sent unacknowledged is lost: it regenerates
+        it)."""
         if self._restored:
             with contextlib.suppress(DpmigrateError):
                 self._call(self.destination, "discard_stage", app=self.app_name,
@@ -302,8 +316,11 @@ class Migration:
         if self._old_placement and hasattr(self, "_run_dir"):
             write_placement(self._run_dir, self._old_placement)
         for placed in self._quiesced:  # pipeline order, as in _reconnect
+            op = "wake_stage"
+            if placed.stage != self.stage and placed.stage in self._woken:
+                op = "restart_stage"
             with contextlib.suppress(DpmigrateError):
-                self._call(placed.node, "wake_stage", app=placed.app, stage=placed.stage)
+                self._call(placed.node, op, app=placed.app, stage=placed.stage)
         self._cleanup_images()
 
     def _cleanup(self) -> None:

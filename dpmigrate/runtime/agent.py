@@ -315,6 +315,11 @@ class Agent:
     def op_wake_stage(self, args: Any) -> dict[str, Any]:
         return stage_checkpoint.wake_stage(self, self._key(args))
 
+    def op_restart_stage(self, args: Any) -> dict[str, Any]:
+        key = self._key(args)
+        log("restart", stage=key)
+        return stage_checkpoint.restart_stage(self, key)
+
     def op_discard_stage(self, args: Any) -> None:
         key = self._key(args)
         log("discard", stage=key)

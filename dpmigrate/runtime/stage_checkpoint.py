@@ -45,11 +45,16 @@ def read_status(run_dir: str, stage: str) -> dict[str, Any]:
 
 
 def wait_phase(run_dir: str, stage: str, phase: str, since: float) -> dict[str, Any]:
-    """Wait until the stage's status file, written after ``since``, says ``phase``."""
+    """Wait until the stage's status file, written after ``since``, says ``phase`` (for
+    "running": until it reports a wake after ``since``)."""
     deadline = time.monotonic() + PHASE_TIMEOUT_S
     while time.monotonic() < deadline:
         status = read_status(run_dir, stage)
-        if status.get("time", 0) >= since:
+        if phase == "running":
+            woken = status.get("woken") or {}
+            if woken.get("at", 0) >= since:
+                return {**status, **woken}
+        elif status.get("time", 0) >= since:
             if status.get("phase") == phase:
                 return status
             if phase == "quiesced" and status.get("quiesce_error"):
@@ -131,6 +136,22 @@ def dump_stage(
             "leave_running": leave_running, "state_version": state.version,
             "state_digest": state.digest(), "bytes": bundle.manifest["sizes"]["total"],
             "criu": result.as_dict()}  # fmt: skip
+
+
+def restart_stage(agent: Agent, key: str) -> dict[str, Any]:
+    """Stop a stage (SIGTERM: it persists what downstream acknowledged and detaches) and start
+    it again from its journal — it then opens its rings as the run's placement says now."""
+    proc = agent.supervisor.stages.get(key)
+    if proc is None:
+        raise DpmigrateError(f"no stage {key!r} on node {agent.node}")
+    manifest, run_dir, model = agent.stage_args[key]
+    _app, _, stage = key.partition("/")
+    with agent.lock:
+        agent.supervisor.stop_one(key)
+        argv = ["-m", "dpmigrate.runtime.stagehost", "--manifest", manifest, "--stage", stage,
+                "--run-dir", run_dir, "--model", model, "--registry", "agent"]  # fmt: skip
+        new = agent.supervisor.start(key, argv)
+    return {"stage": key, "node": agent.node, "pid": new.proc.pid if new.proc else None}
 
 
 def discard_stage(agent: Agent, key: str) -> None:

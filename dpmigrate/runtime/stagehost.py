@@ -106,6 +106,7 @@ class StageHost:
         self.status_path = self.run_dir / "status" / f"{self.spec.name}.json"
         self.status_path.parent.mkdir(parents=True, exist_ok=True)
         self.phase = "starting"
+        self.woken: dict[str, Any] | None = None
         self.flags = {"stop": False, "quiesce": False}
         self.resolver: Resolver | None = None
         state, in_pos, out_pos = self.journal.load()
@@ -248,7 +249,13 @@ class StageHost:
         inputs, outputs = self.open_rings(in_pos, out_pos)
         self.runner.inputs, self.runner.outputs = inputs, outputs
         self.phase = "running"
-        self.event("stage woken", inputs=in_pos, outputs=out_pos, node=self.node_name())
+        node = self.node_name()
+        # Kept in every later status: whoever woke us reads the state as it was at the wake,
+        # even if batches (and status writes) follow at once.
+        self.woken = {"at": time.time(), "node": node, "state_version": self.runner.state.version,
+                      "state_digest": self.runner.state.digest(), "inputs": in_pos,
+                      "outputs": out_pos}  # fmt: skip
+        self.event("stage woken", inputs=in_pos, outputs=out_pos, node=node)
         self.write_status()
 
     def catch_up_with_journal(
@@ -301,6 +308,7 @@ class StageHost:
             "rings": [end.statistics().as_dict()
                       for end in [*runner.inputs.values(), *runner.outputs.values()]],
             "time": time.time(),
+            "woken": self.woken,
             **extra,
         }  # fmt: skip
         fd, tmp = tempfile.mkstemp(dir=self.status_path.parent, prefix=".status-")

@@ -1,0 +1,99 @@
+"""`dpmigrate migrate` and `dpmigrate demo`: live migration from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from dpmigrate.migrate import STRATEGIES, MigrationReport
+
+_ROWS = (
+    ("total_time_s", "total time", "s"),
+    ("downtime_s", "downtime (seen downstream)", "s"),
+    ("frozen_time_s", "frozen time (CRIU)", "s"),
+    ("transferred_bytes", "transferred", "bytes"),
+    ("pages_written", "pages written", ""),
+    ("lost", "messages lost", ""),
+    ("duplicated", "messages duplicated", ""),
+    ("state_digest_before", "state digest at the freeze", ""),
+    ("state_digest_after", "state digest after", ""),
+    ("rolled_back", "rolled back", ""),
+)
+
+
+def report_table(report: MigrationReport) -> Table:
+    table = Table(
+        title=f"{report.stage}: {report.source} → {report.destination} ({report.strategy})"
+    )
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    data = report.as_dict()
+    for key, label, unit in _ROWS:
+        value = data[key]
+        if unit == "bytes" and isinstance(value, int):
+            text = f"{value / 2**20:,.1f} MiB"
+        elif unit == "s" and isinstance(value, float):
+            text = f"{value * 1000:,.1f} ms"
+        else:
+            text = "-" if value is None else str(value)
+        table.add_row(label, text)
+    for phase, seconds in report.phases.items():
+        table.add_row(f"  phase {phase}", f"{seconds * 1000:,.1f} ms")
+    if report.error:
+        table.add_row("error", report.error)
+    return table
+
+
+def migrations_table(reports: list[MigrationReport]) -> Table:
+    table = Table(title="migrations")
+    for col in ("stage", "from → to", "strategy", "total", "downtime", "frozen", "MiB",
+                "pages", "lost", "dup", "digest kept", "rolled back"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in reports:
+        kept = r.state_digest_before == r.state_digest_after if r.state_digest_after else "-"
+        table.add_row(
+            r.stage, f"{r.source} → {r.destination}", r.strategy, f"{r.total_time_s * 1000:.0f} ms",
+            "-" if r.downtime_s is None else f"{r.downtime_s * 1000:.0f} ms",
+            f"{r.frozen_time_s * 1000:.1f} ms", f"{r.transferred_bytes / 2**20:.1f}",
+            f"{r.pages_written:,}", str(r.lost), str(r.duplicated), str(kept),
+            "YES" if r.rolled_back else "no",
+        )  # fmt: skip
+    return table
+
+
+@click.command("migrate")
+@click.argument("stage")
+@click.option("--to", "destination", required=True, help="Destination node.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="stop-and-copy",
+              show_default=True)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def migrate_cmd(stage: str, destination: str, strategy: str, as_json: bool) -> None:
+    """Live-migrate a running STAGE ([APP/]STAGE) of the cluster to another node.
+
+    Any failure before the destination is verified rolls back: the stage keeps running where
+    it was, with nothing lost. Exit status 1 when it rolled back.
+    """
+    from dpmigrate.migrate import LocalCluster
+
+    cluster = LocalCluster.current()
+    console = Console(stderr=True)
+    if as_json or not console.is_terminal:
+        report = cluster.migrate(stage, to=destination, strategy=strategy)
+    else:
+        with console.status(f"migrating {stage} to {destination}") as status:
+            report = cluster.migrate(
+                stage, to=destination, strategy=strategy,
+                on_phase=lambda phase: status.update(f"{stage} → {destination}: {phase}"),
+            )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        Console().print(report_table(report))
+    if report.rolled_back:
+        if not as_json:
+            click.echo(f"dpmigrate: migration rolled back: {report.error}", err=True)
+        sys.exit(1)
