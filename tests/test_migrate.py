@@ -76,7 +76,7 @@ def test_stop_and_copy_back_and_forth_under_traffic(state_dir: Path, tmp_path: P
             rings = {r["name"]: r["transport"] for r in _table(run)["rings"]}
             assert rings["flows.gen.out-table.in"] == "shm", rings
             _flowing(run, _table(run)["msgs_in"] + 3000)
-            result = run_cli("migrate", "flows/table", "--to", "node3", "--json",
+            result = run_cli("migrate", "flows/table", "--to", "node3", "--strategy", "post-copy", "--json",
                              env={"DPMIGRATE_STATE_DIR": str(state_dir)}, timeout=120)  # fmt: skip
             assert result.returncode == 0, result.stderr
             second = json.loads(result.stdout)

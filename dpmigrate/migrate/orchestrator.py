@@ -43,6 +43,8 @@ STRATEGIES = ("stop-and-copy", "post-copy")
 PHASES = ("preflight", "quiesce", "transfer", "restore", "reconnect", "verify", "cleanup")
 #: How long verification waits to see messages flow through the restored stage.
 FLOW_TIMEOUT_S = 15.0
+#: How long a woken stage may take to reopen its rings before the migration gives up on it.
+WAKE_TIMEOUT_S = 10.0
 
 
 class MigrationError(DpmigrateError):
@@ -114,8 +116,10 @@ class Migration:
         self.app_name, self.stage = app, name
         self.source = node
         self._quiesced: list[_Placed] = []  # in the order they were quiesced
+        self._folder: Path | None = None
+        self._lazy_source: list[Any] | None = None  # post-copy: the source's page server
+        self._page_server = False
         self._restored = False
-        self._bundle: Path | None = None
         self._old_placement: dict[str, str] = {}
 
     # -- helpers ------------------------------------------------------------------------
@@ -239,16 +243,33 @@ class Migration:
 
     def _transfer(self, frozen: dict[str, Any]) -> None:
         folder = Path(tempfile.mkdtemp(prefix="migrate-", dir=self._run_dir))
-        self._bundle = folder / "bundle"
-        result = self._call(self.source, "dump_stage", app=self.app_name, stage=self.stage,
-                            out=str(self._bundle), quiesced=frozen)  # fmt: skip
+        self._folder = folder
+        source_dir, dest_dir = folder / "source", folder / "dest"
+        me = {"app": self.app_name, "stage": self.stage}
+        if self.strategy == "post-copy":
+            # the source's CRIU stays behind as the page server; pages move after the restore
+            result = self._call(self.source, "lazy_dump", **me, images_dir=str(source_dir),
+                                quiesced=frozen)  # fmt: skip
+            self._lazy_source = [result["address"], result["port"]]
+            self.report.transferred_bytes = int(result["local_bytes"])
+            return
+        server = self._call(self.destination, "page_server", **me, images_dir=str(dest_dir))
+        self._page_server = True
+        result = self._call(
+            self.source, "dump_to_page_server", **me, images_dir=str(source_dir),
+            page_server=[server["address"], server["port"]], quiesced=frozen,
+        )  # fmt: skip
+        done = self._call(self.destination, "finish_page_server", **me,
+                          source_dir=str(source_dir))  # fmt: skip
+        self._page_server = False
         criu = result["criu"]
         self.report.frozen_time_s = round(criu["frozen_time"] / 1e6, 4)
         self.report.pages_written = int(criu["pages_written"])
-        self.report.transferred_bytes = int(result["bytes"])
+        self.report.transferred_bytes = int(done["pages_bytes"]) + int(done["copied_bytes"])
 
     def _restore(self) -> None:
-        self._call(self.destination, "restore_stage", bundle=str(self._bundle), wake=False)
+        self._call(self.destination, "restore_images", images_dir=str(self._folder / "dest"),
+                   lazy_source=self._lazy_source)  # fmt: skip
         self._restored = True
 
     def _reconnect(self) -> None:
@@ -257,7 +278,8 @@ class Migration:
         write_placement(self._run_dir, self._moved_placement)
         for placed in self._quiesced:
             node = self.destination if placed.stage == self.stage else placed.node
-            woken = self._call(node, "wake_stage", app=placed.app, stage=placed.stage)
+            woken = self._call(node, "wake_stage", app=placed.app, stage=placed.stage,
+                               timeout=WAKE_TIMEOUT_S)  # fmt: skip
             self._woken.add(placed.stage)
             if placed.stage == self.stage:  # its state as it woke, before any new batch
                 self.report.state_digest_after = woken["state_digest"]
@@ -309,27 +331,45 @@ class Migration:
         every peer already woken under the new placement restarted from its journal (it
         reopens its rings the old way; nothing it sent unacknowledged is lost: it regenerates
         it)."""
+        me = {"app": self.app_name, "stage": self.stage}
+        if self._lazy_source is not None:  # first: the source resumes (asleep, quiesced)
+            with contextlib.suppress(DpmigrateError):
+                self._call(self.source, "lazy_abort", **me)
         if self._restored:
             with contextlib.suppress(DpmigrateError):
-                self._call(self.destination, "discard_stage", app=self.app_name,
-                           stage=self.stage)  # fmt: skip
+                self._call(self.destination, "discard_stage", **me)
+        if self._restored or self._page_server or self._lazy_source is not None:
+            with contextlib.suppress(DpmigrateError):
+                self._call(self.destination, "cancel_transfer", **me)
         if self._old_placement and hasattr(self, "_run_dir"):
             write_placement(self._run_dir, self._old_placement)
         for placed in self._quiesced:  # pipeline order, as in _reconnect
-            op = "wake_stage"
-            if placed.stage != self.stage and placed.stage in self._woken:
-                op = "restart_stage"
             with contextlib.suppress(DpmigrateError):
-                self._call(placed.node, op, app=placed.app, stage=placed.stage)
+                if placed.stage != self.stage and placed.stage in self._woken:
+                    self._call(placed.node, "restart_stage", app=placed.app, stage=placed.stage)
+                else:
+                    self._call(placed.node, "wake_stage", app=placed.app, stage=placed.stage,
+                               timeout=WAKE_TIMEOUT_S)  # fmt: skip
         self._cleanup_images()
 
     def _cleanup(self) -> None:
-        self._call(self.source, "discard_stage", app=self.app_name, stage=self.stage)
+        me = {"app": self.app_name, "stage": self.stage}
+        if self._lazy_source is not None:
+            # post-copy: the source serves pages until the destination pulled them all
+            done = self._call(self.source, "lazy_finish", **me)
+            self._call(self.destination, "lazy_destination_done", **me)
+            criu = done["criu"]
+            self.report.frozen_time_s = round(criu["frozen_time"] / 1e6, 4)
+            self.report.pages_written = int(criu.get("pages_lazy", 0)) + int(
+                criu.get("pages_written", 0)
+            )
+            self.report.transferred_bytes += self.report.pages_written * 4096
+        self._call(self.source, "discard_stage", **me)
         self._cleanup_images()
 
     def _cleanup_images(self) -> None:
-        if self._bundle is not None:
-            shutil.rmtree(self._bundle.parent, ignore_errors=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
     # -- measuring ----------------------------------------------------------------------
     def _checker(self) -> dict[str, Any] | None:

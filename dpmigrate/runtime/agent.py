@@ -34,13 +34,19 @@ from typing import Any
 
 from dpmigrate import config
 from dpmigrate.errors import DpmigrateError, ProtocolError
-from dpmigrate.runtime import control, stage_checkpoint
+from dpmigrate.runtime import control, stage_checkpoint, stage_transfer
 from dpmigrate.runtime.supervisor import Supervisor
 
 ABSTRACT_NAME = "@dpmigrate-agent"
 _MAX_LOOKUP_WAIT_S = 30.0
 _MAX_CONNECTIONS = 64
 _PUSH_ATTEMPTS = 10
+
+
+def _abs(path: str) -> str:
+    if not path.startswith("/"):
+        raise ProtocolError(f"path {path!r} must be absolute")
+    return path
 
 
 def log(event: str, **fields: Any) -> None:
@@ -63,6 +69,8 @@ class Agent:
             run_dir / "logs" / node, on_event=lambda m: log("stage", message=m)
         )
         self.stage_runs: dict[str, str] = {}  # stage -> run dir (for its status file)
+        self.transfers: dict[str, Any] = {}  # migrations in flight: page servers, lazy sources
+        self.lazy_daemons: dict[str, Any] = {}
         self.stage_args: dict[str, tuple[str, str, str]] = {}  # stage -> manifest, run dir, model
         self.stopping = threading.Event()
         self.listeners: list[socket.socket] = []
@@ -313,7 +321,10 @@ class Agent:
         return stage_checkpoint.quiesce_stage(self, self._key(args))
 
     def op_wake_stage(self, args: Any) -> dict[str, Any]:
-        return stage_checkpoint.wake_stage(self, self._key(args))
+        a = control.check_args(args, {"app": str, "stage": str, "timeout": (int, float)})
+        key = f"{a['app']}/{a['stage']}"
+        timeout = min(max(1.0, float(a["timeout"])), stage_checkpoint.PHASE_TIMEOUT_S)
+        return stage_checkpoint.wake_stage(self, key, timeout)
 
     def op_restart_stage(self, args: Any) -> dict[str, Any]:
         key = self._key(args)
@@ -334,6 +345,58 @@ class Agent:
         return self.criu_thread.submit(
             stage_checkpoint.dump_stage, self, key, a["out"], True, a["quiesced"]
         ).result()
+
+    # -- live-migration transfer (see stage_transfer) --------------------------------------
+    def op_page_server(self, args: Any) -> dict[str, Any]:
+        a = control.check_args(args, {"app": str, "stage": str, "images_dir": str})
+        return stage_transfer.start_page_server(self, self._key_of(a), _abs(a["images_dir"]))
+
+    def op_dump_to_page_server(self, args: Any) -> dict[str, Any]:
+        a = control.check_args(args, {"app": str, "stage": str, "images_dir": str,
+                                      "page_server": list, "quiesced": dict})  # fmt: skip
+        return self.criu_thread.submit(
+            stage_transfer.dump_to_page_server, self, self._key_of(a), _abs(a["images_dir"]),
+            a["page_server"], a["quiesced"],
+        ).result()  # fmt: skip
+
+    def op_finish_page_server(self, args: Any) -> dict[str, Any]:
+        a = control.check_args(args, {"app": str, "stage": str, "source_dir": str})
+        return stage_transfer.finish_page_server(self, self._key_of(a), _abs(a["source_dir"]))
+
+    def op_lazy_dump(self, args: Any) -> dict[str, Any]:
+        a = control.check_args(
+            args, {"app": str, "stage": str, "images_dir": str, "quiesced": dict}
+        )
+        return self.criu_thread.submit(
+            stage_transfer.lazy_dump, self, self._key_of(a), _abs(a["images_dir"]), a["quiesced"]
+        ).result()
+
+    def op_lazy_finish(self, args: Any) -> dict[str, Any]:
+        return stage_transfer.lazy_finish(self, self._key(args))
+
+    def op_lazy_abort(self, args: Any) -> None:
+        stage_transfer.lazy_abort(self, self._key(args))
+
+    def op_lazy_destination_done(self, args: Any) -> None:
+        stage_transfer.lazy_destination_done(self, self._key(args))
+
+    def op_restore_images(self, args: Any) -> dict[str, Any]:
+        a = control.check_args(args, {"images_dir": str, "lazy_source": (list, type(None))})
+        return self.criu_thread.submit(
+            stage_transfer.restore_images, self, _abs(a["images_dir"]), a["lazy_source"]
+        ).result()
+
+    def op_cancel_transfer(self, args: Any) -> None:
+        """Rollback: stop a page server or lazy-pages daemon left by a failed migration."""
+        key = self._key(args)
+        for table in (self.transfers, self.lazy_daemons):
+            obj = table.pop(key, None)
+            if obj is not None:
+                obj.stop()
+
+    @staticmethod
+    def _key_of(a: dict[str, Any]) -> str:
+        return f"{a['app']}/{a['stage']}"
 
     def op_facts(self, args: Any) -> dict[str, Any]:
         """What a migration's pre-flight compares: CRIU, CPU flags, kernel, free space."""

@@ -44,10 +44,12 @@ def read_status(run_dir: str, stage: str) -> dict[str, Any]:
         return {}
 
 
-def wait_phase(run_dir: str, stage: str, phase: str, since: float) -> dict[str, Any]:
+def wait_phase(
+    run_dir: str, stage: str, phase: str, since: float, timeout: float = PHASE_TIMEOUT_S
+) -> dict[str, Any]:
     """Wait until the stage's status file, written after ``since``, says ``phase`` (for
     "running": until it reports a wake after ``since``)."""
-    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = read_status(run_dir, stage)
         if phase == "running":
@@ -64,7 +66,7 @@ def wait_phase(run_dir: str, stage: str, phase: str, since: float) -> dict[str, 
                 )
         time.sleep(0.01)
     raise CheckpointError(
-        f"stage {stage!r} did not reach phase {phase!r} within {PHASE_TIMEOUT_S} s; see its log"
+        f"stage {stage!r} did not reach phase {phase!r} within {timeout} s; see its log"
     )
 
 
@@ -90,7 +92,7 @@ def quiesce_stage(agent: Agent, key: str) -> dict[str, Any]:
             "state_digest": status["state_digest"]}  # fmt: skip
 
 
-def wake_stage(agent: Agent, key: str) -> dict[str, Any]:
+def wake_stage(agent: Agent, key: str, timeout: float = PHASE_TIMEOUT_S) -> dict[str, Any]:
     """SIGUSR1 to a quiesced stage; wait until it runs again (rings reopened)."""
     _app, _, stage = key.partition("/")
     proc, pid = _running(agent, key)
@@ -98,7 +100,7 @@ def wake_stage(agent: Agent, key: str) -> dict[str, Any]:
     _manifest, run_dir, _model = agent.stage_args[key]
     since = time.time()
     wake(pid)
-    status = wait_phase(run_dir, stage, "running", since)
+    status = wait_phase(run_dir, stage, "running", since, timeout)
     return {
         "stage": key, "node": agent.node, "pid": pid,
         "state_version": status["state_version"], "state_digest": status["state_digest"],
@@ -188,18 +190,13 @@ def checkpoint_stage(agent: Agent, key: str, out: str, leave_running: bool) -> d
 def restore_stage(agent: Agent, path: str, wake_it: bool = True) -> dict[str, Any]:
     bundle = bundles.load(path)
     context = bundle.rings or {}
-    try:
-        app, stage = str(context["app"]), str(context["stage"])
-        manifest, run_dir, model = (
-            str(context["manifest"]),
-            str(context["run_dir"]),
-            str(context["model"]),
-        )
-    except KeyError as err:
+    missing = [k for k in ("app", "stage", "manifest", "run_dir", "model") if k not in context]
+    if missing:
         raise CheckpointError(
-            f"bundle {path} is not a stage checkpoint (no {err} in rings.json); restore a "
+            f"bundle {path} is not a stage checkpoint (rings.json lacks {missing}); restore a "
             "process checkpoint with `dpmigrate restore DIR` on a host instead"
-        ) from err
+        )
+    app, stage, run_dir = str(context["app"]), str(context["stage"]), str(context["run_dir"])
     key = f"{app}/{stage}"
     running = agent.supervisor.stages.get(key)
     if running is not None and not running.finished:
@@ -210,13 +207,7 @@ def restore_stage(agent: Agent, path: str, wake_it: bool = True) -> dict[str, An
     logs = Path(run_dir) / "criu" / f"{stage}-{int(time.time() * 1000)}"
     logs.mkdir(parents=True, exist_ok=True)
     result = bundles.restore(bundle, restore_sibling=True, log_dir=logs)
-    argv = ["-m", "dpmigrate.runtime.stagehost", "--manifest", manifest, "--stage", stage,
-            "--run-dir", run_dir, "--model", model, "--registry", "agent"]  # fmt: skip
-    log = agent.supervisor.log_dir / f"{key.replace('/', '.')}.log"
-    with agent.lock:
-        agent.supervisor.adopt(key, result.pid, [*argv, "--log", str(log)], log)
-        agent.stage_runs[key] = run_dir
-        agent.stage_args[key] = (manifest, run_dir, model)
+    adopt(agent, context, result.pid)
     if not wake_it:  # the migration wakes it after the placement changed
         return {"stage": key, "node": agent.node, "pid": result.pid,
                 "restore_s": round(time.monotonic() - t0, 4), "criu": result.as_dict()}  # fmt: skip
@@ -228,6 +219,25 @@ def restore_stage(agent: Agent, path: str, wake_it: bool = True) -> dict[str, An
         "restore_s": round(time.monotonic() - t0, 4), "state_version": status["state_version"],
         "state_digest": status["state_digest"], "criu": result.as_dict(),
     }  # fmt: skip
+
+
+def adopt(agent: Agent, context: dict[str, Any], pid: int) -> None:
+    """Make a restored stage this node's: supervised (a crash restarts it from its journal)
+    and known to status, quiesce and wake."""
+    app, stage = str(context["app"]), str(context["stage"])
+    manifest, run_dir, model = (
+        str(context["manifest"]),
+        str(context["run_dir"]),
+        str(context["model"]),
+    )
+    key = f"{app}/{stage}"
+    argv = ["-m", "dpmigrate.runtime.stagehost", "--manifest", manifest, "--stage", stage,
+            "--run-dir", run_dir, "--model", model, "--registry", "agent"]  # fmt: skip
+    log = agent.supervisor.log_dir / f"{key.replace('/', '.')}.log"
+    with agent.lock:
+        agent.supervisor.adopt(key, pid, [*argv, "--log", str(log)], log)
+        agent.stage_runs[key] = run_dir
+        agent.stage_args[key] = (manifest, run_dir, model)
 
 
 def wake(pid: int) -> None:
