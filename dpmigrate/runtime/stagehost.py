@@ -48,7 +48,7 @@ from dpmigrate.runtime.runner import StageRunner
 from dpmigrate.transports.base import RingReceiver, RingSender
 from dpmigrate.transports.resolver import DirectoryResolver, Resolver
 
-STATUS_INTERVAL_S = 0.5
+STATUS_INTERVAL_S = 0.2
 #: How long a quiesce may wait for downstream to acknowledge everything before it gives up
 #: (the stage then keeps running where it is).
 QUIESCE_TIMEOUT_S = 15.0
