@@ -4,6 +4,7 @@ verdict, the timeline plot, and nothing left behind."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from support import require, run_cli
 
 
 def _netns() -> set[str]:
+    """The local clusters' namespaces (dpm<id>-hub, dpm<id>-node<i>) that exist now."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+    names = {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+    return {n for n in names if re.fullmatch(r"dpm[0-9a-f]+-(hub|node\d+)", n)}
 
 
 def test_demo_migrates_three_times_and_loses_nothing(tmp_path: Path) -> None:

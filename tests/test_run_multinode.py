@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,8 +39,10 @@ def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def _netns() -> set[str]:
+    """The local clusters' namespaces (dpm<id>-hub, dpm<id>-node<i>) that exist now."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+    names = {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+    return {n for n in names if re.fullmatch(r"dpm[0-9a-f]+-(hub|node\d+)", n)}
 
 
 def _checker(stages: list[dict]) -> dict:

@@ -492,6 +492,12 @@ def check_exactly_once_across_breaks(h: Harness) -> None:
         if rng_c.random() < 0.02:
             rx._break_connection()  # type: ignore[attr-defined]
             breaks += 1
+    rx.commit()  # everything acknowledged: the producer's close then has nothing to wait for
+    deadline = time.monotonic() + BOUND_S
+    # (statistics() only reads counters, so looking at the producer from here is safe)
+    while tx.statistics().acked < count:
+        assert time.monotonic() < deadline, "the final acknowledgement never reached the producer"
+        rx.recv_burst(1, timeout=0.01)  # lets a reconnecting consumer flush its ack
     consumer_done.set()
     assert job.result(BOUND_S) == count
     assert len(got) == count, f"{len(got) - count} extra messages"
