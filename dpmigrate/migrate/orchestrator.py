@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import shutil
 import tempfile
 import time
@@ -38,6 +39,8 @@ from dpmigrate.errors import DpmigrateError
 from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.stagehost import read_placement, ring_transport, write_placement
+
+log = logging.getLogger("dpmigrate.migrate")
 
 STRATEGIES = ("stop-and-copy", "post-copy")
 PHASES = ("preflight", "quiesce", "transfer", "restore", "reconnect", "verify", "cleanup")
@@ -141,6 +144,8 @@ class Migration:
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
+        log.info("migration %s %s→%s: phase %s", self.report.stage, self.source,
+                 self.destination, name)  # fmt: skip
         self.on_phase(name)
         start, wall = time.monotonic(), time.time()
         try:
@@ -181,6 +186,8 @@ class Migration:
                 self._rollback()
         else:
             # -- point of no return: the destination runs the stage; end the source --------
+            log.info("migration %s: point of no return passed (verified on %s)",
+                     report.stage, self.destination)  # fmt: skip
             with self._phase("cleanup"):
                 self._cleanup()
         report.total_time_s = round(time.monotonic() - t0, 4)
