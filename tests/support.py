@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,21 @@ def run_cli(
     return subprocess.run(
         [exe, *args], capture_output=True, text=True, env=full_env, timeout=timeout, check=False
     )
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flows" / "app.toml"
+
+
+def paced_flows(folder: Path, total: int, rate: int = 20000) -> Path:
+    """The flows example with ``total`` packets at ``rate`` per second, written to ``folder``."""
+    text = EXAMPLE.read_text().replace("total = 20000", f"total = {total}, rate = {rate}")
+    assert f"total = {total}" in text
+    (folder / "stages.py").write_text((EXAMPLE.parent / "stages.py").read_text())
+    path = folder / "app.toml"
+    path.write_text(text)
+    return path
+
+
+def checker_of(stages: list[dict]) -> dict:
+    """The flows checker's metrics (received, lost, duplicated, digest) from a stage list."""
+    return next(s["metrics"] for s in stages if s["name"] == "check")

@@ -6,48 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import require, run_cli
+from support import checker_of, paced_flows, run_cli
 
 from dpmigrate.migrate import LocalCluster, Migration
 from dpmigrate.runtime import inprocess
-from dpmigrate.runtime.cluster import clean
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flows" / "app.toml"
-
-
-@pytest.fixture
-def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    require("root", "netns", "criu", "nftables")
-    path = Path(tempfile.mkdtemp(prefix="dpm-mg-"))  # short: unix socket paths are limited
-    monkeypatch.setenv("DPMIGRATE_STATE_DIR", str(path))
-    monkeypatch.delenv("DPMIGRATE_TOKEN", raising=False)
-    try:
-        yield path
-    finally:
-        clean(str(path))
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _app(tmp_path: Path, total: int) -> App:
-    text = EXAMPLE.read_text().replace("total = 20000", f"total = {total}, rate = 20000")
-    (tmp_path / "stages.py").write_text((EXAMPLE.parent / "stages.py").read_text())
-    (tmp_path / "app.toml").write_text(text)
-    return App.load(tmp_path / "app.toml")
-
-
-def _checker(stages: list[dict]) -> dict:
-    return next(s["metrics"] for s in stages if s["name"] == "check")
 
 
 def _table(run: MultiNodeRun) -> dict:
@@ -61,10 +31,12 @@ def _flowing(run: MultiNodeRun, at_least: int) -> None:
         time.sleep(0.05)
 
 
-def test_stop_and_copy_back_and_forth_under_traffic(state_dir: Path, tmp_path: Path) -> None:
+def test_stop_and_copy_back_and_forth_under_traffic(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
     """table: node2 → node1 (its ring from gen turns shm) → node3 (tcp again) by the CLI."""
-    app = _app(tmp_path, 80000)
-    expected = _checker(inprocess.summary(inprocess.run(app))["stages"])
+    app = App.load(paced_flows(tmp_path, 80000))
+    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
     with LocalCluster(3) as cluster:
         run = MultiNodeRun(app, cluster)
         run.start()
@@ -77,7 +49,7 @@ def test_stop_and_copy_back_and_forth_under_traffic(state_dir: Path, tmp_path: P
             assert rings["flows.gen.out-table.in"] == "shm", rings
             _flowing(run, _table(run)["msgs_in"] + 3000)
             result = run_cli("migrate", "flows/table", "--to", "node3", "--strategy", "post-copy", "--json",
-                             env={"DPMIGRATE_STATE_DIR": str(state_dir)}, timeout=120)  # fmt: skip
+                             env={"DPMIGRATE_STATE_DIR": str(cluster_state_dir)}, timeout=120)  # fmt: skip
             assert result.returncode == 0, result.stderr
             second = json.loads(result.stdout)
             assert run.wait(duration=90), run.status()
@@ -94,7 +66,7 @@ def test_stop_and_copy_back_and_forth_under_traffic(state_dir: Path, tmp_path: P
         stages = {s["name"]: s for s in run.status()}
         assert stages["table"]["node"] == "node3"
         assert all(s["restarts"] == 0 for s in stages.values()), stages
-        assert _checker(list(stages.values())) == {
+        assert checker_of(list(stages.values())) == {
             "received": 80000,
             "lost": 0,
             "duplicated": 0,
@@ -108,9 +80,9 @@ def _link_of(cluster: LocalCluster, node: str) -> list[str]:
 
 
 @pytest.mark.parametrize("fault", ["destination agent killed", "restore fails", "network cut"])
-def test_failure_in_a_phase_rolls_back(state_dir: Path, tmp_path: Path, fault: str) -> None:
-    app = _app(tmp_path, 50000)
-    expected = _checker(inprocess.summary(inprocess.run(app))["stages"])
+def test_failure_in_a_phase_rolls_back(cluster_state_dir: Path, tmp_path: Path, fault: str) -> None:
+    app = App.load(paced_flows(tmp_path, 50000))
+    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
     with LocalCluster(3) as cluster:
         run = MultiNodeRun(app, cluster)
         run.start()
@@ -150,7 +122,7 @@ def test_failure_in_a_phase_rolls_back(state_dir: Path, tmp_path: Path, fault: s
                 subprocess.run([*_link_of(cluster, node), "up"], check=False)
             run.stop()
         stages = {s["name"]: s for s in run.status()}
-        assert _checker(list(stages.values())) == {
+        assert checker_of(list(stages.values())) == {
             "received": 50000,
             "lost": 0,
             "duplicated": 0,

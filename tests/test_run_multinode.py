@@ -6,36 +6,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from support import require, run_cli
+from support import checker_of, run_cli
 
 from dpmigrate.runtime import inprocess
-from dpmigrate.runtime.cluster import LocalCluster, clean
+from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flows" / "app.toml"
-
-
-@pytest.fixture
-def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    require("root", "netns")
-    path = Path(tempfile.mkdtemp(prefix="dpm-mn-"))  # short: unix socket paths are limited
-    monkeypatch.setenv("DPMIGRATE_STATE_DIR", str(path))
-    monkeypatch.delenv("DPMIGRATE_TOKEN", raising=False)
-    try:
-        yield path
-    finally:
-        clean(str(path))
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _netns() -> set[str]:
@@ -45,20 +28,16 @@ def _netns() -> set[str]:
     return {n for n in names if re.fullmatch(r"dpm[0-9a-f]+-(hub|node\d+)", n)}
 
 
-def _checker(stages: list[dict]) -> dict:
-    return next(s["metrics"] for s in stages if s["name"] == "check")
-
-
-def test_flows_multi_node_on_a_temporary_cluster(state_dir: Path) -> None:
+def test_flows_multi_node_on_a_temporary_cluster(cluster_state_dir: Path) -> None:
     before = _netns()
-    expected = _checker(inprocess.summary(inprocess.run(App.load(EXAMPLE)))["stages"])
+    expected = checker_of(inprocess.summary(inprocess.run(App.load(EXAMPLE)))["stages"])
     result = run_cli(
         "run",
         str(EXAMPLE),
         "--model",
         "multi-node",
         "--json",
-        env={"DPMIGRATE_STATE_DIR": str(state_dir)},
+        env={"DPMIGRATE_STATE_DIR": str(cluster_state_dir)},
         timeout=180,
     )
     assert result.returncode == 0, result.stderr
@@ -73,15 +52,17 @@ def test_flows_multi_node_on_a_temporary_cluster(state_dir: Path) -> None:
     assert placed == {"gen": "node1", "table": "node2", "check": "node3"}
     assert {r["transport"] for s in report["stages"] for r in s["rings"]} == {"tcp"}
     assert _netns() == before, "the temporary cluster left a namespace behind"
-    assert not (state_dir / "cluster").exists()
+    assert not (cluster_state_dir / "cluster").exists()
 
 
-def test_sigkilled_stage_on_a_node_restarts_without_loss(state_dir: Path, tmp_path: Path) -> None:
+def test_sigkilled_stage_on_a_node_restarts_without_loss(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
     text = EXAMPLE.read_text().replace("total = 20000", "total = 40000, rate = 20000")
     (tmp_path / "stages.py").write_text((EXAMPLE.parent / "stages.py").read_text())
     (tmp_path / "app.toml").write_text(text)
     app = App.load(tmp_path / "app.toml")
-    expected = _checker(inprocess.summary(inprocess.run(app))["stages"])
+    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
     with LocalCluster(3) as cluster:
         run = MultiNodeRun(app, cluster)
         run.start()
@@ -95,7 +76,9 @@ def test_sigkilled_stage_on_a_node_restarts_without_loss(state_dir: Path, tmp_pa
                 time.sleep(0.1)
             os.kill(table["pid"], signal.SIGKILL)
             # `dpmigrate status` sees the app while it runs
-            status = run_cli("status", "--json", env={"DPMIGRATE_STATE_DIR": str(state_dir)})
+            status = run_cli(
+                "status", "--json", env={"DPMIGRATE_STATE_DIR": str(cluster_state_dir)}
+            )
             assert status.returncode == 0, status.stderr
             seen = json.loads(status.stdout)
             assert {n["name"] for n in seen["nodes"] if n["alive"]} == {"node1", "node2", "node3"}
@@ -105,7 +88,7 @@ def test_sigkilled_stage_on_a_node_restarts_without_loss(state_dir: Path, tmp_pa
             run.stop()
         stages = {s["name"]: s for s in run.status()}
         assert stages["table"]["restarts"] == 1
-        assert _checker(list(stages.values())) == {
+        assert checker_of(list(stages.values())) == {
             "received": 40000,
             "lost": 0,
             "duplicated": 0,

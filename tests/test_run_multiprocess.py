@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import require, run_cli
+from support import checker_of, paced_flows, require, run_cli
 
 from dpmigrate.runtime import inprocess
 from dpmigrate.runtime.manifest import App
@@ -25,13 +25,9 @@ def state_dir(tmp_path, monkeypatch) -> Path:
     return tmp_path / "state"
 
 
-def _checker(stages: list[dict]) -> dict:
-    return next(s["metrics"] for s in stages if s["name"] == "check")
-
-
 def test_flows_multi_process_matches_in_process(state_dir: Path) -> None:
     require("root")  # unshare --pid needs it
-    expected = _checker(inprocess.summary(inprocess.run(App.load(EXAMPLE)))["stages"])
+    expected = checker_of(inprocess.summary(inprocess.run(App.load(EXAMPLE)))["stages"])
     result = run_cli(
         "run",
         str(EXAMPLE),
@@ -55,23 +51,14 @@ def test_flows_multi_process_matches_in_process(state_dir: Path) -> None:
     assert not list((state_dir / "runs").iterdir()), "a clean run must remove its folder"
 
 
-def _paced_manifest(tmp_path: Path, total: int, rate: int) -> Path:
-    text = EXAMPLE.read_text().replace("total = 20000", f"total = {total}, rate = {rate}")
-    assert f"total = {total}" in text
-    (tmp_path / "stages.py").write_text((EXAMPLE.parent / "stages.py").read_text())
-    path = tmp_path / "app.toml"
-    path.write_text(text)
-    return path
-
-
 @pytest.mark.parametrize("victim", ["table", "check", "gen"])
 def test_sigkilled_stage_restarts_without_loss(
     tmp_path: Path, state_dir: Path, victim: str
 ) -> None:
     require("root")
-    manifest = _paced_manifest(tmp_path, total=40000, rate=20000)
+    manifest = paced_flows(tmp_path, total=40000, rate=20000)
     app = App.load(manifest)
-    expected = _checker(inprocess.summary(inprocess.run(app))["stages"])
+    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
     events: list[str] = []
     run = MultiProcessRun(app, on_event=events.append)
     try:
@@ -92,7 +79,7 @@ def test_sigkilled_stage_restarts_without_loss(
     stages = {s["name"]: s for s in run.status()}
     assert stages[victim]["restarts"] == 1, events
     assert any(f"stage {victim} died" in e for e in events), events
-    checker = _checker(list(stages.values()))
+    checker = checker_of(list(stages.values()))
     assert checker == {"received": 40000, "lost": 0, "duplicated": 0, "digest": expected["digest"]}
     run.cleanup()
 
@@ -103,9 +90,9 @@ def test_sigterm_stops_a_stage_cleanly_and_a_restart_resumes(
     """Disposability: SIGTERM finishes the batch, persists, detaches and exits 0; the whole app
     stopped half-way and started again from the same folder finishes with nothing lost."""
     require("root")
-    manifest = _paced_manifest(tmp_path, total=30000, rate=15000)
+    manifest = paced_flows(tmp_path, total=30000, rate=15000)
     app = App.load(manifest)
-    expected = _checker(inprocess.summary(inprocess.run(app))["stages"])
+    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
     run = MultiProcessRun(app)
     try:
         run.start()
@@ -125,7 +112,7 @@ def test_sigterm_stops_a_stage_cleanly_and_a_restart_resumes(
         run.stop()  # the rest, mid-stream
     finally:
         run.stop()
-    half = _checker(run.status())
+    half = checker_of(run.status())
     assert 0 < half["received"] < 30000 and half["lost"] == 0 and half["duplicated"] == 0
     again = MultiProcessRun(app, run_dir=run.run_dir)
     try:
@@ -133,7 +120,7 @@ def test_sigterm_stops_a_stage_cleanly_and_a_restart_resumes(
         assert again.wait(duration=90), again.status()
     finally:
         again.stop()
-    assert _checker(again.status()) == {
+    assert checker_of(again.status()) == {
         "received": 30000,
         "lost": 0,
         "duplicated": 0,
@@ -146,8 +133,8 @@ def test_quiesce_detaches_everything_and_wake_resumes(tmp_path: Path, state_dir:
     """SIGUSR2 quiesces a stage at a batch boundary: all output acknowledged, rings detached,
     no socket, memfd or growing file left open; SIGUSR1 wakes it and nothing is lost."""
     require("root")
-    app = App.load(_paced_manifest(tmp_path, total=30000, rate=15000))
-    expected = _checker(inprocess.summary(inprocess.run(app))["stages"])
+    app = App.load(paced_flows(tmp_path, total=30000, rate=15000))
+    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
     run = MultiProcessRun(app)
     try:
         run.start()
@@ -177,7 +164,7 @@ def test_quiesce_detaches_everything_and_wake_resumes(tmp_path: Path, state_dir:
         run.stop()
     stages = {s["name"]: s for s in run.status()}
     assert stages["table"]["restarts"] == 0
-    assert _checker(list(stages.values())) == {
+    assert checker_of(list(stages.values())) == {
         "received": 30000,
         "lost": 0,
         "duplicated": 0,

@@ -6,48 +6,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import require, run_cli
+from support import checker_of, paced_flows, run_cli
 
 from dpmigrate.checkpoint import bundle as bundles
 from dpmigrate.errors import DpmigrateError
 from dpmigrate.runtime import inprocess
-from dpmigrate.runtime.cluster import LocalCluster, clean
+from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flows" / "app.toml"
-
-
-@pytest.fixture
-def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    require("root", "netns", "criu", "nftables")
-    path = Path(tempfile.mkdtemp(prefix="dpm-ck-"))  # short: unix socket paths are limited
-    monkeypatch.setenv("DPMIGRATE_STATE_DIR", str(path))
-    monkeypatch.delenv("DPMIGRATE_TOKEN", raising=False)
-    try:
-        yield path
-    finally:
-        clean(str(path))
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
 def app(tmp_path: Path) -> App:
-    text = EXAMPLE.read_text().replace("total = 20000", "total = 40000, rate = 20000")
-    (tmp_path / "stages.py").write_text((EXAMPLE.parent / "stages.py").read_text())
-    (tmp_path / "app.toml").write_text(text)
-    return App.load(tmp_path / "app.toml")
-
-
-def _checker(stages: list[dict]) -> dict:
-    return next(s["metrics"] for s in stages if s["name"] == "check")
+    return App.load(paced_flows(tmp_path, 40000))
 
 
 def _table(run: MultiNodeRun) -> dict:
@@ -61,14 +36,16 @@ def _wait_for(run: MultiNodeRun, moved_in: int) -> None:
         time.sleep(0.05)
 
 
-def test_checkpoint_then_restore_on_another_node(state_dir: Path, app: App, tmp_path: Path) -> None:
-    expected = _checker(inprocess.summary(inprocess.run(app))["stages"])
+def test_checkpoint_then_restore_on_another_node(
+    cluster_state_dir: Path, app: App, tmp_path: Path
+) -> None:
+    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
     with LocalCluster(3) as cluster:
         run = MultiNodeRun(app, cluster)
         run.start()
         try:
             _wait_for(run, 8000)
-            env = {"DPMIGRATE_STATE_DIR": str(state_dir)}
+            env = {"DPMIGRATE_STATE_DIR": str(cluster_state_dir)}
             out = tmp_path / "table.bundle"
             result = run_cli("checkpoint", "flows/table", "--out", str(out), "--json", env=env,
                              timeout=120)  # fmt: skip
@@ -91,7 +68,7 @@ def test_checkpoint_then_restore_on_another_node(state_dir: Path, app: App, tmp_
             run.stop()
         stages = {s["name"]: s for s in run.status()}
         assert stages["table"]["node"] == "node1" and stages["table"]["restarts"] == 0
-        assert _checker(list(stages.values())) == {
+        assert checker_of(list(stages.values())) == {
             "received": 40000,
             "lost": 0,
             "duplicated": 0,
@@ -101,9 +78,9 @@ def test_checkpoint_then_restore_on_another_node(state_dir: Path, app: App, tmp_
 
 
 def test_leave_running_then_restore_on_the_same_node(
-    state_dir: Path, app: App, tmp_path: Path
+    cluster_state_dir: Path, app: App, tmp_path: Path
 ) -> None:
-    expected = _checker(inprocess.summary(inprocess.run(app))["stages"])
+    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
     with LocalCluster(3) as cluster:
         run = MultiNodeRun(app, cluster)
         run.start()
@@ -124,7 +101,7 @@ def test_leave_running_then_restore_on_the_same_node(
             assert run.wait(duration=90), run.status()
         finally:
             run.stop()
-        assert _checker(run.status()) == {
+        assert checker_of(run.status()) == {
             "received": 40000,
             "lost": 0,
             "duplicated": 0,
@@ -134,7 +111,7 @@ def test_leave_running_then_restore_on_the_same_node(
 
 
 def test_corrupt_stage_bundle_is_refused_and_nothing_changes(
-    state_dir: Path, app: App, tmp_path: Path
+    cluster_state_dir: Path, app: App, tmp_path: Path
 ) -> None:
     with LocalCluster(3) as cluster:
         run = MultiNodeRun(app, cluster)

@@ -166,6 +166,12 @@ def discard_stage(agent: Agent, key: str) -> None:
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    _wait_gone(agent, key)
+
+
+def _wait_gone(agent: Agent, key: str) -> None:
+    """Until the supervisor has reaped the stage (bounded)."""
+    proc = agent.supervisor.stages[key]
     deadline = time.monotonic() + PHASE_TIMEOUT_S
     while not proc.finished and time.monotonic() < deadline:
         with agent.lock:
@@ -183,6 +189,8 @@ def checkpoint_stage(agent: Agent, key: str, out: str, leave_running: bool) -> d
         raise
     if leave_running:
         wake_stage(agent, key)
+    else:
+        _wait_gone(agent, key)  # CRIU ended it: make status say so before we answer
     return {**result, "quiesce_s": round(quiesced["quiesce_s"], 4),
             "positions": quiesced["positions"]}  # fmt: skip
 
