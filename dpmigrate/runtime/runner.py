@@ -22,8 +22,8 @@ Without a journal (in-process model) points are acknowledged as soon as they are
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import heapq
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,6 +36,9 @@ from dpmigrate.transports.base import RingReceiver, RingSender
 
 #: An input pause longer than this is recorded as a gap (what a migration's downtime is).
 GAP_S = 0.02
+#: How many gaps are kept: the longest ones, so a burst of small hiccups after a migration
+#: never pushes its long gap out before anyone read it.
+GAPS_KEPT = 32
 
 
 @dataclasses.dataclass
@@ -45,17 +48,24 @@ class RunnerStats:
     msgs_out: int = 0
     started: float = dataclasses.field(default_factory=time.monotonic)
     last_input: float | None = None  # wall clock of the last batch taken in
-    #: Recent pauses in the input, (start, end) wall-clock seconds: the downtime a stage's
-    #: consumer saw while its producer was quiesced, moved and woken.
-    gaps: collections.deque[tuple[float, float]] = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=64)
-    )
+    #: The longest pauses in the input, as a min-heap of (seconds, start, end) wall-clock:
+    #: the downtime a stage's consumer saw while its producer was quiesced, moved and woken.
+    _gaps: list[tuple[float, float, float]] = dataclasses.field(default_factory=list)
 
     def took_input(self) -> None:
         now = time.time()
         if self.last_input is not None and now - self.last_input > GAP_S:
-            self.gaps.append((self.last_input, now))
+            entry = (now - self.last_input, self.last_input, now)
+            if len(self._gaps) < GAPS_KEPT:
+                heapq.heappush(self._gaps, entry)
+            elif entry > self._gaps[0]:
+                heapq.heapreplace(self._gaps, entry)
         self.last_input = now
+
+    @property
+    def gaps(self) -> list[tuple[float, float]]:
+        """The kept gaps as (start, end), oldest first."""
+        return sorted((start, end) for _, start, end in self._gaps)
 
 
 class StageRunner:
