@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from dpmigrate import __version__, config, doctor
@@ -124,40 +126,43 @@ def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool, de
     console = Console(stderr=True)
     live_view = not as_json and console.is_terminal
     rates = _RateView(console)
-    if model == "in-process":
-        from dpmigrate.runtime import inprocess
+    try:
+        if model == "in-process":
+            from dpmigrate.runtime import inprocess
 
-        runners = inprocess.run(
-            app, duration=duration,
-            on_tick=(lambda rs: rates.show(inprocess.summary(rs)["stages"])) if live_view else None,
-        )  # fmt: skip
-        stages = inprocess.summary(runners)["stages"]
-    elif model == "multi-process":
-        from dpmigrate.runtime.multiprocess import MultiProcessRun
+            def tick(runners: list[Any]) -> None:
+                rates.show(inprocess.summary(runners)["stages"])
 
-        events = console.print if not as_json else (lambda message: None)
-        run = MultiProcessRun(app, on_event=lambda m: events(f"[dim]{m}[/dim]"))
-        try:
-            run.start()
-            finished = run.wait(duration, on_tick=rates.show if live_view else None)
-        finally:
-            run.stop()
-        stages = run.status()
-        if any(s.get("failed") for s in stages) or not (finished or duration is not None):
-            console.print(f"stage logs kept in {run.run_dir / 'logs'}")
-        else:
-            run.cleanup()
-    else:
-        stages = _run_multi_node(app, duration, detach, console, rates if live_view else None)
-        if stages is None:  # detached
-            if as_json:
-                _print_json({"model": model, "app": app.name, "detached": True})
+            runners = inprocess.run(app, duration=duration, on_tick=tick if live_view else None)
+            stages = inprocess.summary(runners)["stages"]
+        elif model == "multi-process":
+            from dpmigrate.runtime.multiprocess import MultiProcessRun
+
+            events = console.print if not as_json else (lambda message: None)
+            run = MultiProcessRun(app, on_event=lambda m: events(f"[dim]{m}[/dim]"))
+            try:
+                run.start()
+                finished = run.wait(duration, on_tick=rates.show if live_view else None)
+            finally:
+                run.stop()
+            stages = run.status()
+            if any(s.get("failed") for s in stages) or not (finished or duration is not None):
+                console.print(f"stage logs kept in {run.run_dir / 'logs'}")
             else:
-                console.print(
-                    f"{app.name} started on the cluster; `dpmigrate status` to watch, "
-                    f"`dpmigrate stop {app.name}` to stop it"
-                )
-            return
+                run.cleanup()
+        else:
+            stages = _run_multi_node(app, duration, detach, console, rates if live_view else None)
+            if stages is None:  # detached
+                if as_json:
+                    _print_json({"model": model, "app": app.name, "detached": True})
+                else:
+                    console.print(
+                        f"{app.name} started on the cluster; `dpmigrate status` to watch, "
+                        f"`dpmigrate stop {app.name}` to stop it"
+                    )
+                return
+    finally:
+        rates.close()
     failed = [s for s in stages if s.get("failed")]
     if failed:
         names = ", ".join(f"{s['name']} (log: {s.get('log')})" for s in failed)
@@ -326,24 +331,37 @@ def agent_cmd(args: tuple[str, ...]) -> None:
 
 
 class _RateView:
-    """Prints per-stage message rates between two ticks (the live view of `run`)."""
+    """The live view of `run`: a table of per-stage rates, redrawn in place at every tick."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.last: dict[str, tuple[float, int]] = {}
+        self.last: dict[str, tuple[float, int, int]] = {}
+        self.live: Live | None = None
 
     def show(self, stages: list[dict[str, Any]]) -> None:
-        import time
-
         now = time.monotonic()
-        parts = []
+        table = Table(title="live", title_justify="left")
+        for col in ("stage", "node", "in/s", "out/s", "in", "out", "state version", "restarts"):
+            table.add_column(col, justify="right" if col != "stage" else "left")
         for s in stages:
-            moved = s.get("msgs_in", 0) + s.get("msgs_out", 0)
-            t0, n0 = self.last.get(s["name"], (now, moved))
-            self.last[s["name"]] = (now, moved)
-            rate = (moved - n0) / (now - t0) if now > t0 else 0.0
-            parts.append(f"{s['name']}: {rate:,.0f} msg/s")
-        self.console.print("  ".join(parts))
+            msgs_in, msgs_out = s.get("msgs_in", 0), s.get("msgs_out", 0)
+            t0, in0, out0 = self.last.get(s["name"], (now, msgs_in, msgs_out))
+            self.last[s["name"]] = (now, msgs_in, msgs_out)
+            span = now - t0
+            rate_in = (msgs_in - in0) / span if span > 0 else 0.0
+            rate_out = (msgs_out - out0) / span if span > 0 else 0.0
+            table.add_row(s["name"], str(s.get("node", "-")), f"{rate_in:,.0f}",
+                          f"{rate_out:,.0f}", f"{msgs_in:,}", f"{msgs_out:,}",
+                          str(s.get("state_version", "-")), str(s.get("restarts", 0)))  # fmt: skip
+        if self.live is None:
+            self.live = Live(table, console=self.console, auto_refresh=False)
+            self.live.start()
+        self.live.update(table, refresh=True)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
 
 main.add_command(cluster)
