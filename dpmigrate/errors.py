@@ -20,6 +20,10 @@ one line and exits non-zero, never with a traceback.
     │   └── ProtocolError           a peer sent malformed or out-of-protocol bytes
     ├── CheckpointError             a CRIU dump or restore failed (quotes CRIU's log, names it)
     │   └── BundleError             an image bundle is missing, corrupt or incompatible
+    ├── ControlError                talking to a node agent failed
+    │   ├── AuthError               the peer does not know the cluster token
+    │   └── RemoteError             the agent refused or failed a request (its words)
+    ├── MigrationError              a migration failed and was rolled back
     └── NativeError                 a syscall in the C core failed (errno and syscall named)
 
 The split between RingClosed and RingBroken follows trio: "Closed" is a bug in the caller,
@@ -107,6 +111,22 @@ class BundleError(CheckpointError):
     """An image bundle cannot be used: a file is missing, extra, truncated or altered, the
     manifest is unreadable, or the bundle needs a newer CRIU or CPU features this node lacks.
     Nothing is deleted when this is raised."""
+
+
+class ControlError(DpmigrateError):
+    """Base of the errors of the agents' control protocol."""
+
+
+class AuthError(ControlError):
+    """The peer did not prove it knows the cluster token."""
+
+
+class RemoteError(ControlError):
+    """The agent refused or failed a request; the message is the agent's."""
+
+
+class MigrationError(DpmigrateError):
+    """A migration failed (and was rolled back: the message says so and why)."""
 
 
 class NativeError(DpmigrateError, OSError):

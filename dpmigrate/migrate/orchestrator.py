@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dpmigrate.errors import DpmigrateError
+from dpmigrate.errors import DpmigrateError, MigrationError
 from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.stagehost import read_placement, ring_transport, write_placement
@@ -48,10 +48,6 @@ PHASES = ("preflight", "quiesce", "transfer", "restore", "reconnect", "verify", 
 FLOW_TIMEOUT_S = 15.0
 #: How long a woken stage may take to reopen its rings before the migration gives up on it.
 WAKE_TIMEOUT_S = 10.0
-
-
-class MigrationError(DpmigrateError):
-    """A migration failed (and was rolled back: the message says so and why)."""
 
 
 @dataclasses.dataclass

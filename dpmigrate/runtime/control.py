@@ -29,19 +29,11 @@ import struct
 import threading
 from typing import Any
 
-from dpmigrate.errors import DpmigrateError, ProtocolError
+from dpmigrate.errors import AuthError, ProtocolError, RemoteError
 
 VERSION = 1
 MAX_FRAME = 1 << 20
 _LEN = struct.Struct("!I")
-
-
-class AuthError(DpmigrateError):
-    """The peer did not prove it knows the cluster token."""
-
-
-class RemoteError(DpmigrateError):
-    """The agent refused or failed a request; the message is the agent's."""
 
 
 def send_frame(sock: socket.socket, obj: dict[str, Any]) -> None:
