@@ -129,3 +129,43 @@ def test_failure_in_a_phase_rolls_back(cluster_state_dir: Path, tmp_path: Path, 
             "digest": expected["digest"],
         }
         run.cleanup()
+
+
+def test_shm_rings_continue_as_tcp_when_a_stage_leaves_its_host(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """All three stages on one host (shm rings, as in the multi-process model); the table
+    leaves for another node: both its rings continue as tcp, sequence numbers continuing."""
+    text = paced_flows(tmp_path, 50000).read_text()
+    text = text.replace('node = "node2"', 'node = "node1"').replace(
+        'node = "node3"', 'node = "node1"'
+    )
+    (tmp_path / "app.toml").write_text(text)
+    app = App.load(tmp_path / "app.toml")
+    assert {s.node for s in app.stages} == {"node1"}
+    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
+    with LocalCluster(2) as cluster:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        try:
+            _flowing(run, 6000)
+            before = {r["name"]: r for r in _table(run)["rings"]}
+            assert {r["transport"] for r in before.values()} == {"shm"}
+            report = cluster.migrate("table", to="node2")
+            assert not report.rolled_back, report.error
+            after = {r["name"]: r for r in _table(run)["rings"]}
+            assert {r["transport"] for r in after.values()} == {"tcp"}, after
+            for name, ring in after.items():  # numbering continues across the switch
+                position = "next_expected" if ring["role"] == "consumer" else "next_seq"
+                assert ring[position] >= before[name][position] > 0
+            assert run.wait(duration=90), run.status()
+        finally:
+            run.stop()
+        assert report.lost == 0 and report.duplicated == 0
+        assert checker_of(run.status()) == {
+            "received": 50000,
+            "lost": 0,
+            "duplicated": 0,
+            "digest": expected["digest"],
+        }
+        run.cleanup()
