@@ -405,6 +405,7 @@ def dump(
     shell_job: bool = False,
     track_mem: bool = False,
     page_server: tuple[str, int] | None = None,
+    page_server_fd: int | None = None,
     lazy_pages: bool = False,
     log_name: str = "dump.log",
     log_dir: str | os.PathLike[str] | None = None,
@@ -440,7 +441,7 @@ def dump(
             pid, images_fd, work_fd=work_fd, log_name=log_name, leave_running=leave_running,
             network_lock=network_lock, tcp_close=tcp_close, tcp_established=tcp_established,
             ext_unix_sk=ext_unix_sk, shell_job=shell_job, track_mem=track_mem,
-            page_server=page_server, lazy_pages=lazy_pages,
+            page_server=page_server, page_server_fd=page_server_fd, lazy_pages=lazy_pages,
         )  # fmt: skip
         started = time.monotonic()
         _call("dump", opts, netns=netns, log_file=log_file, timeout=timeout)
@@ -467,6 +468,7 @@ def dump_opts(
     shell_job: bool = False,
     track_mem: bool = False,
     page_server: tuple[str, int] | None = None,
+    page_server_fd: int | None = None,
     lazy_pages: bool = False,
 ) -> rpc.criu_opts:
     """The RPC options of a dump, as :func:`dump` sends them (``images_fd``/``work_fd``: open,
@@ -495,6 +497,8 @@ def dump_opts(
         opts.lazy_pages = True
     if page_server is not None:
         opts.ps.address, opts.ps.port = page_server[0], int(page_server[1])
+    if page_server_fd is not None:  # a connection of ours, inherited by the swrk
+        opts.ps.fd = page_server_fd
     return opts
 
 

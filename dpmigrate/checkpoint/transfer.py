@@ -82,6 +82,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -250,10 +251,45 @@ def dump_to_page_server(
     source is killed and its ``CRIU-*`` lock table stays in ``netns`` (see
     :func:`criu_rpc.remove_network_lock`). Other options go to :func:`criu_rpc.dump`.
     """
-    return criu_rpc.dump(
-        pid, images_dir, netns=netns, leave_running=leave_running, page_server=page_server,
-        **dump_options,
-    )  # fmt: skip
+    if netns is not None:  # our socket would live in the wrong namespace: let CRIU connect
+        return criu_rpc.dump(
+            pid, images_dir, netns=netns, leave_running=leave_running, page_server=page_server,
+            **dump_options,
+        )  # fmt: skip
+    # CRIU corks the page-server connection when it opens it and sends its final close command
+    # without uncorking, so that command sat out the kernel's 200 ms cork timeout inside every
+    # freeze. Hand CRIU a connection of our own instead (``ps.fd``, inherited by the swrk) and
+    # keep flushing it: setting TCP_NODELAY pushes pending output out even while corked.
+    sock = socket.create_connection(page_server, timeout=10)
+    try:
+        sock.settimeout(None)  # CRIU shares this file description: it must stay blocking
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, _CRIU_SOCKET_MARK)  # passes the lock
+        os.set_inheritable(sock.fileno(), True)
+        stop = threading.Event()
+        flusher = threading.Thread(target=_keep_flushing, args=(sock, stop), daemon=True)
+        flusher.start()
+        try:
+            return criu_rpc.dump(
+                pid, images_dir, netns=None, leave_running=leave_running,
+                page_server=page_server, page_server_fd=sock.fileno(), **dump_options,
+            )  # fmt: skip
+        finally:
+            stop.set()
+            flusher.join(5)
+    finally:
+        sock.close()
+
+
+#: The mark CRIU gives its own sockets; its nftables network lock lets them through.
+_CRIU_SOCKET_MARK = 0xC114
+
+
+def _keep_flushing(sock: socket.socket, stop: threading.Event) -> None:
+    while not stop.wait(0.001):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            return
 
 
 @dataclasses.dataclass
