@@ -216,6 +216,10 @@ class Migration:
             raise MigrationError(f"{self.destination} has under 512 MiB free for the images")
         app = App.load(me["manifest"])
         self._downstream = {r.dst_stage for r in app.rings if r.src_stage == self.stage}
+        # A gap is only seen by a consumer that had received something before it.
+        self._watchers_had_input = any(
+            stages.get(n, {}).get("msgs_in", 0) > 0 for n in (self._downstream or {self.stage})
+        )
         return stages, app
 
     def _quiesce(self, stages: dict[str, dict[str, Any]], app: App) -> dict[str, Any]:
@@ -400,7 +404,12 @@ class Migration:
             for start, end in s["input_gaps"]
             if end >= window[0] and start <= window[1]
         ]
-        self.report.downtime_s = round(max(gaps), 4) if gaps else 0.0
+        if gaps:
+            self.report.downtime_s = round(max(gaps), 4)
+        elif getattr(self, "_watchers_had_input", False):
+            self.report.downtime_s = 0.0
+        else:  # nothing had reached the consumer yet: no gap could be seen, so say unknown
+            self.report.downtime_s = None
         after = self._checker()
         if before is not None and after is not None:
             self.report.lost = int(after["lost"]) - int(before["lost"])
