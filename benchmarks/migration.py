@@ -103,6 +103,7 @@ from dpmigrate.runtime.multinode import MultiNodeRun
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "migration.json"
 APP_DIR = HERE / "apps" / "ballast"
+FLOWS_STAGES = HERE.parent / "examples" / "flows" / "stages.py"
 STRATEGIES = ("criu-cli", "stop-and-copy", "post-copy")
 MIGRATION_STRATEGIES = STRATEGIES[1:]
 RATE = 20000  # packets/s from the generator
@@ -425,6 +426,7 @@ def _make_app(scratch: Scratch, mib: int) -> Path:
     folder.mkdir(exist_ok=True)
     for name in ("stages.py", "ballast.py"):
         shutil.copyfile(APP_DIR / name, folder / name)
+    shutil.copyfile(FLOWS_STAGES, folder / "flows.py")  # the pipeline BallastTable extends
     text = (APP_DIR / "app.toml").read_text()
     if "ballast_mib = 20" not in text or f"rate = {RATE}" not in text:
         raise BenchError(f"{APP_DIR / 'app.toml'} no longer has ballast_mib = 20, rate = {RATE}")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import require
+from support import Restored, require
 
 from dpmigrate import config
 
@@ -34,3 +34,13 @@ def cluster_state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     finally:
         clean(str(path))
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def restored() -> Iterator[Restored]:
+    """Collects the PIDs a test restores; kills and reaps them whatever happens."""
+    kept = Restored()
+    try:
+        yield kept
+    finally:
+        kept.kill_all()

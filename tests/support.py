@@ -8,10 +8,14 @@ what the hardware can lack (an RDMA device) may still skip there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -85,3 +89,80 @@ def paced_flows(folder: Path, total: int, rate: int = 20000) -> Path:
 def checker_of(stages: list[dict]) -> dict:
     """The flows checker's metrics (received, lost, duplicated, digest) from a stage list."""
     return next(s["metrics"] for s in stages if s["name"] == "check")
+
+
+def process_state(pid: int) -> str:
+    """The process state letter from /proc ("" when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def alive(pid: int) -> bool:
+    return process_state(pid) not in ("", "Z", "X")
+
+
+def pid_namespace(pid: int) -> str:
+    """The inode number of the process's PID namespace."""
+    return os.readlink(f"/proc/{pid}/ns/pid")[5:-1]
+
+
+def wait_until(
+    check: Callable[[], object], what: str, timeout: float = 10.0, interval: float = 0.005
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Restored:
+    """PIDs of processes restored by a test (and their keepers), killed and reaped at the end."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def add(self, *pids: int | None) -> int:
+        """Record ``pids`` (None ignored); returns the first (0 if none), for
+        ``pid = restored.add(...)``."""
+        self.pids.extend(p for p in pids if p)
+        return next((p for p in pids if p), 0)
+
+    def kill_all(self) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        for pid in self.pids:
+            while time.monotonic() < deadline:
+                try:  # our child: reap it; someone else's: wait until it is gone
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    if not alive(pid):
+                        break
+                time.sleep(0.01)
+
+
+def reference_checker(app: object) -> dict:
+    """The checker's metrics of an uninterrupted in-process run of ``app`` (the digest every
+    other run must match)."""
+    from dpmigrate.runtime import inprocess
+
+    return checker_of(inprocess.summary(inprocess.run(app))["stages"])  # type: ignore[arg-type]
+
+
+def stage_status(run: object, name: str = "table") -> dict:
+    """A stage's status in a running app ({} when it does not run)."""
+    return next((s for s in run.status() if s["name"] == name), {})  # type: ignore[attr-defined]
+
+
+def wait_for_input(run: object, at_least: int, name: str = "table") -> None:
+    """Until stage ``name`` took in ``at_least`` messages (bounded: 60 s)."""
+    deadline = time.monotonic() + 60
+    while stage_status(run, name).get("msgs_in", 0) < at_least:
+        assert time.monotonic() < deadline, run.status()  # type: ignore[attr-defined]
+        time.sleep(0.05)

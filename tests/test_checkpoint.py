@@ -13,16 +13,15 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import require
+from support import Restored, alive, pid_namespace, require, wait_until
 
 from dpmigrate.checkpoint import criu_rpc
 from dpmigrate.errors import CheckpointError
@@ -54,7 +53,7 @@ class Counter:
             close_fds=True, cwd="/",
         )  # fmt: skip
         self.pid = self._inner_pid()
-        self.file = self.folder / f"counter-{_pidns(self.pid)}"
+        self.file = self.folder / f"counter-{pid_namespace(self.pid)}"
         _wait_for(lambda: self.file.exists() and read(self.file) > 0, "the counter to start")
 
     def _inner_pid(self) -> int:
@@ -69,7 +68,7 @@ class Counter:
         raise AssertionError("the counter process did not start")
 
     def alive(self) -> bool:
-        return _alive(self.pid)
+        return alive(self.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -84,18 +83,6 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _pidns(pid: int) -> str:
-    return os.readlink(f"/proc/{pid}/ns/pid")[5:-1]
-
-
 def read(path: Path) -> int:
     try:
         text = path.read_text().strip()
@@ -104,13 +91,8 @@ def read(path: Path) -> int:
     return int(text) if text else 0
 
 
-def _wait_for(check: object, what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+def _wait_for(check: Callable[[], object], what: str) -> None:
+    wait_until(check, what, timeout=5.0, interval=0.02)
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -119,24 +101,6 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "dpmigrate.cli_checkpoint", *args],
         capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
-
-
-class Restored:
-    """PIDs of restored copies (and their keepers) to kill at the end."""
-
-    def __init__(self) -> None:
-        self.pids: list[int] = []
-
-    def add(self, *pids: int | None) -> None:
-        self.pids.extend(p for p in pids if p)
-
-    def kill_all(self) -> None:
-        for pid in self.pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while any(_alive(p) for p in self.pids) and time.monotonic() < deadline:
-            time.sleep(0.02)
 
 
 @pytest.fixture
@@ -163,17 +127,8 @@ def counter(workdir: Path) -> Iterator[Counter]:
         proc.stop()
 
 
-@pytest.fixture
-def restored() -> Iterator[Restored]:
-    kept = Restored()
-    try:
-        yield kept
-    finally:
-        kept.kill_all()
-
-
 def _restored_file(counter: Counter, pid: int) -> Path:
-    return counter.folder / f"counter-{_pidns(pid)}"
+    return counter.folder / f"counter-{pid_namespace(pid)}"
 
 
 def test_leave_running_then_restore_beside_the_original(
@@ -205,7 +160,7 @@ def test_leave_running_then_restore_beside_the_original(
     # above what the original had reached when the dump returned.
     assert before <= first <= after_dump + 50
     _wait_for(lambda: read(copy) > first + 10, "the restored copy to count on")
-    assert _alive(result["pid"]) and counter.alive()
+    assert alive(result["pid"]) and counter.alive()
     assert cli("verify", str(out)).returncode == 0  # the restore left the bundle intact
 
 

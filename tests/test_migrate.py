@@ -8,27 +8,21 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from support import checker_of, paced_flows, run_cli
+from support import (
+    checker_of,
+    paced_flows,
+    reference_checker,
+    run_cli,
+    stage_status,
+    wait_for_input,
+)
 
 from dpmigrate.migrate import LocalCluster, Migration
-from dpmigrate.runtime import inprocess
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
-
-
-def _table(run: MultiNodeRun) -> dict:
-    return next((s for s in run.status() if s["name"] == "table"), {})
-
-
-def _flowing(run: MultiNodeRun, at_least: int) -> None:
-    deadline = time.monotonic() + 60
-    while _table(run).get("msgs_in", 0) < at_least:
-        assert time.monotonic() < deadline, run.status()
-        time.sleep(0.05)
 
 
 def test_stop_and_copy_back_and_forth_under_traffic(
@@ -36,18 +30,18 @@ def test_stop_and_copy_back_and_forth_under_traffic(
 ) -> None:
     """table: node2 → node1 (its ring from gen turns shm) → node3 (tcp again) by the CLI."""
     app = App.load(paced_flows(tmp_path, 80000))
-    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
+    expected = reference_checker(app)
     with LocalCluster(3) as cluster:
         run = MultiNodeRun(app, cluster)
         run.start()
         try:
-            _flowing(run, 6000)
+            wait_for_input(run, 6000)
             first = cluster.migrate("table", to="node1")
             assert not first.rolled_back, first.error
-            assert _table(run)["node"] == "node1"
-            rings = {r["name"]: r["transport"] for r in _table(run)["rings"]}
+            assert stage_status(run)["node"] == "node1"
+            rings = {r["name"]: r["transport"] for r in stage_status(run)["rings"]}
             assert rings["flows.gen.out-table.in"] == "shm", rings
-            _flowing(run, _table(run)["msgs_in"] + 3000)
+            wait_for_input(run, stage_status(run)["msgs_in"] + 3000)
             result = run_cli("migrate", "flows/table", "--to", "node3", "--strategy", "post-copy", "--json",
                              env={"DPMIGRATE_STATE_DIR": str(cluster_state_dir)}, timeout=120)  # fmt: skip
             assert result.returncode == 0, result.stderr
@@ -82,20 +76,20 @@ def _link_of(cluster: LocalCluster, node: str) -> list[str]:
 @pytest.mark.parametrize("fault", ["destination agent killed", "restore fails", "network cut"])
 def test_failure_in_a_phase_rolls_back(cluster_state_dir: Path, tmp_path: Path, fault: str) -> None:
     app = App.load(paced_flows(tmp_path, 50000))
-    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
+    expected = reference_checker(app)
     with LocalCluster(3) as cluster:
         run = MultiNodeRun(app, cluster)
         run.start()
         cut: list[str] = []
         try:
-            _flowing(run, 5000)
-            source_pid = _table(run)["pid"]
+            wait_for_input(run, 5000)
+            source_pid = stage_status(run)["pid"]
 
             def inject(phase: str) -> None:
                 if fault == "destination agent killed" and phase == "restore":
                     os.kill(cluster.node("node3").agent_pid, signal.SIGKILL)
                 if fault == "restore fails" and phase == "restore":
-                    bundle = next(Path(_table(run)["run_dir"]).glob("migrate-*/bundle"))
+                    bundle = next(Path(stage_status(run)["run_dir"]).glob("migrate-*/bundle"))
                     os.chmod(bundle, 0o700)
                     pages = sorted((bundle / "images").glob("pages-*.img"))[0]
                     data = bytearray(pages.read_bytes())
@@ -111,7 +105,7 @@ def test_failure_in_a_phase_rolls_back(cluster_state_dir: Path, tmp_path: Path, 
                 subprocess.run([*_link_of(cluster, "node3"), "up"], check=True)
             assert report.rolled_back, report
             assert report.error, report
-            table = _table(run)
+            table = stage_status(run)
             assert table["node"] == "node2" and table["pid"] == source_pid, table
             if fault == "destination agent killed":
                 # node3's agent is gone: so is the checker it ran; the rest must still agree
@@ -143,17 +137,17 @@ def test_shm_rings_continue_as_tcp_when_a_stage_leaves_its_host(
     (tmp_path / "app.toml").write_text(text)
     app = App.load(tmp_path / "app.toml")
     assert {s.node for s in app.stages} == {"node1"}
-    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
+    expected = reference_checker(app)
     with LocalCluster(2) as cluster:
         run = MultiNodeRun(app, cluster)
         run.start()
         try:
-            _flowing(run, 6000)
-            before = {r["name"]: r for r in _table(run)["rings"]}
+            wait_for_input(run, 6000)
+            before = {r["name"]: r for r in stage_status(run)["rings"]}
             assert {r["transport"] for r in before.values()} == {"shm"}
             report = cluster.migrate("table", to="node2")
             assert not report.rolled_back, report.error
-            after = {r["name"]: r for r in _table(run)["rings"]}
+            after = {r["name"]: r for r in stage_status(run)["rings"]}
             assert {r["transport"] for r in after.values()} == {"tcp"}, after
             for name, ring in after.items():  # numbering continues across the switch
                 position = "next_expected" if ring["role"] == "consumer" else "next_seq"

@@ -11,9 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from support import checker_of, run_cli
+from support import checker_of, reference_checker, run_cli
 
-from dpmigrate.runtime import inprocess
 from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
@@ -30,7 +29,7 @@ def _netns() -> set[str]:
 
 def test_flows_multi_node_on_a_temporary_cluster(cluster_state_dir: Path) -> None:
     before = _netns()
-    expected = checker_of(inprocess.summary(inprocess.run(App.load(EXAMPLE)))["stages"])
+    expected = reference_checker(App.load(EXAMPLE))
     result = run_cli(
         "run",
         str(EXAMPLE),
@@ -62,7 +61,7 @@ def test_sigkilled_stage_on_a_node_restarts_without_loss(
     (tmp_path / "stages.py").write_text((EXAMPLE.parent / "stages.py").read_text())
     (tmp_path / "app.toml").write_text(text)
     app = App.load(tmp_path / "app.toml")
-    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
+    expected = reference_checker(app)
     with LocalCluster(3) as cluster:
         run = MultiNodeRun(app, cluster)
         run.start()

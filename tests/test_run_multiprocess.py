@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from support import checker_of, paced_flows, require, run_cli
+from support import checker_of, paced_flows, reference_checker, require, run_cli
 
-from dpmigrate.runtime import inprocess
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multiprocess import MultiProcessRun
 
@@ -27,7 +26,7 @@ def state_dir(tmp_path, monkeypatch) -> Path:
 
 def test_flows_multi_process_matches_in_process(state_dir: Path) -> None:
     require("root")  # unshare --pid needs it
-    expected = checker_of(inprocess.summary(inprocess.run(App.load(EXAMPLE)))["stages"])
+    expected = reference_checker(App.load(EXAMPLE))
     result = run_cli(
         "run",
         str(EXAMPLE),
@@ -58,7 +57,7 @@ def test_sigkilled_stage_restarts_without_loss(
     require("root")
     manifest = paced_flows(tmp_path, total=40000, rate=20000)
     app = App.load(manifest)
-    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
+    expected = reference_checker(app)
     events: list[str] = []
     run = MultiProcessRun(app, on_event=events.append)
     try:
@@ -92,7 +91,7 @@ def test_sigterm_stops_a_stage_cleanly_and_a_restart_resumes(
     require("root")
     manifest = paced_flows(tmp_path, total=30000, rate=15000)
     app = App.load(manifest)
-    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
+    expected = reference_checker(app)
     run = MultiProcessRun(app)
     try:
         run.start()
@@ -134,7 +133,7 @@ def test_quiesce_detaches_everything_and_wake_resumes(tmp_path: Path, state_dir:
     no socket, memfd or growing file left open; SIGUSR1 wakes it and nothing is lost."""
     require("root")
     app = App.load(paced_flows(tmp_path, total=30000, rate=15000))
-    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
+    expected = reference_checker(app)
     run = MultiProcessRun(app)
     try:
         run.start()

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
-from support import checker_of, paced_flows, run_cli
+from support import (
+    checker_of,
+    paced_flows,
+    reference_checker,
+    run_cli,
+    stage_status,
+    wait_for_input,
+)
 
 from dpmigrate.checkpoint import bundle as bundles
 from dpmigrate.errors import DpmigrateError
-from dpmigrate.runtime import inprocess
 from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
@@ -25,26 +30,15 @@ def app(tmp_path: Path) -> App:
     return App.load(paced_flows(tmp_path, 40000))
 
 
-def _table(run: MultiNodeRun) -> dict:
-    return next((s for s in run.status() if s["name"] == "table"), {})
-
-
-def _wait_for(run: MultiNodeRun, moved_in: int) -> None:
-    deadline = time.monotonic() + 60
-    while _table(run).get("msgs_in", 0) < moved_in:
-        assert time.monotonic() < deadline, run.status()
-        time.sleep(0.05)
-
-
 def test_checkpoint_then_restore_on_another_node(
     cluster_state_dir: Path, app: App, tmp_path: Path
 ) -> None:
-    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
+    expected = reference_checker(app)
     with LocalCluster(3) as cluster:
         run = MultiNodeRun(app, cluster)
         run.start()
         try:
-            _wait_for(run, 8000)
+            wait_for_input(run, 8000)
             env = {"DPMIGRATE_STATE_DIR": str(cluster_state_dir)}
             out = tmp_path / "table.bundle"
             result = run_cli("checkpoint", "flows/table", "--out", str(out), "--json", env=env,
@@ -55,7 +49,7 @@ def test_checkpoint_then_restore_on_another_node(
             assert made["criu"]["frozen_time"] > 0
             assert (out.stat().st_mode & 0o777) == 0o700
             assert bundles.verify(out).ok
-            assert not _table(run), "the checkpointed stage still shows as running"
+            assert not stage_status(run), "the checkpointed stage still shows as running"
             loaded = bundles.load(out)
             assert loaded.rings["positions"]["inputs"]["in"] > 0
             restored = run_cli("restore", str(out), "--node", "node1", "--json", env=env,
@@ -80,16 +74,16 @@ def test_checkpoint_then_restore_on_another_node(
 def test_leave_running_then_restore_on_the_same_node(
     cluster_state_dir: Path, app: App, tmp_path: Path
 ) -> None:
-    expected = checker_of(inprocess.summary(inprocess.run(app))["stages"])
+    expected = reference_checker(app)
     with LocalCluster(3) as cluster:
         run = MultiNodeRun(app, cluster)
         run.start()
         try:
-            _wait_for(run, 6000)
+            wait_for_input(run, 6000)
             out = tmp_path / "table.bundle"
             made = cluster.checkpoint("table", out, leave_running=True)
-            before = _table(run)["msgs_in"]
-            _wait_for(run, before + 3000)  # it went on after the checkpoint
+            before = stage_status(run)["msgs_in"]
+            wait_for_input(run, before + 3000)  # it went on after the checkpoint
             # A second instance beside the running one is refused.
             with pytest.raises(DpmigrateError, match="is running on node node2"):
                 cluster.restore(out)
@@ -117,7 +111,7 @@ def test_corrupt_stage_bundle_is_refused_and_nothing_changes(
         run = MultiNodeRun(app, cluster)
         run.start()
         try:
-            _wait_for(run, 3000)
+            wait_for_input(run, 3000)
             out = tmp_path / "b"
             cluster.checkpoint("table", out, leave_running=True)
             pages = sorted((out / "images").glob("pages-*.img"))[0]
@@ -126,13 +120,13 @@ def test_corrupt_stage_bundle_is_refused_and_nothing_changes(
             data[len(data) // 2] ^= 0xFF
             pages.write_bytes(bytes(data))
             listing = sorted(p.name for p in (out / "images").iterdir())
-            pid_before = _table(run)["pid"]
+            pid_before = stage_status(run)["pid"]
             with cluster.client("node2") as agent:
                 agent.call("stop_stage", app="flows", stage="table")
             with pytest.raises(DpmigrateError, match=pages.name):
                 cluster.restore(out, node="node1")
             assert sorted(p.name for p in (out / "images").iterdir()) == listing
-            table = _table(run)
+            table = stage_status(run)
             assert pid_before and table["node"] == "node2" and not table["pid"], (
                 "a refused restore started something"
             )

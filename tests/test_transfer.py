@@ -21,12 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import require
+from support import Restored, alive, pid_namespace, process_state, require, wait_until
 
 from dpmigrate.checkpoint import criu_rpc, transfer
 from dpmigrate.errors import CheckpointError
@@ -82,31 +82,6 @@ def read_status(path: Path) -> Status | None:
     if len(fields) != 5:
         return None
     return Status(int(fields[0]), int(fields[1]), int(fields[2]), int(fields[3]), fields[4])
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def state(pid: int) -> str:
-    """The process state letter ("" when it is gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-def alive(pid: int) -> bool:
-    return state(pid) not in ("", "Z", "X")
-
-
-def pidns(pid: int) -> str:
-    return os.readlink(f"/proc/{pid}/ns/pid")[5:-1]
 
 
 @dataclass
@@ -165,8 +140,8 @@ class Worker:
             close_fds=True, cwd="/",
         )  # fmt: skip
         self.pid = self._inner_pid()
-        self.status_file = out / f"status-{pidns(self.pid)}"
-        wait_for(lambda: self.status() and self.status().passes >= 1, "the worker's first pass")  # type: ignore[union-attr]
+        self.status_file = out / f"status-{pid_namespace(self.pid)}"
+        wait_until(lambda: self.status() and self.status().passes >= 1, "the worker's first pass")  # type: ignore[union-attr]
 
     def _inner_pid(self) -> int:
         path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
@@ -188,32 +163,6 @@ class Worker:
         self.proc.wait(10)
 
 
-class Restored:
-    """PIDs of restored copies (children of this process) to kill and reap at the end."""
-
-    def __init__(self) -> None:
-        self.pids: list[int] = []
-
-    def add(self, pid: int) -> int:
-        self.pids.append(pid)
-        return pid
-
-    def kill_all(self) -> None:
-        for pid in self.pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        for pid in self.pids:
-            while time.monotonic() < deadline:
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if done:
-                    break
-                time.sleep(0.01)
-
-
 @pytest.fixture
 def worker(nodes: Nodes, workdir: Path) -> Iterator[Worker]:
     proc = Worker(nodes.src, workdir / "out")
@@ -223,26 +172,17 @@ def worker(nodes: Nodes, workdir: Path) -> Iterator[Worker]:
         proc.stop()
 
 
-@pytest.fixture
-def restored() -> Iterator[Restored]:
-    kept = Restored()
-    try:
-        yield kept
-    finally:
-        kept.kill_all()
-
-
 def check_continues(pid: int, out: Path, before: Status, netns: str) -> Status:
     """The restored copy ``pid`` runs in ``netns``, counts on from ``before`` (the last value
     the original wrote) and completes a new pass over its data with the right digest."""
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(netns).st_ino
-    path = out / f"status-{pidns(pid)}"
-    wait_for(lambda: read_status(path) is not None, "the restored copy to write its status")
+    path = out / f"status-{pid_namespace(pid)}"
+    wait_until(lambda: read_status(path) is not None, "the restored copy to write its status")
     first = read_status(path)
     assert first is not None
     assert before.counter < first.counter <= before.counter + 20, (before, first)
     target = first.passes + 1
-    wait_for(lambda: (read_status(path) or first).passes >= target, "a pass over restored data")
+    wait_until(lambda: (read_status(path) or first).passes >= target, "a pass over restored data")
     last = read_status(path)
     assert last is not None and last.digest == EXPECTED and last.counter > first.counter
     return last
@@ -265,7 +205,7 @@ def test_stop_and_copy_through_page_server(
         assert server.port > 0 and server.pid
         result = transfer.dump_to_page_server(worker.pid, src, server.endpoint, netns=nodes.src)
         assert server.wait(30) == 0
-    wait_for(lambda: not alive(worker.pid), "the dumped source to end")
+    wait_until(lambda: not alive(worker.pid), "the dumped source to end")
     before = worker.status()
     assert before is not None
     worker.status_file.unlink()  # the copy's new PID namespace may reuse the inode number
@@ -295,24 +235,24 @@ def test_stop_and_copy_leave_running_keeps_the_source(
         )
         server.wait(30)
     # The source was frozen, then resumed: running (not stopped/traced), counting, unlocked.
-    assert state(worker.pid) in ("R", "S")
+    assert process_state(worker.pid) in ("R", "S")
     at_dump = worker.status()
     assert at_dump is not None
-    wait_for(lambda: worker.status().counter > at_dump.counter + 5, "the source to count on")  # type: ignore[union-attr]
+    wait_until(lambda: worker.status().counter > at_dump.counter + 5, "the source to count on")  # type: ignore[union-attr]
     assert_no_lock_tables(nodes)  # CRIU unlocks when it resumes the source
 
     transfer.copy_images(src, dst)
     pid = restored.add(criu_rpc.restore(dst, netns=nodes.dst, log_dir=logs).pid)
-    path = worker.out / f"status-{pidns(pid)}"
-    wait_for(lambda: read_status(path) is not None, "the restored copy to write its status")
+    path = worker.out / f"status-{pid_namespace(pid)}"
+    wait_until(lambda: read_status(path) is not None, "the restored copy to write its status")
     copy = read_status(path)
     assert copy is not None and copy.counter <= at_dump.counter + 20
-    wait_for(lambda: (read_status(path) or copy).passes > copy.passes, "a pass in the copy")
+    wait_until(lambda: (read_status(path) or copy).passes > copy.passes, "a pass in the copy")
     assert (read_status(path) or copy).digest == EXPECTED
     # Rollback is "do nothing": the source never stopped; its data is intact too.
     source = worker.status()
     assert source is not None and alive(worker.pid)
-    wait_for(lambda: worker.status().passes > source.passes, "a pass in the source")  # type: ignore[union-attr]
+    wait_until(lambda: worker.status().passes > source.passes, "a pass in the source")  # type: ignore[union-attr]
     assert worker.status().digest == EXPECTED  # type: ignore[union-attr]
     assert_no_lock_tables(nodes)
 
@@ -329,7 +269,7 @@ def test_post_copy_with_lazy_pages(
         worker.pid, src, netns=nodes.src, leave_running=leave_running
     ) as source:
         assert source.port > 0 and "status-ready" in source.notifications
-        assert state(worker.pid) == "t"  # frozen (held by ptrace) while serving
+        assert process_state(worker.pid) == "t"  # frozen (held by ptrace) while serving
         before = worker.status()
         assert before is not None
         transfer.copy_images(src, dst)
@@ -343,10 +283,10 @@ def test_post_copy_with_lazy_pages(
     assert result.pages_lazy > (MIB << 20) // 4096 // 2
     assert 0 < result.frozen_time <= result.total_time
     if leave_running:  # resumed after the transfer; still the way back
-        assert alive(worker.pid) and state(worker.pid) != "t"
-        wait_for(lambda: worker.status().counter > before.counter, "the source to count on")  # type: ignore[union-attr]
+        assert alive(worker.pid) and process_state(worker.pid) != "t"
+        wait_until(lambda: worker.status().counter > before.counter, "the source to count on")  # type: ignore[union-attr]
     else:
-        wait_for(lambda: not alive(worker.pid), "CRIU to end the source")
+        wait_until(lambda: not alive(worker.pid), "CRIU to end the source")
         assert criu_rpc.remove_network_lock(nodes.src, run_id=result.criu_run_id)
     assert_no_lock_tables(nodes)
 
@@ -376,9 +316,9 @@ def test_post_copy_abort_resumes_the_source(
         source.stop()
         if dest is not None:
             dest.stop()
-    assert alive(worker.pid) and state(worker.pid) != "t"
-    wait_for(lambda: worker.status().counter > frozen.counter + 5, "the source to run again")  # type: ignore[union-attr]
-    wait_for(lambda: worker.status().passes > frozen.passes + 1, "a full pass after abort")  # type: ignore[union-attr]
+    assert alive(worker.pid) and process_state(worker.pid) != "t"
+    wait_until(lambda: worker.status().counter > frozen.counter + 5, "the source to run again")  # type: ignore[union-attr]
+    wait_until(lambda: worker.status().passes > frozen.passes + 1, "a full pass after abort")  # type: ignore[union-attr]
     assert worker.status().digest == EXPECTED  # type: ignore[union-attr]
     with pytest.raises(CheckpointError, match="aborted"):
         source.wait_done(1)
@@ -391,5 +331,5 @@ def test_page_server_stop_without_dump(nodes: Nodes, workdir: Path) -> None:
     pid = server.pid
     assert pid and alive(pid)
     server.stop()
-    wait_for(lambda: not alive(pid), "the page server to end")
+    wait_until(lambda: not alive(pid), "the page server to end")
     server.stop()  # idempotent

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from dpmigrate import __version__, config
+from dpmigrate import __version__, atomic, config
 from dpmigrate.checkpoint import criu_rpc
 from dpmigrate.checkpoint.criu_binary import CriuBinary
 from dpmigrate.errors import BundleError, CheckpointError, DpmigrateError
@@ -248,7 +248,7 @@ def create(
         progress("syncing to disk")
         _fsync_tree(work)
         _rename_noreplace(work, final)
-        _fsync_dir(final.parent)
+        atomic.fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -305,14 +305,6 @@ def _catalogue(root: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_DIRECTORY | os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for folder, _dirs, names in os.walk(root):
         for name in names:
@@ -321,7 +313,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(folder))
+        atomic.fsync_dir(Path(folder))
 
 
 _RENAME_NOREPLACE = 1

@@ -475,30 +475,32 @@ def dump_opts(
     inheritable directory descriptors, see :func:`open_dir`). Public for callers that run a
     dump request themselves over a :class:`Swrk` (a lazy dump that answers only at the end)."""
     _check_network_lock(network_lock)
-    opts = rpc.criu_opts(images_dir_fd=images_fd)
+    opts = _base_opts(
+        images_fd, work_fd, log_name, tcp_close=tcp_close, tcp_established=tcp_established,
+        ext_unix_sk=ext_unix_sk, shell_job=shell_job, track_mem=track_mem,
+        lazy_pages=lazy_pages,
+    )  # fmt: skip
     opts.pid = pid
     opts.leave_running = leave_running
     opts.network_lock = _NETWORK_LOCKS[network_lock]
-    opts.log_level = LOG_LEVEL
-    opts.log_file = log_name
-    if work_fd is not None:
-        opts.work_dir_fd = work_fd
-    if tcp_close:
-        opts.tcp_close = True
-    if tcp_established:
-        opts.tcp_established = True
-    if ext_unix_sk:
-        opts.ext_unix_sk = True
-    if shell_job:
-        opts.shell_job = True
-    if track_mem:
-        opts.track_mem = True
-    if lazy_pages:
-        opts.lazy_pages = True
     if page_server is not None:
         opts.ps.address, opts.ps.port = page_server[0], int(page_server[1])
     if page_server_fd is not None:  # a connection of ours, inherited by the swrk
         opts.ps.fd = page_server_fd
+    return opts
+
+
+def _base_opts(images_fd: int, work_fd: int | None, log_name: str, **flags: bool) -> rpc.criu_opts:
+    """What dumps and restores share: folders, logging, and the boolean options that are on
+    (an option left unset keeps CRIU's own default)."""
+    opts = rpc.criu_opts(images_dir_fd=images_fd)
+    opts.log_level = LOG_LEVEL
+    opts.log_file = log_name
+    if work_fd is not None:
+        opts.work_dir_fd = work_fd
+    for name, on in flags.items():
+        if on:
+            setattr(opts, name, True)
     return opts
 
 
@@ -586,22 +588,11 @@ def restore(
     images_fd = open_dir(images)
     work_fd = open_dir(logs) if logs != images else None
     try:
-        opts = rpc.criu_opts(images_dir_fd=images_fd)
+        opts = _base_opts(
+            images_fd, work_fd, log_name, lazy_pages=lazy_pages, tcp_close=tcp_close,
+            tcp_established=tcp_established, ext_unix_sk=ext_unix_sk, shell_job=shell_job,
+        )  # fmt: skip
         opts.rst_sibling = restore_sibling
-        opts.log_level = LOG_LEVEL
-        opts.log_file = log_name
-        if work_fd is not None:
-            opts.work_dir_fd = work_fd
-        if lazy_pages:
-            opts.lazy_pages = True
-        if tcp_close:
-            opts.tcp_close = True
-        if tcp_established:
-            opts.tcp_established = True
-        if ext_unix_sk:
-            opts.ext_unix_sk = True
-        if shell_job:
-            opts.shell_job = True
         started = time.monotonic()
         answer = _call("restore", opts, netns=netns, log_file=log_file, timeout=timeout)
         wall = int((time.monotonic() - started) * 1e6)

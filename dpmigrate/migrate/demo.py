@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dpmigrate.migrate import LocalCluster, MigrationReport
-from dpmigrate.runtime import inprocess
+from dpmigrate.runtime import inprocess, stagehost
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
 
@@ -77,7 +77,7 @@ class _Sampler(threading.Thread):
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__(daemon=True)
-        self.path = run_dir / "status" / "check.json"
+        self.path = stagehost.status_path(run_dir, "check")
         self.samples: list[tuple[float, int]] = []
         self.stop = threading.Event()
 

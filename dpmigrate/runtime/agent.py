@@ -34,7 +34,7 @@ from typing import Any
 
 from dpmigrate import config
 from dpmigrate.errors import DpmigrateError, ProtocolError
-from dpmigrate.runtime import control, stage_checkpoint, stage_transfer
+from dpmigrate.runtime import control, stage_checkpoint, stage_transfer, stagehost
 from dpmigrate.runtime.supervisor import Supervisor
 
 ABSTRACT_NAME = "@dpmigrate-agent"
@@ -68,7 +68,6 @@ class Agent:
         self.supervisor = Supervisor(
             run_dir / "logs" / node, on_event=lambda m: log("stage", message=m)
         )
-        self.stage_runs: dict[str, str] = {}  # stage -> run dir (for its status file)
         self.transfers: dict[str, Any] = {}  # migrations in flight: page servers, lazy sources
         self.lazy_daemons: dict[str, Any] = {}
         self.stage_args: dict[str, tuple[str, str, str]] = {}  # stage -> manifest, run dir, model
@@ -251,11 +250,9 @@ class Agent:
             existing = self.supervisor.stages.get(key)
             if existing is not None and not existing.finished:
                 raise ProtocolError(f"stage {key!r} already runs on node {self.node}")
-            proc = self.supervisor.start(key, [
-                "-m", "dpmigrate.runtime.stagehost", "--manifest", a["manifest"], "--stage",
-                a["stage"], "--run-dir", a["run_dir"], "--model", a["model"], "--registry", "agent",
-            ])  # fmt: skip
-            self.stage_runs[key] = a["run_dir"]
+            proc = self.supervisor.start(
+                key, stagehost.command(a["manifest"], a["stage"], a["run_dir"], a["model"], "agent")
+            )
             self.stage_args[key] = (a["manifest"], a["run_dir"], a["model"])
         pid = proc.proc.pid if proc.proc else None
         log("stage start", stage=key, pid=pid)
@@ -285,7 +282,7 @@ class Agent:
             for key in [k for k in self.supervisor.stages if k.startswith(a["app"] + "/")]:
                 if self.supervisor.stages[key].finished:
                     del self.supervisor.stages[key]
-                    self.stage_runs.pop(key, None)
+                    self.stage_args.pop(key, None)
 
     def op_checkpoint_stage(self, args: Any) -> dict[str, Any]:
         """Quiesce a stage and dump it with CRIU into a bundle (see stage_checkpoint)."""
@@ -409,12 +406,10 @@ class Agent:
         for key, proc in list(self.supervisor.stages.items()):
             app, _, name = key.partition("/")
             info: dict[str, Any] = {"app": app, "name": name, "node": self.node}
-            status_file = Path(self.stage_runs[key]) / "status" / f"{name}.json"
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                info.update(json.loads(status_file.read_text()))
+            manifest, run_dir, _model = self.stage_args[key]
+            info.update(stagehost.read_status(run_dir, name))
             info.update(pid=proc.stage_pid, restarts=proc.restarts, finished=proc.finished,
-                        moved=proc.moved, run_dir=self.stage_runs.get(key),
-                        manifest=self.stage_args.get(key, ("",))[0],
+                        moved=proc.moved, run_dir=run_dir, manifest=manifest,
                         failed=proc.failed, log=str(proc.log))  # fmt: skip
             stages.append(info)
         with self.changed:

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from dpmigrate import config
+from dpmigrate import atomic, config
 from dpmigrate.errors import ConfigError, DpmigrateError, EnvironmentProblem
 from dpmigrate.runtime.control import AgentClient
 
@@ -88,14 +88,6 @@ def _boot_id() -> str:
         return ""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, data: dict[str, Any]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -110,7 +102,7 @@ def _save(record_path: Path, record: dict[str, Any]) -> None:
     tmp = record_path.with_name(record_path.name + ".tmp")
     _write_file(tmp, record)
     os.replace(tmp, record_path)
-    _fsync_dir(record_path.parent)
+    atomic.fsync_dir(record_path.parent)
 
 
 def _claim(record_path: Path, record: dict[str, Any]) -> None:
@@ -130,7 +122,7 @@ def _claim(record_path: Path, record: dict[str, Any]) -> None:
         ) from None
     finally:
         tmp.unlink()
-    _fsync_dir(record_path.parent)
+    atomic.fsync_dir(record_path.parent)
 
 
 def _load(record_path: Path) -> dict[str, Any] | None:

@@ -8,8 +8,6 @@ path printed) after a failed one, for the logs.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dpmigrate import config
+from dpmigrate.runtime import stagehost
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.supervisor import Supervisor
 
@@ -45,19 +44,18 @@ class MultiProcessRun:
 
     def start(self) -> None:
         for spec in self.app.stages:
-            self.supervisor.start(spec.name, [
-                "-m", "dpmigrate.runtime.stagehost", "--manifest", str(self.app.path.resolve()),
-                "--stage", spec.name, "--run-dir", str(self.run_dir), "--model", self.model,
-            ])  # fmt: skip
+            self.supervisor.start(
+                spec.name,
+                stagehost.command(
+                    str(self.app.path.resolve()), spec.name, str(self.run_dir), self.model
+                ),
+            )
 
     def status(self) -> list[dict[str, Any]]:
         """The stages' last status files, with the supervisor's view (pid, restarts)."""
         out = []
         for name, proc in self.supervisor.stages.items():
-            path = self.run_dir / "status" / f"{name}.json"
-            data: dict[str, Any] = {"stage": name}
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                data = json.loads(path.read_text())
+            data: dict[str, Any] = {"stage": name, **stagehost.read_status(self.run_dir, name)}
             data.update(name=name, pid=proc.stage_pid, restarts=proc.restarts,
                         finished=proc.finished, failed=proc.failed, log=str(proc.log))  # fmt: skip
             out.append(data)

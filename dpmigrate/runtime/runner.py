@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from dpmigrate.errors import EndOfRing
@@ -81,7 +81,6 @@ class StageRunner:
         state: State | None = None,
         config: Mapping[str, Any] | None = None,
         batch: int = 32,
-        on_delta: Callable[[Delta], None] | None = None,
         journal: StageJournal | None = None,
     ) -> None:
         self.name = name
@@ -90,7 +89,6 @@ class StageRunner:
         self.outputs = dict(outputs)
         self.state = state if state is not None else State()
         self.batch = batch
-        self.on_delta = on_delta
         self.stats = RunnerStats()
         self.journal = journal
         self._outbox: dict[str, list[bytes]] = {port: [] for port in self.outputs}
@@ -121,13 +119,10 @@ class StageRunner:
                 del queue[:sent]
                 self.stats.msgs_out += sent
                 empty = empty and not queue
-        self.persist()
         return empty
 
     def _commit_batch(self) -> None:
         delta = self.state.commit()
-        if delta is not None and self.on_delta is not None:
-            self.on_delta(delta)
         inputs = {port: rx.next_expected for port, rx in self.inputs.items()}
         outputs = {port: tx.next_seq + len(self._outbox[port]) for port, tx in self.outputs.items()}
         self._points.append((delta, inputs, outputs))
@@ -168,6 +163,9 @@ class StageRunner:
         """
         if self.done:
             return False
+        # Once per step: take in downstream's acknowledgements (for tcp that reads a socket)
+        # and persist what they cover.
+        self.persist()
         if not self.flush(wait):
             return False
         if not self.inputs:

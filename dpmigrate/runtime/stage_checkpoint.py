@@ -16,7 +16,6 @@ journal moved on after the checkpoint (``--leave-running``) continues from the j
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -27,21 +26,15 @@ from typing import TYPE_CHECKING, Any
 from dpmigrate.checkpoint import bundle as bundles
 from dpmigrate.checkpoint import criu_rpc
 from dpmigrate.errors import CheckpointError, DpmigrateError
+from dpmigrate.runtime import stagehost
 from dpmigrate.runtime.journal import StageJournal
+from dpmigrate.statesync.state import State
 
 if TYPE_CHECKING:
     from dpmigrate.runtime.agent import Agent
 
 #: Bound on how long a stage may take to reach its quiesced point or to wake.
 PHASE_TIMEOUT_S = 30.0
-
-
-def read_status(run_dir: str, stage: str) -> dict[str, Any]:
-    path = Path(run_dir) / "status" / f"{stage}.json"
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def wait_phase(
@@ -51,7 +44,7 @@ def wait_phase(
     "running": until it reports a wake after ``since``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = read_status(run_dir, stage)
+        status = stagehost.read_status(run_dir, stage)
         if phase == "running":
             woken = status.get("woken") or {}
             if woken.get("at", 0) >= since:
@@ -70,7 +63,7 @@ def wait_phase(
     )
 
 
-def _running(agent: Agent, key: str) -> tuple[Any, int]:
+def running_stage(agent: Agent, key: str) -> tuple[Any, int]:
     proc = agent.supervisor.stages.get(key)
     pid = proc.stage_pid if proc is not None else None
     if proc is None or pid is None:
@@ -81,7 +74,7 @@ def _running(agent: Agent, key: str) -> tuple[Any, int]:
 def quiesce_stage(agent: Agent, key: str) -> dict[str, Any]:
     """SIGUSR2, then wait for the stage's quiesced status (positions, digest)."""
     _app, _, stage = key.partition("/")
-    _proc, pid = _running(agent, key)
+    _proc, pid = running_stage(agent, key)
     _manifest, run_dir, _model = agent.stage_args[key]
     t0 = time.monotonic()
     since = time.time()
@@ -95,7 +88,7 @@ def quiesce_stage(agent: Agent, key: str) -> dict[str, Any]:
 def wake_stage(agent: Agent, key: str, timeout: float = PHASE_TIMEOUT_S) -> dict[str, Any]:
     """SIGUSR1 to a quiesced stage; wait until it runs again (rings reopened)."""
     _app, _, stage = key.partition("/")
-    proc, pid = _running(agent, key)
+    proc, pid = running_stage(agent, key)
     proc.checkpointing = False
     _manifest, run_dir, _model = agent.stage_args[key]
     since = time.time()
@@ -107,13 +100,10 @@ def wake_stage(agent: Agent, key: str, timeout: float = PHASE_TIMEOUT_S) -> dict
     }  # fmt: skip
 
 
-def dump_stage(
-    agent: Agent, key: str, out: str, leave_running: bool, quiesced: dict[str, Any]
-) -> dict[str, Any]:
-    """Dump a quiesced stage into the bundle ``out``. With ``leave_running`` the source stays,
-    quiesced (asleep in sigwaitinfo), so it can be woken again — the migration's rollback."""
+def stage_context(agent: Agent, key: str, quiesced: dict[str, Any]) -> tuple[dict[str, Any], State]:
+    """What a restored copy needs to be adopted anywhere (app, stage, manifest, run folder,
+    model, positions) and the committed state at the quiesced point, read from the journal."""
     app, _, stage = key.partition("/")
-    proc, pid = _running(agent, key)
     manifest, run_dir, model = agent.stage_args[key]
     state, _, _ = StageJournal(Path(run_dir) / "stages" / stage).load()
     context = {
@@ -121,6 +111,16 @@ def dump_stage(
         "positions": quiesced["positions"], "state_version": state.version,
         "state_digest": state.digest(),
     }  # fmt: skip
+    return context, state
+
+
+def dump_stage(
+    agent: Agent, key: str, out: str, leave_running: bool, quiesced: dict[str, Any]
+) -> dict[str, Any]:
+    """Dump a quiesced stage into the bundle ``out``. With ``leave_running`` the source stays,
+    quiesced (asleep in sigwaitinfo), so it can be woken again — the migration's rollback."""
+    proc, pid = running_stage(agent, key)
+    context, state = stage_context(agent, key, quiesced)
     proc.checkpointing = True
     try:
         bundle, result = bundles.create(
@@ -150,9 +150,9 @@ def restart_stage(agent: Agent, key: str) -> dict[str, Any]:
     _app, _, stage = key.partition("/")
     with agent.lock:
         agent.supervisor.stop_one(key)
-        argv = ["-m", "dpmigrate.runtime.stagehost", "--manifest", manifest, "--stage", stage,
-                "--run-dir", run_dir, "--model", model, "--registry", "agent"]  # fmt: skip
-        new = agent.supervisor.start(key, argv)
+        new = agent.supervisor.start(
+            key, stagehost.command(manifest, stage, run_dir, model, "agent")
+        )
     return {"stage": key, "node": agent.node, "pid": new.proc.pid if new.proc else None}
 
 
@@ -239,12 +239,10 @@ def adopt(agent: Agent, context: dict[str, Any], pid: int) -> None:
         str(context["model"]),
     )
     key = f"{app}/{stage}"
-    argv = ["-m", "dpmigrate.runtime.stagehost", "--manifest", manifest, "--stage", stage,
-            "--run-dir", run_dir, "--model", model, "--registry", "agent"]  # fmt: skip
-    log = agent.supervisor.log_dir / f"{key.replace('/', '.')}.log"
     with agent.lock:
-        agent.supervisor.adopt(key, pid, [*argv, "--log", str(log)], log)
-        agent.stage_runs[key] = run_dir
+        agent.supervisor.adopt(
+            key, pid, stagehost.command(manifest, stage, run_dir, model, "agent")
+        )
         agent.stage_args[key] = (manifest, run_dir, model)
 
 

@@ -23,21 +23,11 @@ from typing import TYPE_CHECKING, Any
 from dpmigrate.checkpoint import criu_rpc, transfer
 from dpmigrate.errors import DpmigrateError
 from dpmigrate.runtime import stage_checkpoint
-from dpmigrate.runtime.journal import StageJournal
 
 if TYPE_CHECKING:
     from dpmigrate.runtime.agent import Agent
 
 CONTEXT = "context.json"
-
-
-def _context(agent: Agent, key: str, quiesced: dict[str, Any]) -> dict[str, Any]:
-    app, _, stage = key.partition("/")
-    manifest, run_dir, model = agent.stage_args[key]
-    state, _, _ = StageJournal(Path(run_dir) / "stages" / stage).load()
-    return {"app": app, "stage": stage, "manifest": manifest, "run_dir": run_dir,
-            "model": model, "positions": quiesced["positions"],
-            "state_version": state.version, "state_digest": state.digest()}  # fmt: skip
 
 
 def start_page_server(agent: Agent, key: str, images_dir: str) -> dict[str, Any]:
@@ -53,8 +43,8 @@ def dump_to_page_server(
     agent: Agent, key: str, images_dir: str, page_server: list[Any], quiesced: dict[str, Any]
 ) -> dict[str, Any]:
     """Source: dump the quiesced stage, memory to the destination's page server."""
-    proc, pid = stage_checkpoint._running(agent, key)
-    context = _context(agent, key, quiesced)
+    proc, pid = stage_checkpoint.running_stage(agent, key)
+    context, _ = stage_checkpoint.stage_context(agent, key, quiesced)
     Path(images_dir).mkdir(parents=True, exist_ok=True)
     proc.checkpointing = True
     try:
@@ -86,8 +76,8 @@ def finish_page_server(agent: Agent, key: str, source_dir: str) -> dict[str, Any
 
 def lazy_dump(agent: Agent, key: str, images_dir: str, quiesced: dict[str, Any]) -> dict[str, Any]:
     """Source: lazy-pages dump; its CRIU stays as the page server (kept in transfers)."""
-    proc, pid = stage_checkpoint._running(agent, key)
-    context = _context(agent, key, quiesced)
+    proc, pid = stage_checkpoint.running_stage(agent, key)
+    context, _ = stage_checkpoint.stage_context(agent, key, quiesced)
     Path(images_dir).mkdir(parents=True, exist_ok=True)
     proc.checkpointing = True
     source = transfer.LazySource(pid, images_dir, leave_running=True).start()

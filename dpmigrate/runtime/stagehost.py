@@ -33,13 +33,12 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from dpmigrate import transports
+from dpmigrate import atomic, transports
 from dpmigrate.errors import DpmigrateError
 from dpmigrate.runtime.journal import Positions, StageJournal
 from dpmigrate.runtime.manifest import App, RingSpec
@@ -73,6 +72,27 @@ def ring_transport(
     return "shm" if src == dst else "tcp"
 
 
+def command(
+    manifest: str, stage: str, run_dir: str, model: str, registry: str = "dir"
+) -> list[str]:
+    """The arguments after ``python`` that run ``stage`` in a process of its own."""
+    return ["-m", "dpmigrate.runtime.stagehost", "--manifest", manifest, "--stage", stage,
+            "--run-dir", run_dir, "--model", model, "--registry", registry]  # fmt: skip
+
+
+def status_path(run_dir: str | Path, stage: str) -> Path:
+    """Where a stage writes its status (about five times a second)."""
+    return Path(run_dir) / "status" / f"{stage}.json"
+
+
+def read_status(run_dir: str | Path, stage: str) -> dict[str, Any]:
+    """A stage's last status ({} before it wrote one)."""
+    try:
+        return json.loads(status_path(run_dir, stage).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def read_placement(run_dir: Path) -> dict[str, str]:
     """The run's current stage → node map (written by the runtime and by migrations)."""
     try:
@@ -83,10 +103,7 @@ def read_placement(run_dir: Path) -> dict[str, str]:
 
 
 def write_placement(run_dir: Path, placement: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".placement-")
-    with os.fdopen(fd, "w") as out:
-        json.dump(placement, out)
-    os.replace(tmp, run_dir / "placement.json")
+    atomic.write_json(run_dir / "placement.json", placement)
 
 
 def ring_name(app: App, ring: RingSpec) -> str:
@@ -103,7 +120,7 @@ class StageHost:
         self.run_dir = Path(args.run_dir)
         self.log_path = Path(args.log) if args.log else None
         self.journal = StageJournal(self.run_dir / "stages" / self.spec.name)
-        self.status_path = self.run_dir / "status" / f"{self.spec.name}.json"
+        self.status_path = status_path(self.run_dir, self.spec.name)
         self.status_path.parent.mkdir(parents=True, exist_ok=True)
         self.phase = "starting"
         self.woken: dict[str, Any] | None = None
@@ -311,10 +328,7 @@ class StageHost:
             "woken": self.woken,
             **extra,
         }  # fmt: skip
-        fd, tmp = tempfile.mkstemp(dir=self.status_path.parent, prefix=".status-")
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out)
-        os.replace(tmp, self.status_path)
+        atomic.write_json(self.status_path, data)
 
 
 def _clear_parent_death_signal() -> None:

@@ -92,7 +92,7 @@ class Supervisor:
     ) -> StageProcess:
         """Start ``python ARGV`` as stage ``name``; ``log_flag`` passes it its log file (a
         stage host appends its events there itself; its stdout only catches early failures)."""
-        log = self.log_dir / f"{name.replace('/', '.')}.log"
+        log = self.log_path(name)
         argv = [*argv, log_flag, str(log)] if log_flag else list(argv)
         stage = StageProcess(name, argv, log)
         self.stages[name] = stage
@@ -108,10 +108,15 @@ class Supervisor:
             )  # fmt: skip
         self.on_event(f"stage {stage.name} started (pid {stage.proc.pid})")
 
-    def adopt(self, name: str, pid: int, argv: Sequence[str], log: Path) -> StageProcess:
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name.replace('/', '.')}.log"
+
+    def adopt(self, name: str, pid: int, argv: Sequence[str]) -> StageProcess:
         """Take over a stage restored by CRIU as a child of this process: watch it, and if it
-        crashes, restart it from its journal with ``argv`` like any other stage."""
-        stage = StageProcess(name, list(argv), log, adopted_pid=pid)
+        crashes, restart it from its journal with ``argv`` like any other stage. (The
+        restored stage itself keeps appending to the log file it had.)"""
+        log = self.log_path(name)
+        stage = StageProcess(name, [*argv, "--log", str(log)], log, adopted_pid=pid)
         self.stages[name] = stage
         self.on_event(f"stage {name} adopted (restored, pid {pid})")
         return stage

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from dpmigrate import atomic
 from dpmigrate.errors import ConfigError, RingTimeout
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
@@ -132,11 +132,7 @@ class DirectoryResolver:
         return self.directory / f"{check_ring_name(ring)}.json"
 
     def register(self, ring: str, endpoint: Endpoint) -> None:
-        path = self._path(ring)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-        with os.fdopen(fd, "w") as out:
-            json.dump(endpoint.as_dict(), out)
-        os.replace(tmp, path)
+        atomic.write_json(self._path(ring), endpoint.as_dict())
 
     def unregister(self, ring: str) -> None:
         self._path(ring).unlink(missing_ok=True)

@@ -365,8 +365,10 @@ class ShmSender(RingSender):
     def acked(self) -> int:
         if self._ring is None:
             return self._final.acked if self._final else 0
+        # The acks are in shared memory; the socket is looked at only as often as by a send
+        # (a reconnecting consumer is let in by that, or by service() when idle).
         with contextlib.suppress(RingError):
-            self._service(force=True)  # also lets a (re)connecting consumer in
+            self._service()
         return self._ring.positions()[3]
 
     def _push(self, msgs: Sequence[bytes]) -> int:
