@@ -83,6 +83,24 @@ def _default_criu() -> str:
     return shutil.which("criu") or str(private)
 
 
+def _etcd_endpoints(text: str) -> str:
+    for url in (e.strip() for e in text.split(",") if e.strip()):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must be comma-separated http://HOST:PORT or https://HOST:PORT")
+    return text.strip()
+
+
+def _optional_path(text: str) -> str:
+    return _absolute_path(text) if text else ""
+
+
+def _ttl(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 300:
+        raise ValueError("must be a whole number of seconds from 1 to 300")
+    return value
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "criu",
@@ -134,6 +152,25 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds a ring end waits for its peer to come back before it is Broken",
     ),
     Setting(
+        "etcd",
+        "DPMIGRATE_ETCD",
+        "",
+        _etcd_endpoints,
+        "etcd endpoints of an existing cluster store (empty: `cluster up` starts its own)",
+    ),
+    Setting("etcd_ca", "DPMIGRATE_ETCD_CA", "", _optional_path, "CA file for etcd over TLS"),
+    Setting(
+        "etcd_cert", "DPMIGRATE_ETCD_CERT", "", _optional_path, "client certificate for etcd"
+    ),
+    Setting("etcd_key", "DPMIGRATE_ETCD_KEY", "", _optional_path, "client key for etcd"),
+    Setting(
+        "node_ttl",
+        "DPMIGRATE_NODE_TTL",
+        "3",
+        _ttl,
+        "seconds of an agent's lease in etcd: a node silent for longer is known dead",
+    ),
+    Setting(
         "strict",
         "DPMIGRATE_STRICT",
         "0",
@@ -153,6 +190,11 @@ class Config:
     log_level: str
     ring_capacity: int
     reconnect_timeout: float
+    etcd: str
+    etcd_ca: str
+    etcd_cert: str
+    etcd_key: str
+    node_ttl: int
     strict: bool
 
     @classmethod

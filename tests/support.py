@@ -23,7 +23,7 @@ import pytest
 from dpmigrate import config
 
 #: Capabilities a CI machine must have; missing one in strict mode fails the test.
-_MANDATORY = {"root", "criu", "netns", "nftables"}
+_MANDATORY = {"root", "criu", "netns", "nftables", "etcd"}
 
 
 def _has(what: str) -> tuple[bool, str]:
@@ -40,6 +40,15 @@ def _has(what: str) -> tuple[bool, str]:
     if what == "nftables":
         ok = shutil.which("nft") is not None and os.geteuid() == 0
         return ok, "needs nftables (apt-get install nftables) and root"
+    if what == "etcd":
+        from dpmigrate.cluster import etcd
+        from dpmigrate.errors import EnvironmentProblem
+
+        try:
+            etcd.binary(config.load().prefix)
+        except EnvironmentProblem as err:
+            return False, str(err)
+        return True, ""
     if what == "rdma":
         return bool(os.listdir("/sys/class/infiniband")) if os.path.isdir(
             "/sys/class/infiniband"
