@@ -325,9 +325,9 @@ def stop_cmd(app: str, as_json: bool) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def agent_cmd(args: tuple[str, ...]) -> None:
     """Run a node agent in the foreground (see `dpmigrate agent --help`)."""
-    from dpmigrate.runtime import agent
+    from dpmigrate import agentd
 
-    sys.exit(agent.main(list(args)))
+    sys.exit(agentd.main(list(args)))
 
 
 class _RateView:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -152,7 +153,8 @@ def _checkpoint_stage(stage: str, out: str, leave_running: bool, as_json: bool) 
 
     cluster = LocalCluster.current()
     with _progress(as_json, f"quiescing and dumping stage {stage}"):
-        result = cluster.checkpoint(stage, out, leave_running=leave_running)
+        # resolved here: the agent refuses a path with a '..' component
+        result = cluster.checkpoint(stage, os.path.abspath(out), leave_running=leave_running)
     if as_json:
         _print_json(result)
         return
@@ -220,7 +222,7 @@ def _restore_stage(bundle_dir: str, stage: str, node: str | None, as_json: bool)
             f"bundle {bundle_dir} holds stage {stage!r}; restoring it needs the running cluster "
             f"(its agent wakes the stage and reconnects its rings): {err}"
         ) from err
-    result = cluster.restore(bundle_dir, node=node)
+    result = cluster.restore(os.path.abspath(bundle_dir), node=node)
     if as_json:
         _print_json(result)
         return

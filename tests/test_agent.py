@@ -16,7 +16,14 @@ import pytest
 from support import require
 
 from dpmigrate.errors import RingTimeout
-from dpmigrate.runtime.control import AgentClient, AuthError, RemoteError
+from dpmigrate.runtime.control import (
+    AgentClient,
+    AuthError,
+    RemoteError,
+    proof,
+    recv_frame,
+    send_frame,
+)
 from dpmigrate.runtime.registry import AgentResolver
 from dpmigrate.transports.resolver import Endpoint
 
@@ -30,7 +37,7 @@ def agent(tmp_path: Path):
     env = {**os.environ, "DPMIGRATE_TOKEN": TOKEN, "DPMIGRATE_STATE_DIR": str(tmp_path / "state")}
     # Its own network namespace: the abstract socket and the node are then truly its own.
     proc = subprocess.Popen(
-        ["unshare", "--net", sys.executable, "-m", "dpmigrate.runtime.agent", "--node", "t1",
+        ["unshare", "--net", sys.executable, "-m", "dpmigrate.agentd", "--node", "t1",
          "--socket", str(sock)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -72,13 +79,14 @@ def test_malformed_requests_get_errors_and_the_agent_survives(agent) -> None:
     path, proc = agent
     with AgentClient(path, TOKEN) as client:
         for op, args, phrase in [
-            ("no_such_op", {}, "unknown operation"),
-            ("lookup", {"ring": "x"}, "missing argument 'timeout'"),
-            ("lookup", {"ring": "x", "timeout": "soon"}, "wrong type"),
+            ("no_such_op", {}, "unknown operation 'no_such_op'"),
+            ("lookup", {"ring": "x"}, "'lookup': missing argument 'timeout'"),
+            ("lookup", {"ring": "x", "timeout": "soon"}, "'timeout' has the wrong type string"),
+            ("lookup", {"ring": "x", "timeout": True}, "'timeout' has the wrong type bool"),
             (
                 "register",
                 {"ring": "bad name!", "endpoint": {"transport": "tcp", "address": "a"}},
-                "not valid",
+                "'ring' is not valid",
             ),
             ("register", {"ring": "r", "endpoint": {"transport": 5}}, "lacks a string"),
             (
@@ -90,9 +98,24 @@ def test_malformed_requests_get_errors_and_the_agent_survives(agent) -> None:
                     "run_dir": "/x",
                     "model": "multi-node",
                 },
-                "absolute",
+                "'manifest' is not valid: 'rel.toml' is not an absolute path",
             ),
-            ("ping", {"extra": 1}, "unknown argument"),
+            ("ping", {"extra": 1}, "'ping': unknown argument"),
+            (
+                "checkpoint_stage",
+                {"app": "a", "stage": "s", "out": "/x/../y", "leave_running": False},
+                "'out' is not valid: .* '..' component",
+            ),
+            (
+                "restore_images",
+                {"images_dir": "/x", "lazy_source": ["h", "7"]},
+                r"'lazy_source'\[1\] has the wrong type string; expected an int",
+            ),
+            (
+                "dump_stage",
+                {"app": "a", "stage": "s", "out": "/x", "quiesced": {}},
+                "not running on node t1",
+            ),
         ]:
             with pytest.raises(RemoteError, match=phrase):
                 client.call(op, **args)
@@ -115,6 +138,61 @@ def test_malformed_requests_get_errors_and_the_agent_survives(agent) -> None:
     assert proc.poll() is None, "the agent died on garbage"
     with AgentClient(path, TOKEN) as client:
         assert client.call("ping")["node"] == "t1"
+
+
+def test_only_registered_operations_are_served(agent) -> None:
+    """Method names of the agent (and the old op_* spelling) are not operations."""
+    path, proc = agent
+    with AgentClient(path, TOKEN) as client:
+        for op in (
+            "_handle",
+            "run",
+            "listen",
+            "__init__",
+            "_serve",
+            "_store",
+            "_ping",
+            "op_ping",
+            "op_shutdown",
+            "_shutdown_soon",
+            "shutdown_",
+            "PING",
+            "",
+        ):
+            with pytest.raises(RemoteError, match="unknown operation"):
+                client.call(op)
+        assert client.call("ping")["node"] == "t1"
+    assert proc.poll() is None
+
+
+def test_start_stage_with_a_traversing_name_is_refused_and_starts_nothing(
+    agent, tmp_path: Path
+) -> None:
+    path, proc = agent
+    logs = tmp_path / "state" / "logs" / "t1"
+    before = sorted(logs.iterdir()) if logs.exists() else []
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(path)
+    raw.settimeout(10)
+    try:
+        hello = recv_frame(raw)
+        send_frame(raw, {"v": 1, "auth": proof(TOKEN, hello["nonce"])})
+        assert recv_frame(raw)["ok"] is True
+        for app, stage in (("../../../tmp/evil", "s"), ("a", "../s"), ("a", "s/../../x")):
+            args = {"app": app, "stage": stage, "manifest": str(tmp_path / "app.toml"),
+                    "run_dir": str(tmp_path / "run"), "model": "multi-node"}  # fmt: skip
+            send_frame(raw, {"v": 1, "id": 7, "op": "start_stage", "args": args})
+            reply = recv_frame(raw)
+            assert reply["id"] == 7 and reply["ok"] is False, reply
+            assert "is not a name" in reply["error"], reply
+        send_frame(raw, {"v": 1, "id": 8, "op": "status", "args": {}})
+        status = recv_frame(raw)
+    finally:
+        raw.close()
+    assert status["ok"] is True and status["result"]["stages"] == [], status
+    assert (sorted(logs.iterdir()) if logs.exists() else []) == before, "a stage log appeared"
+    assert not (tmp_path / "run").exists()
+    assert proc.poll() is None
 
 
 def test_sigterm_stops_the_agent_cleanly(agent) -> None:

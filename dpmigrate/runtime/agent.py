@@ -1,4 +1,5 @@
-"""The node agent: `dpmigrate agent` — one per node, in the foreground, logs as JSON lines.
+"""The node agent's core — one per node, in the foreground, logs as JSON lines; run by the
+agent program, :mod:`dpmigrate.agentd` (`dpmigrate agent`).
 
 It starts, watches and stops the stages of its node (through a :class:`Supervisor`), hosts the
 ring-endpoint registry that ring ends use to find their peers, and reports status. It listens
@@ -13,40 +14,38 @@ Registrations are pushed to every peer agent (``--peers``), so a lookup is answe
 Every connection must authenticate with the cluster token (DPMIGRATE_TOKEN, see
 :mod:`dpmigrate.runtime.control`). SIGTERM stops the node's stages (each finishes its batch)
 and the agent exits 0.
+
+It serves only what is registered in its :class:`~dpmigrate.runtime.operations.OperationTable`
+(``Agent.operations``): its own operations, listed in :meth:`Agent._register_operations`, and
+those of the services the agent program wires in (:mod:`dpmigrate.agentd`: checkpoint and
+migration, from :mod:`dpmigrate.migrate.agent_service`). The runtime imports none of them.
 """
 
 from __future__ import annotations
 
-import argparse
-import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import queue
-import signal
 import socket
-import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-from dpmigrate import config
 from dpmigrate.errors import DpmigrateError, ProtocolError
-from dpmigrate.runtime import control, stage_checkpoint, stage_transfer, stagehost
+from dpmigrate.runtime import control, stagehost
+from dpmigrate.runtime.operations import AbsPath, Name, NoArgs, OperationTable, Request
 from dpmigrate.runtime.supervisor import Supervisor
+from dpmigrate.transports.resolver import Endpoint
 
 ABSTRACT_NAME = "@dpmigrate-agent"
+#: The models whose stages an agent runs (the in-process model has no agent).
+AGENT_MODELS = ("multi-process", "multi-node")
 _MAX_LOOKUP_WAIT_S = 30.0
 _MAX_CONNECTIONS = 64
 _PUSH_ATTEMPTS = 10
-
-
-def _abs(path: str) -> str:
-    if not path.startswith("/"):
-        raise ProtocolError(f"path {path!r} must be absolute")
-    return path
 
 
 def log(event: str, **fields: Any) -> None:
@@ -54,7 +53,52 @@ def log(event: str, **fields: Any) -> None:
     print(json.dumps({"t": round(time.time(), 3), "event": event, **fields}), flush=True)
 
 
+# -- the core's request records ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StageRef(Request):
+    """One stage of one app; services extend it with their own fields."""
+
+    app: Name
+    stage: Name
+
+    @property
+    def key(self) -> str:
+        """The stage's key in the supervisor and the status: ``APP/STAGE``."""
+        return f"{self.app}/{self.stage}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AppRef(Request):
+    app: Name
+
+
+@dataclasses.dataclass(frozen=True)
+class RingRef(Request):
+    ring: Name
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterRing(Request):
+    ring: Name
+    endpoint: dict[str, Any]  # checked by Endpoint.from_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookup(Request):
+    ring: Name
+    timeout: float  # seconds to wait for a registration, at most _MAX_LOOKUP_WAIT_S
+
+
+@dataclasses.dataclass(frozen=True)
+class StartStage(StageRef):
+    manifest: AbsPath
+    run_dir: AbsPath
+    model: str  # one of AGENT_MODELS
+
+
 class Agent:
+    """One node's agent core: supervisor, registry, listeners and the operation table."""
+
     def __init__(
         self, node: str, token: str, run_dir: Path, peers: list[str], address: str = "127.0.0.1"
     ) -> None:
@@ -68,16 +112,33 @@ class Agent:
         self.supervisor = Supervisor(
             run_dir / "logs" / node, on_event=lambda m: log("stage", message=m)
         )
-        self.transfers: dict[str, Any] = {}  # migrations in flight: page servers, lazy sources
-        self.lazy_daemons: dict[str, Any] = {}
         self.stage_args: dict[str, tuple[str, str, str]] = {}  # stage -> manifest, run dir, model
         self.stopping = threading.Event()
         self.listeners: list[socket.socket] = []
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         self.lock = threading.Lock()
-        #: Every CRIU dump and restore runs on this one thread, which lives as long as the agent.
-        self.criu_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="criu")
         self._outboxes: dict[str, queue.Queue[tuple[str, dict[str, Any]]]] = {}
+        #: What this agent serves; services register theirs here before it starts listening.
+        self.operations = OperationTable(log)
+        self._register_operations()
+
+    def _register_operations(self) -> None:
+        """The core's operations: the one place that says what of this class is remote."""
+        ops = self.operations
+        ops.register("ping", NoArgs, self._ping)
+        ops.register("status", NoArgs, self._status)
+        ops.register("shutdown", NoArgs, self._shutdown_soon)
+        # the ring-endpoint registry; peer_* are the pushes between agents
+        ops.register("register", RegisterRing, self._register_ring)
+        ops.register("unregister", RingRef, self._unregister_ring)
+        ops.register("peer_register", RegisterRing, self._store)
+        ops.register("peer_unregister", RingRef, self._forget)
+        ops.register("lookup", Lookup, self._lookup)
+        # stages
+        ops.register("start_stage", StartStage, self._start_stage)
+        ops.register("stop_stage", StageRef, self._stop_stage)
+        ops.register("stop_app", AppRef, self._stop_app)
+        ops.register("forget_app", AppRef, self._forget_app)
 
     # -- serving ------------------------------------------------------------------------
     def listen(self, address: str) -> None:
@@ -124,7 +185,8 @@ class Agent:
                     control.send_frame(conn, {"v": control.VERSION, "ok": False, "error": str(err)})
                     log("bad request", listener=address, error=str(err))
                     return  # the stream may be out of step: hang up
-                control.send_frame(conn, self._handle(request))
+                reply = self.operations.dispatch(request.get("op"), request.get("args", {}))
+                self._send_reply(conn, {"v": control.VERSION, "id": request.get("id"), **reply})
         except control.AuthError:
             log("refused", reason="authentication failed", listener=address)
         except ProtocolError as err:
@@ -137,50 +199,35 @@ class Agent:
             conn.close()
             self._connections.release()
 
-    def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        rid = request.get("id")
-        reply: dict[str, Any] = {"v": control.VERSION, "id": rid}
-        op = request.get("op")
-        handler = (
-            getattr(self, f"op_{op}", None) if isinstance(op, str) and op.isidentifier() else None
-        )
-        if handler is None:
-            return {**reply, "ok": False, "error": f"unknown operation {op!r}"}
+    def _send_reply(self, conn: socket.socket, reply: dict[str, Any]) -> None:
+        """Send a reply; one that cannot be encoded (a handler's bug: not JSON, too large)
+        becomes an error reply, so the client is answered and the connection stays usable."""
         try:
-            result = handler(request.get("args", {}))
-        except (ProtocolError, DpmigrateError, ValueError, KeyError) as err:
-            return {**reply, "ok": False, "error": str(err)}
-        except Exception as err:  # a bug must not take the agent (or the connection) down
-            log("internal error", op=op, error=repr(err), traceback=traceback.format_exc())
-            return {**reply, "ok": False, "error": f"internal error in {op}: {err!r}"}
-        return {**reply, "ok": True, "result": result}
+            control.send_frame(conn, reply)
+        except (TypeError, ValueError, ProtocolError) as err:  # raised before anything is sent
+            error = f"internal error: the reply cannot be sent: {err}"
+            log("internal error", id=reply.get("id"), error=error)
+            control.send_frame(
+                conn, {"v": control.VERSION, "id": reply.get("id"), "ok": False, "error": error}
+            )
 
-    # -- operations (each validates its arguments) --------------------------------------
-    def op_ping(self, args: Any) -> dict[str, Any]:
-        control.check_args(args, {})
+    # -- operations: the handlers registered above --------------------------------------
+    def _ping(self, _: NoArgs) -> dict[str, Any]:
         return {"node": self.node, "pid": os.getpid(), "address": self.address}
 
-    def op_register(self, args: Any) -> None:
-        a = control.check_args(args, {"ring": str, "endpoint": dict})
-        self._store(a["ring"], a["endpoint"])
-        self._push("peer_register", {"ring": a["ring"], "endpoint": a["endpoint"]})
+    def _register_ring(self, req: RegisterRing) -> None:
+        self._store(req)
+        self._push("peer_register", {"ring": req.ring, "endpoint": req.endpoint})
 
-    def op_peer_register(self, args: Any) -> None:
-        a = control.check_args(args, {"ring": str, "endpoint": dict})
-        self._store(a["ring"], a["endpoint"])
-
-    def _store(self, ring: str, endpoint: dict[str, Any]) -> None:
-        from dpmigrate.transports.resolver import Endpoint, check_ring_name
-
-        check_ring_name(ring)
-        ep = Endpoint.from_dict(endpoint)
+    def _store(self, req: RegisterRing) -> None:
+        ep = Endpoint.from_dict(req.endpoint)
         with self.changed:
-            old = self.registry.get(ring)
+            old = self.registry.get(req.ring)
             if old is not None and old["generation"] > ep.generation:
                 return  # a stale forward arriving late
-            self.registry[ring] = ep.as_dict()
+            self.registry[req.ring] = ep.as_dict()
             self.changed.notify_all()
-        log("registered", ring=ring, endpoint=ep.as_dict())
+        log("registered", ring=req.ring, endpoint=ep.as_dict())
 
     def _push(self, op: str, args: dict[str, Any]) -> None:
         """Queue a registry change for every peer; one sender per peer keeps the order."""
@@ -214,194 +261,66 @@ class Agent:
                     else:
                         self.stopping.wait(0.2 * (attempt + 1))
 
-    def op_unregister(self, args: Any) -> None:
-        a = control.check_args(args, {"ring": str})
-        self.op_peer_unregister(a)
-        self._push("peer_unregister", {"ring": a["ring"]})
+    def _unregister_ring(self, req: RingRef) -> None:
+        self._forget(req)
+        self._push("peer_unregister", {"ring": req.ring})
 
-    def op_peer_unregister(self, args: Any) -> None:
-        a = control.check_args(args, {"ring": str})
+    def _forget(self, req: RingRef) -> None:
         with self.changed:
-            self.registry.pop(a["ring"], None)
+            self.registry.pop(req.ring, None)
             self.changed.notify_all()
 
-    def op_lookup(self, args: Any) -> dict[str, Any] | None:
-        a = control.check_args(args, {"ring": str, "timeout": (int, float)})
-        deadline = time.monotonic() + min(max(0.0, float(a["timeout"])), _MAX_LOOKUP_WAIT_S)
+    def _lookup(self, req: Lookup) -> dict[str, Any] | None:
+        deadline = time.monotonic() + min(max(0.0, req.timeout), _MAX_LOOKUP_WAIT_S)
         with self.changed:
-            while a["ring"] not in self.registry:
+            while req.ring not in self.registry:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
                 self.changed.wait(remaining)
-            return self.registry[a["ring"]]
+            return self.registry[req.ring]
 
-    def op_start_stage(self, args: Any) -> dict[str, Any]:
-        a = control.check_args(
-            args, {"app": str, "manifest": str, "stage": str, "run_dir": str, "model": str}
-        )
-        if a["model"] not in ("multi-process", "multi-node"):
-            raise ProtocolError(f"model {a['model']!r} cannot run in an agent")
-        for key in ("manifest", "run_dir"):
-            if not a[key].startswith("/"):
-                raise ProtocolError(f"{key} must be an absolute path")
-        key = f"{a['app']}/{a['stage']}"
+    def _start_stage(self, req: StartStage) -> dict[str, Any]:
+        if req.model not in AGENT_MODELS:
+            raise ProtocolError(
+                f"model {req.model!r} cannot run in an agent; use one of {', '.join(AGENT_MODELS)}"
+            )
+        key = req.key
         with self.lock:
             existing = self.supervisor.stages.get(key)
             if existing is not None and not existing.finished:
                 raise ProtocolError(f"stage {key!r} already runs on node {self.node}")
             proc = self.supervisor.start(
-                key, stagehost.command(a["manifest"], a["stage"], a["run_dir"], a["model"], "agent")
+                key, stagehost.command(req.manifest, req.stage, req.run_dir, req.model, "agent")
             )
-            self.stage_args[key] = (a["manifest"], a["run_dir"], a["model"])
+            self.stage_args[key] = (req.manifest, req.run_dir, req.model)
         pid = proc.proc.pid if proc.proc else None
         log("stage start", stage=key, pid=pid)
         return {"stage": key, "node": self.node, "pid": pid}
 
-    def op_stop_stage(self, args: Any) -> None:
-        a = control.check_args(args, {"app": str, "stage": str})
-        key = f"{a['app']}/{a['stage']}"
-        if key not in self.supervisor.stages:
-            raise ProtocolError(f"no stage {key!r} on node {self.node}")
-        self.supervisor.stop_one(key)
+    def _stop_stage(self, req: StageRef) -> None:
+        if req.key not in self.supervisor.stages:
+            raise ProtocolError(f"no stage {req.key!r} on node {self.node}")
+        self.supervisor.stop_one(req.key)
 
-    def op_stop_app(self, args: Any) -> list[str]:
+    def _stop_app(self, req: AppRef) -> list[str]:
         """Stop every stage of an app on this node (each finishes its batch)."""
-        a = control.check_args(args, {"app": str})
-        prefix = a["app"] + "/"
-        keys = [k for k, p in self.supervisor.stages.items() if k.startswith(prefix)]
+        prefix = req.app + "/"
+        keys = [k for k in self.supervisor.stages if k.startswith(prefix)]
         for key in keys:
             if not self.supervisor.stages[key].finished:
                 self.supervisor.stop_one(key)
         return keys
 
-    def op_forget_app(self, args: Any) -> None:
+    def _forget_app(self, req: AppRef) -> None:
         """Drop an app's finished stages from the status (after `dpmigrate stop`)."""
-        a = control.check_args(args, {"app": str})
         with self.lock:
-            for key in [k for k in self.supervisor.stages if k.startswith(a["app"] + "/")]:
+            for key in [k for k in self.supervisor.stages if k.startswith(req.app + "/")]:
                 if self.supervisor.stages[key].finished:
                     del self.supervisor.stages[key]
                     self.stage_args.pop(key, None)
 
-    def op_checkpoint_stage(self, args: Any) -> dict[str, Any]:
-        """Quiesce a stage and dump it with CRIU into a bundle (see stage_checkpoint)."""
-        a = control.check_args(args, {"app": str, "stage": str, "out": str, "leave_running": bool})
-        if not a["out"].startswith("/"):
-            raise ProtocolError("out must be an absolute path")
-        key = f"{a['app']}/{a['stage']}"
-        log("checkpoint", stage=key, out=a["out"], leave_running=a["leave_running"])
-        result = self.criu_thread.submit(
-            stage_checkpoint.checkpoint_stage, self, key, a["out"], a["leave_running"]
-        ).result()
-        log("checkpointed", stage=key, frozen_time_us=result["criu"]["frozen_time"])
-        return result
-
-    def op_restore_stage(self, args: Any) -> dict[str, Any]:
-        """Restore a stage bundle on this node, adopt it and (unless told not to) wake it."""
-        a = control.check_args(args, {"bundle": str, "wake": bool})
-        if not a["bundle"].startswith("/"):
-            raise ProtocolError("bundle must be an absolute path")
-        # On the long-lived CRIU thread: a restored process's parent is the thread that ran
-        # criu, and the parent-death signal CRIU restores would fire when that thread ends.
-        result = self.criu_thread.submit(
-            stage_checkpoint.restore_stage, self, a["bundle"], wake_it=a["wake"]
-        ).result()
-        log("restored", stage=result["stage"], pid=result["pid"])
-        return result
-
-    def _key(self, args: Any) -> str:
-        a = control.check_args(args, {"app": str, "stage": str})
-        return f"{a['app']}/{a['stage']}"
-
-    def op_quiesce_stage(self, args: Any) -> dict[str, Any]:
-        return stage_checkpoint.quiesce_stage(self, self._key(args))
-
-    def op_wake_stage(self, args: Any) -> dict[str, Any]:
-        a = control.check_args(args, {"app": str, "stage": str, "timeout": (int, float)})
-        key = f"{a['app']}/{a['stage']}"
-        timeout = min(max(1.0, float(a["timeout"])), stage_checkpoint.PHASE_TIMEOUT_S)
-        return stage_checkpoint.wake_stage(self, key, timeout)
-
-    def op_restart_stage(self, args: Any) -> dict[str, Any]:
-        key = self._key(args)
-        log("restart", stage=key)
-        return stage_checkpoint.restart_stage(self, key)
-
-    def op_discard_stage(self, args: Any) -> None:
-        key = self._key(args)
-        log("discard", stage=key)
-        stage_checkpoint.discard_stage(self, key)
-
-    def op_dump_stage(self, args: Any) -> dict[str, Any]:
-        """Dump an already quiesced stage, leaving it asleep (migration transfer phase)."""
-        a = control.check_args(args, {"app": str, "stage": str, "out": str, "quiesced": dict})
-        if not a["out"].startswith("/"):
-            raise ProtocolError("out must be an absolute path")
-        key = f"{a['app']}/{a['stage']}"
-        return self.criu_thread.submit(
-            stage_checkpoint.dump_stage, self, key, a["out"], True, a["quiesced"]
-        ).result()
-
-    # -- live-migration transfer (see stage_transfer) --------------------------------------
-    def op_page_server(self, args: Any) -> dict[str, Any]:
-        a = control.check_args(args, {"app": str, "stage": str, "images_dir": str})
-        return stage_transfer.start_page_server(self, self._key_of(a), _abs(a["images_dir"]))
-
-    def op_dump_to_page_server(self, args: Any) -> dict[str, Any]:
-        a = control.check_args(args, {"app": str, "stage": str, "images_dir": str,
-                                      "page_server": list, "quiesced": dict})  # fmt: skip
-        return self.criu_thread.submit(
-            stage_transfer.dump_to_page_server, self, self._key_of(a), _abs(a["images_dir"]),
-            a["page_server"], a["quiesced"],
-        ).result()  # fmt: skip
-
-    def op_finish_page_server(self, args: Any) -> dict[str, Any]:
-        a = control.check_args(args, {"app": str, "stage": str, "source_dir": str})
-        return stage_transfer.finish_page_server(self, self._key_of(a), _abs(a["source_dir"]))
-
-    def op_lazy_dump(self, args: Any) -> dict[str, Any]:
-        a = control.check_args(
-            args, {"app": str, "stage": str, "images_dir": str, "quiesced": dict}
-        )
-        return self.criu_thread.submit(
-            stage_transfer.lazy_dump, self, self._key_of(a), _abs(a["images_dir"]), a["quiesced"]
-        ).result()
-
-    def op_lazy_finish(self, args: Any) -> dict[str, Any]:
-        return stage_transfer.lazy_finish(self, self._key(args))
-
-    def op_lazy_abort(self, args: Any) -> None:
-        stage_transfer.lazy_abort(self, self._key(args))
-
-    def op_lazy_destination_done(self, args: Any) -> None:
-        stage_transfer.lazy_destination_done(self, self._key(args))
-
-    def op_restore_images(self, args: Any) -> dict[str, Any]:
-        a = control.check_args(args, {"images_dir": str, "lazy_source": (list, type(None))})
-        return self.criu_thread.submit(
-            stage_transfer.restore_images, self, _abs(a["images_dir"]), a["lazy_source"]
-        ).result()
-
-    def op_cancel_transfer(self, args: Any) -> None:
-        """Rollback: stop a page server or lazy-pages daemon left by a failed migration."""
-        key = self._key(args)
-        for table in (self.transfers, self.lazy_daemons):
-            obj = table.pop(key, None)
-            if obj is not None:
-                obj.stop()
-
-    @staticmethod
-    def _key_of(a: dict[str, Any]) -> str:
-        return f"{a['app']}/{a['stage']}"
-
-    def op_facts(self, args: Any) -> dict[str, Any]:
-        """What a migration's pre-flight compares: CRIU, CPU flags, kernel, free space."""
-        control.check_args(args, {})
-        return stage_checkpoint.node_facts(self)
-
-    def op_status(self, args: Any) -> dict[str, Any]:
-        control.check_args(args, {})
+    def _status(self, _: NoArgs) -> dict[str, Any]:
         stages = []
         for key, proc in list(self.supervisor.stages.items()):
             app, _, name = key.partition("/")
@@ -416,8 +335,8 @@ class Agent:
             rings = dict(self.registry)
         return {"node": self.node, "pid": os.getpid(), "stages": stages, "registry": rings}
 
-    def op_shutdown(self, args: Any) -> None:
-        control.check_args(args, {})
+    def _shutdown_soon(self, _: NoArgs) -> None:
+        """Answer first, then stop (the reply must not wait for the stages to finish)."""
         threading.Thread(target=self.shutdown, daemon=True).start()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -438,35 +357,3 @@ class Agent:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpmigrate agent")
-    parser.add_argument("--node", required=True)
-    parser.add_argument("--socket", help="unix socket file for the CLI")
-    parser.add_argument("--listen", help="HOST:PORT for other agents")
-    parser.add_argument("--peers", default="", help="comma-separated HOST:PORT of peer agents")
-    args = parser.parse_args(argv)
-    cfg = config.load()
-    if not cfg.token:
-        print("dpmigrate agent: DPMIGRATE_TOKEN is not set; every agent of a cluster needs the "
-              "cluster token", file=sys.stderr)  # fmt: skip
-        return 2
-    address = args.listen.rpartition(":")[0] if args.listen else "127.0.0.1"
-    peers = [p for p in args.peers.split(",") if p]
-    agent = Agent(args.node, cfg.token, Path(cfg.state_dir), peers, address)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=agent.shutdown).start())
-    signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=agent.shutdown).start())
-    agent.listen(ABSTRACT_NAME)
-    if args.socket:
-        agent.listen(args.socket)
-    if args.listen:
-        agent.listen(args.listen)
-    log("agent started", node=args.node, pid=os.getpid())
-    agent.run()
-    log("agent stopped", node=args.node)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -585,7 +585,7 @@ class LocalCluster:
         }
         cmd = [
             nsenter, f"--net=/run/netns/{node['netns']}", sys.executable, "-m",
-            "dpmigrate.runtime.agent", "--node", node["name"], "--socket", node["agent_socket"],
+            "dpmigrate.agentd", "--node", node["name"], "--socket", node["agent_socket"],
             "--listen", f"{node['address']}:{AGENT_PORT}", "--peers", peers,
         ]  # fmt: skip
         fd = os.open(node["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)

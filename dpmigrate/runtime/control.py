@@ -15,7 +15,8 @@ then any number of requests and replies on the same connection:
 A frame is a 4-byte big-endian length and that many bytes of UTF-8 JSON (at most
 :data:`MAX_FRAME`). JSON, never pickle or eval: a frame from the network is data. Anything
 malformed — bad length, bad JSON, wrong version, unknown op, wrong argument types — gets an
-error reply (when the frame could be read at all) and changes nothing.
+error reply (when the frame could be read at all) and changes nothing. The operations and
+their typed arguments are the agent's :class:`~dpmigrate.runtime.operations.OperationTable`.
 """
 
 from __future__ import annotations
@@ -87,22 +88,6 @@ def server_handshake(sock: socket.socket, token: str, node: str) -> None:
                                    "(DPMIGRATE_TOKEN)"})  # fmt: skip
         raise AuthError("client failed authentication")
     send_frame(sock, {"v": VERSION, "ok": True})
-
-
-def check_args(args: Any, spec: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
-    """Validate a request's arguments against ``{name: type}``; extra keys are refused."""
-    if not isinstance(args, dict):
-        raise ProtocolError("'args' must be an object")
-    extra = set(args) - set(spec)
-    if extra:
-        raise ProtocolError(f"unknown argument(s) {sorted(extra)}")
-    for name, kind in spec.items():
-        if name not in args:
-            raise ProtocolError(f"missing argument {name!r}")
-        value = args[name]
-        if (isinstance(value, bool) and kind in (int, float)) or not isinstance(value, kind):
-            raise ProtocolError(f"argument {name!r} has the wrong type {type(value).__name__}")
-    return args
 
 
 class AgentClient:

@@ -24,14 +24,18 @@ from typing import Protocol
 from dpmigrate import atomic
 from dpmigrate.errors import ConfigError, RingTimeout
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+#: The safe alphabet of ring names, and of the app, stage and node names the agents accept
+#: (:data:`dpmigrate.runtime.operations.Name`): no ``/``, never ``.`` or ``..``, and no
+#: leading ``-`` or ``.`` (an option, a hidden file).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
 def check_ring_name(name: str) -> str:
     """Ring names appear in socket names and file names: keep them to a safe alphabet."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(
-            f"ring name {name!r} is not valid: use 1-128 characters from A-Z a-z 0-9 _ . : -"
+            f"ring name {name!r} is not valid: use 1-128 characters from A-Z a-z 0-9 _ . : -, "
+            "starting with a letter or a digit"
         )
     return name
 

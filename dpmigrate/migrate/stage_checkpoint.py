@@ -1,5 +1,8 @@
 """Checkpoint and restore of a running stage, as its node agent does them (DESIGN.md §4).
 
+These run inside the agent, on the stages of its supervisor; the operations that call them are
+registered on the agent by :mod:`dpmigrate.migrate.agent_service`.
+
 Checkpoint: quiesce the stage (SIGUSR2: everything out and acknowledged, rings detached, no
 socket or growing file open), take its committed state from the journal, dump the process
 tree with CRIU into a bundle (state snapshot and ring positions included), remove CRIU's
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpmigrate.checkpoint import bundle as bundles
 from dpmigrate.checkpoint import criu_rpc
-from dpmigrate.errors import CheckpointError, DpmigrateError
+from dpmigrate.errors import CheckpointError, DpmigrateError, ProtocolError
 from dpmigrate.runtime import stagehost
 from dpmigrate.runtime.journal import StageJournal
 from dpmigrate.statesync.state import State
@@ -104,6 +107,10 @@ def stage_context(agent: Agent, key: str, quiesced: dict[str, Any]) -> tuple[dic
     """What a restored copy needs to be adopted anywhere (app, stage, manifest, run folder,
     model, positions) and the committed state at the quiesced point, read from the journal."""
     app, _, stage = key.partition("/")
+    if not isinstance(quiesced.get("positions"), dict):
+        raise ProtocolError(
+            f"'quiesced' for stage {key!r} holds no 'positions'; pass the reply of quiesce_stage"
+        )
     manifest, run_dir, model = agent.stage_args[key]
     state, _, _ = StageJournal(Path(run_dir) / "stages" / stage).load()
     context = {
