@@ -261,10 +261,39 @@ def test_cli_clean_after_the_cli_was_killed_mid_up(state_dir: Path, stage: str) 
 
 
 def test_non_root_gets_one_clear_line(state_dir: Path) -> None:
-    if not (shutil.which("setpriv") or shutil.which("runuser")):
-        pytest.skip("needs setpriv or runuser to drop root")
-    out = cli("cluster", "up", "--nodes", "2", as_nobody=True)
-    assert out.returncode != 0
+    """`dpmigrate cluster up` as the unprivileged user nobody: one line, nothing created.
+
+    The command must not depend on where the clone lies. Exec'ing the venv's `dpmigrate` as
+    nobody (setpriv/runuser) fails when the clone is under a folder nobody cannot enter (a
+    `mktemp -d` folder is 0700): nobody cannot open the entry script, the venv or the
+    editable package. So the test starts the venv's interpreter as root, imports the CLI
+    (every module it needs is loaded then, while the files are readable) and only then
+    drops to nobody inside that process — groups, gid, then uid, which clears every
+    capability — checks that no capability is left, and calls the real `main()` with the
+    command line. The root check thus runs in a truly unprivileged process, whatever the
+    clone's location. A module imported lazily after the drop would fail to load and show
+    as a traceback, which the assertions below would catch (none is today); the working
+    directory is / so nothing is looked up in the clone.
+    """
+    code = (
+        "import os, sys\n"
+        "from dpmigrate.cli import main\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "caps = [ln for ln in open('/proc/self/status') if ln.startswith('CapEff:')]\n"
+        "if os.geteuid() == 0 or int(caps[0].split()[1], 16) != 0:\n"
+        "    print('still privileged', file=sys.stderr); sys.exit(99)\n"
+        "sys.argv = ['dpmigrate', 'cluster', 'up', '--nodes', '2']\n"
+        "main(prog_name='dpmigrate')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
+    assert out.returncode not in (0, 99), out.stderr
     assert out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith("dpmigrate: error: must run as root"), out.stderr
     assert "Traceback" not in out.stderr
