@@ -14,18 +14,29 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from dpmigrate import config
+from dpmigrate.cluster import nodefs
+from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
 from dpmigrate.migrate import agent_service
 from dpmigrate.runtime.agent import ABSTRACT_NAME, Agent, log
+from dpmigrate.runtime.node_store import NodeStore
+
+#: How long a starting agent waits for etcd before it gives up.
+_STORE_JOIN_TIMEOUT_S = 30.0
 
 
 def build(
-    node: str, token: str, run_dir: Path, peers: list[str], address: str = "127.0.0.1"
+    node: str,
+    token: str,
+    run_dir: Path,
+    address: str = "127.0.0.1",
+    store: NodeStore | None = None,
 ) -> Agent:
     """An agent with every service registered, not yet listening."""
-    agent = Agent(node, token, run_dir, peers, address)
+    agent = Agent(node, token, run_dir, address, store)
     agent_service.register(agent)
     return agent
 
@@ -33,23 +44,42 @@ def build(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpmigrate agent")
     parser.add_argument("--node", required=True)
-    parser.add_argument("--socket", help="unix socket file for the CLI")
+    parser.add_argument("--socket", help="unix socket file for the CLI (in the node's folder "
+                        "when --isolate: a name there)")  # fmt: skip
     parser.add_argument("--listen", help="HOST:PORT for other agents")
-    parser.add_argument("--peers", default="", help="comma-separated HOST:PORT of peer agents")
+    parser.add_argument("--etcd", help="etcd endpoints (default: DPMIGRATE_ETCD; none: no store)")
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="see only this node's folder of the state dir (a local cluster's node)",
+    )
     args = parser.parse_args(argv)
     cfg = config.load()
     if not cfg.token:
         print("dpmigrate agent: DPMIGRATE_TOKEN is not set; every agent of a cluster needs the "
               "cluster token", file=sys.stderr)  # fmt: skip
         return 2
+    # First, while this process has one thread: the node's own view of the filesystem.
+    base = nodefs.isolate(cfg.state_dir, args.node) if args.isolate else Path(cfg.state_dir)
     address = args.listen.rpartition(":")[0] if args.listen else "127.0.0.1"
-    peers = [p for p in args.peers.split(",") if p]
-    agent = build(args.node, cfg.token, Path(cfg.state_dir), peers, address)
+    endpoints = args.etcd or cfg.etcd
+    store = None
+    if endpoints:
+        settings = EtcdSettings.parse(endpoints, cfg.etcd_ca, cfg.etcd_cert, cfg.etcd_key)
+        member = {"node": args.node, "address": address, "agent": args.listen or "",
+                  "pid": os.getpid(), "since": time.time()}  # fmt: skip
+        store = NodeStore(Store(settings), args.node, member, cfg.node_ttl, log)
+    agent = build(args.node, cfg.token, base, address, store)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=agent.shutdown).start())
     signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=agent.shutdown).start())
+    try:
+        agent.store.start(timeout=_STORE_JOIN_TIMEOUT_S)
+    except StoreUnavailable as err:
+        log("agent failed", node=args.node, error=str(err))
+        return 1
     agent.listen(ABSTRACT_NAME)
     if args.socket:
-        agent.listen(args.socket)
+        agent.listen(str(base / args.socket) if args.isolate else args.socket)
     if args.listen:
         agent.listen(args.listen)
     log("agent started", node=args.node, pid=os.getpid(), operations=agent.operations.names())

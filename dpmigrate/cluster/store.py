@@ -229,6 +229,14 @@ class Store:
         reply = self._post("kv/txn", {"compare": [compare], "success": [put]})
         return bool(reply.get("succeeded"))
 
+    def delete_if(self, key: str, value: Any) -> bool:
+        """Delete the key only while it still holds exactly ``value``."""
+        compare = {"key": _b64(PREFIX + key), "target": "VALUE", "result": "EQUAL",
+                   "value": _b64(json.dumps(value))}  # fmt: skip
+        delete = {"request_delete_range": {"key": _b64(PREFIX + key)}}
+        reply = self._post("kv/txn", {"compare": [compare], "success": [delete]})
+        return bool(reply.get("succeeded"))
+
     # -- leases ---------------------------------------------------------------------------
     def grant(self, ttl: int) -> int:
         reply = self._post("lease/grant", {"TTL": str(ttl)})

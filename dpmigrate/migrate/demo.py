@@ -75,9 +75,9 @@ def _write_app(folder: Path) -> App:
 class _Sampler(threading.Thread):
     """Reads the checker's received count from its status file (written 5 times a second)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, path: Path) -> None:
         super().__init__(daemon=True)
-        self.path = stagehost.status_path(run_dir, "check")
+        self.path = path
         self.samples: list[tuple[float, int]] = []
         self.stop = threading.Event()
 
@@ -109,7 +109,9 @@ def run_demo(
         with LocalCluster(3) as cluster:
             run = MultiNodeRun(app, cluster)
             run.start()
-            sampler = _Sampler(run.run_dir)
+            # the operator's view, on the host: where the checker's node keeps its status
+            check_status = stagehost.status_path(run.run_dir, "check")
+            sampler = _Sampler(cluster.host_path(app.stage("check").node, str(check_status)))
             sampler.start()
             reports: list[MigrationReport] = []
             try:

@@ -10,7 +10,9 @@ on:
 * a unix socket file (``--socket``), for the CLI in the host's namespace;
 * optionally TCP (``--listen HOST:PORT``), for the agents of other nodes.
 
-Registrations are pushed to every peer agent (``--peers``), so a lookup is answered locally.
+The ring registry and the placements live in the cluster store (etcd, DESIGN.md §7); the
+agent keeps its node's lease there and local copies that watches keep current
+(:class:`~dpmigrate.runtime.node_store.NodeStore`), so a lookup is answered locally, at once.
 Every connection must authenticate with the cluster token (DPMIGRATE_TOKEN, see
 :mod:`dpmigrate.runtime.control`). SIGTERM stops the node's stages (each finishes its batch)
 and the agent exits 0.
@@ -27,15 +29,16 @@ import contextlib
 import dataclasses
 import json
 import os
-import queue
+import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from dpmigrate.errors import DpmigrateError, ProtocolError
+from dpmigrate.errors import ProtocolError
 from dpmigrate.runtime import control, stagehost
+from dpmigrate.runtime.node_store import NodeStore
 from dpmigrate.runtime.operations import AbsPath, Name, NoArgs, OperationTable, Request
 from dpmigrate.runtime.supervisor import Supervisor
 from dpmigrate.transports.resolver import Endpoint
@@ -45,7 +48,6 @@ ABSTRACT_NAME = "@dpmigrate-agent"
 AGENT_MODELS = ("multi-process", "multi-node")
 _MAX_LOOKUP_WAIT_S = 30.0
 _MAX_CONNECTIONS = 64
-_PUSH_ATTEMPTS = 10
 
 
 def log(event: str, **fields: Any) -> None:
@@ -84,9 +86,16 @@ class RegisterRing(Request):
 
 
 @dataclasses.dataclass(frozen=True)
+class UnregisterRing(Request):
+    ring: Name
+    endpoint: dict[str, Any] | None = None  # withdraw only this registration
+
+
+@dataclasses.dataclass(frozen=True)
 class Lookup(Request):
     ring: Name
     timeout: float  # seconds to wait for a registration, at most _MAX_LOOKUP_WAIT_S
+    newer_than: int = -1  # wait for a generation above this one (the end's last known)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,24 +109,25 @@ class Agent:
     """One node's agent core: supervisor, registry, listeners and the operation table."""
 
     def __init__(
-        self, node: str, token: str, run_dir: Path, peers: list[str], address: str = "127.0.0.1"
+        self,
+        node: str,
+        token: str,
+        run_dir: Path,
+        address: str = "127.0.0.1",
+        store: NodeStore | None = None,
     ) -> None:
         self.node = node
         self.address = address  # where this node's stages listen for tcp rings
         self.token = token
+        #: this node's own folder: stage runs, logs, migrations (nothing of other nodes)
         self.run_dir = run_dir
-        self.peers = peers
-        self.registry: dict[str, dict[str, Any]] = {}
-        self.changed = threading.Condition()
-        self.supervisor = Supervisor(
-            run_dir / "logs" / node, on_event=lambda m: log("stage", message=m)
-        )
+        self.store = store or NodeStore(None, node, {}, 0, log)
+        self.supervisor = Supervisor(run_dir / "logs", on_event=lambda m: log("stage", message=m))
         self.stage_args: dict[str, tuple[str, str, str]] = {}  # stage -> manifest, run dir, model
         self.stopping = threading.Event()
         self.listeners: list[socket.socket] = []
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         self.lock = threading.Lock()
-        self._outboxes: dict[str, queue.Queue[tuple[str, dict[str, Any]]]] = {}
         #: What this agent serves; services register theirs here before it starts listening.
         self.operations = OperationTable(log)
         self._register_operations()
@@ -128,12 +138,11 @@ class Agent:
         ops.register("ping", NoArgs, self._ping)
         ops.register("status", NoArgs, self._status)
         ops.register("shutdown", NoArgs, self._shutdown_soon)
-        # the ring-endpoint registry; peer_* are the pushes between agents
+        # the ring-endpoint registry and placements (kept in the cluster store)
         ops.register("register", RegisterRing, self._register_ring)
-        ops.register("unregister", RingRef, self._unregister_ring)
-        ops.register("peer_register", RegisterRing, self._store)
-        ops.register("peer_unregister", RingRef, self._forget)
+        ops.register("unregister", UnregisterRing, self._unregister_ring)
         ops.register("lookup", Lookup, self._lookup)
+        ops.register("placement", AppRef, self._placement)
         # stages
         ops.register("start_stage", StartStage, self._start_stage)
         ops.register("stop_stage", StageRef, self._stop_stage)
@@ -216,69 +225,33 @@ class Agent:
         return {"node": self.node, "pid": os.getpid(), "address": self.address}
 
     def _register_ring(self, req: RegisterRing) -> None:
-        self._store(req)
-        self._push("peer_register", {"ring": req.ring, "endpoint": req.endpoint})
-
-    def _store(self, req: RegisterRing) -> None:
         ep = Endpoint.from_dict(req.endpoint)
-        with self.changed:
-            old = self.registry.get(req.ring)
-            if old is not None and old["generation"] > ep.generation:
-                return  # a stale forward arriving late
-            self.registry[req.ring] = ep.as_dict()
-            self.changed.notify_all()
+        owner = ep.owner
+        if owner:
+            app, _, stage = owner.partition("/")
+            placed, _fresh = self.store.placement(app)
+            current = placed.get(stage)
+            if current is not None and (current.node != self.node or ep.epoch < current.epoch):
+                raise ProtocolError(
+                    f"ring {req.ring!r}: refused the registration of {owner} epoch {ep.epoch} "
+                    f"on {self.node}: the stage is placed on {current.node} with epoch "
+                    f"{current.epoch} (a stale copy)"
+                )
+        self.store.register(req.ring, ep.as_dict())
         log("registered", ring=req.ring, endpoint=ep.as_dict())
 
-    def _push(self, op: str, args: dict[str, Any]) -> None:
-        """Queue a registry change for every peer; one sender per peer keeps the order."""
-        for peer in self.peers:
-            with self.lock:
-                box = self._outboxes.get(peer)
-                if box is None:
-                    box = self._outboxes[peer] = queue.Queue()
-                    threading.Thread(target=self._forward, args=(peer, box), daemon=True).start()
-            box.put((op, args))
-
-    def _forward(self, peer: str, box: queue.Queue[tuple[str, dict[str, Any]]]) -> None:
-        client: control.AgentClient | None = None
-        while not self.stopping.is_set():
-            try:
-                op, args = box.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            for attempt in range(_PUSH_ATTEMPTS):  # a peer may still be starting
-                try:
-                    if client is None:
-                        client = control.AgentClient(peer, self.token, timeout=10)
-                    client.call(op, **args)
-                    break
-                except DpmigrateError as err:
-                    if client is not None:
-                        client.close()
-                        client = None
-                    if attempt == _PUSH_ATTEMPTS - 1:
-                        log("push failed", peer=peer, op=op, ring=args.get("ring"), error=str(err))
-                    else:
-                        self.stopping.wait(0.2 * (attempt + 1))
-
-    def _unregister_ring(self, req: RingRef) -> None:
-        self._forget(req)
-        self._push("peer_unregister", {"ring": req.ring})
-
-    def _forget(self, req: RingRef) -> None:
-        with self.changed:
-            self.registry.pop(req.ring, None)
-            self.changed.notify_all()
+    def _unregister_ring(self, req: UnregisterRing) -> None:
+        endpoint = Endpoint.from_dict(req.endpoint).as_dict() if req.endpoint else None
+        self.store.unregister(req.ring, endpoint)
 
     def _lookup(self, req: Lookup) -> dict[str, Any] | None:
-        deadline = time.monotonic() + min(max(0.0, req.timeout), _MAX_LOOKUP_WAIT_S)
-        with self.changed:
-            while req.ring not in self.registry:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self.changed.wait(remaining)
-            return self.registry[req.ring]
+        wait = min(max(0.0, req.timeout), _MAX_LOOKUP_WAIT_S)
+        return self.store.lookup(req.ring, wait, req.newer_than)
+
+    def _placement(self, req: AppRef) -> dict[str, Any]:
+        """Where the app's stages are and their epochs (fresh from etcd when it answers)."""
+        placed, fresh = self.store.placement(req.app)
+        return {"stages": {name: p.as_dict() for name, p in placed.items()}, "fresh": fresh}
 
     def _start_stage(self, req: StartStage) -> dict[str, Any]:
         if req.model not in AGENT_MODELS:
@@ -286,6 +259,11 @@ class Agent:
                 f"model {req.model!r} cannot run in an agent; use one of {', '.join(AGENT_MODELS)}"
             )
         key = req.key
+        if Path(req.run_dir).parent != self.run_dir / "runs":
+            raise ProtocolError(
+                f"run_dir {req.run_dir!r} is not a run folder of node {self.node} "
+                f"({self.run_dir / 'runs'}/RUN)"
+            )
         with self.lock:
             existing = self.supervisor.stages.get(key)
             if existing is not None and not existing.finished:
@@ -313,12 +291,20 @@ class Agent:
         return keys
 
     def _forget_app(self, req: AppRef) -> None:
-        """Drop an app's finished stages from the status (after `dpmigrate stop`)."""
+        """Drop an app's finished stages from the status and remove their run folders on
+        this node (after `dpmigrate stop`)."""
+        folders = set()
         with self.lock:
             for key in [k for k in self.supervisor.stages if k.startswith(req.app + "/")]:
                 if self.supervisor.stages[key].finished:
                     del self.supervisor.stages[key]
-                    self.stage_args.pop(key, None)
+                    _manifest, run_dir, _model = self.stage_args.pop(key)
+                    folders.add(run_dir)
+            in_use = {run_dir for _m, run_dir, _model in self.stage_args.values()}
+        for folder in sorted(folders - in_use):
+            if Path(folder).parent == self.run_dir / "runs":  # only ours, never a given path
+                shutil.rmtree(folder, ignore_errors=True)
+                log("run folder removed", folder=folder)
 
     def _status(self, _: NoArgs) -> dict[str, Any]:
         stages = []
@@ -328,12 +314,13 @@ class Agent:
             manifest, run_dir, _model = self.stage_args[key]
             info.update(stagehost.read_status(run_dir, name))
             info.update(pid=proc.stage_pid, restarts=proc.restarts, finished=proc.finished,
-                        moved=proc.moved, run_dir=run_dir, manifest=manifest,
+                        moved=proc.moved, fenced=proc.fenced, run_dir=run_dir, manifest=manifest,
                         failed=proc.failed, log=str(proc.log))  # fmt: skip
             stages.append(info)
-        with self.changed:
-            rings = dict(self.registry)
-        return {"node": self.node, "pid": os.getpid(), "stages": stages, "registry": rings}
+        with self.store.changed:
+            rings = dict(self.store.rings)
+        return {"node": self.node, "pid": os.getpid(), "stages": stages, "registry": rings,
+                "store": self.store.health()}  # fmt: skip
 
     def _shutdown_soon(self, _: NoArgs) -> None:
         """Answer first, then stop (the reply must not wait for the stages to finish)."""
@@ -353,6 +340,7 @@ class Agent:
         with self.lock:
             self.supervisor.stop()
         self.stopping.set()
+        self.store.stop()
         for sock in self.listeners:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

@@ -2,9 +2,12 @@
 
 ``dpmigrate cluster up --nodes N`` builds, all inside namespaces it creates::
 
-    dpm<id>-hub        bridge br0, one port veth<i> per node
+    dpm<id>-hub        bridge br0 = 10.213.0.254/24, one port veth<i> per node; the
+                       cluster store: one etcd member listening only on 10.213.0.254:2379
     dpm<id>-node<i>    lo up, eth0 = 10.213.0.<i>/24 (the peer of the hub's veth<i>),
-                       agent `dpmigrate.runtime.agent --node node<i>` listening on :7070
+                       agent `dpmigrate.agentd --node node<i>` listening on :7070, in a
+                       mount namespace that shows it only its own folder of the state dir,
+                       <state_dir>/nodes/node<i> (see dpmigrate.cluster.nodefs)
 
 Nothing is created in the host's own namespace except the ``/run/netns`` files that
 ``ip netns add`` makes. Test-host addresses therefore exist only on interfaces the project
@@ -36,16 +39,22 @@ from types import TracebackType
 from typing import Any
 
 from dpmigrate import atomic, config
+from dpmigrate.cluster import etcd, nodefs
+from dpmigrate.cluster.netns import NetnsExecutor
+from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
 from dpmigrate.errors import ConfigError, DpmigrateError, EnvironmentProblem
 from dpmigrate.runtime.control import AgentClient
 
 MAX_NODES = 16
 SUBNET = "10.213.0"
+STORE_ADDRESS = f"{SUBNET}.254"  # the hub's bridge: where the embedded etcd listens
 AGENT_PORT = 7070
+AGENT_SOCKET = "agent.sock"  # in the node's own folder
 RECORD_VERSION = 1
 NO_CLUSTER = "no cluster is up; run `dpmigrate cluster up`"
 
 _AGENT_START_TIMEOUT_S = 30.0
+_ETCD_START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 15.0
 _KILL_TIMEOUT_S = 5.0
 _CHECK_TIMEOUT_S = 15.0
@@ -257,6 +266,13 @@ def _teardown(record_path: Path, record: dict[str, Any]) -> list[str]:
     ]
     labels = {a["pid"]: f"agent {a['node']} (pid {a['pid']})" for a in agents}
     removed += _stop_processes(procs, labels)
+    store = record.get("etcd") or {}
+    if isinstance(store.get("pid"), int) and _same_process(
+        store["pid"], store.get("start_time"), boot_id
+    ):  # after the agents: they revoke their leases on the way out
+        removed += _stop_processes(
+            [(store["pid"], store["start_time"])], {store["pid"]: f"etcd (pid {store['pid']})"}
+        )
 
     namespaces = [str(n) for n in record.get("namespaces", [])]
     # Anything still inside a namespace this cluster created was started in it by this
@@ -345,6 +361,7 @@ class LocalCluster:
         self.record_path = _record_path(self.state_dir)
         self._record: dict[str, Any] | None = None
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._store: Store | None = None
 
     @classmethod
     def current(cls, state_dir: str | None = None) -> LocalCluster:
@@ -440,15 +457,61 @@ class LocalCluster:
             )  # fmt: skip
 
     def restore(self, bundle: str | os.PathLike[str], node: str | None = None) -> dict[str, Any]:
-        """Restore a stage bundle on ``node`` (default: the node it was checkpointed on)."""
+        """Restore a stage bundle on ``node`` (default: the node it was checkpointed on).
+
+        A restore is a placement change: refused while the stage runs anywhere (one live copy
+        only), and the stage is placed on ``node`` with a new epoch before it wakes there."""
         from dpmigrate.checkpoint import bundle as bundles
 
         loaded = bundles.load(bundle)  # refuse a bad bundle before asking any agent
         target = node or loaded.node
         if target is None:
             raise DpmigrateError(f"bundle {bundle} names no node; pass --node")
+        self.node(target)  # a clear error for an unknown node
+        context = loaded.rings or {}
+        app, stage = str(context.get("app", "")), str(context.get("stage", ""))
+        for other in self.nodes:
+            with self.client(other.name) as agent:
+                for info in agent.call("status")["stages"]:
+                    live = not info.get("finished") and not info.get("moved")
+                    if live and (info.get("app"), info.get("name")) == (app, stage):
+                        raise DpmigrateError(
+                            f"stage {app}/{stage} is running on node {other.name}; stop it "
+                            "(or checkpoint it without --leave-running) before restoring a copy"
+                        )
+        keep_newer = False
+        if app and stage:
+            store = self.store()
+            placed = store.placement(app, stage)
+            keep_newer = placed is not None and placed.node == target
+            if not keep_newer:
+                before = {name: p.node for name, p in store.placements(app).items()}
+                store.place(app, stage, target, placed)
+                self._restart_changed_peers(str(context["manifest"]), stage, before, target)
         with self.client(target, timeout=300) as agent:
-            return agent.call("restore_stage", bundle=str(Path(bundle).absolute()), wake=True)
+            return agent.call("restore_stage", bundle=str(Path(bundle).absolute()), wake=True,
+                              keep_newer_journal=keep_newer)  # fmt: skip
+
+    def _restart_changed_peers(
+        self, manifest: str, stage: str, before: dict[str, str], target: str
+    ) -> None:
+        """Peers whose ring to ``stage`` changes transport with its new node (shm between
+        stages of one node, tcp between nodes) restart from their journals, so that they
+        reopen that ring the new way before the restored stage looks for it."""
+        from dpmigrate.runtime.manifest import App
+        from dpmigrate.runtime.stagehost import ring_transport
+
+        app = App.load(manifest)
+        after = {**before, stage: target}
+        for ring in app.rings:
+            if stage not in (ring.src_stage, ring.dst_stage):
+                continue
+            peer = ring.dst_stage if ring.src_stage == stage else ring.src_stage
+            old = ring_transport(app, ring, "multi-node", before)
+            if old == ring_transport(app, ring, "multi-node", after) or peer not in before:
+                continue
+            with self.client(before[peer], timeout=60) as agent:
+                agent.call("restart_stage", app=app.name, stage=peer)
 
     def _require_record(self) -> dict[str, Any]:
         if self._record is None:
@@ -464,7 +527,7 @@ class LocalCluster:
                 f"--nodes {self.size} is out of range: a local cluster has 1 to {MAX_NODES} nodes"
             )
         _tool("ip", "iproute2")
-        longest = _cluster_dir(self.state_dir) / f"node{self.size}.sock"
+        longest = nodefs.host_dir(self.state_dir, f"node{self.size}") / AGENT_SOCKET
         if len(str(longest).encode()) > _MAX_SOCKET_PATH:
             raise ConfigError(
                 f"DPMIGRATE_STATE_DIR={self.state_dir!r} is too long for the agents' unix "
@@ -485,7 +548,8 @@ class LocalCluster:
                 "name": f"node{i}",
                 "netns": f"dpm{cid}-node{i}",
                 "address": f"{SUBNET}.{i}",
-                "agent_socket": str(cdir / f"node{i}.sock"),
+                "agent_socket": str(nodefs.host_dir(self.state_dir, f"node{i}") / AGENT_SOCKET),
+                "dir": str(nodefs.host_dir(self.state_dir, f"node{i}")),
                 "log": str(cdir / "logs" / f"node{i}.log"),
             }
             for i in range(1, self.size + 1)
@@ -506,6 +570,7 @@ class LocalCluster:
             "agents": [],
             "files": [],
             "trees": [],
+            "etcd": {},
             "dirs": [str(d) for d in dirs],
         }
         _claim(self.record_path, record)  # refuses when a cluster is already recorded
@@ -539,8 +604,11 @@ class LocalCluster:
         self, record: dict[str, Any], hub: str, nodes: list[dict[str, Any]], nsenter: str
     ) -> None:
         self._add_netns(hub)
+        _ip("-n", hub, "link", "set", "lo", "up")
         _ip("-n", hub, "link", "add", "br0", "type", "bridge", "forward_delay", "0")
+        _ip("-n", hub, "addr", "add", f"{STORE_ADDRESS}/24", "dev", "br0")
         _ip("-n", hub, "link", "set", "br0", "up")
+        self._start_etcd(hub, nsenter)
         for i, node in enumerate(nodes, start=1):
             ns = node["netns"]
             self._add_netns(ns)
@@ -560,21 +628,77 @@ class LocalCluster:
         record["status"] = "up"
         self._save()
 
+    def _start_etcd(self, hub: str, nsenter: str) -> None:
+        """The cluster store, unless DPMIGRATE_ETCD names an existing one: one etcd member in
+        the hub's namespace, on the bridge's address only, its data in the cluster folder."""
+        assert self._record is not None
+        record, cfg = self._record, config.load()
+        if cfg.etcd:
+            record["etcd"] = {"endpoints": cfg.etcd, "embedded": False}
+            self._save()
+            return
+        data = _cluster_dir(self.state_dir) / "etcd"
+        log_path = _cluster_dir(self.state_dir) / "logs" / "etcd.log"
+        cmd = etcd.command(etcd.binary(cfg.prefix), str(data), STORE_ADDRESS)
+        record["trees"].append(str(data))
+        record["files"].append(str(log_path))
+        entry: dict[str, Any] = {"endpoints": f"http://{STORE_ADDRESS}:{etcd.CLIENT_PORT}",
+                                 "embedded": True, "netns": hub, "pid": None,
+                                 "start_time": None, "log": str(log_path)}  # fmt: skip
+        record["etcd"] = entry
+        self._save()  # before the spawn, as for the agents
+        proc = etcd.spawn(cmd, str(log_path), prefix=[nsenter, f"--net=/run/netns/{hub}"])
+        self._procs[proc.pid] = proc
+        entry["pid"], entry["start_time"] = proc.pid, _start_time(proc.pid)
+        self._save()
+        deadline = time.monotonic() + _ETCD_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise EnvironmentProblem(
+                    f"etcd exited with status {proc.returncode} while starting: "
+                    f"{_tail(str(log_path))}"
+                )
+            try:
+                self.store().health()
+                return
+            except StoreUnavailable:
+                if time.monotonic() >= deadline:
+                    raise EnvironmentProblem(
+                        f"etcd did not answer within {_ETCD_START_TIMEOUT_S:.0f} s: "
+                        f"{_tail(str(log_path))}"
+                    ) from None
+                time.sleep(0.05)
+
+    def store(self) -> Store:
+        """The cluster store, as this process reaches it (through the hub's namespace when
+        it is the embedded member)."""
+        record = self._require_record()
+        entry = record.get("etcd") or {}
+        if not entry.get("endpoints"):
+            raise DpmigrateError(
+                "this cluster was recorded without a store (made by an older dpmigrate); "
+                "`dpmigrate cluster down` and up again"
+            )
+        if self._store is None:
+            cfg = config.load()
+            netns = NetnsExecutor(entry["netns"]) if entry.get("netns") else None
+            settings = EtcdSettings.parse(entry["endpoints"], cfg.etcd_ca, cfg.etcd_cert,
+                                          cfg.etcd_key)  # fmt: skip
+            self._store = Store(settings, netns=netns)
+        return self._store
+
     def _start_agent(self, node: dict[str, Any], nodes: list[dict[str, Any]], nsenter: str) -> None:
         assert self._record is not None
         record = self._record
-        peers = ",".join(f"{n['address']}:{AGENT_PORT}" for n in nodes if n is not node)
-        supervisor_logs = Path(self.state_dir) / "logs" / node["name"]
-        # The agent's supervisor keeps stage logs there; created by this cluster, removed
-        # with it. The shared parent is only removed if it ends up empty.
-        if (
-            not supervisor_logs.parent.exists()
-            and str(supervisor_logs.parent) not in record["dirs"]
-        ):
-            record["dirs"].append(str(supervisor_logs.parent))
-        if not supervisor_logs.exists():
-            record["trees"].append(str(supervisor_logs))
-        record["files"] += [node["agent_socket"], node["log"]]
+        # The node's own folder: only it is visible to the node's agent and stages.
+        nodes_dir = Path(node["dir"]).parent
+        if not nodes_dir.exists():
+            nodes_dir.mkdir(mode=0o700)
+            record["dirs"].append(str(nodes_dir))
+        record["trees"].append(node["dir"])
+        self._save()
+        Path(node["dir"]).mkdir(mode=0o700)
+        record["files"] += [node["log"]]
         entry: dict[str, Any] = {"node": node["name"], "pid": None, "start_time": None}
         record["agents"].append(entry)
         self._save()  # before the spawn: a crash now still names the files and netns
@@ -585,8 +709,8 @@ class LocalCluster:
         }
         cmd = [
             nsenter, f"--net=/run/netns/{node['netns']}", sys.executable, "-m",
-            "dpmigrate.agentd", "--node", node["name"], "--socket", node["agent_socket"],
-            "--listen", f"{node['address']}:{AGENT_PORT}", "--peers", peers,
+            "dpmigrate.agentd", "--node", node["name"], "--isolate", "--socket", AGENT_SOCKET,
+            "--listen", f"{node['address']}:{AGENT_PORT}", "--etcd", record["etcd"]["endpoints"],
         ]  # fmt: skip
         fd = os.open(node["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -718,7 +842,22 @@ class LocalCluster:
                     "log": node.log,
                 }
             )
-        healthy = record.get("status") == "up" and all(r["alive"] for r in rows)
+        store: dict[str, Any]
+        try:
+            store = {"reachable": True, **self.store().health()}
+        except DpmigrateError as err:
+            store = {"reachable": False, "error": str(err)}
+        members: dict[str, Any] = {}
+        if store["reachable"]:
+            with contextlib.suppress(DpmigrateError):
+                members = self.store().get_prefix("nodes/")[0]
+        for row in rows:  # a node is a member while its agent's lease in etcd lives
+            row["member"] = f"nodes/{row['name']}" in members
+        store["embedded"] = bool((record.get("etcd") or {}).get("embedded"))
+        store["pid"] = (record.get("etcd") or {}).get("pid")
+        healthy = (
+            record.get("status") == "up" and all(r["alive"] for r in rows) and store["reachable"]
+        )
         return {
             "id": record["id"],
             "state_dir": self.state_dir,
@@ -731,7 +870,17 @@ class LocalCluster:
                 {"name": ns, "present": _netns_exists(ns)} for ns in record.get("namespaces", [])
             ],
             "nodes": rows,
+            "store": store,
         }
+
+    def host_path(self, node: str, path: str) -> Path:
+        """Where a path that ``node``'s agent reports (in its own view) lies on this host."""
+        inner = nodefs.node_dir(self.state_dir)
+        try:
+            relative = Path(path).relative_to(inner)
+        except ValueError:
+            return Path(path)  # not in the node's folder: the same on the host
+        return nodefs.host_dir(self.state_dir, node) / relative
 
 
 def _tail(path: str, lines: int = 5) -> str:

@@ -1,10 +1,10 @@
 """The multi-node model: each stage on the node the manifest names, started by that node's
 agent; tcp rings between nodes, shm rings within one.
 
-The same run folder as the multi-process model (journals, status files) lives on the host's
-filesystem, which the local cluster's nodes share (they are network namespaces, not mount
-namespaces). Remote nodes over SSH will need the folder on each node; the agents' ``status``
-already carries each stage's status, so nothing here reads those files directly.
+Nodes share nothing: each stage's run folder (journal, status, log) is on its own node, at
+the same path on every node (``<node folder>/runs/<run>``, see dpmigrate.cluster.nodefs), and
+what the nodes must agree on — the app and where each stage is placed, with its epoch — is
+written to the cluster store before any stage starts. Status comes from the agents.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dpmigrate import config
+from dpmigrate.cluster import nodefs
 from dpmigrate.errors import ConfigError, DpmigrateError
 from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.manifest import App
-from dpmigrate.runtime.stagehost import write_placement
 
 _POLL_S = 0.2
 
@@ -39,12 +38,26 @@ class MultiNodeRun:
                 f"{app.path}: stages are placed on node(s) {missing}, but the cluster has only "
                 f"{sorted(known)}; bring up more nodes (`dpmigrate cluster up --nodes N`)"
             )
-        base = Path(config.load().state_dir) / "runs"
-        self.run_dir = run_dir or base / f"{app.name}-{os.getpid()}-{int(time.time())}"
+        self.run_id = f"{app.name}-{os.getpid()}-{int(time.time())}"
+        #: the run folder as each node's agent and stages see it (each node has its own)
+        self.run_dir = run_dir or nodefs.node_dir(cluster.state_dir) / "runs" / self.run_id
 
     def start(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_placement(self.run_dir, {spec.name: spec.node for spec in self.app.stages})
+        """Record the app and its placement (epoch 1) in the store, then start the stages."""
+        store = self.cluster.store()
+        running = [s for s in self.status() if not s.get("finished")]
+        if running:
+            names = ", ".join(f"{s['name']}@{s['node']}" for s in running)
+            raise DpmigrateError(
+                f"app {self.app.name!r} is already running ({names}); `dpmigrate stop "
+                f"{self.app.name}` first"
+            )
+        store.delete_prefix(f"placement/{self.app.name}/")  # a new run starts afresh
+        record = {"manifest": str(self.app.path.resolve()), "run": self.run_id,
+                  "started": time.time()}  # fmt: skip
+        store.put(f"apps/{self.app.name}", record)
+        for spec in self.app.stages:
+            store.place(self.app.name, spec.name, spec.node, None)
         for spec in self.app.stages:
             with self.cluster.client(spec.node) as agent:
                 agent.call(
@@ -91,23 +104,30 @@ class MultiNodeRun:
                 agent.call("stop_app", app=self.app.name)
 
     def keep_logs(self, stages: list[dict[str, Any]]) -> dict[str, str]:
-        """Copy the stages' logs into the run folder (kept); returns stage -> kept copy."""
+        """Copy the stages' logs into a folder of this host's state dir (kept); returns
+        stage -> kept copy. (The operator's view: each log is read where its node keeps it.)"""
         kept = {}
-        folder = self.run_dir / "logs"
+        folder = Path(self.cluster.state_dir) / "runs" / self.run_id / "logs"
         folder.mkdir(parents=True, exist_ok=True)
         for info in stages:
-            source = info.get("log")
-            if source and Path(source).exists():
+            log = info.get("log")
+            source = self.cluster.host_path(info["node"], log) if log else None
+            if source and source.exists():
                 target = folder / f"{info['name']}.log"
                 shutil.copyfile(source, target)
                 kept[info["name"]] = str(target)
         return kept
 
     def cleanup(self) -> None:
-        for node in {spec.node for spec in self.app.stages}:
-            with contextlib.suppress(DpmigrateError), self.cluster.client(node) as agent:
+        """Every node forgets the app's finished stages and removes its run folders; the
+        store forgets the app."""
+        for node in self.cluster.nodes:
+            with contextlib.suppress(DpmigrateError), self.cluster.client(node.name) as agent:
                 agent.call("forget_app", app=self.app.name)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        with contextlib.suppress(DpmigrateError):
+            store = self.cluster.store()
+            store.delete_prefix(f"placement/{self.app.name}/")
+            store.delete(f"apps/{self.app.name}")
 
 
 def nodes_needed(app: App) -> int:

@@ -369,6 +369,10 @@ class OperationTable:
     def names(self) -> list[str]:
         return sorted(self._ops)
 
+    def get(self, name: str) -> Operation:
+        """The registered operation ``name`` (KeyError if there is none)."""
+        return self._ops[name]
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._ops
 

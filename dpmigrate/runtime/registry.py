@@ -8,6 +8,7 @@ without being told any address.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 from dpmigrate import config
@@ -26,6 +27,9 @@ class AgentResolver:
         self.token = token if token is not None else config.load().token
         self._client: AgentClient | None = None
         self._lock = threading.Lock()
+        #: ("app/stage", epoch) of the stage this resolver serves: stamped on its
+        #: registrations, so the agent refuses those of a stale copy
+        self.owner: tuple[str, int] | None = None
 
     def _call(self, op: str, **args: object) -> object:
         with self._lock:
@@ -39,10 +43,19 @@ class AgentResolver:
                 raise
 
     def register(self, ring: str, endpoint: Endpoint) -> None:
+        if self.owner is not None:
+            endpoint = dataclasses.replace(endpoint, owner=self.owner[0], epoch=self.owner[1])
         self._call("register", ring=check_ring_name(ring), endpoint=endpoint.as_dict())
 
     def unregister(self, ring: str) -> None:
         self._call("unregister", ring=check_ring_name(ring))
+
+    def placement(self, app: str) -> dict[str, dict[str, object]]:
+        """Where the cluster store places the app's stages: stage -> {"node", "epoch"}."""
+        found = self._call("placement", app=app)
+        if not isinstance(found, dict) or not isinstance(found.get("stages"), dict):
+            raise RemoteError(f"agent at {self.address} answered placement with {found!r}")
+        return found["stages"]
 
     def lookup(self, ring: str, timeout: float | None = 0) -> Endpoint:
         wait = 30.0 if timeout is None else max(0.0, timeout)

@@ -27,7 +27,6 @@ restore a file whose size changed).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import os
@@ -48,6 +47,9 @@ from dpmigrate.transports.base import RingReceiver, RingSender
 from dpmigrate.transports.resolver import DirectoryResolver, Resolver
 
 STATUS_INTERVAL_S = 0.2
+#: Exit status of a stage instance that found itself stale (its placement moved on): the
+#: supervisor must not restart it.
+FENCED_EXIT = 3
 #: How long a quiesce may wait for downstream to acknowledge everything before it gives up
 #: (the stage then keeps running where it is).
 QUIESCE_TIMEOUT_S = 15.0
@@ -93,17 +95,9 @@ def read_status(run_dir: str | Path, stage: str) -> dict[str, Any]:
         return {}
 
 
-def read_placement(run_dir: Path) -> dict[str, str]:
-    """The run's current stage → node map (written by the runtime and by migrations)."""
-    try:
-        data = json.loads((run_dir / "placement.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-
-
-def write_placement(run_dir: Path, placement: dict[str, str]) -> None:
-    atomic.write_json(run_dir / "placement.json", placement)
+class Fenced(DpmigrateError):
+    """This instance of the stage is stale: the cluster store places the stage elsewhere or
+    with a newer epoch. It must stop without emitting, acknowledging or persisting."""
 
 
 def ring_name(app: App, ring: RingSpec) -> str:
@@ -126,6 +120,11 @@ class StageHost:
         self.woken: dict[str, Any] | None = None
         self.flags = {"stop": False, "quiesce": False}
         self.resolver: Resolver | None = None
+        self.placement: dict[str, str] = {}  # stage -> node, where the store says they are
+        self.epoch = 0
+        self.node: str | None = None
+        self.host: str | None = None  # this node's address, for tcp rings
+        self.check_placement()  # before anything is read or written: a stale copy stops here
         state, in_pos, out_pos = self.journal.load()
         inputs, outputs = self.open_rings(in_pos, out_pos)
         service = self.app.service_class(self.spec.name)()
@@ -142,16 +141,10 @@ class StageHost:
         """Open every ring end at the given positions, producers first (they are the servers
         their consumers look up)."""
         args, app = self.args, self.app
-        if args.registry == "agent":
-            self.resolver = AgentResolver()
-            # tcp rings listen on this node's own address, asked from the local agent
-            host: str | None = str(self.resolver.node_info()["address"])
-        else:
-            self.resolver = DirectoryResolver(self.run_dir / "registry")
-            host = None
+        assert self.resolver is not None
+        host, placement = self.host, self.placement
         outputs: dict[str, RingSender] = {}
         inputs: dict[str, RingReceiver] = {}
-        placement = read_placement(self.run_dir)
         for ring in app.rings:
             if ring.src_stage == self.spec.name:
                 transport = ring_transport(app, ring, args.model, placement)
@@ -168,6 +161,41 @@ class StageHost:
                     next_expected=in_pos.get(ring.dst_port, 0), connect_timeout=60.0,
                 )  # fmt: skip
         return inputs, outputs
+
+    def check_placement(self) -> None:
+        """Ask the local agent where the app's stages are (fresh from the cluster store) and
+        which epoch this stage has; raise Fenced when the store places it on another node.
+
+        Called at the start and at every wake, before the journal is touched: a copy restored
+        from an old bundle, or a source woken after its migration, stops here."""
+        if self.args.registry != "agent":
+            if self.resolver is None:
+                self.resolver = DirectoryResolver(self.run_dir / "registry")
+            return
+        if not isinstance(self.resolver, AgentResolver):
+            self.resolver = AgentResolver()
+        info = self.resolver.node_info()
+        self.node, self.host = str(info["node"]), str(info["address"])
+        stages = self.resolver.placement(self.app.name)
+        self.placement = {name: str(p["node"]) for name, p in stages.items()}
+        mine = stages.get(self.spec.name)
+        if mine is None:  # an agent without a cluster store: nothing to fence against
+            return
+        if mine["node"] != self.node:
+            self.event("stage fenced", node=self.node, epoch=self.epoch,
+                       placed_on=mine["node"], placed_epoch=mine["epoch"])  # fmt: skip
+            atomic.write_json(self.status_path, {
+                "stage": self.spec.name, "phase": "fenced", "time": time.time(),
+                "fenced": {"node": self.node, "epoch": self.epoch, "placed_on": mine["node"],
+                           "placed_epoch": mine["epoch"]},
+            })  # fmt: skip
+            raise Fenced(
+                f"stage {self.app.name}/{self.spec.name} on {self.node} (epoch {self.epoch}) is "
+                f"stale: the cluster store places it on {mine['node']} with epoch "
+                f"{mine['epoch']}; this copy stops without emitting, acknowledging or persisting"
+            )
+        self.epoch = int(mine["epoch"])
+        self.resolver.owner = (f"{self.app.name}/{self.spec.name}", self.epoch)
 
     def positions(self) -> tuple[Positions, Positions]:
         r = self.runner
@@ -262,6 +290,11 @@ class StageHost:
         # CRIU restores the parent-death signal `unshare --kill-child` gave us, but after a
         # restore our parent is the restoring agent's (short-lived) thread: drop it.
         _clear_parent_death_signal()
+        if self.flags["stop"]:
+            self.phase = "stopped"
+            self.write_status()
+            return
+        self.check_placement()  # moved meanwhile? then this copy is stale (raises Fenced)
         in_pos, out_pos = self.catch_up_with_journal(in_pos, out_pos)
         inputs, outputs = self.open_rings(in_pos, out_pos)
         self.runner.inputs, self.runner.outputs = inputs, outputs
@@ -292,10 +325,7 @@ class StageHost:
         return {**in_pos, **j_in}, {**out_pos, **j_out}
 
     def node_name(self) -> str | None:
-        if isinstance(self.resolver, AgentResolver):
-            with contextlib.suppress(DpmigrateError):
-                return str(self.resolver.node_info()["node"])
-        return None
+        return self.node
 
     # -- reporting ----------------------------------------------------------------------
     def event(self, name: str, **fields: Any) -> None:
@@ -326,6 +356,7 @@ class StageHost:
                       for end in [*runner.inputs.values(), *runner.outputs.values()]],
             "time": time.time(),
             "woken": self.woken,
+            "epoch": self.epoch,
             **extra,
         }  # fmt: skip
         atomic.write_json(self.status_path, data)
@@ -365,6 +396,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.log:
             _quiet_stdio()
         return host.run()
+    except Fenced as err:
+        line = json.dumps({"t": round(time.time(), 3), "event": "stage stopped: fenced",
+                           "stage": args.stage, "reason": str(err)})  # fmt: skip
+        if args.log:
+            with open(args.log, "a") as log:
+                log.write(line + "\n")
+        print(line, file=sys.stderr, flush=True)
+        return FENCED_EXIT
     except Exception as err:
         text = "".join(traceback.format_exception(err))
         line = json.dumps({"t": round(time.time(), 3), "event": "stage failed",

@@ -27,6 +27,9 @@ from pathlib import Path
 
 from dpmigrate.errors import EnvironmentProblem
 
+#: Exit status of a stage that found itself stale (stagehost.FENCED_EXIT; not imported, the
+#: supervisor runs any program).
+FENCED_EXIT = 3
 #: Seconds a stage gets to finish its batch and close its rings after SIGTERM.
 STOP_GRACE_S = 10.0
 
@@ -44,6 +47,7 @@ class StageProcess:
     adopted_pid: int | None = None  # a restored stage: our child, but not through unshare
     checkpointing: bool = False  # being dumped: its exit is a departure, not a crash
     moved: bool = False  # left this node by checkpoint (it runs on, elsewhere or later)
+    fenced: bool = False  # found itself stale (placed elsewhere) and stopped: never restarted
 
     @property
     def stage_pid(self) -> int | None:
@@ -142,6 +146,10 @@ class Supervisor:
             if stage.checkpointing:
                 stage.finished = stage.moved = True
                 self.on_event(f"stage {stage.name} left with its checkpoint ({_describe(code)})")
+                continue
+            if code == FENCED_EXIT:
+                stage.finished = stage.fenced = True
+                self.on_event(f"stage {stage.name} was fenced (a stale copy) and stopped")
                 continue
             if code == 0 or self._stopping:
                 stage.finished = True

@@ -58,6 +58,7 @@ class RingStatistics:
     acked: int = 0  # producer: every seq below this is acknowledged
     next_expected: int = 0  # consumer: sequence number it will deliver next
     committed: int = 0  # consumer: every seq below this is committed (acked to the producer)
+    connected_at: float = 0.0  # wall clock of the last (re)connection to the peer; 0: never
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # transport-specific
 
     def as_dict(self) -> dict[str, Any]:

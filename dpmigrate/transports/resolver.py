@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -53,9 +53,17 @@ class Endpoint:
     transport: str
     address: str
     generation: int = 0
+    #: the producing stage ("app/stage") and its placement epoch, stamped by the cluster's
+    #: resolver; not part of the identity of an end (a transport compares without them)
+    epoch: int = field(default=0, compare=False)
+    owner: str = field(default="", compare=False)
 
     def as_dict(self) -> dict[str, object]:
-        return {"transport": self.transport, "address": self.address, "generation": self.generation}
+        data: dict[str, object] = {"transport": self.transport, "address": self.address,
+                                   "generation": self.generation}  # fmt: skip
+        if self.owner:
+            data.update(epoch=self.epoch, owner=self.owner)
+        return data
 
     @classmethod
     def from_dict(cls, data: object) -> Endpoint:
@@ -66,11 +74,15 @@ class Endpoint:
             data.get("address"),
             data.get("generation", 0),
         )
+        epoch, owner = data.get("epoch", 0), data.get("owner", "")
         if not isinstance(transport, str) or not isinstance(address, str):
             raise ConfigError(f"endpoint record {data!r} lacks a string transport and address")
-        if not isinstance(generation, int):
-            raise ConfigError(f"endpoint record {data!r} has a non-integer generation")
-        return cls(transport, address, generation)
+        for name, value in (("generation", generation), ("epoch", epoch)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"endpoint record {data!r} has a non-integer {name}")
+        if not isinstance(owner, str) or len(owner) > 257:
+            raise ConfigError(f"endpoint record {data!r} has a bad owner")
+        return cls(transport, address, generation, epoch, owner)
 
 
 class Resolver(Protocol):

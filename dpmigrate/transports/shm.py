@@ -144,6 +144,7 @@ class ShmSender(RingSender):
         self._had_consumer = self._consumer_closed = False
         self._broken: str | None = None
         self._reconnects = self._resent = self._rejected = 0
+        self._connected_at = 0.0
         self._skip = 0  # upcoming sends the consumer already has (see _catch_up)
         try:
             self._create(ring_bytes, hugepages, next_seq)
@@ -302,6 +303,7 @@ class ShmSender(RingSender):
         self._pending.pop(fd)
         self._drop_consumer()
         self._conn, self._lost_at = sock, None
+        self._connected_at = time.time()
         if self._had_consumer:
             self._reconnects += 1
             self._resent += max(0, self._ring.positions()[1] - next_expected)
@@ -497,6 +499,7 @@ class ShmSender(RingSender):
             name=self.name, transport="shm", role="producer", capacity=self.capacity,
             messages=ring.messages, bytes=ring.bytes, occupancy=head_seq - tail_seq,
             peak_occupancy=ring.peak, reconnects=self._reconnects, resent=self._resent,
+            connected_at=self._connected_at,
             next_seq=head_seq, acked=tail_seq,
             extra={
                 "hugepages": self._huge, "page_size": self._page,
@@ -536,6 +539,7 @@ class ShmReceiver(RingReceiver):
         self._broken: str | None = None
         self._endpoint: Endpoint | None = None
         self._reconnects = self._dups = 0
+        self._connected_at = 0.0
         self._old_messages = self._old_bytes = self._old_peak = 0  # from dropped mappings
         self._extra: dict[str, object] = {}
         # First contact: wait up to connect_timeout for a registered, listening producer.
@@ -666,6 +670,7 @@ class ShmReceiver(RingReceiver):
             ring.commit_upto(self._committed)
         self._ring, self.capacity, self._lost_at = ring, capacity, None
         self._dups += skipped
+        self._connected_at = time.time()
         if self._attached_once:
             self._reconnects += 1
         self._attached_once = True
@@ -875,6 +880,7 @@ class ShmReceiver(RingReceiver):
             name=self.name, transport="shm", role="consumer", capacity=self.capacity,
             messages=messages, bytes=nbytes, occupancy=occupancy, peak_occupancy=peak,
             reconnects=self._reconnects, duplicates_dropped=self._dups,
+            connected_at=self._connected_at,
             next_expected=self._next_expected, committed=self._committed,
             extra=dict(self._extra, connected=self._ring is not None),
         )  # fmt: skip

@@ -251,6 +251,7 @@ class TcpSender(RingSender):
         self._bytes = 0
         self._peak = 0
         self._reconnects = 0
+        self._connected_at = 0.0
         self._resent = 0
         self._rejected = 0
 
@@ -364,6 +365,7 @@ class TcpSender(RingSender):
             occupancy=self._next_seq - self._acked,
             peak_occupancy=self._peak,
             reconnects=self._reconnects,
+            connected_at=self._connected_at,
             resent=self._resent,
             next_seq=self._next_seq,
             acked=self._acked,
@@ -633,6 +635,7 @@ class TcpSender(RingSender):
             self._poller.unregister(p.sock.fileno())
         if self._conn is not None:
             self._lose("superseded by a new connection from the consumer", abort=True)
+        self._connected_at = time.time()
         if self._had_consumer:
             self._reconnects += 1
         self._had_consumer = True
@@ -850,6 +853,7 @@ class TcpReceiver(RingReceiver):
         self._bytes = 0
         self._peak = 0
         self._reconnects = 0
+        self._connected_at = 0.0
         self._dups = 0
 
         resolver.lookup(name, timeout=connect_timeout)
@@ -941,6 +945,7 @@ class TcpReceiver(RingReceiver):
             occupancy=len(self._queue) - self._qhead,
             peak_occupancy=self._peak,
             reconnects=self._reconnects,
+            connected_at=self._connected_at,
             duplicates_dropped=self._dups,
             next_expected=self._next_expected,
             committed=self._committed,
@@ -1124,6 +1129,7 @@ class TcpReceiver(RingReceiver):
         self._reader.set_data_limit(max_message)
         self._reader.set_allowed(_CONSUMER_ALLOWED)
         self._welcomed = True
+        self._connected_at = time.time()
         if self._had_producer:
             self._reconnects += 1
         self._had_producer = True
