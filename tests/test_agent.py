@@ -108,8 +108,29 @@ def test_malformed_requests_get_errors_and_the_agent_survives(agent) -> None:
             ),
             (
                 "restore_images",
-                {"images_dir": "/x", "lazy_source": ["h", "7"]},
+                {"app": "a", "stage": "s", "migration": "m1", "lazy_source": ["h", "7"]},
                 r"'lazy_source'\[1\] has the wrong type string; expected an int",
+            ),
+            (
+                "restore_images",
+                {"app": "a", "stage": "s", "migration": "m1", "lazy_source": None},
+                "has not received and verified migration m1",
+            ),
+            (
+                "migration_chunk",
+                {"migration": "m1", "file": "../../etc/shadow", "offset": 0, "size": 10},
+                "'file' is not valid: .* not a plain relative file name",
+            ),
+            (
+                "migration_chunk",
+                {"migration": "m1", "file": "images/core-1.img", "offset": 0, "size": 10},
+                "no sealed outgoing folder of migration m1",
+            ),
+            ("migration_files", {"migration": ".."}, "'migration' is not valid"),
+            (
+                "pull_migration",
+                {"app": "a", "stage": "s", "migration": "m1", "source": "/run/x.sock"},
+                "'source' is not valid: '/run/x.sock' is not HOST:PORT",
             ),
             (
                 "dump_stage",

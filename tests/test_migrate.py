@@ -4,6 +4,7 @@ stage still running on its source."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -57,6 +58,9 @@ def test_stop_and_copy_back_and_forth_under_traffic(
             assert report["transferred_bytes"] > 0 and report["downtime_s"] > 0
             assert set(report["phases"]) == {"preflight", "quiesce", "transfer", "restore",
                                              "reconnect", "verify", "cleanup"}  # fmt: skip
+            assert report["warnings"] == [], report["warnings"]
+        # each side removed its own folder of each migration
+        assert not list(cluster_state_dir.glob("**/migrations/m*"))
         stages = {s["name"]: s for s in run.status()}
         assert stages["table"]["node"] == "node3"
         assert all(s["restarts"] == 0 for s in stages.values()), stages
@@ -81,6 +85,7 @@ def test_failure_in_a_phase_rolls_back(cluster_state_dir: Path, tmp_path: Path, 
         run = MultiNodeRun(app, cluster)
         run.start()
         cut: list[str] = []
+        removed: list[str] = []
         try:
             wait_for_input(run, 5000)
             source_pid = stage_status(run)["pid"]
@@ -89,12 +94,13 @@ def test_failure_in_a_phase_rolls_back(cluster_state_dir: Path, tmp_path: Path, 
                 if fault == "destination agent killed" and phase == "restore":
                     os.kill(cluster.node("node3").agent_pid, signal.SIGKILL)
                 if fault == "restore fails" and phase == "restore":
-                    bundle = next(Path(stage_status(run)["run_dir"]).glob("migrate-*/bundle"))
-                    os.chmod(bundle, 0o700)
-                    pages = sorted((bundle / "images").glob("pages-*.img"))[0]
-                    data = bytearray(pages.read_bytes())
-                    data[100] ^= 0xFF
-                    pages.write_bytes(bytes(data))
+                    # received and verified already: CRIU is the one to fail now
+                    assert migration.destination_bundle is not None
+                    incoming = cluster.host_path("node3", migration.destination_bundle)
+                    inventory = incoming / "images" / "inventory.img"
+                    assert inventory.is_file(), inventory
+                    inventory.unlink()
+                    removed.append(str(inventory))
                 if fault == "network cut" and phase == "reconnect":
                     subprocess.run([*_link_of(cluster, "node3"), "down"], check=True)
                     cut.append("node3")
@@ -105,6 +111,9 @@ def test_failure_in_a_phase_rolls_back(cluster_state_dir: Path, tmp_path: Path, 
                 subprocess.run([*_link_of(cluster, "node3"), "up"], check=True)
             assert report.rolled_back, report
             assert report.error, report
+            if fault == "restore fails":
+                assert removed and report.error.startswith("restore: "), report.error
+                assert "criu restore failed" in report.error, report.error
             table = stage_status(run)
             assert table["node"] == "node2" and table["pid"] == source_pid, table
             if fault == "destination agent killed":
@@ -157,6 +166,73 @@ def test_shm_rings_continue_as_tcp_when_a_stage_leaves_its_host(
             run.stop()
         assert report.lost == 0 and report.duplicated == 0
         assert checker_of(run.status()) == {
+            "received": 50000,
+            "lost": 0,
+            "duplicated": 0,
+            "digest": expected["digest"],
+        }
+        run.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.criu
+@pytest.mark.netns
+@pytest.mark.nftables
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "post-copy"])
+def test_a_file_corrupted_at_the_source_is_refused_and_the_stage_stays(
+    cluster_state_dir: Path, tmp_path: Path, strategy: str
+) -> None:
+    """After the source sealed its outgoing folder and before the destination pulled it, one
+    byte of an image flips: the destination refuses it naming the file, before any restore,
+    the migration rolls back, the stage runs on at its source and the checker sees nothing
+    lost or duplicated; both sides removed their folders of the migration."""
+    app = App.load(paced_flows(tmp_path, 50000))
+    expected = reference_checker(app)
+    with LocalCluster(3) as cluster:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        flipped: list[str] = []
+        try:
+            wait_for_input(run, 5000)
+            source_pid = stage_status(run)["pid"]
+
+            def corrupt(step: str) -> None:
+                if step != "dumped":
+                    return
+                assert migration.source_bundle is not None
+                root = cluster.host_path("node2", migration.source_bundle)
+                listed = json.loads((root / "manifest.json").read_text())["files"]
+                name = next(n for n in sorted(listed) if n.startswith("images/core-"))
+                path = root / name
+                data = bytearray(path.read_bytes())
+                data[len(data) // 2] ^= 0xFF
+                path.write_bytes(bytes(data))
+                assert hashlib.sha256(path.read_bytes()).hexdigest() != listed[name]["sha256"]
+                assert path.stat().st_size == listed[name]["size"]  # only the content differs
+                flipped.append(name)
+
+            migration = Migration(cluster, "table", "node3", strategy, on_step=corrupt,
+                                  flow_timeout=3.0)  # fmt: skip
+            report = migration.run()
+            assert flipped, "the fault was never injected"
+            assert report.rolled_back and report.error, report
+            assert "\n" not in report.error, report.error
+            assert report.error.startswith("transfer: "), report.error
+            assert f"{flipped[0]}: checksum mismatch" in report.error, report.error
+            assert "restore" not in report.phases, report.phases  # CRIU never saw the files
+            assert report.warnings == [], report.warnings
+            table = stage_status(run)
+            assert table["node"] == "node2" and table["pid"] == source_pid, table
+            assert not list(cluster_state_dir.glob(f"**/migrations/{migration.id}")), (
+                "a side kept its folder of the migration"
+            )
+            assert run.wait(duration=90), run.status()
+        finally:
+            run.stop()
+        assert report.lost == 0 and report.duplicated == 0, report
+        stages = {s["name"]: s for s in run.status()}
+        assert stages["table"]["node"] == "node2"
+        assert checker_of(list(stages.values())) == {
             "received": 50000,
             "lost": 0,
             "duplicated": 0,

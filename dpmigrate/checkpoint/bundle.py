@@ -15,6 +15,16 @@ not always fail the restore — it can restore a process with wrong memory. So a
 :func:`verify`s the bundle and refuses anything that does not match, with one error naming the
 file; and nothing is ever deleted by verify, load or restore.
 
+The same format carries a live migration's files from the source agent to the destination's
+(:mod:`dpmigrate.migrate.stage_transfer`). The source seals (:func:`seal`) the folder its dump
+left — images, the state snapshot, the stage's context as ``rings.json`` — and serves only the
+files its manifest lists (:func:`read_part`); the destination receives them (:func:`receive`)
+into a folder of its own and verifies every file before CRIU sees any. A stop-and-copy dump
+sends its memory through CRIU's page server instead, straight into the destination's
+``images/``: its manifest names those files as ``streamed`` (only :data:`PAGE_IMAGES`), so
+verify accepts them unlisted — and wants them there. A dpmigrate that predates ``streamed``
+refuses such a folder (extra files): the safe direction, so the format version stays 1.
+
 Why the temporary sibling folder: :func:`create` builds the bundle under a hidden name next to
 the final one, fsyncs it and renames it in one step, so a crash leaves a ``.NAME.partial-*``
 folder without a manifest — never a folder under the final name that looks complete. The
@@ -27,11 +37,14 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import fnmatch
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -53,6 +66,14 @@ RINGS = "rings.json"
 DUMP_LOG = "dump.log"
 
 _CHUNK = 1 << 20
+#: Files CRIU's page server writes into the destination's images during a stop-and-copy:
+#: the only names a manifest may declare as ``streamed`` (arriving unlisted, never checksummed
+#: here: they never existed where the manifest was written).
+PAGE_IMAGES = (f"{IMAGES}/pagemap-*.img", f"{IMAGES}/pages-*.img")
+#: One component of a file name in a bundle: CRIU's image names, ``state.bin``, ``stats-dump``.
+_COMPONENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+_MAX_NAME = 1024
+_MAX_DEPTH = 4
 
 Progress = Callable[[str], None]
 
@@ -215,36 +236,12 @@ def create(
             raise criu_rpc.relocated(err, "dump", str(kept)) from err
         result.images_dir = str(final / IMAGES)
         result.log_file = str(final / DUMP_LOG)
-        if state is not None:
-            _write(work / STATE, bytes(state))
-        if rings is not None:
-            _write(work / RINGS, json.dumps(dict(rings), indent=2, sort_keys=True).encode())
         progress("computing checksums")
-        files = _catalogue(work)
-        sizes = {
-            "images": sum(v["size"] for k, v in files.items() if k.startswith(f"{IMAGES}/")),
-            "state": files.get(STATE, {}).get("size", 0),
-            "total": sum(v["size"] for v in files.values()),
-        }
-        host = HostFacts.local()
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dpmigrate_version": __version__,
-            "criu_version": host.criu_version,
-            "kernel": host.kernel,
-            "arch": host.arch,
-            "cpu_flags": list(host.cpu_flags),
-            "stage": stage,
-            "node": node,
-            "root_pid": pid,
-            "leave_running": bool(dump_options.get("leave_running", False)),
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "sizes": sizes,
-            "dump": result.as_dict(),
-            "files": files,
-        }
-        _write(work / MANIFEST, json.dumps(manifest, indent=2).encode())
+        manifest = _seal(
+            work, pid, state=state, rings=rings, stage=stage, node=node,
+            leave_running=bool(dump_options.get("leave_running", False)),
+            dump=result.as_dict(), streamed=(),
+        )  # fmt: skip
         progress("syncing to disk")
         _fsync_tree(work)
         _rename_noreplace(work, final)
@@ -254,6 +251,89 @@ def create(
         raise
     loaded = Bundle(final, manifest, state, dict(rings) if rings is not None else None)
     return loaded, result
+
+
+def seal(
+    root: str | os.PathLike[str],
+    pid: int,
+    *,
+    dump: Mapping[str, Any],
+    state: bytes | None = None,
+    rings: Mapping[str, Any] | None = None,
+    stage: str | None = None,
+    node: str | None = None,
+    leave_running: bool = True,
+    streamed: tuple[str, ...] = (),
+    host: HostFacts | None = None,
+) -> dict[str, Any]:
+    """Make the folder a dump left at ``root`` (``root/images``) a bundle: write ``state`` and
+    ``rings`` next to the images, then the manifest listing every file under ``root`` with
+    its size and sha256; returns the manifest. ``dump`` is the dump's ``DumpResult.as_dict()``.
+    ``streamed`` (a subset of :data:`PAGE_IMAGES`): files that reach the bundle's reader by
+    another way (CRIU's page server) and so are not listed. ``host``: this node's facts, if
+    the caller has them (default: read them, which runs criu). Nothing is fsynced: this is for a
+    migration's folder, which lives as long as the migration; :func:`create` makes bundles
+    that must survive a crash.
+    """
+    folder = Path(root)
+    if (folder / MANIFEST).exists():
+        raise BundleError(f"{folder} is sealed already ({MANIFEST} exists)")
+    if not (folder / IMAGES).is_dir():
+        raise BundleError(f"{folder} holds no {IMAGES}/ folder: nothing was dumped there")
+    unknown = sorted(set(streamed) - set(PAGE_IMAGES))
+    if unknown:
+        raise BundleError(f"only {', '.join(PAGE_IMAGES)} can be streamed, not {unknown}")
+    return _seal(
+        folder, pid, state=state, rings=rings, stage=stage, node=node,
+        leave_running=leave_running, dump=dump, streamed=streamed, host=host,
+    )  # fmt: skip
+
+
+def _seal(
+    work: Path,
+    pid: int,
+    *,
+    state: bytes | None,
+    rings: Mapping[str, Any] | None,
+    stage: str | None,
+    node: str | None,
+    leave_running: bool,
+    dump: Mapping[str, Any],
+    streamed: tuple[str, ...],
+    host: HostFacts | None = None,
+) -> dict[str, Any]:
+    if state is not None:
+        _write(work / STATE, bytes(state))
+    if rings is not None:
+        _write(work / RINGS, json.dumps(dict(rings), indent=2, sort_keys=True).encode())
+    files = _catalogue(work)
+    sizes = {
+        "images": sum(v["size"] for k, v in files.items() if k.startswith(f"{IMAGES}/")),
+        "state": files.get(STATE, {}).get("size", 0),
+        "total": sum(v["size"] for v in files.values()),
+    }
+    host = host or HostFacts.local()
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dpmigrate_version": __version__,
+        "criu_version": host.criu_version,
+        "kernel": host.kernel,
+        "arch": host.arch,
+        "cpu_flags": list(host.cpu_flags),
+        "stage": stage,
+        "node": node,
+        "root_pid": pid,
+        "leave_running": leave_running,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "sizes": sizes,
+        "dump": dict(dump),
+        "files": files,
+    }
+    if streamed:
+        manifest["streamed"] = sorted(streamed)
+    _write(work / MANIFEST, json.dumps(manifest, indent=2).encode())
+    return manifest
 
 
 def _keep_failed_log(log: Path, final: Path) -> Path:
@@ -376,16 +456,24 @@ def verify(
             )
         )
         return report
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(
-        isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in files.values()
-    ):
-        report.problems.append(Problem(MANIFEST, "has no valid file list", "manifest"))
+    listing = _listing_problems(manifest)
+    if listing:
+        report.problems.extend(listing)
         return report
     report.manifest = manifest
+    files = manifest["files"]
+    streamed = tuple(manifest.get("streamed", ()))
     present = set(_files_under(root))
-    for rel in sorted(present - set(files)):
+    arrived = {rel for rel in present - set(files) if _is_streamed(rel, streamed)}
+    for rel in sorted(present - set(files) - arrived):
         report.problems.append(Problem(rel, "extra file, not listed in the manifest", "extra"))
+    for pattern in streamed:
+        if not any(_is_streamed(rel, (pattern,)) for rel in arrived):
+            report.problems.append(
+                Problem(
+                    pattern, "missing: the page server was to write it, none arrived", "missing"
+                )
+            )
     for rel, entry in sorted(files.items()):
         file = root / rel
         if rel not in present:
@@ -410,6 +498,56 @@ def verify(
             )
     _check_host(report, manifest, host or HostFacts.local())
     return report
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a file of a bundle, or None: it must be a relative POSIX path
+    of at most a few components, each starting with a letter or a digit and made of
+    ``A-Z a-z 0-9 . _ + -`` (so never empty, ``.``, ``..`` or hidden), and not the manifest.
+    Checked before any such name is opened, written or served."""
+    if not isinstance(name, str):
+        return f"{name!r} is not a string"
+    if len(name) > _MAX_NAME:
+        return f"a name longer than {_MAX_NAME} characters"
+    parts = name.split("/")
+    if len(parts) > _MAX_DEPTH or not all(_COMPONENT_RE.fullmatch(part) for part in parts):
+        return f"{name[:80]!r} is not a plain relative file name inside the bundle"
+    if name == MANIFEST:
+        return f"{MANIFEST} is the manifest itself, not a file it lists"
+    return None
+
+
+def _listing_problems(manifest: dict[str, Any]) -> list[Problem]:
+    """What is wrong with a manifest's file list and ``streamed`` patterns ([] if nothing)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict)
+        and type(v.get("size")) is int
+        and v["size"] >= 0
+        and isinstance(v.get("sha256"), str)
+        for v in files.values()
+    ):
+        return [Problem(MANIFEST, "has no valid file list", "manifest")]
+    problems = []
+    for name in sorted(files):
+        why = name_problem(name)
+        if why is not None:
+            problems.append(Problem(MANIFEST, f"lists a file it may not: {why}", "manifest"))
+    streamed = manifest.get("streamed", [])
+    if not isinstance(streamed, list) or not set(streamed) <= set(PAGE_IMAGES):
+        problems.append(
+            Problem(
+                MANIFEST,
+                f"'streamed' may only name {', '.join(PAGE_IMAGES)}, not {streamed!r}"[:300],
+                "manifest",
+            )
+        )
+    return problems
+
+
+def _is_streamed(rel: str, patterns: tuple[str, ...]) -> bool:
+    """``rel`` is a file of ``images/`` (not below) matching one of ``patterns``."""
+    return rel.count("/") == 1 and any(fnmatch.fnmatchcase(rel, p) for p in patterns)
 
 
 def _check_host(report: VerifyReport, manifest: dict[str, Any], host: HostFacts) -> None:
@@ -477,6 +615,119 @@ def load(
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise BundleError(f"bundle {root} refused: {RINGS}: not JSON ({err})") from err
     return Bundle(root, report.manifest, state, rings)
+
+
+# --------------------------------------------------------------------------- moving a bundle
+
+#: A reader of the remote bundle's files: ``(name, offset, size)`` → ``(data, file_size)``,
+#: ``data`` at most ``size`` bytes (empty at the end of the file), ``file_size`` the file's
+#: size where it is read.
+ReadPart = Callable[[str, int, int], tuple[bytes, int]]
+
+
+def read_part(
+    root: str | os.PathLike[str], manifest: Mapping[str, Any], name: str, offset: int, size: int
+) -> tuple[bytes, int]:
+    """Up to ``size`` bytes at ``offset`` of the file ``name`` of the sealed bundle at
+    ``root``, and that file's size: what a migration's source serves. Only a file that
+    ``manifest`` lists is read — never a streamed, unlisted or traversing name, the manifest
+    itself, a symbolic link or anything but a regular file: BundleError."""
+    why = name_problem(name)
+    if why is None and name not in manifest.get("files", {}):
+        why = f"{name!r} is not listed in its manifest; only listed files are served"
+    if why is None and (offset < 0 or size < 0):
+        why = f"offset {offset} and size {size} must not be negative"
+    if why is not None:
+        raise BundleError(f"bundle {root}: refusing to read {name[:80]!r}: {why}")
+    path = Path(root) / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise BundleError(f"bundle {root}: cannot read {name}: {err.strerror}") from err
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"bundle {root}: {name} is not a regular file; not served")
+        return os.pread(fd, size, offset), info.st_size
+    finally:
+        os.close(fd)
+
+
+def receive(
+    root: str | os.PathLike[str],
+    manifest: Mapping[str, Any],
+    read: ReadPart,
+    *,
+    chunk: int = _CHUNK,
+    host: HostFacts | None = None,
+) -> int:
+    """Build the bundle ``manifest`` describes at ``root`` from a remote copy, pulling every
+    file it lists with ``read``, then :func:`verify` it: every file of its size and sha256,
+    streamed pages present, restorable on ``host`` (default: this node). Returns the bytes
+    received.
+
+    ``root`` may exist (a page server may have written ``images/`` already) but must hold no
+    manifest. Every name is checked before anything is written; files are created new (mode
+    0600, folders 0700), never over an existing one. The manifest is written last, so a
+    folder that stopped midway has none. On any problem: BundleError naming each file and
+    what is wrong, in one line; nothing is removed (the caller owns ``root``).
+    """
+    folder = Path(root)
+    manifest = dict(manifest)
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"bundle {folder} refused: {MANIFEST}: not a {FORMAT} manifest of "
+                          f"version {FORMAT_VERSION}")  # fmt: skip
+    problems = _listing_problems(manifest)
+    if problems:
+        raise refusal(VerifyReport(str(folder), problems))
+    if (folder / MANIFEST).exists():
+        raise BundleError(f"{folder} already holds a bundle; receive into a fresh folder")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    total = 0
+    for name, entry in sorted(manifest["files"].items()):
+        got, problem = _receive_file(folder, name, int(entry["size"]), read, chunk)
+        total += got
+        if problem is not None:
+            problems.append(problem)
+    _write(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
+    report = verify(folder, host=host)
+    flagged = {p.file for p in report.problems}  # a short copy: verify says "truncated"
+    report.problems[:0] = [p for p in problems if p.file not in flagged]
+    if not report.ok:
+        raise refusal(report)
+    return total
+
+
+def _receive_file(
+    folder: Path, name: str, size: int, read: ReadPart, chunk: int
+) -> tuple[int, Problem | None]:
+    """Pull one listed file of ``size`` bytes into ``folder``; a Problem when the source's
+    copy is not of that size (verify then says what arrived)."""
+    path = folder / name
+    for parent in reversed(path.relative_to(folder).parents[:-1]):
+        (folder / parent).mkdir(mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)  # fmt: skip
+    except FileExistsError as err:
+        raise BundleError(
+            f"{name} is already in {folder}: a file the manifest lists arrived some other way; "
+            "receive into a fresh folder"
+        ) from err
+    got, at_source = 0, size
+    with os.fdopen(fd, "wb") as out:
+        while got < size:
+            data, at_source = read(name, got, min(chunk, size - got))
+            if not data:
+                break  # the source's copy is shorter: verify says truncated
+            out.write(data[: size - got])
+            got += min(len(data), size - got)
+    if at_source != size:
+        return got, Problem(
+            name, f"size mismatch at the source: {at_source} bytes, the manifest says {size}",
+            "size",
+        )  # fmt: skip
+    return got, None
 
 
 # --------------------------------------------------------------------------- restore

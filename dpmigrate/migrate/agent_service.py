@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+from dpmigrate.checkpoint import bundle as bundles
 from dpmigrate.migrate import stage_checkpoint, stage_transfer
 from dpmigrate.runtime.agent import Agent, StageRef, log
-from dpmigrate.runtime.operations import AbsPath, NoArgs, Request
+from dpmigrate.runtime.operations import AbsPath, Name, NoArgs, Request, Rule
 
 T = TypeVar("T")
 
@@ -34,6 +36,7 @@ class CheckpointStage(StageRef):
 class RestoreStage(Request):
     bundle: AbsPath
     wake: bool
+    keep_newer_journal: bool = False  # the stage was placed here all along (see restore_stage)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,32 +50,59 @@ class DumpStage(StageRef):
     quiesced: dict[str, Any]  # the reply of quiesce_stage
 
 
-@dataclasses.dataclass(frozen=True)
-class PageServer(StageRef):
-    images_dir: AbsPath
+def _address_problem(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if sep and _HOST_RE.fullmatch(host) and port.isdigit() and 0 < int(port) < 65536:
+        return None
+    return f"{value[:80]!r} is not HOST:PORT (a host name or IPv4 address, a port 1-65535)"
+
+
+_HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+#: Another node's agent, as the cluster names it: ``Node.agent_address``.
+AgentAddress = Annotated[str, Rule("an agent address HOST:PORT", _address_problem)]
+#: The name of a file in a bundle (checked as :func:`bundle.name_problem` says).
+BundleFile = Annotated[str, Rule("a bundle file name", bundles.name_problem)]
 
 
 @dataclasses.dataclass(frozen=True)
-class DumpToPageServer(StageRef):
-    images_dir: AbsPath
+class MigrationRef(Request):
+    """One migration's files on this node (``agent.run_dir/migrations/ID``)."""
+
+    migration: Name  # the orchestrator's migration id
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationChunk(MigrationRef):
+    file: BundleFile  # a file the migration's manifest lists
+    offset: int
+    size: int  # at most stage_transfer.CHUNK_BYTES are sent
+
+
+@dataclasses.dataclass(frozen=True)
+class StageMigration(StageRef):
+    """One stage's part in one migration."""
+
+    migration: Name
+
+
+@dataclasses.dataclass(frozen=True)
+class DumpToPageServer(StageMigration):
     page_server: tuple[str, int]  # the reply of page_server: [address, port]
     quiesced: dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
-class FinishPageServer(StageRef):
-    source_dir: AbsPath
-
-
-@dataclasses.dataclass(frozen=True)
-class LazyDump(StageRef):
-    images_dir: AbsPath
+class LazyDump(StageMigration):
     quiesced: dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
-class RestoreImages(Request):
-    images_dir: AbsPath
+class PullMigration(StageMigration):
+    source: AgentAddress  # the source node's agent (its TCP listener)
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreImages(StageMigration):
     lazy_source: tuple[str, int] | None  # post-copy: the source's lazy-pages server
 
 
@@ -103,8 +133,9 @@ class MigrationService:
     def restore_stage(self, req: RestoreStage) -> dict[str, Any]:
         """Restore a stage bundle on this node, adopt it and (unless told not to) wake it."""
         result = self._on_criu_thread(
-            stage_checkpoint.restore_stage, self.agent, req.bundle, wake_it=req.wake
-        )
+            stage_checkpoint.restore_stage, self.agent, req.bundle, wake_it=req.wake,
+            keep_newer_journal=req.keep_newer_journal,
+        )  # fmt: skip
         log("restored", stage=result["stage"], pid=result["pid"])
         return result
 
@@ -134,20 +165,39 @@ class MigrationService:
         return stage_checkpoint.node_facts(self.agent)
 
     # -- live-migration transfer (see stage_transfer) -----------------------------------
-    def page_server(self, req: PageServer) -> dict[str, Any]:
-        return self.transfers.start_page_server(req.key, req.images_dir)
+    def page_server(self, req: StageMigration) -> dict[str, Any]:
+        """Destination: a page server writing into the migration's incoming folder."""
+        return self.transfers.start_page_server(req.key, req.migration)
 
     def dump_to_page_server(self, req: DumpToPageServer) -> dict[str, Any]:
+        """Source: dump the quiesced stage, memory to the page server; seal the rest."""
         return self._on_criu_thread(
             self.transfers.dump_to_page_server,
-            req.key, req.images_dir, req.page_server, req.quiesced,
+            req.key, req.migration, req.page_server, req.quiesced,
         )  # fmt: skip
 
-    def finish_page_server(self, req: FinishPageServer) -> dict[str, Any]:
-        return self.transfers.finish_page_server(req.key, req.source_dir)
+    def finish_page_server(self, req: StageRef) -> dict[str, Any]:
+        return self.transfers.finish_page_server(req.key)
 
     def lazy_dump(self, req: LazyDump) -> dict[str, Any]:
-        return self._on_criu_thread(self.transfers.lazy_dump, req.key, req.images_dir, req.quiesced)
+        """Source: lazy-pages dump, sealed; its CRIU serves the pages."""
+        return self._on_criu_thread(self.transfers.lazy_dump, req.key, req.migration, req.quiesced)
+
+    def migration_files(self, req: MigrationRef) -> dict[str, Any]:
+        """Source: the manifest of the migration's sealed outgoing folder."""
+        return self.transfers.files(req.migration)
+
+    def migration_chunk(self, req: MigrationChunk) -> dict[str, Any]:
+        """Source: a chunk of one file the migration's manifest lists (base64)."""
+        return self.transfers.chunk(req.migration, req.file, req.offset, req.size)
+
+    def pull_migration(self, req: PullMigration) -> dict[str, Any]:
+        """Destination: pull the migration's files from the source agent; verify them."""
+        log("pull migration", stage=req.key, migration=req.migration, source=req.source)
+        result = self.transfers.pull(req.key, req.migration, req.source)
+        log("pulled migration", stage=req.key, migration=req.migration,
+            bytes=result["copied_bytes"])  # fmt: skip
+        return result
 
     def lazy_finish(self, req: StageRef) -> dict[str, Any]:
         return self.transfers.lazy_finish(req.key)
@@ -159,11 +209,20 @@ class MigrationService:
         self.transfers.lazy_destination_done(req.key)
 
     def restore_images(self, req: RestoreImages) -> dict[str, Any]:
-        return self._on_criu_thread(self.transfers.restore_images, req.images_dir, req.lazy_source)
+        """Destination: journal from the received state, restore, adopt (not woken)."""
+        return self._on_criu_thread(
+            self.transfers.restore_images, req.key, req.migration, req.lazy_source
+        )
 
     def cancel_transfer(self, req: StageRef) -> None:
         """Rollback: stop a page server or lazy-pages daemon left by a failed migration."""
         self.transfers.cancel(req.key)
+
+    def remove_migration(self, req: MigrationRef) -> dict[str, Any]:
+        """Cleanup and rollback: remove this node's folder of the migration."""
+        result = self.transfers.remove(req.migration)
+        log("removed migration", migration=req.migration, removed=result["removed"])
+        return result
 
 
 def register(agent: Agent) -> MigrationService:
@@ -178,13 +237,20 @@ def register(agent: Agent) -> MigrationService:
     ops.register("restart_stage", StageRef, service.restart_stage)
     ops.register("discard_stage", StageRef, service.discard_stage)
     ops.register("dump_stage", DumpStage, service.dump_stage)
-    ops.register("page_server", PageServer, service.page_server)
+    # a migration: source side
     ops.register("dump_to_page_server", DumpToPageServer, service.dump_to_page_server)
-    ops.register("finish_page_server", FinishPageServer, service.finish_page_server)
     ops.register("lazy_dump", LazyDump, service.lazy_dump)
+    ops.register("migration_files", MigrationRef, service.migration_files)
+    ops.register("migration_chunk", MigrationChunk, service.migration_chunk)
     ops.register("lazy_finish", StageRef, service.lazy_finish)
     ops.register("lazy_abort", StageRef, service.lazy_abort)
-    ops.register("lazy_destination_done", StageRef, service.lazy_destination_done)
+    # a migration: destination side
+    ops.register("page_server", StageMigration, service.page_server)
+    ops.register("finish_page_server", StageRef, service.finish_page_server)
+    ops.register("pull_migration", PullMigration, service.pull_migration)
     ops.register("restore_images", RestoreImages, service.restore_images)
+    ops.register("lazy_destination_done", StageRef, service.lazy_destination_done)
     ops.register("cancel_transfer", StageRef, service.cancel_transfer)
+    # a migration: both sides
+    ops.register("remove_migration", MigrationRef, service.remove_migration)
     return service

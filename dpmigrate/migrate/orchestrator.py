@@ -9,8 +9,14 @@ Phases, each timed and named in the report and the logs:
    stages on one node, tcp between nodes), stop at a batch boundary with everything
    acknowledged and their rings detached. Peers go first in pipeline order, so that each
    drain still has a running consumer.
-3. ``transfer`` — CRIU dumps the stage, leaving the source asleep (quiesced, not killed).
-4. ``restore`` — the destination's agent restores it (not yet woken) and adopts it.
+3. ``transfer`` — CRIU dumps the stage, leaving the source asleep (quiesced, not killed):
+   stop-and-copy streams its memory to a page server on the destination, post-copy keeps it
+   at the source for lazy pages. The source's agent seals the rest (images, state, context) in
+   its own folder of the migration; the destination's agent pulls it from there over the
+   agent-to-agent channel and verifies every file (see :mod:`dpmigrate.migrate.stage_transfer`).
+   The orchestrator names the migration (:attr:`Migration.id`); it creates no folder.
+4. ``restore`` — the destination's agent writes the stage's journal from the shipped state,
+   restores it (not yet woken) and adopts it.
 5. ``reconnect`` — the run's placement now says the destination; the restored stage and the
    quiesced peers wake and reopen their rings by name through their local agents, with the
    transport the new placement calls for; sequence numbers continue.
@@ -20,7 +26,9 @@ Phases, each timed and named in the report and the logs:
 **Point of no return**: after ``verify``. Until then any failure rolls back — the restored
 copy (if any) is discarded, the placement put back, the source and the peers woken where they
 were — and the stage keeps running on the source with nothing lost (its state and positions
-were never released). After it, ``cleanup`` ends the sleeping source and removes the images.
+were never released). After it, ``cleanup`` ends the sleeping source. Either way each agent
+removes its own folder of the migration; a removal that fails is logged and listed in the
+report's ``warnings``, never ignored.
 """
 
 from __future__ import annotations
@@ -28,17 +36,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import shutil
-import tempfile
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dpmigrate.cluster.store import Placement
 from dpmigrate.errors import DpmigrateError, MigrationError
 from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.manifest import App
-from dpmigrate.runtime.stagehost import read_placement, ring_transport, write_placement
+from dpmigrate.runtime.stagehost import ring_transport
 
 log = logging.getLogger("dpmigrate.migrate")
 
@@ -68,11 +76,16 @@ class MigrationReport:
     state_digest_before: str | None = None
     state_digest_after: str | None = None
     rolled_back: bool = False
+    #: from the placement's compare-and-swap to the last ring of the stage reconnected (both
+    #: ends), as the ring ends' clocks say: what the push of a move costs
+    reconnect_after_placement_s: float | None = None
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     error: str | None = None
     started_at: float = 0.0  # wall clock, for timelines
     ended_at: float = 0.0
     phase_times: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    #: clean-up and rollback steps that failed (each also logged), e.g. a folder not removed
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,7 +111,12 @@ class Migration:
         strategy: str = "stop-and-copy",
         on_phase: Callable[[str], None] | None = None,
         flow_timeout: float = FLOW_TIMEOUT_S,
+        on_step: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_phase(name)`` is called as each phase starts; ``on_step(name)`` inside a phase,
+        between its steps: ``dumped`` (transfer: the source has sealed its outgoing folder,
+        :attr:`source_bundle`; the destination has not pulled it yet). Both are for tests
+        that inject faults."""
         if strategy not in STRATEGIES:
             raise DpmigrateError(
                 f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
@@ -107,7 +125,14 @@ class Migration:
         self.strategy = strategy
         self.destination = destination
         self.on_phase = on_phase or (lambda name: None)
+        self.on_step = on_step or (lambda name: None)
         self.flow_timeout = flow_timeout
+        #: This migration's name: each agent keeps its files under ``migrations/<id>``.
+        self.id = "m" + secrets.token_hex(6)
+        #: The source's sealed folder and the destination's received one, as each agent
+        #: names them in its own view (set once they exist).
+        self.source_bundle: str | None = None
+        self.destination_bundle: str | None = None
         self._woken_version: int | None = None
         self._woken: set[str] = set()  # stages woken with the new placement
         node, app, name = cluster.find_stage(stage)
@@ -115,11 +140,13 @@ class Migration:
         self.app_name, self.stage = app, name
         self.source = node
         self._quiesced: list[_Placed] = []  # in the order they were quiesced
-        self._folder: Path | None = None
+        self._with_files: list[str] = []  # nodes that may hold a folder of this migration
         self._lazy_source: list[Any] | None = None  # post-copy: the source's page server
         self._page_server = False
         self._restored = False
         self._old_placement: dict[str, str] = {}
+        self._placed: Placement | None = None  # the stage's placement as we changed it last
+        self.placement_changed_at: float | None = None  # wall clock of the compare-and-swap
 
     # -- helpers ------------------------------------------------------------------------
     def _call(self, node: str, op: str, **args: Any) -> Any:
@@ -224,7 +251,16 @@ class Migration:
 
     def _quiesce(self, stages: dict[str, dict[str, Any]], app: App) -> dict[str, Any]:
         run_dir = Path(stages[self.stage]["run_dir"])
-        placement = read_placement(run_dir) or {s.name: s.node for s in app.stages}
+        store = self.cluster.store()
+        placed = store.placements(self.app_name)
+        self._placed = store.placement(self.app_name, self.stage)
+        if self._placed is None or self._placed.node != self.source:
+            raise MigrationError(
+                f"the cluster store places {self.report.stage} on "
+                f"{self._placed.node if self._placed else 'no node'}, not on {self.source}"
+            )
+        placement = {s.name: s.node for s in app.stages}
+        placement.update({name: p.node for name, p in placed.items()})
         self._old_placement = dict(placement)
         moved = {**placement, self.stage: self.destination}
         peers = set()
@@ -249,40 +285,52 @@ class Migration:
         return frozen
 
     def _transfer(self, frozen: dict[str, Any]) -> None:
-        folder = Path(tempfile.mkdtemp(prefix="migrate-", dir=self._run_dir))
-        self._folder = folder
-        source_dir, dest_dir = folder / "source", folder / "dest"
-        me = {"app": self.app_name, "stage": self.stage}
+        me = {"app": self.app_name, "stage": self.stage, "migration": self.id}
         if self.strategy == "post-copy":
             # the source's CRIU stays behind as the page server; pages move after the restore
-            result = self._call(self.source, "lazy_dump", **me, images_dir=str(source_dir),
-                                quiesced=frozen)  # fmt: skip
+            self._with_files.append(self.source)
+            result = self._call(self.source, "lazy_dump", **me, quiesced=frozen)
             self._lazy_source = [result["address"], result["port"]]
-            self.report.transferred_bytes = int(result["local_bytes"])
+            self.source_bundle = result["bundle"]
+            self.report.transferred_bytes = self._pull(me)
             return
-        server = self._call(self.destination, "page_server", **me, images_dir=str(dest_dir))
+        self._with_files.append(self.destination)
+        server = self._call(self.destination, "page_server", **me)
         self._page_server = True
+        self._with_files.append(self.source)
         result = self._call(
-            self.source, "dump_to_page_server", **me, images_dir=str(source_dir),
+            self.source, "dump_to_page_server", **me,
             page_server=[server["address"], server["port"]], quiesced=frozen,
         )  # fmt: skip
-        done = self._call(self.destination, "finish_page_server", **me,
-                          source_dir=str(source_dir))  # fmt: skip
+        self.source_bundle = result["bundle"]
+        done = self._call(self.destination, "finish_page_server", app=self.app_name,
+                          stage=self.stage)  # fmt: skip
         self._page_server = False
         criu = result["criu"]
         self.report.frozen_time_s = round(criu["frozen_time"] / 1e6, 4)
         self.report.pages_written = int(criu["pages_written"])
-        self.report.transferred_bytes = int(done["pages_bytes"]) + int(done["copied_bytes"])
+        self.report.transferred_bytes = int(done["pages_bytes"]) + self._pull(me)
+
+    def _pull(self, me: dict[str, str]) -> int:
+        """The destination's agent pulls the source's sealed folder from the source's agent
+        and verifies it; the bytes it copied."""
+        self.on_step("dumped")
+        if self.destination not in self._with_files:
+            self._with_files.append(self.destination)
+        source = self.cluster.node(self.source).agent_address
+        pulled = self._call(self.destination, "pull_migration", **me, source=source)
+        self.destination_bundle = pulled["bundle"]
+        return int(pulled["copied_bytes"])
 
     def _restore(self) -> None:
-        self._call(self.destination, "restore_images", images_dir=str(self._folder / "dest"),
-                   lazy_source=self._lazy_source)  # fmt: skip
+        self._call(self.destination, "restore_images", app=self.app_name, stage=self.stage,
+                   migration=self.id, lazy_source=self._lazy_source)  # fmt: skip
         self._restored = True
 
     def _reconnect(self) -> None:
         """Wake in pipeline order: a stage opens its outputs (registering them) before it
         looks up its inputs, so each finds its upstream producers already back."""
-        write_placement(self._run_dir, self._moved_placement)
+        self._move_placement(self.destination)
         for placed in self._quiesced:
             node = self.destination if placed.stage == self.stage else placed.node
             woken = self._call(node, "wake_stage", app=placed.app, stage=placed.stage,
@@ -291,6 +339,15 @@ class Migration:
             if placed.stage == self.stage:  # its state as it woke, before any new batch
                 self.report.state_digest_after = woken["state_digest"]
                 self._woken_version = woken["state_version"]
+
+    def _move_placement(self, node: str) -> None:
+        """Compare-and-swap the stage's placement to ``node`` (epoch + 1): only if nobody
+        changed it since we read it; every agent's watch learns of it at once."""
+        store = self.cluster.store()
+        self._placed = store.place(self.app_name, self.stage, node, self._placed)
+        self.placement_changed_at = time.time()
+        log.info("migration %s: placed on %s, epoch %d", self.report.stage, node,
+                 self._placed.epoch)  # fmt: skip
 
     def _on_destination(self) -> dict[str, Any] | None:
         """The stage as the destination's agent reports it (the sleeping source shares its
@@ -340,24 +397,25 @@ class Migration:
         it)."""
         me = {"app": self.app_name, "stage": self.stage}
         if self._lazy_source is not None:  # first: the source resumes (asleep, quiesced)
-            with contextlib.suppress(DpmigrateError):
-                self._call(self.source, "lazy_abort", **me)
+            self._undo(self.source, "lazy_abort", **me)
         if self._restored:
-            with contextlib.suppress(DpmigrateError):
-                self._call(self.destination, "discard_stage", **me)
+            self._undo(self.destination, "discard_stage", **me)
         if self._restored or self._page_server or self._lazy_source is not None:
-            with contextlib.suppress(DpmigrateError):
-                self._call(self.destination, "cancel_transfer", **me)
-        if self._old_placement and hasattr(self, "_run_dir"):
-            write_placement(self._run_dir, self._old_placement)
+            self._undo(self.destination, "cancel_transfer", **me)
+        if self._placed is not None and self._placed.node != self.source:
+            try:
+                self._move_placement(self.source)
+            except DpmigrateError as err:
+                log.error("rollback of %s: could not place it back on %s: %s",
+                          self.report.stage, self.source, err)  # fmt: skip
+                raise
         for placed in self._quiesced:  # pipeline order, as in _reconnect
-            with contextlib.suppress(DpmigrateError):
-                if placed.stage != self.stage and placed.stage in self._woken:
-                    self._call(placed.node, "restart_stage", app=placed.app, stage=placed.stage)
-                else:
-                    self._call(placed.node, "wake_stage", app=placed.app, stage=placed.stage,
-                               timeout=WAKE_TIMEOUT_S)  # fmt: skip
-        self._cleanup_images()
+            if placed.stage != self.stage and placed.stage in self._woken:
+                self._undo(placed.node, "restart_stage", app=placed.app, stage=placed.stage)
+            else:
+                self._undo(placed.node, "wake_stage", app=placed.app, stage=placed.stage,
+                           timeout=WAKE_TIMEOUT_S)  # fmt: skip
+        self._remove_files()
 
     def _cleanup(self) -> None:
         me = {"app": self.app_name, "stage": self.stage}
@@ -372,11 +430,23 @@ class Migration:
             )
             self.report.transferred_bytes += self.report.pages_written * 4096
         self._call(self.source, "discard_stage", **me)
-        self._cleanup_images()
+        self._remove_files()
 
-    def _cleanup_images(self) -> None:
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
+    def _remove_files(self) -> None:
+        """Each agent that may hold a folder of this migration removes its own."""
+        for node in dict.fromkeys(self._with_files):
+            self._undo(node, "remove_migration", migration=self.id)
+
+    def _undo(self, node: str, op: str, **args: Any) -> Any:
+        """One step of a rollback or clean-up that must not stop the next ones: a failure is
+        logged and listed in the report's warnings (None is returned then)."""
+        try:
+            return self._call(node, op, **args)
+        except DpmigrateError as err:
+            warning = f"{op} on {node} failed: {err}"
+            log.warning("migration %s (%s): %s", self.report.stage, self.id, warning)
+            self.report.warnings.append(warning)
+            return None
 
     # -- measuring ----------------------------------------------------------------------
     def _checker(self) -> dict[str, Any] | None:
@@ -410,10 +480,28 @@ class Migration:
             self.report.downtime_s = 0.0
         else:  # nothing had reached the consumer yet: no gap could be seen, so say unknown
             self.report.downtime_s = None
+        self._measure_reconnect(stages)
         after = self._checker()
         if before is not None and after is not None:
             self.report.lost = int(after["lost"]) - int(before["lost"])
             self.report.duplicated = int(after["duplicated"]) - int(before["duplicated"])
+
+
+    def _measure_reconnect(self, stages: dict[str, dict[str, Any]]) -> None:
+        changed = self.placement_changed_at
+        me = stages.get(self.stage)
+        if self.report.rolled_back or changed is None or me is None:
+            return
+        mine = {r["name"] for r in me.get("rings", [])}
+        times = [
+            float(r.get("connected_at", 0.0))
+            for info in stages.values()
+            for r in info.get("rings", [])
+            if r["name"] in mine
+        ]
+        after = [t - changed for t in times if t >= changed]
+        if after:
+            self.report.reconnect_after_placement_s = round(max(after), 4)
 
 
 def _has_inputs(info: dict[str, Any]) -> bool:

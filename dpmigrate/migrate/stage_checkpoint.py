@@ -48,6 +48,12 @@ def wait_phase(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = stagehost.read_status(run_dir, stage)
+        if status.get("phase") == "fenced" and status.get("time", 0) >= since:
+            fenced = status.get("fenced") or {}
+            raise CheckpointError(
+                f"stage {stage!r} stopped as a stale copy: the cluster store places it on "
+                f"{fenced.get('placed_on')} (epoch {fenced.get('placed_epoch')})"
+            )
         if phase == "running":
             woken = status.get("woken") or {}
             if woken.get("at", 0) >= since:
@@ -202,7 +208,13 @@ def checkpoint_stage(agent: Agent, key: str, out: str, leave_running: bool) -> d
             "positions": quiesced["positions"]}  # fmt: skip
 
 
-def restore_stage(agent: Agent, path: str, wake_it: bool = True) -> dict[str, Any]:
+def restore_stage(
+    agent: Agent, path: str, wake_it: bool = True, keep_newer_journal: bool = False
+) -> dict[str, Any]:
+    """Restore a stage bundle here. Its committed state becomes this node's journal of the
+    stage — unless ``keep_newer_journal`` (the stage was placed on this node all along, so
+    its journal here is the authority) and that journal is at a later point: a bundle taken
+    with ``--leave-running`` then catches up with it when it wakes."""
     bundle = bundles.load(path)
     context = bundle.rings or {}
     missing = [k for k in ("app", "stage", "manifest", "run_dir", "model") if k not in context]
@@ -219,6 +231,7 @@ def restore_stage(agent: Agent, path: str, wake_it: bool = True) -> dict[str, An
             f"stage {key!r} is running on node {agent.node}; stop it first (or migrate it)"
         )
     t0 = time.monotonic()
+    _prepare_run_folder(bundle, context, keep_newer_journal)
     logs = Path(run_dir) / "criu" / f"{stage}-{int(time.time() * 1000)}"
     logs.mkdir(parents=True, exist_ok=True)
     result = bundles.restore(bundle, restore_sibling=True, log_dir=logs)
@@ -234,6 +247,23 @@ def restore_stage(agent: Agent, path: str, wake_it: bool = True) -> dict[str, An
         "restore_s": round(time.monotonic() - t0, 4), "state_version": status["state_version"],
         "state_digest": status["state_digest"], "criu": result.as_dict(),
     }  # fmt: skip
+
+
+def _prepare_run_folder(
+    bundle: bundles.Bundle, context: dict[str, Any], keep_newer_journal: bool
+) -> None:
+    """This node's run folder for the stage, as the restored process expects it: status
+    folder there, journal holding the bundle's committed point (nodes share no files)."""
+    run_dir, stage = Path(str(context["run_dir"])), str(context["stage"])
+    stagehost.status_path(run_dir, stage).parent.mkdir(parents=True, exist_ok=True)
+    if bundle.state is None:
+        raise CheckpointError(f"bundle {bundle.path} holds no state snapshot ({bundles.STATE})")
+    state = State.restore(bundle.state)
+    journal = StageJournal(run_dir / "stages" / stage)
+    if keep_newer_journal and journal.load()[0].version > state.version:
+        return
+    positions = context.get("positions") or {}
+    journal.start_at(state, dict(positions.get("inputs", {})), dict(positions.get("outputs", {})))
 
 
 def adopt(agent: Agent, context: dict[str, Any], pid: int) -> None:
@@ -268,7 +298,7 @@ def node_facts(agent: Agent) -> dict[str, Any]:
     cfg = config.load()
     criu = CriuBinary(cfg.criu)
     facts = bundles.HostFacts.local()
-    usage = shutil.disk_usage(cfg.state_dir)
+    usage = shutil.disk_usage(agent.run_dir)  # the node's own folder, where images go
     return {
         "node": agent.node, "criu_version": criu.version_text,
         "lazy_pages": criu.check("uffd-noncoop").ok, "cpu_flags": sorted(facts.cpu_flags),

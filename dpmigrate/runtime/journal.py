@@ -21,6 +21,7 @@ import struct
 import zlib
 from pathlib import Path
 
+from dpmigrate import atomic
 from dpmigrate.errors import ConfigError
 from dpmigrate.statesync.state import Delta, State, pack, unpack
 
@@ -84,6 +85,35 @@ class StageJournal:
         self._records += 1
         if self._records >= COMPACT_EVERY and state is not None and not state.dirty:
             self._compact(state, inputs, outputs)
+
+    def start_at(self, state: State, inputs: Positions, outputs: Positions) -> None:
+        """Make this journal hold exactly one point — ``state`` with these positions — and
+        nothing else: how a node takes over a stage whose committed state it may never have
+        had (a migration's destination, before the stage runs there). The snapshot is
+        replaced first (fsynced, renamed over), then the journal emptied. Stopped between the
+        two, a load gives this state, and this point's positions when the journal left there
+        ended at this point (a folder the source shares: its records re-apply only deltas the
+        snapshot covers, ignored by version); a stale journal's positions otherwise — so call
+        this before anything runs from the folder, and let a failure end the takeover."""
+        if state.dirty:
+            raise ValueError("start_at takes a committed state, not one inside a batch")
+        self.close()
+        tmp = self._snapshot_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(pack([state.version, state.snapshot(), inputs, outputs]))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self._snapshot_path)
+        fd = os.open(
+            self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        atomic.fsync_dir(self.folder)
+        self._records = 0
 
     def _compact(self, state: State, inputs: Positions, outputs: Positions) -> None:
         tmp = self._snapshot_path.with_suffix(".tmp")
