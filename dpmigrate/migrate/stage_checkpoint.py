@@ -49,7 +49,7 @@ def wait_phase(
     while time.monotonic() < deadline:
         status = stagehost.read_status(run_dir, stage)
         if status.get("phase") == "fenced" and status.get("time", 0) >= since:
-            fenced = status.get("fenced") or {}
+            fenced = status.get("stale") or {}
             raise CheckpointError(
                 f"stage {stage!r} stopped as a stale copy: the cluster store places it on "
                 f"{fenced.get('placed_on')} (epoch {fenced.get('placed_epoch')})"

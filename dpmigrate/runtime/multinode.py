@@ -72,7 +72,8 @@ class MultiNodeRun:
             with contextlib.suppress(DpmigrateError), self.cluster.client(node.name) as agent:
                 for info in agent.call("status")["stages"]:
                     # a stage that left this node by checkpoint shows up where it was restored
-                    if info.get("app") == self.app.name and not info.get("moved"):
+                    live = not info.get("moved") and not info.get("fenced")
+                    if info.get("app") == self.app.name and live:
                         stages.append(info)
         order = {spec.name: i for i, spec in enumerate(self.app.stages)}
         return sorted(stages, key=lambda s: order.get(s["name"], 99))

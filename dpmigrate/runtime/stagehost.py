@@ -186,7 +186,7 @@ class StageHost:
                        placed_on=mine["node"], placed_epoch=mine["epoch"])  # fmt: skip
             atomic.write_json(self.status_path, {
                 "stage": self.spec.name, "phase": "fenced", "time": time.time(),
-                "fenced": {"node": self.node, "epoch": self.epoch, "placed_on": mine["node"],
+                "stale": {"node": self.node, "epoch": self.epoch, "placed_on": mine["node"],
                            "placed_epoch": mine["epoch"]},
             })  # fmt: skip
             raise Fenced(
