@@ -45,6 +45,8 @@ def report_table(report: MigrationReport) -> Table:
         table.add_row(f"  phase {phase}", f"{seconds * 1000:,.1f} ms")
     if report.error:
         table.add_row("error", report.error)
+    for warning in report.warnings:  # a clean-up step that failed (a folder left behind)
+        table.add_row("warning", warning)
     return table
 
 

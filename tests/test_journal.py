@@ -57,6 +57,32 @@ def test_compaction_snapshots_and_empties_the_journal(tmp_path: Path, monkeypatc
     assert dict(loaded) == dict(state) and (inputs, outputs) == ({"in": 6}, {"out": 12})
 
 
+def test_start_at_holds_exactly_that_point(tmp_path: Path) -> None:
+    """A migration's destination takes over a stage: whatever the folder held before (a stale
+    journal of an earlier stay), it then holds the shipped point only, and goes on from it."""
+    stale, state = StageJournal(tmp_path), State()
+    _points(stale, state, 3)
+    stale.close()
+    shipped = State({"a": 1, "b": [2, 3]}, version=40)
+    j = StageJournal(tmp_path)
+    j.start_at(shipped, {"in": 77}, {"out": 91})
+    loaded, inputs, outputs = StageJournal(tmp_path).load()
+    assert dict(loaded) == dict(shipped) and loaded.version == 40
+    assert (inputs, outputs) == ({"in": 77}, {"out": 91})
+    assert (tmp_path / "journal").stat().st_size == 0
+    loaded["c"] = 4
+    delta = loaded.commit()
+    assert delta is not None and delta.version == 41
+    j.append([delta], {"in": 78}, {"out": 92}, loaded)  # the stage goes on from the point
+    j.close()
+    again, inputs, _ = StageJournal(tmp_path).load()
+    assert again.version == 41 and again["c"] == 4 and inputs == {"in": 78}
+    dirty = State()
+    dirty["x"] = 1
+    with pytest.raises(ValueError, match="committed state"):
+        j.start_at(dirty, {}, {})
+
+
 def test_a_corrupt_snapshot_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "snapshot").write_bytes(b"\xc1 not msgpack")
     with pytest.raises(ConfigError, match=r"snapshot .* is corrupt"):

@@ -1,7 +1,10 @@
 """Memory transfer for live migration: stop-and-copy through CRIU's page server, post-copy
 through lazy pages (userfaultfd). The orchestrator drives these from the node agents: the
 source agent runs in the source node's network namespace, the destination agent in the
-destination's; both see the same filesystem only for the small images (DESIGN.md §6).
+destination's (DESIGN.md §6). Between agents nothing else is shared: the small non-memory
+images move as a sealed, verified bundle over the agents' own channel
+(:mod:`dpmigrate.migrate.stage_transfer`); :func:`copy_images` below is for two folders that
+one host sees, as in the sketches and this module's tests.
 
 Stop-and-copy — memory goes straight into the destination's images folder, nothing of it
 touches the source's disk::
