@@ -438,7 +438,7 @@ def _sample(report: MigrationReport) -> dict[str, Any]:
     r = report.as_dict()
     keys = ("downtime_s", "frozen_time_s", "total_time_s", "lost", "duplicated",
             "pages_written", "transferred_bytes", "source", "destination", "rolled_back",
-            "error", "phases")  # fmt: skip
+            "error", "phases", "reconnect_after_placement_s")  # fmt: skip
     sample = {key: r[key] for key in keys}
     sample["state_intact"] = (
         r["state_digest_before"] is not None and r["state_digest_before"] == r["state_digest_after"]
@@ -561,6 +561,9 @@ def summarise(strategy: str, mib: int, samples: list[dict[str, Any]],
         second = [s["downtime_checker_s"] for s in good if s.get("downtime_checker_s") is not None]
         row["downtime_checker_s"] = round(statistics.median(second), 4) if second else None
         row["downtime_suspect_samples"] = sum(1 for s in good if s.get("downtime_suspect"))
+        pushed = [float(s["reconnect_after_placement_s"]) for s in good
+                  if s.get("reconnect_after_placement_s") is not None]  # fmt: skip
+        row["reconnect_after_placement_s"] = round(statistics.median(pushed), 4) if pushed else None
     else:
         row["phases_median_s"] = {
             k: round(statistics.median(float(s[k]) for s in good), 4)
@@ -698,6 +701,7 @@ def render(report: dict[str, Any]) -> None:
         ("state", "right"), ("strategy", "left"), ("n", "right"), ("downtime", "right"),
         ("range", "right"), ("frozen", "right"), ("range", "right"), ("total", "right"),
         ("range", "right"), ("pages", "right"), ("lost", "right"), ("dup", "right"),
+        ("reconnect", "right"),
     ):  # fmt: skip
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     last = None
@@ -717,6 +721,8 @@ def render(report: dict[str, Any]) -> None:
             size, r["strategy"], str(r["repeats"]), *cell("downtime_s"), *cell("frozen_time_s"),
             *cell("total_time_s"), f"{r['pages_written'] or 0:,}", str(r["lost"]),
             str(r["duplicated"]),
+            "" if r.get("reconnect_after_placement_s") is None
+            else f"{r['reconnect_after_placement_s'] * 1000:.1f} ms",
         )  # fmt: skip
     console.print(table)
     order = ("dump_s", "restore_s", "preflight", "quiesce", "transfer", "restore", "reconnect",

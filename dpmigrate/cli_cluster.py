@@ -37,6 +37,17 @@ def _print_status(status: dict[str, Any], title: str) -> None:
             n["agent_socket"],
         )  # fmt: skip
     Console().print(table)
+    store = status.get("store") or {}
+    if store.get("reachable"):
+        kind = "embedded member" if store.get("embedded") else "DPMIGRATE_ETCD"
+        members = sum(1 for n in status["nodes"] if n.get("member"))
+        Console().print(
+            f"cluster store: etcd {store.get('version')} ({kind}, {store.get('endpoint')}), "
+            f"revision {store.get('revision')}; {members} of {len(status['nodes'])} nodes hold "
+            "a lease"
+        )
+    else:
+        Console().print(f"[bold red]cluster store unreachable[/bold red]: {store.get('error')}")
     if not status["healthy"]:
         Console().print(
             f"[bold red]cluster {status['id']} is not healthy[/bold red] (status "

@@ -20,6 +20,7 @@ from typing import Any
 
 from dpmigrate.checkpoint.criu_binary import CriuBinary
 from dpmigrate.config import Config
+from dpmigrate.errors import DpmigrateError, EnvironmentProblem
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -171,6 +172,46 @@ def _pycriu() -> Check:
     return Check("pycriu", OK, f"pycriu {version} importable")
 
 
+def _etcd_binary(config: Config) -> Check:
+    from dpmigrate.cluster import etcd
+
+    try:
+        path = etcd.binary(config.prefix)
+    except EnvironmentProblem as err:
+        return Check("etcd", FAIL, str(err))
+    done = _run_quiet([path, "--version"])
+    first = done.stdout.splitlines()[0] if done is not None and done.stdout else ""
+    if done is None or done.returncode != 0 or "3." not in first:
+        return Check("etcd", FAIL, f"{path} does not run (`{path} --version`); run scripts/setup")
+    return Check("etcd", OK, f"{first.strip()} at {path}")
+
+
+def _cluster_store(config: Config) -> Check:
+    """The cluster store's health: DPMIGRATE_ETCD's, else the local cluster's member."""
+    from dpmigrate.cluster.store import EtcdSettings, Store
+    from dpmigrate.runtime.cluster import LocalCluster
+
+    try:
+        if config.etcd:
+            settings = EtcdSettings.parse(config.etcd, config.etcd_ca, config.etcd_cert,
+                                          config.etcd_key)  # fmt: skip
+            where, store = config.etcd, Store(settings)
+        else:
+            cluster = LocalCluster.current(config.state_dir)
+            where, store = f"local cluster {cluster.id}", cluster.store()
+    except DpmigrateError as err:
+        if config.etcd:
+            return Check("cluster store", FAIL, str(err))
+        return Check("cluster store", OK, "no cluster is up; `dpmigrate cluster up` starts one "
+                     "etcd member (or set DPMIGRATE_ETCD)")  # fmt: skip
+    try:
+        health = store.health()
+    except DpmigrateError as err:
+        return Check("cluster store", FAIL, f"{where}: {err}")
+    return Check("cluster store", OK, f"etcd {health['version']} of {where} answers "
+                 f"({health['endpoint']}, revision {health['revision']})")  # fmt: skip
+
+
 def run(config: Config, progress: Callable[[str], None] | None = None) -> Report:
     """Run every check. Raises CriuNotFound when the configured criu cannot run at all."""
     criu = CriuBinary(config.criu)
@@ -229,4 +270,7 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> Report
     add("pipe-max-size", _pipe_max_size)
     add("rdma", _rdma)
     add("pycriu", _pycriu)
+    add("etcd", lambda: _etcd_binary(config))
+    if is_root:
+        add("cluster store", lambda: _cluster_store(config))
     return Report(criu.path, version, checks)

@@ -59,6 +59,8 @@ def test_doctor_json_shape_and_verdict(criu_path: str) -> None:
         "pipe-max-size",
         "rdma devices",
         "pycriu",
+        "etcd",
+        "cluster store",
     ):
         assert expected in names
     failed = [c for c in report["checks"] if c["status"] == "fail"]

@@ -67,6 +67,13 @@ class AgentResolver:
             )
         return Endpoint.from_dict(found)
 
+    def wait_newer(self, ring: str, generation: int, timeout: float) -> Endpoint | None:
+        """Blocks in the agent, which answers the moment its etcd watch brings a newer
+        endpoint (or when ``timeout`` ends)."""
+        found = self._call("lookup", ring=check_ring_name(ring), timeout=max(0.0, timeout),
+                           newer_than=generation)  # fmt: skip
+        return None if found is None else Endpoint.from_dict(found)
+
     def node_info(self) -> dict[str, object]:
         """The local agent's node name and the address this node's tcp rings listen on."""
         info = self._call("ping")

@@ -99,6 +99,13 @@ class Resolver(Protocol):
         """
         ...
 
+    def wait_newer(self, ring: str, generation: int, timeout: float) -> Endpoint | None:
+        """Wait up to ``timeout`` for an endpoint of ``ring`` newer than ``generation`` (a
+        producer end re-created, maybe elsewhere); None if none came. A reconnecting consumer
+        waits here instead of sleeping, so it learns of a moved producer the moment the
+        registry does (push, not poll)."""
+        ...
+
 
 class MemoryResolver:
     """A resolver for ring ends that live in one process (threads)."""
@@ -130,6 +137,18 @@ class MemoryResolver:
                     )
                 self._changed.wait(remaining)
             return self._entries[ring]
+
+    def wait_newer(self, ring: str, generation: int, timeout: float) -> Endpoint | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._changed:
+            while True:
+                found = self._entries.get(ring)
+                if found is not None and found.generation > generation:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._changed.wait(remaining)
 
 
 class DirectoryResolver:
@@ -169,3 +188,16 @@ class DirectoryResolver:
                     f"{timeout} s; is the producing stage running?"
                 )
             time.sleep(self.poll_interval)
+
+    def wait_newer(self, ring: str, generation: int, timeout: float) -> Endpoint | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            try:
+                found = self.lookup(ring, timeout=0)
+                if found.generation > generation:
+                    return found
+            except RingTimeout:
+                pass
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(self.poll_interval, max(0.0, deadline - time.monotonic())))

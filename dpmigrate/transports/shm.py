@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 from dpmigrate.errors import (
     ConfigError,
+    DpmigrateError,
     EndOfRing,
     MessageTooLarge,
     NativeError,
@@ -717,8 +718,12 @@ class ShmReceiver(RingReceiver):
             endpoint = None
         if endpoint is None or not self._connect(endpoint):
             pause = min(_RETRY, give_up - now, _RETRY if deadline is None else deadline - now)
-            if pause > 0:
-                time.sleep(pause)
+            if pause > 0:  # wait for a newer producer end; try it the moment one comes
+                known = -1 if endpoint is None else endpoint.generation
+                try:
+                    self._resolver.wait_newer(self.name, known, pause)
+                except DpmigrateError:
+                    time.sleep(pause)
 
     # -- receiving ---------------------------------------------------------------------
 

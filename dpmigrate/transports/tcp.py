@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 
 from dpmigrate.errors import (
     ConfigError,
+    DpmigrateError,
     EndOfRing,
     ProtocolError,
     RingBroken,
@@ -847,6 +848,7 @@ class TcpReceiver(RingReceiver):
         self._next_attempt = 0.0
         self._backoff = _BACKOFF_MIN
         self._producer_generation = -1
+        self._tried_generation = -1  # generation of the endpoint last tried
         self._had_producer = False
 
         self._messages = 0
@@ -869,7 +871,7 @@ class TcpReceiver(RingReceiver):
                     f"ring {name!r}: producer registered but unreachable for {connect_timeout} s "
                     f"({self._down_reason}); is the producing stage alive?"
                 )
-            time.sleep(max(0.0, min(self._next_attempt, deadline) - now))
+            self._await_producer(max(0.0, min(self._next_attempt, deadline) - now))
         self._down_since = None
 
     # ----------------------------------------------------------------- public API
@@ -1012,7 +1014,7 @@ class TcpReceiver(RingReceiver):
                         if deadline is None
                         else min(self._next_attempt, deadline)
                     )
-                    time.sleep(max(0.0, wake - now))
+                    self._await_producer(max(0.0, wake - now))
                     continue
             if self._read_once():
                 return True
@@ -1167,6 +1169,20 @@ class TcpReceiver(RingReceiver):
         except OSError as err:
             self._lose(f"write to producer {self._peer} failed: {err.strerror or err}")
 
+    def _await_producer(self, pause: float) -> None:
+        """Between two connection attempts: wait for the registry to name a producer end
+        newer than the one that failed, and try it at once when it does."""
+        if pause <= 0:
+            return
+        try:
+            newer = self._resolver.wait_newer(self.name, self._tried_generation, pause)
+        except DpmigrateError:
+            time.sleep(pause)  # the registry itself is away: plain back-off
+            return
+        if newer is not None:
+            self._next_attempt = 0.0
+            self._backoff = _BACKOFF_MIN
+
     def _connect(self) -> None:
         """One connection attempt if the back-off allows; RingBroken past the bound."""
         now = time.monotonic()
@@ -1181,6 +1197,7 @@ class TcpReceiver(RingReceiver):
         sock = None
         try:
             endpoint = self._resolver.lookup(self.name, timeout=0)
+            self._tried_generation = endpoint.generation
             if endpoint.transport != TRANSPORT:
                 raise ConfigError(
                     f"ring {self.name!r} is now served over {endpoint.transport!r}, not tcp"
