@@ -28,6 +28,11 @@ def test_environment_overrides_every_setting() -> None:
         "DPMIGRATE_RING_CAPACITY": "64",
         "DPMIGRATE_RECONNECT_TIMEOUT": "2.5",
         "DPMIGRATE_STRICT": "yes",
+        "DPMIGRATE_ETCD": "https://10.0.0.1:2379,https://10.0.0.2:2379",
+        "DPMIGRATE_ETCD_CA": "/etc/dpm/ca.pem",
+        "DPMIGRATE_ETCD_CERT": "/etc/dpm/client.pem",
+        "DPMIGRATE_ETCD_KEY": "/etc/dpm/client.key",
+        "DPMIGRATE_NODE_TTL": "7",
     }
     assert {s.env for s in SETTINGS} == set(env), "a setting was added without a test"
     cfg = Config.from_env(env)
@@ -41,6 +46,11 @@ def test_environment_overrides_every_setting() -> None:
     assert cfg.ring_capacity == 64
     assert cfg.reconnect_timeout == 2.5
     assert cfg.strict is True
+    assert cfg.etcd == "https://10.0.0.1:2379,https://10.0.0.2:2379"
+    assert (cfg.etcd_ca, cfg.etcd_cert, cfg.etcd_key) == (
+        "/etc/dpm/ca.pem", "/etc/dpm/client.pem", "/etc/dpm/client.key",
+    )  # fmt: skip
+    assert cfg.node_ttl == 7
 
 
 @pytest.mark.parametrize(
@@ -53,6 +63,10 @@ def test_environment_overrides_every_setting() -> None:
         ("DPMIGRATE_RECONNECT_TIMEOUT", "0", "positive number"),
         ("DPMIGRATE_RECONNECT_TIMEOUT", "inf", "positive number"),
         ("DPMIGRATE_STRICT", "maybe", "1/0, true/false"),
+        ("DPMIGRATE_ETCD", "10.0.0.1:2379", "http://HOST:PORT"),
+        ("DPMIGRATE_ETCD_CA", "ca.pem", "absolute path"),
+        ("DPMIGRATE_NODE_TTL", "0", "from 1 to 300"),
+        ("DPMIGRATE_NODE_TTL", "soon", "is not a number"),
         ("DPMIGRATE_LOG_LEVEL", "loud", "debug, info, warning or error"),
         ("DPMIGRATE_STATE_DIR", "relative/dir", "absolute path"),
         ("DPMIGRATE_CRIU", "criu", "absolute path"),

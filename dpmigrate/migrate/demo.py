@@ -99,9 +99,10 @@ def run_demo(
 ) -> DemoResult:
     state = Path(tempfile.mkdtemp(prefix="dpm-demo-"))
     previous = os.environ.get("DPMIGRATE_STATE_DIR")
-    os.environ["DPMIGRATE_STATE_DIR"] = str(state)  # a private cluster, whatever runs already
+    os.environ["DPMIGRATE_STATE_DIR"] = str(state / "state")  # a private cluster
     try:
-        app = _write_app(state)
+        # beside the state dir, not in it: the nodes see only their own folder of that
+        app = _write_app(Path(tempfile.mkdtemp(prefix="app-", dir=state)))
         say("computing the reference digest (the same stream, in-process)")
         ref = inprocess.summary(inprocess.run(app))["stages"]
         expected = next(s["metrics"]["digest"] for s in ref if s["name"] == "check")

@@ -33,6 +33,7 @@ report's ``warnings``, never ignored.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -328,17 +329,32 @@ class Migration:
         self._restored = True
 
     def _reconnect(self) -> None:
-        """Wake in pipeline order: a stage opens its outputs (registering them) before it
-        looks up its inputs, so each finds its upstream producers already back."""
+        """Place the stage on the destination, then wake every quiesced stage at once: each
+        reopens its rings by name, a consumer waiting in its agent until its producer has
+        registered (the watch tells it at once), so no order is needed and no wake waits
+        for another."""
         self._move_placement(self.destination)
-        for placed in self._quiesced:
+
+        def wake(placed: _Placed) -> dict[str, Any]:
             node = self.destination if placed.stage == self.stage else placed.node
-            woken = self._call(node, "wake_stage", app=placed.app, stage=placed.stage,
-                               timeout=WAKE_TIMEOUT_S)  # fmt: skip
-            self._woken.add(placed.stage)
-            if placed.stage == self.stage:  # its state as it woke, before any new batch
+            return self._call(node, "wake_stage", app=placed.app, stage=placed.stage,
+                              timeout=WAKE_TIMEOUT_S)  # fmt: skip
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(self._quiesced))) as pool:
+            futures = {placed.stage: pool.submit(wake, placed) for placed in self._quiesced}
+        errors = []
+        for stage, future in futures.items():
+            try:
+                woken = future.result()
+            except DpmigrateError as err:
+                errors.append(f"{stage}: {err}")
+                continue
+            self._woken.add(stage)
+            if stage == self.stage:  # its state as it woke, before any new batch
                 self.report.state_digest_after = woken["state_digest"]
                 self._woken_version = woken["state_version"]
+        if errors:
+            raise MigrationError("wake failed: " + "; ".join(errors))
 
     def _move_placement(self, node: str) -> None:
         """Compare-and-swap the stage's placement to ``node`` (epoch + 1): only if nobody
@@ -485,7 +501,6 @@ class Migration:
         if before is not None and after is not None:
             self.report.lost = int(after["lost"]) - int(before["lost"])
             self.report.duplicated = int(after["duplicated"]) - int(before["duplicated"])
-
 
     def _measure_reconnect(self, stages: dict[str, dict[str, Any]]) -> None:
         changed = self.placement_changed_at

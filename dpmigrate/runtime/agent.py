@@ -313,6 +313,7 @@ class Agent:
             info: dict[str, Any] = {"app": app, "name": name, "node": self.node}
             manifest, run_dir, _model = self.stage_args[key]
             info.update(stagehost.read_status(run_dir, name))
+            info.update(rss_bytes=_rss_bytes(proc.stage_pid))
             info.update(pid=proc.stage_pid, restarts=proc.restarts, finished=proc.finished,
                         moved=proc.moved, fenced=proc.fenced, run_dir=run_dir, manifest=manifest,
                         failed=proc.failed, log=str(proc.log))  # fmt: skip
@@ -345,3 +346,16 @@ class Agent:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+
+def _rss_bytes(pid: int | None) -> int | None:
+    """The resident memory of a stage process (what a CRIU dump of it moves), or None."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -67,19 +67,12 @@ class NodeStore:
         assert self.store is not None
         self._lease = Lease(self.store, self.ttl, on_lost=self._rejoin).start()
         self.store.put(f"nodes/{self.node}", self.member, lease=self._lease.id)
-        rings, revision = self.store.get_prefix("rings/")
-        placements, _ = self.store.get_prefix("placement/")
-        with self.changed:
-            self.rings = {k[len("rings/") :]: v for k, v in rings.items() if isinstance(v, dict)}
-            self.placements = {
-                k[len("placement/") :]: v for k, v in placements.items() if isinstance(v, dict)
-            }
-            self.changed.notify_all()
-        self._watches = [
-            Watch(self.store, "rings/", revision, self._on_ring, self._reset_rings).start(),
-            Watch(self.store, "placement/", revision, self._on_placement,
-                  self._reset_placements).start(),
-        ]  # fmt: skip
+        self._watches = []
+        for prefix in ("rings/", "placement/"):
+            found, revision = self.store.get_prefix(prefix)
+            on_event, on_reset = self._watcher(prefix)
+            on_reset(found, revision)
+            self._watches.append(Watch(self.store, prefix, revision, on_event, on_reset).start())
         self.log("store joined", node=self.node, lease=f"{self._lease.id:x}", ttl=self.ttl)
 
     def _rejoin(self) -> None:
@@ -104,35 +97,31 @@ class NodeStore:
             self._lease.stop(revoke=True)
 
     # -- the watches ----------------------------------------------------------------------
-    def _on_ring(self, event: Event) -> None:
-        ring = event.key[len("rings/") :]
-        with self.changed:
-            if isinstance(event.value, dict):
-                self.rings[ring] = event.value
-            else:
-                self.rings.pop(ring, None)
-            self.changed.notify_all()
+    def _mirror(self, prefix: str) -> dict[str, dict[str, Any]]:
+        return self.rings if prefix == "rings/" else self.placements
 
-    def _reset_rings(self, found: dict[str, Any], _revision: int) -> None:
-        with self.changed:
-            self.rings = {k[len("rings/") :]: v for k, v in found.items() if isinstance(v, dict)}
-            self.changed.notify_all()
+    def _watcher(self, prefix: str) -> tuple[Callable[[Event], None], Callable[..., None]]:
+        """The two callbacks that keep the copy of ``prefix`` current: one change, or (after
+        etcd compacted the revision a watch needed) a fresh read of the whole prefix."""
 
-    def _on_placement(self, event: Event) -> None:
-        key = event.key[len("placement/") :]
-        with self.changed:
-            if isinstance(event.value, dict):
-                self.placements[key] = event.value
-            else:
-                self.placements.pop(key, None)
-            self.changed.notify_all()
+        def on_event(event: Event) -> None:
+            key = event.key[len(prefix) :]
+            with self.changed:
+                if isinstance(event.value, dict):
+                    self._mirror(prefix)[key] = event.value
+                else:
+                    self._mirror(prefix).pop(key, None)
+                self.changed.notify_all()
 
-    def _reset_placements(self, found: dict[str, Any], _revision: int) -> None:
-        with self.changed:
-            self.placements = {
-                k[len("placement/") :]: v for k, v in found.items() if isinstance(v, dict)
-            }
-            self.changed.notify_all()
+        def on_reset(found: dict[str, Any], _revision: int) -> None:
+            fresh = {k[len(prefix) :]: v for k, v in found.items() if isinstance(v, dict)}
+            with self.changed:
+                mirror = self._mirror(prefix)
+                mirror.clear()
+                mirror.update(fresh)
+                self.changed.notify_all()
+
+        return on_event, on_reset
 
     # -- the ring registry ----------------------------------------------------------------
     def register(self, ring: str, endpoint: dict[str, Any]) -> None:
