@@ -94,7 +94,7 @@ from rich.table import Table
 
 from dpmigrate import config
 from dpmigrate.checkpoint.criu_binary import HARMLESS_LINES, CriuBinary
-from dpmigrate.checkpoint.criu_rpc import read_stats, remove_network_lock
+from dpmigrate.checkpoint.criu_rpc import read_stats, remove_network_lock, run_id
 from dpmigrate.migrate import LocalCluster, MigrationReport
 from dpmigrate.runtime.cluster import clean
 from dpmigrate.runtime.manifest import App
@@ -361,7 +361,10 @@ def criu_cli_sample(scratch: Scratch, netns: str, mib: int, index: int) -> dict[
         if frozen is None:
             raise BenchError("the baseline worker left no stamp")
         dumped = read_stats(str(images), "dump")
-        remove_network_lock(netns)  # the lock CRIU leaves; the restore is its own
+        # The lock table this dump leaves (the restore makes its own), by the dump's run id.
+        lock = remove_network_lock(netns, run_id=run_id(str(images), str(images / "dump.log")))
+        if not lock.ok:
+            raise BenchError(str(lock))
 
         started = time.monotonic()
         with open(work / "restore.out", "wb") as out:

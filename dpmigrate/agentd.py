@@ -4,7 +4,8 @@ It is the composition root (DESIGN.md §2, §7): it builds the runtime's agent c
 (:class:`~dpmigrate.runtime.agent.Agent`) and registers on it the services that sit above the
 runtime — checkpoint and migration (:mod:`dpmigrate.migrate.agent_service`) — so that the
 runtime never imports them and the agent stays the only process of its node that runs CRIU.
-The environment is read here, once.
+The environment is read here, once, and passed on as values: the log level (its event
+stream), the token, the state dir, etcd's settings, the criu binary.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pathlib import Path
 from dpmigrate import config
 from dpmigrate.cluster import nodefs
 from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
+from dpmigrate.errors import ConfigError
+from dpmigrate.eventlog import EventLog
 from dpmigrate.migrate import agent_service
-from dpmigrate.runtime.agent import ABSTRACT_NAME, Agent, log
+from dpmigrate.runtime.agent import ABSTRACT_NAME, Agent
 from dpmigrate.runtime.node_store import NodeStore
 
 #: How long a starting agent waits for etcd before it gives up.
@@ -34,10 +37,15 @@ def build(
     run_dir: Path,
     address: str = "127.0.0.1",
     store: NodeStore | None = None,
+    *,
+    log: EventLog | None = None,
+    criu: str | None = None,
 ) -> Agent:
-    """An agent with every service registered, not yet listening."""
-    agent = Agent(node, token, run_dir, address, store)
-    agent_service.register(agent)
+    """An agent with every service registered, not yet listening. ``log``: its event stream
+    (default: stdout at info); ``criu``: the criu binary (default: where scripts/setup puts
+    it — :func:`main` passes ``DPMIGRATE_CRIU``)."""
+    agent = Agent(node, token, run_dir, address, store, log)
+    agent_service.register(agent, criu or config.Config.from_env({}).criu)
     return agent
 
 
@@ -54,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         help="see only this node's folder of the state dir (a local cluster's node)",
     )
     args = parser.parse_args(argv)
-    cfg = config.load()
+    try:
+        cfg = config.load()
+    except ConfigError as err:  # one line, as the CLI says it
+        print(f"dpmigrate agent: {err}", file=sys.stderr)
+        return 2
+    log = EventLog(cfg.log_level, node=args.node)
     if not cfg.token:
         print("dpmigrate agent: DPMIGRATE_TOKEN is not set; every agent of a cluster needs the "
               "cluster token", file=sys.stderr)  # fmt: skip
@@ -69,22 +82,22 @@ def main(argv: list[str] | None = None) -> int:
         member = {"node": args.node, "address": address, "agent": args.listen or "",
                   "pid": os.getpid(), "since": time.time()}  # fmt: skip
         store = NodeStore(Store(settings), args.node, member, cfg.node_ttl, log)
-    agent = build(args.node, cfg.token, base, address, store)
+    agent = build(args.node, cfg.token, base, address, store, log=log, criu=cfg.criu)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=agent.shutdown).start())
     signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=agent.shutdown).start())
     try:
         agent.store.start(timeout=_STORE_JOIN_TIMEOUT_S)
     except StoreUnavailable as err:
-        log("agent failed", node=args.node, error=str(err))
+        log("agent failed", level="error", error=str(err))
         return 1
     agent.listen(ABSTRACT_NAME)
     if args.socket:
         agent.listen(str(base / args.socket) if args.isolate else args.socket)
     if args.listen:
         agent.listen(args.listen)
-    log("agent started", node=args.node, pid=os.getpid(), operations=agent.operations.names())
+    log("agent started", pid=os.getpid(), operations=agent.operations.names())
     agent.run()
-    log("agent stopped", node=args.node)
+    log("agent stopped")
     return 0
 
 

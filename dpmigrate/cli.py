@@ -122,7 +122,8 @@ def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool, de
     """Run an app in the foreground and print a summary at the end."""
     from dpmigrate.runtime.manifest import App
 
-    app = App.load(manifest)
+    cfg = config.load()  # a ring the manifest gives no capacity gets DPMIGRATE_RING_CAPACITY
+    app = App.load(manifest, ring_capacity=cfg.ring_capacity)
     console = Console(stderr=True)
     live_view = not as_json and console.is_terminal
     rates = _RateView(console)
@@ -139,7 +140,9 @@ def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool, de
             from dpmigrate.runtime.multiprocess import MultiProcessRun
 
             events = console.print if not as_json else (lambda message: None)
-            run = MultiProcessRun(app, on_event=lambda m: events(f"[dim]{m}[/dim]"))
+            run = MultiProcessRun(
+                app, on_event=lambda m: events(f"[dim]{m}[/dim]"), state_dir=cfg.state_dir
+            )
             try:
                 run.start()
                 finished = run.wait(duration, on_tick=rates.show if live_view else None)

@@ -124,18 +124,17 @@ def checkpoint_cmd(
         made, result = bundle.create(
             out, pid, leave_running=leave_running, netns=netns, progress=progress
         )
-        # The tree ended, or goes on and must not stay cut off: drop this dump's lock table.
-        removed = (
-            criu_rpc.remove_network_lock(netns, run_id=result.criu_run_id)
-            if result.network_lock_tables and result.criu_run_id
-            else []
-        )
+        # The tree ended, or goes on and must not stay cut off: drop this dump's lock table
+        # (that one only, by the dump's run id).
+        lock = criu_rpc.remove_network_lock(netns, run_id=result.criu_run_id)
+    if not lock.ok:
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {lock}", highlight=False)
     if as_json:
         _print_json(
             {
                 "bundle": str(made.path), "pid": pid, "leave_running": leave_running,
                 "limits": [limit.as_dict() for limit in found], "dump": result.as_dict(),
-                "sizes": made.manifest["sizes"], "network_lock_removed": removed,
+                "sizes": made.manifest["sizes"], "network_lock": lock.as_dict(),
             }
         )  # fmt: skip
         return

@@ -59,7 +59,7 @@ def test_sigkilled_stage_restarts_without_loss(
     app = App.load(manifest)
     expected = reference_checker(app)
     events: list[str] = []
-    run = MultiProcessRun(app, on_event=events.append)
+    run = MultiProcessRun(app, on_event=events.append, state_dir=str(state_dir))
     try:
         run.start()
         deadline = time.monotonic() + 60
@@ -92,7 +92,7 @@ def test_sigterm_stops_a_stage_cleanly_and_a_restart_resumes(
     manifest = paced_flows(tmp_path, total=30000, rate=15000)
     app = App.load(manifest)
     expected = reference_checker(app)
-    run = MultiProcessRun(app)
+    run = MultiProcessRun(app, state_dir=str(state_dir))
     try:
         run.start()
         deadline = time.monotonic() + 60
@@ -134,7 +134,7 @@ def test_quiesce_detaches_everything_and_wake_resumes(tmp_path: Path, state_dir:
     require("root")
     app = App.load(paced_flows(tmp_path, total=30000, rate=15000))
     expected = reference_checker(app)
-    run = MultiProcessRun(app)
+    run = MultiProcessRun(app, state_dir=str(state_dir))
     try:
         run.start()
         deadline = time.monotonic() + 60

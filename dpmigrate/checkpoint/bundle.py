@@ -113,10 +113,12 @@ class HostFacts:
     criu_problem: str = ""
 
     @classmethod
-    def local(cls) -> HostFacts:
+    def local(cls, criu: str | None = None) -> HostFacts:
+        """This machine's facts; ``criu``: the criu binary (an agent passes the one it was
+        configured with; default: this process's ``DPMIGRATE_CRIU``)."""
         version, problem = None, ""
         try:
-            version = CriuBinary(config.load().criu).version_text
+            version = CriuBinary(criu or config.load().criu).version_text
         except DpmigrateError as err:
             problem = str(err)
         return cls(version, tuple(cpu_flags()), platform.release(), platform.machine(), problem)

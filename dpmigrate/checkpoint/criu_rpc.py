@@ -12,11 +12,15 @@ Facts this module is built around (measured here, DESIGN.md §4):
   through a private loader). To run it inside a network namespace, a per-call wrapper does
   ``nsenter --net=PATH -- <criu> "$@"`` — not ``ip netns exec``, which adds a mount namespace.
   CRIU needs ``lo`` up in the namespace it runs in.
-* A dump of a process *in its own network namespace*, or with TCP sockets, locks the network
-  with an nftables table ``CRIU-*`` that CRIU may leave behind. Call
-  :func:`remove_network_lock` for that namespace once the dumped process is done with it: after
-  a successful restore elsewhere, or after a dump with ``leave_running=True`` when the original
-  goes on. (A dump with nothing to lock leaves no table; calling it then is harmless.)
+* A dump with ``network_lock="nftables"`` locks the network with an nftables table of its
+  own, ``inet CRIU-<run id>`` (CRIU's ``criu/netfilter.c``, ``nftables_get_table``): in the
+  namespace of the dumped tree when it has its own, else in the namespace CRIU runs in (there
+  the table only drops the tree's TCP connections). The run id is a UUID CRIU makes for each
+  RPC session (``util_init``; the caller cannot choose it) and records in the dump's
+  ``inventory.img`` (``dump_criu_run_id``) and log (``CRIU run id = ...``). CRIU removes the
+  table itself after a failed dump and after one with ``leave_running``; after any other it
+  stays, for the restore to remove. Call :func:`remove_network_lock` with that run id once the
+  dumped process is done with the namespace — it removes exactly that table, never another.
 * A restore with ``restore_sibling=True`` (the default) makes the restored root a *child of
   the calling process* (CLONE_PARENT). CRIU also restores the task's parent-death signal: a
   process started by ``unshare --kill-child`` (as the supervisor starts stages) is SIGKILLed
@@ -53,7 +57,7 @@ import pycriu.rpc_pb2 as rpc
 
 from dpmigrate import config
 from dpmigrate.checkpoint.criu_binary import HARMLESS_LINES
-from dpmigrate.errors import CheckpointError, EnvironmentProblem
+from dpmigrate.errors import CheckpointError, DpmigrateError, EnvironmentProblem
 
 #: pycriu's module (the package re-exports the class `criu` under the same name).
 _pycriu_criu = importlib.import_module("pycriu.criu")
@@ -101,9 +105,11 @@ class DumpResult:
     shpages_written: int = 0
     #: CRIU's id of this dump run (inventory.img); its lock table is named after it.
     criu_run_id: str = ""
-    #: nftables tables this dump left in the namespace ("FAMILY NAME"; see
-    #: :func:`remove_network_lock`).
+    #: The lock table this dump left in the namespace, as "FAMILY NAME" (none, or this
+    #: dump's own: see :func:`network_lock_table`, :func:`remove_network_lock`).
     network_lock_tables: list[str] = dataclasses.field(default_factory=list)
+    #: Why :attr:`network_lock_tables` could not be listed ("" when it could).
+    network_lock_problem: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -529,14 +535,34 @@ def dump_result(
     )  # fmt: skip
     _fill(result, read_stats(log_dir, "dump") or read_stats(images_dir, "dump"))
     result.criu_run_id = _run_id(images_dir)
-    result.network_lock_tables = network_lock_tables(netns, run_id=result.criu_run_id or None)
+    if result.criu_run_id:
+        try:
+            result.network_lock_tables = network_lock_tables(netns, run_id=result.criu_run_id)
+        except DpmigrateError as err:  # the dump itself succeeded: say so, and why not this
+            result.network_lock_problem = str(err)
     return result
 
 
-def run_id(images_dir: str | os.PathLike[str]) -> str:
-    """CRIU's id of the dump in ``images_dir`` ("" if none): its lock table is named after it
-    (see :func:`remove_network_lock`)."""
-    return _run_id(os.fspath(images_dir))
+def run_id(images_dir: str | os.PathLike[str] | None, log_file: str | None = None) -> str:
+    """CRIU's id of a dump ("" if unknown): its lock table is named after it (see
+    :func:`remove_network_lock`).
+
+    From the dump's ``inventory.img`` in ``images_dir``; failing that (a dump that ended
+    before writing it — killed, say) from its log ``log_file``, whose last ``CRIU run id =``
+    line is the dump's (the first one, when there are two, is the parent criu's)."""
+    found = _run_id(os.fspath(images_dir)) if images_dir is not None else ""
+    if found or log_file is None:
+        return found
+    try:
+        with open(log_file, errors="replace") as log:
+            ids = [line.rsplit("=", 1)[1].strip() for line in log if _LOG_RUN_ID in line]
+    except OSError:
+        return ""
+    return ids[-1] if ids else ""
+
+
+#: How CRIU's log names the run id of the session (criu/util.c, util_init).
+_LOG_RUN_ID = "CRIU run id = "
 
 
 def _run_id(images_dir: str) -> str:
@@ -649,47 +675,128 @@ def _nft(netns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
         raise CheckpointError(f"`{' '.join(cmd)}` did not finish in 30 s") from err
 
 
-def network_lock_tables(netns: str | None = None, *, run_id: str | None = None) -> list[str]:
-    """The ``CRIU-*`` nftables tables in ``netns`` (None: the caller's), as "FAMILY NAME".
+#: The nftables family of CRIU's lock table.
+LOCK_TABLE_FAMILY = "inet"
+#: CRIU up to 4.2 formats "inet CRIU-<run id>" into a 32-byte buffer (criu/netfilter.c
+#: ``nftables_get_table``, its callers in criu/net.c): the name keeps 21 of the run id's 36
+#: characters. Later CRIU sizes the buffer for the whole id.
+_CRIU_TABLE_BUFFER = 32
 
-    With ``run_id`` (:attr:`DumpResult.criu_run_id`) only that dump's table: CRIU names it
-    ``CRIU-<run id>``, cut to nftables' name length.
+
+def network_lock_table(run_id: str) -> list[str]:
+    """The names the lock table of the dump ``run_id`` can have, as "FAMILY NAME": the one
+    CRIU 4.2 gives it (cut to its buffer) and the whole one of later CRIU. Exact names —
+    ``CRIU-`` followed by something else is another dump's table, or nobody's."""
+    if not run_id or any(c.isspace() for c in run_id):
+        raise ValueError(f"not a CRIU run id: {run_id!r}")
+    whole = f"{LOCK_TABLE_FAMILY} CRIU-{run_id}"
+    return list(dict.fromkeys((whole[: _CRIU_TABLE_BUFFER - 1], whole)))
+
+
+def network_lock_tables(netns: str | None = None, *, run_id: str | None = None) -> list[str]:
+    """Tables named ``CRIU-*`` in ``netns`` (None: the caller's), as "FAMILY NAME"; [] when
+    nft is not installed. For reports and tests: nothing is ever removed by this pattern.
+
+    With ``run_id`` (:attr:`DumpResult.criu_run_id`) only that dump's table, by its exact name
+    (:func:`network_lock_table`). CheckpointError when nft cannot list the namespace.
     """
     if shutil.which("nft") is None:
         return []
+    wanted = set(network_lock_table(run_id)) if run_id is not None else None
+    return [t for t in _criu_tables(netns) if wanted is None or t in wanted]
+
+
+def _criu_tables(netns: str | None) -> list[str]:
     listing = _nft(netns, "list", "tables")
+    if listing.returncode != 0:
+        where = netns or "the caller's network namespace"
+        why = listing.stderr.strip() or f"exit status {listing.returncode}"
+        raise CheckpointError(f"nft could not list the tables of {where}: {why}")
     tables = []
     for line in listing.stdout.splitlines():
         parts = line.split()
         if len(parts) == 3 and parts[0] == "table" and parts[2].startswith("CRIU-"):
-            if run_id is not None and not f"CRIU-{run_id}".startswith(parts[2]):
-                continue
             tables.append(f"{parts[1]} {parts[2]}")
     return tables
 
 
-def remove_network_lock(netns: str | None = None, *, run_id: str | None = None) -> list[str]:
-    """Delete the ``CRIU-*`` nftables tables a dump left in ``netns`` (None: the caller's).
+@dataclasses.dataclass(frozen=True)
+class LockRemoval:
+    """What :func:`remove_network_lock` did with one dump's lock table.
 
-    A dump that locks the network (a process in its own namespace, or with TCP sockets) blocks
-    that namespace's traffic with such a table, and CRIU may leave it. Call this when the
-    dumped process is done with the namespace: after the restored copy runs elsewhere, after a
-    ``leave_running`` dump whose original goes on, or after giving up on a restore and
-    resuming the original. Only tables that exist there and are named ``CRIU-*`` are
-    deleted — with ``run_id`` only the one of that dump, so a dump running at the same time
-    in the same namespace keeps its lock; returns them ("FAMILY NAME").
+    ``outcome``: ``removed``; ``absent`` (no such table: CRIU removed it itself — after a
+    ``leave_running`` or a failed dump — or never made one); ``unknown`` (no run id: nothing
+    to look for, so nothing was touched); ``failed`` (the table may still be there; ``detail``
+    says why and what to do).
     """
-    removed = []
-    for table in network_lock_tables(netns, run_id=run_id):
-        family, name = table.split()
+
+    run_id: str
+    netns: str  # "" for the caller's namespace
+    outcome: str
+    table: str = ""  # "FAMILY NAME" of the table removed, or of the one that could not be
+    detail: str = ""
+
+    @property
+    def removed(self) -> bool:
+        return self.outcome == "removed"
+
+    @property
+    def ok(self) -> bool:
+        """Nothing of this dump locks the namespace any more (as far as can be known)."""
+        return self.outcome in ("removed", "absent")
+
+    def __str__(self) -> str:
+        where = self.netns or "the caller's network namespace"
+        if self.outcome == "removed":
+            return f"removed CRIU's lock table {self.table} from {where}"
+        if self.outcome == "absent":
+            return f"no lock table of CRIU run {self.run_id} in {where}: nothing to remove"
+        if self.outcome == "unknown":
+            return f"no CRIU run id known, so no lock table looked for in {where}: {self.detail}"
+        return f"could not remove CRIU's lock table {self.table or self.run_id} in {where}: " + (
+            self.detail
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "message": str(self)}
+
+
+def remove_network_lock(netns: str | None = None, *, run_id: str) -> LockRemoval:
+    """Delete the nftables table the dump ``run_id`` (:attr:`DumpResult.criu_run_id`, or
+    :func:`run_id`) locked ``netns`` with (None: the caller's namespace) — that table only.
+
+    Call it when the dumped process is done with the namespace: after the restored copy runs
+    elsewhere, after a dump that ended the process, or after giving up on a restore and
+    resuming the original. Never raises for what it finds: the answer says whether the table
+    was removed, was not there, or could not be removed (and why) — the caller logs it and
+    reports a failure; tables of other dumps, at the same time in the same namespace, and any
+    other ``CRIU-*`` table are left alone.
+    """
+    where = netns or ""
+    if not run_id:
+        return LockRemoval("", where, "unknown", detail="the dump left no inventory.img and no "
+                           "run id in its log")  # fmt: skip
+    try:
+        if shutil.which("nft") is None:
+            raise EnvironmentProblem("`nft` is missing; apt-get install nftables")
+        present = network_lock_tables(netns, run_id=run_id)
+    except (DpmigrateError, ValueError) as err:
+        return LockRemoval(run_id, where, "failed", detail=str(err))
+    if not present:
+        return LockRemoval(run_id, where, "absent")
+    table = present[0]
+    family, name = table.split()
+    try:
         result = _nft(netns, "delete", "table", family, name)
-        if result.returncode != 0:
-            raise CheckpointError(
-                f"could not delete nftables table {table} in "
-                f"{netns or 'the host namespace'}: {result.stderr.strip()}"
-            )
-        removed.append(table)
-    return removed
+    except DpmigrateError as err:
+        return LockRemoval(run_id, where, "failed", table, str(err))
+    if result.returncode != 0:
+        detail = f"nft: {result.stderr.strip() or f'exit status {result.returncode}'}; " + (
+            f"delete it with `nft delete table {table}`"
+            + (f" inside `nsenter --net={netns}`" if netns else "")
+        )
+        return LockRemoval(run_id, where, "failed", table, detail)
+    return LockRemoval(run_id, where, "removed", table)
 
 
 def check() -> None:

@@ -39,8 +39,9 @@ How CRIU 4.2.1 behaves here (measured on this machine, kernel 6.18, over RPC):
   the log stay in the source's folder (about 12 KiB of images for a small Python process).
 * A dump with ``ps`` (page server) and ``leave_running=True`` works: the source is frozen
   for ``frozen_time``, then resumes (state ``S``), and CRIU removes its own nftables lock.
-  Without ``leave_running`` CRIU kills the source and leaves its ``CRIU-*`` lock table in
-  the source namespace (remove it with :func:`criu_rpc.remove_network_lock`).
+  Without ``leave_running`` CRIU kills the source and leaves its lock table (``CRIU-`` and
+  the dump's run id) in the source namespace: remove that one with
+  :func:`criu_rpc.remove_network_lock` and the result's ``criu_run_id``.
 * A lazy dump (``opts.lazy_pages``) does not answer the DUMP request until the transfer is
   over. It writes every image but the lazy pages (the non-lazy pages — vdso and similar,
   ~1.8 MiB for Python — go to a local ``pages-*.img``), then the swrk itself becomes the page
@@ -251,8 +252,9 @@ def dump_to_page_server(
     Only the small non-memory images land in ``images_dir`` (pass them on with
     :func:`copy_images`). ``leave_running=True``: the source resumes after ``frozen_time`` and
     can be taken back by doing nothing; CRIU removes its network lock then. Without it the
-    source is killed and its ``CRIU-*`` lock table stays in ``netns`` (see
-    :func:`criu_rpc.remove_network_lock`). Other options go to :func:`criu_rpc.dump`.
+    source is killed and its lock table stays in ``netns`` (remove it with
+    :func:`criu_rpc.remove_network_lock` and the result's ``criu_run_id``). Other options go
+    to :func:`criu_rpc.dump`.
     """
     if netns is not None:  # our socket would live in the wrong namespace: let CRIU connect
         return criu_rpc.dump(
@@ -534,9 +536,9 @@ class LazySource:
         detail = what if self._error is None else f"{what}: {self._error}"
         return criu_rpc.criu_failure("dump --lazy-pages", self.log_file, detail)
 
-    def abort(self) -> list[str]:
-        """Roll back: resume the source, whatever the destination did; returns the nftables
-        lock tables removed from the source's namespace.
+    def abort(self) -> criu_rpc.LockRemoval:
+        """Roll back: resume the source, whatever the destination did; returns what became of
+        the dump's nftables lock table in the source's namespace (removed, or absent).
 
         While the dump still waits or serves, its criu (our child) is SIGKILLed: ptrace lets
         go of the frozen tasks and they run on with their memory intact. Call this *before*
@@ -544,7 +546,7 @@ class LazySource:
         nothing to resume unless ``leave_running`` (CheckpointError otherwise).
         """
         if self._thread is None:
-            return []
+            return criu_rpc.LockRemoval("", self.netns or "", "unknown", detail="never started")
         if not self._finished.is_set():
             self._aborted = True
             assert self._swrk is not None
@@ -557,9 +559,8 @@ class LazySource:
                 "nothing to resume (use leave_running=True to keep a way back)"
             )
         self._cleanup()
-        run_id = criu_rpc.run_id(self.images_dir)
-        if not run_id:  # no inventory: never remove tables of unknown dumps
-            return []
+        # The dump's own table only: from its inventory, or its log when it was cut short.
+        run_id = criu_rpc.run_id(self.images_dir, self.log_file)
         return criu_rpc.remove_network_lock(self.netns, run_id=run_id)
 
     def stop(self) -> None:

@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 
 from dpmigrate.checkpoint import bundle as bundles
 from dpmigrate.migrate import stage_checkpoint, stage_transfer
-from dpmigrate.runtime.agent import Agent, StageRef, log
+from dpmigrate.runtime.agent import Agent, StageRef
 from dpmigrate.runtime.operations import AbsPath, Name, NoArgs, Request, Rule
 
 T = TypeVar("T")
@@ -109,9 +109,10 @@ class RestoreImages(StageMigration):
 class MigrationService:
     """The checkpoint and migration operations of one agent, and their state."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, criu: str) -> None:
         self.agent = agent
-        self.transfers = stage_transfer.Transfers(agent)
+        self.criu = criu  # the criu binary (DPMIGRATE_CRIU, as the agent program read it)
+        self.transfers = stage_transfer.Transfers(agent, criu)
         #: Every CRIU dump and restore runs on this one thread, which lives as long as the agent:
         #: a restored process's parent is the thread that ran criu, and the parent-death signal
         #: CRIU restores would fire when that thread ended.
@@ -123,11 +124,11 @@ class MigrationService:
     # -- checkpoint and restore (see stage_checkpoint) ----------------------------------
     def checkpoint_stage(self, req: CheckpointStage) -> dict[str, Any]:
         """Quiesce a stage and dump it with CRIU into a bundle."""
-        log("checkpoint", stage=req.key, out=req.out, leave_running=req.leave_running)
+        self.agent.log("checkpoint", stage=req.key, out=req.out, leave_running=req.leave_running)
         result = self._on_criu_thread(
             stage_checkpoint.checkpoint_stage, self.agent, req.key, req.out, req.leave_running
         )
-        log("checkpointed", stage=req.key, frozen_time_us=result["criu"]["frozen_time"])
+        self.agent.log("checkpointed", stage=req.key, frozen_time_us=result["criu"]["frozen_time"])
         return result
 
     def restore_stage(self, req: RestoreStage) -> dict[str, Any]:
@@ -136,7 +137,7 @@ class MigrationService:
             stage_checkpoint.restore_stage, self.agent, req.bundle, wake_it=req.wake,
             keep_newer_journal=req.keep_newer_journal,
         )  # fmt: skip
-        log("restored", stage=result["stage"], pid=result["pid"])
+        self.agent.log("restored", stage=result["stage"], pid=result["pid"])
         return result
 
     def quiesce_stage(self, req: StageRef) -> dict[str, Any]:
@@ -147,11 +148,11 @@ class MigrationService:
         return stage_checkpoint.wake_stage(self.agent, req.key, timeout)
 
     def restart_stage(self, req: StageRef) -> dict[str, Any]:
-        log("restart", stage=req.key)
+        self.agent.log("restart", stage=req.key)
         return stage_checkpoint.restart_stage(self.agent, req.key)
 
     def discard_stage(self, req: StageRef) -> None:
-        log("discard", stage=req.key)
+        self.agent.log("discard", stage=req.key)
         stage_checkpoint.discard_stage(self.agent, req.key)
 
     def dump_stage(self, req: DumpStage) -> dict[str, Any]:
@@ -162,7 +163,7 @@ class MigrationService:
 
     def facts(self, _: NoArgs) -> dict[str, Any]:
         """What a migration's pre-flight compares: CRIU, CPU flags, kernel, free space."""
-        return stage_checkpoint.node_facts(self.agent)
+        return stage_checkpoint.node_facts(self.agent, self.criu)
 
     # -- live-migration transfer (see stage_transfer) -----------------------------------
     def page_server(self, req: StageMigration) -> dict[str, Any]:
@@ -193,10 +194,10 @@ class MigrationService:
 
     def pull_migration(self, req: PullMigration) -> dict[str, Any]:
         """Destination: pull the migration's files from the source agent; verify them."""
-        log("pull migration", stage=req.key, migration=req.migration, source=req.source)
+        self.agent.log("pull migration", stage=req.key, migration=req.migration, source=req.source)
         result = self.transfers.pull(req.key, req.migration, req.source)
-        log("pulled migration", stage=req.key, migration=req.migration,
-            bytes=result["copied_bytes"])  # fmt: skip
+        self.agent.log("pulled migration", stage=req.key, migration=req.migration,
+                       bytes=result["copied_bytes"])  # fmt: skip
         return result
 
     def lazy_finish(self, req: StageRef) -> dict[str, Any]:
@@ -221,13 +222,14 @@ class MigrationService:
     def remove_migration(self, req: MigrationRef) -> dict[str, Any]:
         """Cleanup and rollback: remove this node's folder of the migration."""
         result = self.transfers.remove(req.migration)
-        log("removed migration", migration=req.migration, removed=result["removed"])
+        self.agent.log("removed migration", migration=req.migration, removed=result["removed"])
         return result
 
 
-def register(agent: Agent) -> MigrationService:
-    """Serve checkpoint and migration on ``agent`` (before it starts listening)."""
-    service = MigrationService(agent)
+def register(agent: Agent, criu: str) -> MigrationService:
+    """Serve checkpoint and migration on ``agent`` (before it starts listening); ``criu`` is
+    the criu binary to report in the node's facts."""
+    service = MigrationService(agent, criu)
     ops = agent.operations
     ops.register("facts", NoArgs, service.facts)
     ops.register("checkpoint_stage", CheckpointStage, service.checkpoint_stage)

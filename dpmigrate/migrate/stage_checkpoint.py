@@ -5,9 +5,10 @@ registered on the agent by :mod:`dpmigrate.migrate.agent_service`.
 
 Checkpoint: quiesce the stage (SIGUSR2: everything out and acknowledged, rings detached, no
 socket or growing file open), take its committed state from the journal, dump the process
-tree with CRIU into a bundle (state snapshot and ring positions included), remove CRIU's
-network-lock table, and — with ``leave_running`` — wake it again (SIGUSR1). Any failure wakes
-the stage where it is: a failed checkpoint never loses the stage.
+tree with CRIU into a bundle (state snapshot and ring positions included), remove the
+network-lock table of that dump (by the dump's run id: :func:`release_network_lock`), and —
+with ``leave_running`` — wake it again (SIGUSR1). Any failure wakes the stage where it is: a
+failed checkpoint never loses the stage.
 
 Restore: verify the bundle, restore the tree with CRIU inside this node's namespace as a child
 of the agent, adopt it into the supervisor (a later crash restarts it from its journal), and
@@ -140,17 +141,37 @@ def dump_stage(
             out, pid, state=state.snapshot(), rings=context, stage=key, node=agent.node,
             leave_running=leave_running,
         )  # fmt: skip
+    except CheckpointError as err:
+        proc.checkpointing = False
+        release_network_lock(agent, key, criu_rpc.run_id(None, err.log_file))
+        raise
     except BaseException:
         proc.checkpointing = False
         raise
-    finally:
-        criu_rpc.remove_network_lock()
+    lock = release_network_lock(agent, key, result.criu_run_id)
     if leave_running:
         proc.checkpointing = False
     return {"bundle": str(bundle.path), "stage": key, "node": agent.node,
             "leave_running": leave_running, "state_version": state.version,
             "state_digest": state.digest(), "bytes": bundle.manifest["sizes"]["total"],
-            "criu": result.as_dict()}  # fmt: skip
+            "criu": result.as_dict(), "network_lock": lock}  # fmt: skip
+
+
+def release_network_lock(agent: Agent, key: str, run_id: str) -> dict[str, Any]:
+    """Remove the nftables table with which the dump ``run_id`` of stage ``key`` locked this
+    node's network namespace — that table and no other (CRIU ran here, in the agent's
+    namespace, so the table is here too) — and report it (:func:`report_network_lock`)."""
+    return report_network_lock(agent, key, criu_rpc.remove_network_lock(run_id=run_id))
+
+
+def report_network_lock(agent: Agent, key: str, outcome: criu_rpc.LockRemoval) -> dict[str, Any]:
+    """Log what became of a dump's lock table — removed or absent at info, a failure (or no
+    run id to look for) as a warning — and return it for the operation's reply, so that the
+    caller can report a table left behind."""
+    agent.log("network lock " + outcome.outcome, level="info" if outcome.ok else "warning",
+              stage=key, run_id=outcome.run_id, table=outcome.table,
+              detail=str(outcome))  # fmt: skip
+    return outcome.as_dict()
 
 
 def restart_stage(agent: Agent, key: str) -> dict[str, Any]:
@@ -290,14 +311,13 @@ def wake(pid: int) -> None:
         raise DpmigrateError(f"stage process {pid} is gone; it cannot be woken") from err
 
 
-def node_facts(agent: Agent) -> dict[str, Any]:
-    """CRIU version and features, CPU flags, kernel and free space of this node."""
-    from dpmigrate import config
+def node_facts(agent: Agent, criu_path: str) -> dict[str, Any]:
+    """CRIU version and features, CPU flags, kernel and free space of this node (``criu_path``:
+    the criu binary the agent was configured with)."""
     from dpmigrate.checkpoint.criu_binary import CriuBinary
 
-    cfg = config.load()
-    criu = CriuBinary(cfg.criu)
-    facts = bundles.HostFacts.local()
+    criu = CriuBinary(criu_path)
+    facts = bundles.HostFacts.local(criu_path)
     usage = shutil.disk_usage(agent.run_dir)  # the node's own folder, where images go
     return {
         "node": agent.node, "criu_version": criu.version_text,

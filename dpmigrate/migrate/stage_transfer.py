@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpmigrate.checkpoint import bundle as bundles
 from dpmigrate.checkpoint import criu_rpc, transfer
-from dpmigrate.errors import BundleError, DpmigrateError, ProtocolError
+from dpmigrate.errors import BundleError, CheckpointError, DpmigrateError, ProtocolError
 from dpmigrate.migrate import stage_checkpoint
 from dpmigrate.runtime import control, stagehost
 from dpmigrate.runtime.journal import StageJournal
@@ -61,8 +61,11 @@ OUTGOING, INCOMING = "outgoing", "incoming"
 #: Bytes of a file per ``migration_chunk`` reply: base64 makes 4/3 of it, JSON a little more,
 #: well under control.MAX_FRAME.
 CHUNK_BYTES = 256 << 10
-#: Seconds the destination waits for one reply of the source while pulling.
-PULL_TIMEOUT_S = 60.0
+#: Seconds the destination waits to connect to the source, or for one reply of it, while
+#: pulling: one chunk of 256 KiB between agents of one cluster network takes milliseconds, so
+#: a link that gives nothing for this long is cut, and the stage is better off rolled back
+#: (it sleeps, quiesced, all this time).
+PULL_TIMEOUT_S = 8.0
 #: What a migrated stage's context must hold (``rings.json`` of the migration's bundle).
 _CONTEXT_KEYS = ("app", "stage", "manifest", "run_dir", "model", "positions", "state_version",
                  "state_digest")  # fmt: skip
@@ -73,8 +76,9 @@ class Transfers:
     sources (source), lazy-pages daemons (destination), and the manifests of the migration
     folders this agent sealed (source) or received and verified (destination)."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, criu: str) -> None:
         self.agent = agent
+        self.criu = criu  # the criu binary the agent was configured with
         self.servers: dict[str, transfer.PageServer | transfer.LazySource] = {}
         self.lazy_daemons: dict[str, transfer.LazyDestination] = {}
         self.sealed: dict[str, dict[str, Any]] = {}  # migration id -> manifest it serves
@@ -109,7 +113,7 @@ class Transfers:
     def host(self) -> bundles.HostFacts:
         """This node's facts (CRIU version, CPU flags), read once: it takes a criu run."""
         if self._host is None:
-            self._host = bundles.HostFacts.local()
+            self._host = bundles.HostFacts.local(self.criu)
         return self._host
 
     def remove(self, migration: str) -> dict[str, Any]:
@@ -151,14 +155,19 @@ class Transfers:
             result = transfer.dump_to_page_server(
                 pid, root / bundles.IMAGES, page_server, leave_running=True, log_dir=logs
             )
+        except CheckpointError as err:
+            stage_checkpoint.release_network_lock(
+                self.agent, key, criu_rpc.run_id(root / bundles.IMAGES, err.log_file)
+            )
+            raise
         finally:
             proc.checkpointing = False
-            criu_rpc.remove_network_lock()
+        lock = stage_checkpoint.release_network_lock(self.agent, key, result.criu_run_id)
         manifest = self._seal(
             migration, root, pid, result.as_dict(), state, context, bundles.PAGE_IMAGES
         )
         return {"criu": result.as_dict(), "local_bytes": manifest["sizes"]["total"],
-                "bundle": str(root), **context}  # fmt: skip
+                "bundle": str(root), "network_lock": lock, **context}  # fmt: skip
 
     def lazy_dump(self, key: str, migration: str, quiesced: dict[str, Any]) -> dict[str, Any]:
         """Source: lazy-pages dump into ``outgoing/``, sealed; its CRIU stays as the page
@@ -225,25 +234,30 @@ class Transfers:
         source = self._take(key, "lazy-pages source")
         try:
             result = source.wait_done()
+        except CheckpointError:
+            stage_checkpoint.release_network_lock(
+                self.agent, key, criu_rpc.run_id(source.images_dir, source.log_file)
+            )
+            raise
         finally:
             source.stop()
             proc = self.agent.supervisor.stages.get(key)
             if proc is not None:
                 proc.checkpointing = False
-            criu_rpc.remove_network_lock()
-        return {"criu": result.as_dict()}
+        lock = stage_checkpoint.release_network_lock(self.agent, key, result.criu_run_id)
+        return {"criu": result.as_dict(), "network_lock": lock}
 
     def lazy_abort(self, key: str) -> None:
         """Source, on rollback: stop serving pages; the source resumes (still quiesced)."""
         source = self.servers.pop(key, None)
         if isinstance(source, transfer.LazySource):
-            source.abort()
+            # resumes the source and removes that dump's own lock table
+            stage_checkpoint.report_network_lock(self.agent, key, source.abort())
         if source is not None:
             source.stop()
         proc = self.agent.supervisor.stages.get(key)
         if proc is not None:
             proc.checkpointing = False
-        criu_rpc.remove_network_lock()
 
     # -- destination ------------------------------------------------------------------------
     def start_page_server(self, key: str, migration: str) -> dict[str, Any]:

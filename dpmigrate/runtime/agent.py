@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from dpmigrate.errors import ProtocolError
+from dpmigrate.eventlog import EventLog
 from dpmigrate.runtime import control, stagehost
 from dpmigrate.runtime.node_store import NodeStore
 from dpmigrate.runtime.operations import AbsPath, Name, NoArgs, OperationTable, Request
@@ -48,11 +47,6 @@ ABSTRACT_NAME = "@dpmigrate-agent"
 AGENT_MODELS = ("multi-process", "multi-node")
 _MAX_LOOKUP_WAIT_S = 30.0
 _MAX_CONNECTIONS = 64
-
-
-def log(event: str, **fields: Any) -> None:
-    """One JSON line on stdout: the agent's event stream."""
-    print(json.dumps({"t": round(time.time(), 3), "event": event, **fields}), flush=True)
 
 
 # -- the core's request records ------------------------------------------------------------
@@ -115,21 +109,28 @@ class Agent:
         run_dir: Path,
         address: str = "127.0.0.1",
         store: NodeStore | None = None,
+        log: EventLog | None = None,
     ) -> None:
         self.node = node
+        #: the agent's event stream (JSON lines on stdout; the agent program sets its level)
+        self.log = log or EventLog()
         self.address = address  # where this node's stages listen for tcp rings
         self.token = token
         #: this node's own folder: stage runs, logs, migrations (nothing of other nodes)
         self.run_dir = run_dir
-        self.store = store or NodeStore(None, node, {}, 0, log)
-        self.supervisor = Supervisor(run_dir / "logs", on_event=lambda m: log("stage", message=m))
+        self.store = store or NodeStore(None, node, {}, 0, self.log)
+        self.supervisor = Supervisor(
+            run_dir / "logs",
+            on_event=lambda m: self.log("stage", message=m),
+            on_problem=lambda m: self.log("stage", level="warning", message=m),
+        )
         self.stage_args: dict[str, tuple[str, str, str]] = {}  # stage -> manifest, run dir, model
         self.stopping = threading.Event()
         self.listeners: list[socket.socket] = []
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         self.lock = threading.Lock()
         #: What this agent serves; services register theirs here before it starts listening.
-        self.operations = OperationTable(log)
+        self.operations = OperationTable(self.log)
         self._register_operations()
 
     def _register_operations(self) -> None:
@@ -168,7 +169,7 @@ class Agent:
         sock.listen(32)
         self.listeners.append(sock)
         threading.Thread(target=self._accept_loop, args=(sock, address), daemon=True).start()
-        log("listening", address=address)
+        self.log("listening", address=address)
 
     def _accept_loop(self, sock: socket.socket, address: str) -> None:
         while not self.stopping.is_set():
@@ -178,7 +179,8 @@ class Agent:
                 return
             if not self._connections.acquire(blocking=False):
                 conn.close()
-                log("refused", reason="too many connections", listener=address)
+                self.log("refused", level="warning", reason="too many connections",
+                         listener=address)  # fmt: skip
                 continue
             threading.Thread(target=self._serve, args=(conn, address), daemon=True).start()
 
@@ -192,14 +194,15 @@ class Agent:
                     request = control.recv_frame(conn)
                 except ProtocolError as err:
                     control.send_frame(conn, {"v": control.VERSION, "ok": False, "error": str(err)})
-                    log("bad request", listener=address, error=str(err))
+                    self.log("bad request", level="warning", listener=address, error=str(err))
                     return  # the stream may be out of step: hang up
                 reply = self.operations.dispatch(request.get("op"), request.get("args", {}))
                 self._send_reply(conn, {"v": control.VERSION, "id": request.get("id"), **reply})
         except control.AuthError:
-            log("refused", reason="authentication failed", listener=address)
+            self.log("refused", level="warning", reason="authentication failed",
+                     listener=address)  # fmt: skip
         except ProtocolError as err:
-            log("refused", reason=str(err), listener=address)
+            self.log("refused", level="warning", reason=str(err), listener=address)
             with contextlib.suppress(OSError):
                 control.send_frame(conn, {"v": control.VERSION, "ok": False, "error": str(err)})
         except (OSError, ConnectionError):
@@ -215,7 +218,7 @@ class Agent:
             control.send_frame(conn, reply)
         except (TypeError, ValueError, ProtocolError) as err:  # raised before anything is sent
             error = f"internal error: the reply cannot be sent: {err}"
-            log("internal error", id=reply.get("id"), error=error)
+            self.log("internal error", level="error", id=reply.get("id"), error=error)
             control.send_frame(
                 conn, {"v": control.VERSION, "id": reply.get("id"), "ok": False, "error": error}
             )
@@ -238,7 +241,7 @@ class Agent:
                     f"{current.epoch} (a stale copy)"
                 )
         self.store.register(req.ring, ep.as_dict())
-        log("registered", ring=req.ring, endpoint=ep.as_dict())
+        self.log("registered", level="debug", ring=req.ring, endpoint=ep.as_dict())
 
     def _unregister_ring(self, req: UnregisterRing) -> None:
         endpoint = Endpoint.from_dict(req.endpoint).as_dict() if req.endpoint else None
@@ -273,7 +276,7 @@ class Agent:
             )
             self.stage_args[key] = (req.manifest, req.run_dir, req.model)
         pid = proc.proc.pid if proc.proc else None
-        log("stage start", stage=key, pid=pid)
+        self.log("stage start", stage=key, pid=pid)
         return {"stage": key, "node": self.node, "pid": pid}
 
     def _stop_stage(self, req: StageRef) -> None:
@@ -304,7 +307,7 @@ class Agent:
         for folder in sorted(folders - in_use):
             if Path(folder).parent == self.run_dir / "runs":  # only ours, never a given path
                 shutil.rmtree(folder, ignore_errors=True)
-                log("run folder removed", folder=folder)
+                self.log("run folder removed", folder=folder)
 
     def _status(self, _: NoArgs) -> dict[str, Any]:
         stages = []
@@ -337,7 +340,7 @@ class Agent:
     def shutdown(self) -> None:
         if self.stopping.is_set():
             return
-        log("stopping", stages=len(self.supervisor.stages))
+        self.log("stopping", stages=len(self.supervisor.stages))
         with self.lock:
             self.supervisor.stop()
         self.stopping.set()

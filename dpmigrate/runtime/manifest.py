@@ -4,7 +4,8 @@
     name = "flows"
 
     [defaults]
-    capacity = 1024          # ring window, messages
+    capacity = 1024          # ring window, messages (absent: the place's default,
+                             # DPMIGRATE_RING_CAPACITY, passed in as ``ring_capacity``)
     batch = 32               # messages per batch
 
     [stages.gen]
@@ -34,6 +35,7 @@ from typing import Any
 
 from dpmigrate.errors import ConfigError
 from dpmigrate.runtime.stage import Service
+from dpmigrate.transports.base import DEFAULT_CAPACITY
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 _TRANSPORT_HINTS = ("auto", "mem", "shm", "tcp")
@@ -69,8 +71,8 @@ class App:
     rings: tuple[RingSpec, ...]
 
     @classmethod
-    def load(cls, path: str | Path) -> App:
-        return load(path)
+    def load(cls, path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
+        return load(path, ring_capacity=ring_capacity)
 
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:
@@ -123,8 +125,12 @@ def resolve_entry(entry: str, manifest: Path, where: str) -> type[Service]:
     return cls
 
 
-def load(path: str | Path) -> App:
-    """Read and validate a manifest; raise one ConfigError naming the problem's key or line."""
+def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
+    """Read and validate a manifest; raise one ConfigError naming the problem's key or line.
+
+    ``ring_capacity`` is the capacity of a ring for which the manifest gives none (neither
+    the ring's ``capacity`` nor ``defaults.capacity``): the environment's setting
+    (``DPMIGRATE_RING_CAPACITY``), which an entry point reads and passes in."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -146,7 +152,9 @@ def load(path: str | Path) -> App:
             f"{where}: app.name {name!r} must be a letter then letters, digits, _ or -"
         )
     defaults = _expect(raw.get("defaults", {}), dict, f"{where}: [defaults]", "a table")
-    default_capacity = _positive(defaults.get("capacity", 1024), f"{where}: defaults.capacity")
+    default_capacity = _positive(
+        defaults.get("capacity", ring_capacity), f"{where}: defaults.capacity"
+    )
     default_batch = _positive(defaults.get("batch", 32), f"{where}: defaults.batch")
     default_node = _expect(
         defaults.get("node", "node1"), str, f"{where}: defaults.node", "a string"

@@ -1,9 +1,9 @@
 """The multi-process model: one process per stage on this host, shm rings between them.
 
-A run gets a folder (``DPMIGRATE_STATE_DIR/runs/<app>-<pid>``) holding the ring registry,
-each stage's journal, status file and log. The supervisor restarts a crashed stage from its
-journal; its rings reconnect by name. The folder is removed after a clean run and kept (its
-path printed) after a failed one, for the logs.
+A run gets a folder (``DPMIGRATE_STATE_DIR/runs/<app>-<pid>-<time>``; the caller passes the
+state dir) holding the ring registry, each stage's journal, status file and log. The
+supervisor restarts a crashed stage from its journal; its rings reconnect by name. The folder
+is removed after a clean run and kept (its path printed) after a failed one, for the logs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dpmigrate import config
 from dpmigrate.runtime import stagehost
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.supervisor import Supervisor
@@ -32,11 +31,18 @@ class MultiProcessRun:
         model: str = "multi-process",
         run_dir: Path | None = None,
         on_event: Callable[[str], None] | None = None,
+        *,
+        state_dir: str | None = None,
     ) -> None:
+        """``run_dir``: the run's folder; by default a new one in ``state_dir``/runs (the
+        caller's DPMIGRATE_STATE_DIR: one of the two is needed)."""
         self.app = app
         self.model = model
-        base = Path(config.load().state_dir) / "runs"
-        self.run_dir = run_dir or base / f"{app.name}-{os.getpid()}-{int(time.time())}"
+        if run_dir is None:
+            if state_dir is None:
+                raise TypeError("MultiProcessRun needs a run_dir or the state_dir to make one in")
+            run_dir = Path(state_dir) / "runs" / f"{app.name}-{os.getpid()}-{int(time.time())}"
+        self.run_dir = run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor = Supervisor(
             self.run_dir / "logs", on_event=on_event, die_with_supervisor=True

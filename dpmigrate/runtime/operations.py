@@ -327,9 +327,10 @@ def parse(cls: type[R], args: object, op: str | None = None) -> R:
 
 
 class EventLog(Protocol):
-    """The agent's event stream: ``log("event name", field=value, ...)``."""
+    """The agent's event stream: ``log("event name", level="info", field=value, ...)``
+    (:class:`dpmigrate.eventlog.EventLog`)."""
 
-    def __call__(self, event: str, **fields: Any) -> None: ...
+    def __call__(self, event: str, /, *, level: str = "info", **fields: Any) -> object: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,7 +396,7 @@ class OperationTable:
         except (DpmigrateError, ValueError, KeyError) as err:
             return {"ok": False, "error": str(err)}
         except Exception as err:  # a bug must not take the agent (or the connection) down
-            self._log("internal error", op=entry.name, error=repr(err),
+            self._log("internal error", level="error", op=entry.name, error=repr(err),
                       traceback=traceback.format_exc())  # fmt: skip
             return {"ok": False, "error": f"internal error in {entry.name}: {err!r}"}
         return {"ok": True, "result": result}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from dpmigrate import config
 from dpmigrate.errors import RingTimeout
 from dpmigrate.runtime.control import AgentClient, RemoteError
 from dpmigrate.transports.resolver import Endpoint, check_ring_name
@@ -22,9 +21,11 @@ LOCAL_AGENT = "@dpmigrate-agent"
 class AgentResolver:
     """Resolver backed by the local agent (one authenticated connection, reopened if lost)."""
 
-    def __init__(self, address: str = LOCAL_AGENT, token: str | None = None) -> None:
+    def __init__(self, address: str, token: str) -> None:
+        """``address``: the agent (:data:`LOCAL_AGENT` for a stage's own); ``token``: the
+        cluster token, which the entry point read (DPMIGRATE_TOKEN) and passes in."""
         self.address = address
-        self.token = token if token is not None else config.load().token
+        self.token = token
         self._client: AgentClient | None = None
         self._lock = threading.Lock()
         #: ("app/stage", epoch) of the stage this resolver serves: stamped on its

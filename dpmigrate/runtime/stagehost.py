@@ -34,14 +34,17 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dpmigrate import atomic, transports
-from dpmigrate.errors import DpmigrateError
+from dpmigrate import atomic, config, transports
+from dpmigrate.config import Config
+from dpmigrate.errors import ConfigError, DpmigrateError
+from dpmigrate.eventlog import EventLog
 from dpmigrate.runtime.journal import Positions, StageJournal
 from dpmigrate.runtime.manifest import App, RingSpec
-from dpmigrate.runtime.registry import AgentResolver
+from dpmigrate.runtime.registry import LOCAL_AGENT, AgentResolver
 from dpmigrate.runtime.runner import StageRunner
 from dpmigrate.transports.base import RingReceiver, RingSender
 from dpmigrate.transports.resolver import DirectoryResolver, Resolver
@@ -105,14 +108,26 @@ def ring_name(app: App, ring: RingSpec) -> str:
 
 
 class StageHost:
-    """The stage process: rings, runner, journal, signals."""
+    """The stage process: rings, runner, journal, signals.
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    ``settings`` is what :func:`main` read from the environment: the capacity of a ring the
+    manifest gives none (``ring_capacity``), how long a ring end waits for a lost peer
+    (``reconnect_timeout``), the cluster token (to reach the agent) and the log level.
+    ``log`` is the stage's event stream (default: its ``--log`` file, else stdout, at
+    ``settings.log_level``).
+    """
+
+    def __init__(
+        self, args: argparse.Namespace, settings: Config, log: EventLog | None = None
+    ) -> None:
         self.args = args
-        self.app = App.load(args.manifest)
+        self.settings = settings
+        self.app = App.load(args.manifest, ring_capacity=settings.ring_capacity)
         self.spec = self.app.stage(args.stage)
+        self.log = log or EventLog(
+            settings.log_level, write=event_writer(args.log), stage=self.spec.name
+        )
         self.run_dir = Path(args.run_dir)
-        self.log_path = Path(args.log) if args.log else None
         self.journal = StageJournal(self.run_dir / "stages" / self.spec.name)
         self.status_path = status_path(self.run_dir, self.spec.name)
         self.status_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,22 +160,38 @@ class StageHost:
         host, placement = self.host, self.placement
         outputs: dict[str, RingSender] = {}
         inputs: dict[str, RingReceiver] = {}
+        reconnect = self.settings.reconnect_timeout
         for ring in app.rings:
             if ring.src_stage == self.spec.name:
                 transport = ring_transport(app, ring, args.model, placement)
                 extra = {"host": host} if transport == "tcp" and host else {}
-                outputs[ring.src_port] = transports.open_sender(
+                tx = outputs[ring.src_port] = transports.open_sender(
                     transport, ring_name(app, ring), resolver=self.resolver,
-                    capacity=ring.capacity, next_seq=out_pos.get(ring.src_port, 0), **extra,
+                    capacity=ring.capacity, next_seq=out_pos.get(ring.src_port, 0),
+                    reconnect_timeout=reconnect, **extra,
                 )  # fmt: skip
+                self._ring_opened(tx, ring.src_port, out_pos.get(ring.src_port, 0))
         for ring in app.rings:
             if ring.dst_stage == self.spec.name:
-                inputs[ring.dst_port] = transports.open_receiver(
+                rx = inputs[ring.dst_port] = transports.open_receiver(
                     ring_transport(app, ring, args.model, placement), ring_name(app, ring),
                     resolver=self.resolver, auto_commit=False,
                     next_expected=in_pos.get(ring.dst_port, 0), connect_timeout=60.0,
+                    reconnect_timeout=reconnect,
                 )  # fmt: skip
+                self._ring_opened(rx, ring.dst_port, in_pos.get(ring.dst_port, 0))
         return inputs, outputs
+
+    def _ring_opened(self, end: RingSender | RingReceiver, port: str, position: int) -> None:
+        """A debug event per ring end opened, with what it got (a consumer learns the
+        capacity, the producer's, only when it connects)."""
+        if not self.log.enabled("debug"):
+            return
+        stats = end.statistics()
+        got = {"capacity": stats.capacity} if stats.role == "producer" else {}
+        self.log("ring opened", level="debug", ring=stats.name, port=port, role=stats.role,
+                 transport=stats.transport, reconnect_timeout=stats.reconnect_timeout,
+                 position=position, **got)  # fmt: skip
 
     def check_placement(self) -> None:
         """Ask the local agent where the app's stages are (fresh from the cluster store) and
@@ -173,7 +204,7 @@ class StageHost:
                 self.resolver = DirectoryResolver(self.run_dir / "registry")
             return
         if not isinstance(self.resolver, AgentResolver):
-            self.resolver = AgentResolver()
+            self.resolver = AgentResolver(LOCAL_AGENT, self.settings.token)
         info = self.resolver.node_info()
         self.node, self.host = str(info["node"]), str(info["address"])
         stages = self.resolver.placement(self.app.name)
@@ -182,7 +213,7 @@ class StageHost:
         if mine is None:  # an agent without a cluster store: nothing to fence against
             return
         if mine["node"] != self.node:
-            self.event("stage fenced", node=self.node, epoch=self.epoch,
+            self.event("stage fenced", level="warning", node=self.node, epoch=self.epoch,
                        placed_on=mine["node"], placed_epoch=mine["epoch"])  # fmt: skip
             atomic.write_json(self.status_path, {
                 "stage": self.spec.name, "phase": "fenced", "time": time.time(),
@@ -268,8 +299,8 @@ class StageHost:
     def quiesce_and_wait(self) -> None:
         started = time.monotonic()
         if not self.drain(QUIESCE_TIMEOUT_S):
-            self.event("quiesce failed", reason=f"downstream did not acknowledge within "
-                       f"{QUIESCE_TIMEOUT_S} s; still running")  # fmt: skip
+            self.event("quiesce failed", level="warning", reason="downstream did not "
+                       f"acknowledge within {QUIESCE_TIMEOUT_S} s; still running")  # fmt: skip
             self.write_status(quiesce_error="downstream did not acknowledge in time")
             return
         in_pos, out_pos = self.positions()
@@ -328,15 +359,9 @@ class StageHost:
         return self.node
 
     # -- reporting ----------------------------------------------------------------------
-    def event(self, name: str, **fields: Any) -> None:
-        """One JSON line appended to the stage's log (opened and closed each time)."""
-        line = json.dumps({"t": round(time.time(), 3), "event": name, "stage": self.spec.name,
-                           **fields})  # fmt: skip
-        if self.log_path is None:
-            print(line, flush=True)
-            return
-        with open(self.log_path, "a") as log:
-            log.write(line + "\n")
+    def event(self, name: str, *, level: str = "info", **fields: Any) -> None:
+        """One event in the stage's log, if ``level`` is at or above the configured one."""
+        self.log(name, level=level, **fields)
 
     def write_status(self, **extra: Any) -> None:
         runner = self.runner
@@ -367,6 +392,19 @@ def _clear_parent_death_signal() -> None:
     libc.prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG, none
 
 
+def event_writer(path: str | None) -> Callable[[str], None]:
+    """Where a stage's event lines go: appended to ``path`` — opened and closed per line, so
+    no checkpoint holds a growing file — or, without one, printed on stdout."""
+    if path is None:
+        return lambda line: print(line, flush=True)
+
+    def append(line: str) -> None:
+        with open(path, "a") as log:
+            log.write(line + "\n")
+
+    return append
+
+
 def _quiet_stdio() -> None:
     """Point stdout/stderr at /dev/null: the image then holds no growing log descriptor."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -391,28 +429,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--log", help="append the stage's events here (else stdout)")
     args = parser.parse_args(argv)
+    try:  # the environment is read here, once (DESIGN.md §9), and passed down
+        settings = config.load()
+    except ConfigError as err:
+        print(f"stage {args.stage}: {err}", file=sys.stderr, flush=True)
+        return 2
+    log = EventLog(settings.log_level, write=event_writer(args.log), stage=args.stage)
     try:
-        host = StageHost(args)
+        host = StageHost(args, settings, log)
         if args.log:
             _quiet_stdio()
         return host.run()
     except Fenced as err:
-        line = json.dumps({"t": round(time.time(), 3), "event": "stage stopped: fenced",
-                           "stage": args.stage, "reason": str(err)})  # fmt: skip
-        if args.log:
-            with open(args.log, "a") as log:
-                log.write(line + "\n")
-        print(line, file=sys.stderr, flush=True)
+        _last_word(log("stage stopped: fenced", level="warning", reason=str(err)))
         return FENCED_EXIT
     except Exception as err:
         text = "".join(traceback.format_exception(err))
-        line = json.dumps({"t": round(time.time(), 3), "event": "stage failed",
-                           "stage": args.stage, "error": str(err), "traceback": text})  # fmt: skip
-        if args.log:
-            with open(args.log, "a") as log:
-                log.write(line + "\n")
-        print(line, file=sys.stderr, flush=True)
+        _last_word(log("stage failed", level="error", error=str(err), traceback=text))
         return 1
+
+
+def _last_word(line: str | None) -> None:
+    """Why the stage ends, also on stderr (the supervisor's log of an early failure)."""
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ class Supervisor:
         max_restarts: int = 10,
         on_event: Callable[[str], None] | None = None,
         die_with_supervisor: bool = False,
+        on_problem: Callable[[str], None] | None = None,
     ) -> None:
         for tool in ("unshare", "setsid"):
             if shutil.which(tool) is None:
@@ -81,6 +82,8 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.max_restarts = max_restarts
         self.on_event = on_event or (lambda message: None)
+        #: where a stage that died is reported (default: ``on_event``), for a log with levels
+        self.on_problem = on_problem or self.on_event
         self.stages: dict[str, StageProcess] = {}
         self._stopping = False
         # A foreground run's stages must not outlive it (Ctrl-C, kill -9 of the CLI); an
@@ -157,13 +160,13 @@ class Supervisor:
                 continue
             if stage.restarts >= self.max_restarts:
                 stage.finished = stage.failed = True
-                self.on_event(
+                self.on_problem(
                     f"stage {stage.name} died ({_describe(code)}) and was restarted "
                     f"{stage.restarts} times already; giving up, see {stage.log}"
                 )
                 continue
             stage.restarts += 1
-            self.on_event(
+            self.on_problem(
                 f"stage {stage.name} died ({_describe(code)}); restarting from its journal"
             )
             stage.adopted_pid = None  # a restored stage restarts the ordinary way

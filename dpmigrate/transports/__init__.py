@@ -19,6 +19,7 @@ from typing import Any
 from dpmigrate.errors import ConfigError
 from dpmigrate.transports.base import (
     DEFAULT_CAPACITY,
+    DEFAULT_RECONNECT_TIMEOUT,
     MAX_MESSAGE,
     RingReceiver,
     RingSender,
@@ -30,6 +31,7 @@ TRANSPORTS = ("mem", "shm", "tcp")
 
 __all__ = [
     "DEFAULT_CAPACITY",
+    "DEFAULT_RECONNECT_TIMEOUT",
     "MAX_MESSAGE",
     "TRANSPORTS",
     "DirectoryResolver",

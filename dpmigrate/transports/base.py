@@ -35,8 +35,13 @@ from dpmigrate.errors import MessageTooLarge, RingClosed
 #: Largest message any transport accepts, in bytes (1 MiB). Larger is MessageTooLarge.
 MAX_MESSAGE = 1 << 20
 
-#: Default retained window (messages) when a ring is created without a capacity.
+#: Default retained window (messages) when a ring is created without a capacity
+#: (``DPMIGRATE_RING_CAPACITY``'s default; entry points pass the configured value).
 DEFAULT_CAPACITY = 1024
+
+#: Default seconds a ring end waits for its peer to come back before it is broken
+#: (``DPMIGRATE_RECONNECT_TIMEOUT``'s default; entry points pass the configured value).
+DEFAULT_RECONNECT_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass
@@ -59,6 +64,7 @@ class RingStatistics:
     next_expected: int = 0  # consumer: sequence number it will deliver next
     committed: int = 0  # consumer: every seq below this is committed (acked to the producer)
     connected_at: float = 0.0  # wall clock of the last (re)connection to the peer; 0: never
+    reconnect_timeout: float = 0.0  # seconds it waits for a lost peer; 0: never reconnects (mem)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # transport-specific
 
     def as_dict(self) -> dict[str, Any]:

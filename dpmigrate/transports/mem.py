@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dpmigrate.errors import EndOfRing, RingBroken, RingTimeout, WouldBlock
 from dpmigrate.transports.base import (
     DEFAULT_CAPACITY,
+    DEFAULT_RECONNECT_TIMEOUT,
     MAX_MESSAGE,
     RingReceiver,
     RingSender,
@@ -295,7 +296,7 @@ def open_sender(
     resolver: Resolver,
     capacity: int = DEFAULT_CAPACITY,
     max_message: int = MAX_MESSAGE,
-    reconnect_timeout: float = 5.0,
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     next_seq: int = 0,
 ) -> MemSender:
     """Create a ring's producer end and register it under ``name`` in ``resolver``."""
@@ -317,7 +318,7 @@ def open_receiver(
     resolver: Resolver,
     auto_commit: bool = True,
     next_expected: int = 0,
-    reconnect_timeout: float = 5.0,
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     connect_timeout: float = 10.0,
 ) -> MemReceiver:
     """Attach the consumer end of the in-process ring ``name``."""

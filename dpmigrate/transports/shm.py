@@ -52,6 +52,7 @@ from dpmigrate.errors import (
 from dpmigrate.native import _ring
 from dpmigrate.transports.base import (
     DEFAULT_CAPACITY,
+    DEFAULT_RECONNECT_TIMEOUT,
     MAX_MESSAGE,
     RingReceiver,
     RingSender,
@@ -492,7 +493,13 @@ class ShmSender(RingSender):
     def statistics(self) -> RingStatistics:
         if self._ring is None:
             if self._final is None:
-                return RingStatistics(self.name, "shm", "producer", self.capacity)
+                return RingStatistics(
+                    self.name,
+                    "shm",
+                    "producer",
+                    self.capacity,
+                    reconnect_timeout=self._reconnect_timeout,
+                )
             return self._final
         ring = self._ring
         _h, head_seq, _t, tail_seq, *_ = ring.positions()
@@ -500,7 +507,7 @@ class ShmSender(RingSender):
             name=self.name, transport="shm", role="producer", capacity=self.capacity,
             messages=ring.messages, bytes=ring.bytes, occupancy=head_seq - tail_seq,
             peak_occupancy=ring.peak, reconnects=self._reconnects, resent=self._resent,
-            connected_at=self._connected_at,
+            connected_at=self._connected_at, reconnect_timeout=self._reconnect_timeout,
             next_seq=head_seq, acked=tail_seq,
             extra={
                 "hugepages": self._huge, "page_size": self._page,
@@ -885,7 +892,7 @@ class ShmReceiver(RingReceiver):
             name=self.name, transport="shm", role="consumer", capacity=self.capacity,
             messages=messages, bytes=nbytes, occupancy=occupancy, peak_occupancy=peak,
             reconnects=self._reconnects, duplicates_dropped=self._dups,
-            connected_at=self._connected_at,
+            connected_at=self._connected_at, reconnect_timeout=self._reconnect_timeout,
             next_expected=self._next_expected, committed=self._committed,
             extra=dict(self._extra, connected=self._ring is not None),
         )  # fmt: skip
@@ -900,7 +907,7 @@ def open_sender(
     resolver: Resolver,
     capacity: int = DEFAULT_CAPACITY,
     max_message: int = MAX_MESSAGE,
-    reconnect_timeout: float = 5.0,
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     ring_bytes: int | None = None,
     hugepages: bool | None = None,
     next_seq: int = 0,
@@ -933,7 +940,7 @@ def open_receiver(
     resolver: Resolver,
     auto_commit: bool = True,
     next_expected: int = 0,
-    reconnect_timeout: float = 5.0,
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     connect_timeout: float = 10.0,
 ) -> ShmReceiver:
     """Find ring ``name`` through ``resolver`` and connect to its producer.

@@ -46,6 +46,7 @@ from dpmigrate.errors import (
 from dpmigrate.transports import frames as fr
 from dpmigrate.transports.base import (
     DEFAULT_CAPACITY,
+    DEFAULT_RECONNECT_TIMEOUT,
     MAX_MESSAGE,
     RingReceiver,
     RingSender,
@@ -367,6 +368,7 @@ class TcpSender(RingSender):
             peak_occupancy=self._peak,
             reconnects=self._reconnects,
             connected_at=self._connected_at,
+            reconnect_timeout=self.reconnect_timeout,
             resent=self._resent,
             next_seq=self._next_seq,
             acked=self._acked,
@@ -948,6 +950,7 @@ class TcpReceiver(RingReceiver):
             peak_occupancy=self._peak,
             reconnects=self._reconnects,
             connected_at=self._connected_at,
+            reconnect_timeout=self.reconnect_timeout,
             duplicates_dropped=self._dups,
             next_expected=self._next_expected,
             committed=self._committed,
@@ -1252,7 +1255,7 @@ def open_sender(
     resolver: Resolver,
     capacity: int = DEFAULT_CAPACITY,
     max_message: int = MAX_MESSAGE,
-    reconnect_timeout: float = 5.0,
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     **opts: Any,
 ) -> TcpSender:
     """Listen on ``host:port`` (default 127.0.0.1, a free port) and register the ring.
@@ -1287,7 +1290,7 @@ def open_receiver(
     resolver: Resolver,
     auto_commit: bool = True,
     next_expected: int = 0,
-    reconnect_timeout: float = 5.0,
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     connect_timeout: float = 10.0,
     **opts: Any,
 ) -> TcpReceiver:
