@@ -14,6 +14,8 @@ from dpmigrate.migrate import STRATEGIES, MigrationReport
 _ROWS = (
     ("total_time_s", "total time", "s"),
     ("downtime_s", "downtime (seen downstream)", "s"),
+    ("asleep_s", "asleep (quiesced to woken)", "s"),
+    ("reconnect_after_placement_s", "rings back after the placement", "s"),
     ("frozen_time_s", "frozen time (CRIU)", "s"),
     ("transferred_bytes", "transferred", "bytes"),
     ("pages_written", "pages written", ""),
@@ -47,6 +49,10 @@ def report_table(report: MigrationReport) -> Table:
         table.add_row("error", report.error)
     for warning in report.warnings:  # a clean-up step that failed (a folder left behind)
         table.add_row("warning", warning)
+    for step in report.rollback_steps:
+        table.add_row("rollback step", step)
+    for failure in report.rollback_failures:
+        table.add_row("[bold red]NOT UNDONE[/]", failure)
     return table
 
 
@@ -67,17 +73,26 @@ def migrations_table(reports: list[MigrationReport]) -> Table:
     return table
 
 
+def exit_status(report: MigrationReport) -> int:
+    """0: moved; 1: rolled back, everything undone; 2: something could not be undone."""
+    if not report.rolled_back:
+        return 0
+    return 2 if report.rollback_failures else 1
+
+
 @click.command("migrate")
 @click.argument("stage")
 @click.option("--to", "destination", required=True, help="Destination node.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="stop-and-copy",
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="stop-and-copy",
               show_default=True)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def migrate_cmd(stage: str, destination: str, strategy: str, as_json: bool) -> None:
     """Live-migrate a running STAGE ([APP/]STAGE) of the cluster to another node.
 
-    Any failure before the destination is verified rolls back: the stage keeps running where
-    it was, with nothing lost. Exit status 1 when it rolled back.
+    Any failure before the destination is verified — SIGINT and SIGTERM included — rolls
+    back: the stage keeps running where it was, with nothing lost. Exit status 0 when it
+    moved, 1 when it rolled back cleanly, 2 when something could not be undone (listed, with
+    what is left to do).
     """
     from dpmigrate.migrate import LocalCluster
 
@@ -95,9 +110,21 @@ def migrate_cmd(stage: str, destination: str, strategy: str, as_json: bool) -> N
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
         _out().print(report_table(report))
-    if report.rolled_back:
+    status = exit_status(report)
+    if status == 2:
         if not as_json:
-            click.echo(f"dpmigrate: migration rolled back: {report.error}", err=True)
+            click.echo(f"dpmigrate: migration failed ({report.error}) and the rollback could not "
+                       "undo everything:", err=True)  # fmt: skip
+            for failure in report.rollback_failures:
+                click.echo(f"  - {failure}", err=True)
+            click.echo("what is left to do: see each line above; `dpmigrate status` shows which "
+                       "stages run; a stage left quiesced or failed can be restarted with "
+                       "`dpmigrate stop APP` and a new run", err=True)  # fmt: skip
+        sys.exit(2)
+    if status == 1:
+        if not as_json:
+            click.echo(f"dpmigrate: migration rolled back: {report.error}; the stage runs on "
+                       f"{report.source} as before", err=True)  # fmt: skip
         sys.exit(1)
 
 

@@ -159,9 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
         "etcd endpoints of an existing cluster store (empty: `cluster up` starts its own)",
     ),
     Setting("etcd_ca", "DPMIGRATE_ETCD_CA", "", _optional_path, "CA file for etcd over TLS"),
-    Setting(
-        "etcd_cert", "DPMIGRATE_ETCD_CERT", "", _optional_path, "client certificate for etcd"
-    ),
+    Setting("etcd_cert", "DPMIGRATE_ETCD_CERT", "", _optional_path, "client certificate for etcd"),
     Setting("etcd_key", "DPMIGRATE_ETCD_KEY", "", _optional_path, "client key for etcd"),
     Setting(
         "node_ttl",

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,67 +63,6 @@ def test_stop_and_copy_back_and_forth_under_traffic(
         assert all(s["restarts"] == 0 for s in stages.values()), stages
         assert checker_of(list(stages.values())) == {
             "received": 80000,
-            "lost": 0,
-            "duplicated": 0,
-            "digest": expected["digest"],
-        }
-        run.cleanup()
-
-
-def _link_of(cluster: LocalCluster, node: str) -> list[str]:
-    return ["ip", "-n", cluster.node(node).netns, "link", "set", "eth0"]
-
-
-@pytest.mark.parametrize("fault", ["destination agent killed", "restore fails", "network cut"])
-def test_failure_in_a_phase_rolls_back(cluster_state_dir: Path, tmp_path: Path, fault: str) -> None:
-    app = App.load(paced_flows(tmp_path, 50000))
-    expected = reference_checker(app)
-    with LocalCluster(3) as cluster:
-        run = MultiNodeRun(app, cluster)
-        run.start()
-        cut: list[str] = []
-        removed: list[str] = []
-        try:
-            wait_for_input(run, 5000)
-            source_pid = stage_status(run)["pid"]
-
-            def inject(phase: str) -> None:
-                if fault == "destination agent killed" and phase == "restore":
-                    os.kill(cluster.node("node3").agent_pid, signal.SIGKILL)
-                if fault == "restore fails" and phase == "restore":
-                    # received and verified already: CRIU is the one to fail now
-                    assert migration.destination_bundle is not None
-                    incoming = cluster.host_path("node3", migration.destination_bundle)
-                    inventory = incoming / "images" / "inventory.img"
-                    assert inventory.is_file(), inventory
-                    inventory.unlink()
-                    removed.append(str(inventory))
-                if fault == "network cut" and phase == "reconnect":
-                    subprocess.run([*_link_of(cluster, "node3"), "down"], check=True)
-                    cut.append("node3")
-
-            migration = Migration(cluster, "table", "node3", on_phase=inject, flow_timeout=3.0)
-            report = migration.run()
-            if cut:
-                subprocess.run([*_link_of(cluster, "node3"), "up"], check=True)
-            assert report.rolled_back, report
-            assert report.error, report
-            if fault == "restore fails":
-                assert removed and report.error.startswith("restore: "), report.error
-                assert "criu restore failed" in report.error, report.error
-            table = stage_status(run)
-            assert table["node"] == "node2" and table["pid"] == source_pid, table
-            if fault == "destination agent killed":
-                # node3's agent is gone: so is the checker it ran; the rest must still agree
-                return
-            assert run.wait(duration=90), run.status()
-        finally:
-            for node in cut:
-                subprocess.run([*_link_of(cluster, node), "up"], check=False)
-            run.stop()
-        stages = {s["name"]: s for s in run.status()}
-        assert checker_of(list(stages.values())) == {
-            "received": 50000,
             "lost": 0,
             "duplicated": 0,
             "digest": expected["digest"],

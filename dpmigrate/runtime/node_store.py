@@ -77,7 +77,7 @@ class NodeStore:
 
     def _rejoin(self) -> None:
         """The lease lapsed (etcd was away longer than the TTL): take a new one."""
-        self.log("store lease lost", node=self.node)
+        self.log("store lease lost", level="warning", node=self.node)
         assert self.store is not None
         while not self._stopping.is_set():
             try:
@@ -145,7 +145,7 @@ class NodeStore:
         try:
             self.store.put(f"rings/{ring}", endpoint)
         except StoreUnavailable as err:
-            self.log("store write deferred", ring=ring, error=str(err))
+            self.log("store write deferred", level="warning", ring=ring, error=str(err))
             with self.changed:
                 self._pending[ring] = endpoint
 
@@ -192,14 +192,31 @@ class NodeStore:
                 try:
                     if endpoint is None:
                         self.store.delete(f"rings/{ring}")
-                    else:
+                    elif self._still_current(endpoint):
                         self.store.put(f"rings/{ring}", endpoint)
+                    else:  # its stage moved on meanwhile (a rollback, a failover): never write
+                        self.log(
+                            "store write dropped", level="warning", ring=ring, endpoint=endpoint
+                        )
                 except StoreUnavailable:
                     break
                 with self.changed:
                     if self._pending.get(ring, "gone") == endpoint:
                         del self._pending[ring]
                 self.log("store write done", ring=ring)
+
+    def _still_current(self, endpoint: dict[str, Any]) -> bool:
+        """A deferred registration is written only while its stage is still placed here
+        with that epoch (read fresh: etcd has just answered)."""
+        owner = str(endpoint.get("owner", ""))
+        if not owner:
+            return True
+        assert self.store is not None
+        app, _, stage = owner.partition("/")
+        placed = self.store.placement(app, stage)
+        return placed is None or (
+            placed.node == self.node and placed.epoch == int(endpoint.get("epoch", 0))
+        )
 
     # -- placement ------------------------------------------------------------------------
     def placement(self, app: str) -> tuple[dict[str, Placement], bool]:
