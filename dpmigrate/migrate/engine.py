@@ -224,42 +224,24 @@ class Migration:
             self.report.phases[name] = round(time.monotonic() - start, 4)
             self.report.phase_times[name] = [wall, time.time()]
 
-    @contextlib.contextmanager
-    def _signals_interrupt(self) -> Iterator[None]:
-        """SIGINT and SIGTERM raise Interrupted (the main thread only can handle signals)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+    def _signals_interrupt(self) -> contextlib.AbstractContextManager[None]:
+        """SIGINT and SIGTERM raise Interrupted."""
 
         def interrupt(signum: int, _frame: FrameType | None) -> None:
             raise Interrupted(signum)
 
-        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        return _handling_signals(interrupt)
 
-    @contextlib.contextmanager
-    def _signals_deferred(self) -> Iterator[None]:
+    def _signals_deferred(self) -> contextlib.AbstractContextManager[None]:
         """While undoing or cleaning up, a signal is noted, not obeyed: stopping half-way
         would leave stages asleep."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
 
         def note(signum: int, _frame: FrameType | None) -> None:
             log.warning("migration %s: %s ignored while the migration %s", self.report.stage,
                         signal.Signals(signum).name,
                         "rolls back" if self.report.rolled_back else "cleans up")  # fmt: skip
 
-        previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        return _handling_signals(note)
 
     def _stages(
         self, include_finished: bool = False, reachable_only: bool = False
@@ -588,6 +570,21 @@ class Migration:
         after = [t - changed for t in times if t >= changed]
         if after:
             self.report.reconnect_after_placement_s = round(max(after), 4)
+
+
+@contextlib.contextmanager
+def _handling_signals(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM meanwhile (only the main thread can take signals;
+    elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _has_inputs(info: dict[str, Any]) -> bool:

@@ -33,6 +33,7 @@ from dpmigrate.errors import CheckpointError, DpmigrateError, ProtocolError
 from dpmigrate.runtime import stagehost
 from dpmigrate.runtime.journal import StageJournal
 from dpmigrate.statesync.state import State
+from dpmigrate.transports.resolver import NAME_RE
 
 if TYPE_CHECKING:
     from dpmigrate.runtime.agent import Agent
@@ -252,7 +253,9 @@ def restore_stage(
             f"stage {key!r} is running on node {agent.node}; stop it first (or migrate it)"
         )
     t0 = time.monotonic()
-    _prepare_run_folder(bundle, context, keep_newer_journal)
+    if bundle.state is None:
+        raise CheckpointError(f"bundle {path} holds no state snapshot ({bundles.STATE})")
+    prepare_run_folder(agent, context, State.restore(bundle.state), keep_newer_journal)
     logs = Path(run_dir) / "criu" / f"{stage}-{int(time.time() * 1000)}"
     logs.mkdir(parents=True, exist_ok=True)
     result = bundles.restore(bundle, restore_sibling=True, log_dir=logs)
@@ -270,16 +273,21 @@ def restore_stage(
     }  # fmt: skip
 
 
-def _prepare_run_folder(
-    bundle: bundles.Bundle, context: dict[str, Any], keep_newer_journal: bool
+def prepare_run_folder(
+    agent: Agent, context: dict[str, Any], state: State, keep_newer_journal: bool = False
 ) -> None:
-    """This node's run folder for the stage, as the restored process expects it: status
-    folder there, journal holding the bundle's committed point (nodes share no files)."""
+    """This node's run folder for a stage about to be restored here, as the restored process
+    expects it: its status folder, and its journal holding exactly the committed point it was
+    dumped at (nodes share no files) — unless ``keep_newer_journal`` and the journal here is
+    at a later point. The folder named by ``context`` (a bundle's, a peer's: input) must be a
+    run folder of this node; nothing is written anywhere else."""
     run_dir, stage = Path(str(context["run_dir"])), str(context["stage"])
+    if run_dir.parent != agent.run_dir / "runs" or not NAME_RE.fullmatch(stage):
+        raise CheckpointError(
+            f"the stage's run folder {run_dir} (stage {stage!r}) is not a run folder of node "
+            f"{agent.node} ({agent.run_dir / 'runs'}/RUN); refused"
+        )
     stagehost.status_path(run_dir, stage).parent.mkdir(parents=True, exist_ok=True)
-    if bundle.state is None:
-        raise CheckpointError(f"bundle {bundle.path} holds no state snapshot ({bundles.STATE})")
-    state = State.restore(bundle.state)
     journal = StageJournal(run_dir / "stages" / stage)
     if keep_newer_journal and journal.load()[0].version > state.version:
         return

@@ -49,8 +49,7 @@ from dpmigrate.checkpoint import bundle as bundles
 from dpmigrate.checkpoint import criu_rpc, transfer
 from dpmigrate.errors import BundleError, CheckpointError, DpmigrateError, ProtocolError
 from dpmigrate.migrate import stage_checkpoint
-from dpmigrate.runtime import control, stagehost
-from dpmigrate.runtime.journal import StageJournal
+from dpmigrate.runtime import control
 from dpmigrate.statesync.state import State
 
 if TYPE_CHECKING:
@@ -330,12 +329,7 @@ class Transfers:
         running = agent.supervisor.stages.get(key)
         if running is not None and not running.finished:
             raise DpmigrateError(f"stage {key!r} already runs on node {agent.node}")
-        # the stage's run folder here, as the restored process expects it: its status folder,
-        # and its journal holding exactly the committed point it was dumped at
-        run_dir, stage, positions = Path(context["run_dir"]), context["stage"], context["positions"]
-        stagehost.status_path(run_dir, stage).parent.mkdir(parents=True, exist_ok=True)
-        journal = StageJournal(run_dir / "stages" / stage)
-        journal.start_at(state, dict(positions["inputs"]), dict(positions["outputs"]))
+        stage_checkpoint.prepare_run_folder(agent, context, state)
         t0 = time.monotonic()
         logs = agent.run_dir / "criu" / f"{context['stage']}-{int(time.time() * 1000)}"
         logs.mkdir(parents=True, exist_ok=True)
