@@ -100,11 +100,19 @@ def _inject(kind: str, faults: Faults, run: MultiNodeRun) -> tuple[Callable, Cal
             _link(cluster, "node4", "down")
             faults.heal.append(lambda: _link(cluster, "node4", "up"))
             faults.happened.append("node4's eth0 down")
-        if kind == "verify: restored stage hangs" and phase == "verify":
+        if kind.startswith("verify: restored stage hangs") and phase == "verify":
             # SIGSTOP, not SIGKILL: a killed copy is restarted from its journal by its agent
             # (a recovery, not a fault); a hung one lets no message through
-            with cluster.client("node4") as agent:
-                mine = next(s for s in agent.call("status")["stages"] if s["name"] == "table")
+            # once the copy has taken in (and acknowledged) inputs of its own: the rollback must
+            # then carry its committed point back to the source (upstream forgot those inputs)
+            def copy_on_node4() -> dict:
+                with cluster.client("node4") as agent:
+                    return next(s for s in agent.call("status")["stages"] if s["name"] == "table")
+
+            start = copy_on_node4().get("msgs_in", 0)
+            wait_until(lambda: copy_on_node4().get("msgs_in", 0) > start + 500,
+                       "the copy on node4 to work", 10)  # fmt: skip
+            mine = copy_on_node4()
             os.kill(mine["pid"], signal.SIGSTOP)
             faults.happened.append(f"restored table {mine['pid']} stopped")
 
@@ -131,6 +139,7 @@ FAULTS = [
     "restore: destination agent killed",
     "reconnect: destination link cut",
     "verify: restored stage hangs",
+    "verify: restored stage hangs (post-copy)",
 ]
 
 
@@ -148,7 +157,8 @@ def test_a_fault_in_each_phase_rolls_back_and_the_pipeline_runs_on(
         try:
             wait_for_input(run, 3000)
             on_phase, on_step = _inject(kind, faults, run)
-            migration = Migration(cluster, "table", "node4", on_phase=on_phase,
+            strategy = "post-copy" if "post-copy" in kind else "stop-and-copy"
+            migration = Migration(cluster, "table", "node4", strategy, on_phase=on_phase,
                                   on_step=on_step, flow_timeout=3.0)  # fmt: skip
             faults.migration = migration
             report: MigrationReport = migration.run()
@@ -165,6 +175,9 @@ def test_a_fault_in_each_phase_rolls_back_and_the_pipeline_runs_on(
                 ), report.rollback_failures
             else:
                 assert report.rollback_failures == [], report.rollback_failures
+            if phase == "verify":
+                handed = [x for x in report.rollback_steps if "committed point back" in x]
+                assert handed and handed[0].startswith("ok: "), report.rollback_steps
             table = stage_status(run)
             assert table["node"] == "node2" and table["phase"] == "running", table
             assert cluster.store().placement("flows", "table").node == "node2"

@@ -97,6 +97,11 @@ class LazyDump(StageMigration):
 
 
 @dataclasses.dataclass(frozen=True)
+class AdoptJournalPoint(StageRef):
+    point: dict[str, Any]  # the reply of journal_point on the other node
+
+
+@dataclasses.dataclass(frozen=True)
 class PullMigration(StageMigration):
     source: AgentAddress  # the source node's agent (its TCP listener)
 
@@ -150,6 +155,14 @@ class MigrationService:
     def restart_stage(self, req: StageRef) -> dict[str, Any]:
         self.agent.log("restart", stage=req.key)
         return stage_checkpoint.restart_stage(self.agent, req.key)
+
+    def journal_point(self, req: StageRef) -> dict[str, Any]:
+        return stage_checkpoint.journal_point(self.agent, req.key)
+
+    def adopt_journal_point(self, req: AdoptJournalPoint) -> dict[str, Any]:
+        result = stage_checkpoint.adopt_journal_point(self.agent, req.key, req.point)
+        self.agent.log("journal point adopted", stage=req.key, **result)
+        return result
 
     def discard_stage(self, req: StageRef) -> None:
         self.agent.log("discard", stage=req.key)
@@ -238,6 +251,8 @@ def register(agent: Agent, criu: str) -> MigrationService:
     ops.register("wake_stage", WakeStage, service.wake_stage)
     ops.register("restart_stage", StageRef, service.restart_stage)
     ops.register("discard_stage", StageRef, service.discard_stage)
+    ops.register("journal_point", StageRef, service.journal_point)
+    ops.register("adopt_journal_point", AdoptJournalPoint, service.adopt_journal_point)
     ops.register("dump_stage", DumpStage, service.dump_stage)
     # a migration: source side
     ops.register("dump_to_page_server", DumpToPageServer, service.dump_to_page_server)

@@ -376,6 +376,8 @@ class Migration:
         self.undo.push(f"place {self.report.stage} back on {self.source} and restart the "
                        "peers woken under the new placement", self._place_back)  # fmt: skip
         self._move_placement(self.destination)
+        self.undo.push(f"end the copy on {self.destination} and hand its committed point back "
+                       f"to {self.source}", self._hand_back)  # fmt: skip
         self._asleep_until = time.time()
         targets = [
             (p, self.destination if p.stage == self.stage else p.node) for p in self._quiesced
@@ -387,7 +389,22 @@ class Migration:
         self.report.state_digest_after = me.get("state_digest")
         self._woken_version = me.get("state_version")
 
+    def _hand_back(self) -> None:
+        """Undo of the wake on the destination (runs before the placement goes back). The
+        copy that woke there may have processed and acknowledged inputs, which the producers
+        then forgot: it is ended first, so it acknowledges nothing more, and its committed
+        point becomes the source's, which catches up with it when it wakes."""
+        if self.stage not in self._woken:
+            return
+        self.call(self.destination, "discard_stage", **self.stage_ref)
+        point = self.call(self.destination, "journal_point", **self.stage_ref)
+        adopted = self.call(self.source, "adopt_journal_point", **self.stage_ref, point=point)
+        log.info("migration %s: the source takes the destination's point (%s)",
+                 self.report.stage, adopted)  # fmt: skip
+
     def _place_back(self) -> None:
+        """Undo of the reconnect: the placement goes back, and the peers woken under the new
+        one restart from their journals."""
         if self._placed is not None and self._placed.node != self.source:
             self._move_placement(self.source)
         for placed in self._quiesced:

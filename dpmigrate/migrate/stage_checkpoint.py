@@ -19,6 +19,7 @@ journal moved on after the checkpoint (``--leave-running``) continues from the j
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import shutil
@@ -202,6 +203,55 @@ def discard_stage(agent: Agent, key: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     _wait_gone(agent, key)
+
+
+#: Largest state a rollback hands back through one control message (base64 inside JSON).
+MAX_POINT_BYTES = 512 << 10
+
+
+def journal_point(agent: Agent, key: str) -> dict[str, Any]:
+    """The committed point of a stage's journal on this node — state, version, positions —
+    for a rollback that must carry a destination copy's progress back to its source: the
+    copy may have acknowledged inputs (the producers forgot them), so the source must go on
+    from there. Only for a stage that no longer runs here (discarded first)."""
+    proc = agent.supervisor.stages.get(key)
+    if proc is not None and not proc.finished:
+        raise DpmigrateError(f"stage {key!r} still runs on node {agent.node}; discard it first")
+    if key not in agent.stage_args:
+        raise DpmigrateError(f"node {agent.node} never ran stage {key!r}")
+    _manifest, run_dir, _model = agent.stage_args[key]
+    state, inputs, outputs = StageJournal(Path(run_dir) / "stages" / key.partition("/")[2]).load()
+    snapshot = state.snapshot()
+    if len(snapshot) > MAX_POINT_BYTES:
+        raise DpmigrateError(
+            f"stage {key!r}'s state on {agent.node} is {len(snapshot) >> 10} KiB, more than a "
+            f"rollback hands back ({MAX_POINT_BYTES >> 10} KiB); its journal stays there"
+        )
+    return {"state": base64.b64encode(snapshot).decode(), "version": state.version,
+            "digest": state.digest(), "inputs": inputs, "outputs": outputs}  # fmt: skip
+
+
+def adopt_journal_point(agent: Agent, key: str, point: dict[str, Any]) -> dict[str, Any]:
+    """Make a later committed point (from :func:`journal_point` elsewhere) this node's
+    journal of a quiesced stage, which catches up with it when it wakes. An older or equal
+    point changes nothing."""
+    proc = agent.supervisor.stages.get(key)
+    if proc is None or key not in agent.stage_args:
+        raise DpmigrateError(f"no stage {key!r} on node {agent.node}")
+    _manifest, run_dir, _model = agent.stage_args[key]
+    try:
+        state = State.restore(base64.b64decode(str(point["state"]), validate=True))
+        inputs, outputs = dict(point["inputs"]), dict(point["outputs"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ProtocolError(f"journal point for {key!r} is malformed: {err}") from err
+    if state.digest() != point.get("digest") or state.version != point.get("version"):
+        raise ProtocolError(f"journal point for {key!r} does not match its digest or version")
+    journal = StageJournal(Path(run_dir) / "stages" / key.partition("/")[2])
+    current = journal.load()[0].version
+    if state.version <= current:
+        return {"adopted": False, "version": current}
+    journal.start_at(state, inputs, outputs)
+    return {"adopted": True, "version": state.version}
 
 
 def _wait_gone(agent: Agent, key: str) -> None:
