@@ -1,5 +1,5 @@
 """Memory transfer for live migration: stop-and-copy through CRIU's page server, post-copy
-through lazy pages (userfaultfd). The orchestrator drives these from the node agents: the
+through lazy pages (userfaultfd). The migration engine drives these through the node agents: the
 source agent runs in the source node's network namespace, the destination agent in the
 destination's (DESIGN.md §6). Between agents nothing else is shared: the small non-memory
 images move as a sealed, verified bundle over the agents' own channel
@@ -71,7 +71,7 @@ Rollback (can the source be resumed after a lazy dump if the destination fails?)
   does it only when criu has hung past ``ready_timeout``.
 * Hence the default ``leave_running=True`` for :class:`LazySource`: CRIU then never kills the
   source, whatever the destination does; after the transfer the source is resumed (quiesced,
-  so idle) and stays until the orchestrator confirms the destination and kills it — the same
+  so idle) and stays until the engine confirms the destination and kills it — the same
   contract as stop-and-copy. With ``leave_running=False`` the source ends with the transfer
   and the rollback window closes when the daemon disconnects.
 * Stop-and-copy rolls back trivially: with ``leave_running=True`` the source is running
@@ -382,7 +382,7 @@ class LazySource:
 
     ``leave_running`` defaults to True: CRIU treats any end of the page connection as success,
     so a source it may kill could be lost to a destination that died; left running, the
-    source resumes (idle, quiesced) after the transfer and the orchestrator kills it once the
+    source resumes (idle, quiesced) after the transfer and the engine kills it once the
     destination is confirmed. The server listens on every address of ``netns`` (CRIU ignores
     the address for a lazy dump); ``port`` 0 lets the kernel pick.
     """

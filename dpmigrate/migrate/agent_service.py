@@ -6,7 +6,7 @@ operation table, each with its typed request record. The :class:`MigrationServic
 they keep between calls — the transfers in flight and the one CRIU thread — and reaches the
 agent only for its supervisor, stage arguments, lock, node name and address.
 
-The orchestrator (:mod:`dpmigrate.migrate.orchestrator`) is their client.
+The migration engine (:mod:`dpmigrate.migrate.engine`) is their client.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ BundleFile = Annotated[str, Rule("a bundle file name", bundles.name_problem)]
 class MigrationRef(Request):
     """One migration's files on this node (``agent.run_dir/migrations/ID``)."""
 
-    migration: Name  # the orchestrator's migration id
+    migration: Name  # the engine's migration id
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The agent's side of a live migration's transfer (DESIGN.md §6, §7: nodes share nothing).
 
 Each agent keeps a migration's files in a folder of its own, ``agent.run_dir/migrations/ID``
-(mode 0700; ``ID`` is the orchestrator's migration id, a checked name): ``outgoing/`` on the
+(mode 0700; ``ID`` is the engine's migration id, a checked name): ``outgoing/`` on the
 source, ``incoming/`` on the destination, and beside each the CRIU logs of that side
 (``outgoing-logs/``, ``incoming-logs/``), never shipped. Where files go is decided here, from
 ``agent.run_dir`` alone — never from a path received over the network.
