@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except StoreUnavailable as err:
         log("agent failed", level="error", error=str(err))
         return 1
+    agent.readopt()  # the stages an earlier agent of this node left running
     agent.listen(ABSTRACT_NAME)
     if args.socket:
         agent.listen(str(base / args.socket) if args.isolate else args.socket)

@@ -23,6 +23,7 @@ one line and exits non-zero, never with a traceback.
     ├── ControlError                talking to a node agent failed
     │   ├── AuthError               the peer does not know the cluster token
     │   └── RemoteError             the agent refused or failed a request (its words)
+    │       └── AgentUnreachable    nothing answers at the agent's address
     ├── MigrationError              a migration failed and was rolled back
     └── NativeError                 a syscall in the C core failed (errno and syscall named)
 
@@ -123,6 +124,10 @@ class AuthError(ControlError):
 
 class RemoteError(ControlError):
     """The agent refused or failed a request; the message is the agent's."""
+
+
+class AgentUnreachable(RemoteError):
+    """Nothing answers at the agent's address (the agent is not running there)."""
 
 
 class MigrationError(DpmigrateError):

@@ -49,7 +49,7 @@ from types import FrameType
 from typing import Any
 
 from dpmigrate.cluster.store import Placement
-from dpmigrate.errors import DpmigrateError, MigrationError
+from dpmigrate.errors import AgentUnreachable, DpmigrateError, MigrationError
 from dpmigrate.migrate.report import MigrationReport
 from dpmigrate.migrate.strategies import STRATEGIES, Strategy
 from dpmigrate.migrate.undo import UndoLog
@@ -135,6 +135,9 @@ class Migration:
         self._watchers_had_input = False
         self._asleep_from: float | None = None  # the stage's quiesced answer (wall clock)
         self._asleep_until: float | None = None  # the start of its wake
+        self._healing = False  # rolling back: an agent found gone is started again
+        self._heal_lock = threading.Lock()
+        self._healed: set[str] = set()
 
     # -- what strategies use ------------------------------------------------------------
     @property
@@ -147,6 +150,20 @@ class Migration:
         return {**self.stage_ref, "migration": self.id}
 
     def call(self, node: str, op: str, **args: Any) -> Any:
+        try:
+            with self.cluster.client(node, timeout=300) as agent:
+                return agent.call(op, **args)
+        except AgentUnreachable:
+            if not self._healing:
+                raise
+        # Rolling back and the node's agent is gone (killed mid-migration): start it again;
+        # it takes over the stages its predecessor left running, asleep ones included.
+        with self._heal_lock:
+            if node not in self._healed and self.cluster.restart_agent(node):
+                self._healed.add(node)
+                log.warning("migration %s: the agent of %s was gone; restarted it",
+                            self.report.stage, node)  # fmt: skip
+                self.report.rollback_steps.append(f"ok: restarted the agent of {node}")
         with self.cluster.client(node, timeout=300) as agent:
             return agent.call(op, **args)
 
@@ -461,6 +478,7 @@ class Migration:
         raise MigrationError(f"no message reached the restored stage within {self.flow_timeout} s")
 
     def _rollback(self, app: App | None) -> None:
+        self._healing = True
         steps, failures = self.undo.rollback()
         self.report.rollback_steps += steps
         self.report.rollback_failures += failures

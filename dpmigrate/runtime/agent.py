@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -34,15 +35,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from dpmigrate import atomic
 from dpmigrate.errors import ProtocolError
 from dpmigrate.eventlog import EventLog
 from dpmigrate.runtime import control, stagehost
 from dpmigrate.runtime.node_store import NodeStore
 from dpmigrate.runtime.operations import AbsPath, Name, NoArgs, OperationTable, Request
-from dpmigrate.runtime.supervisor import Supervisor
-from dpmigrate.transports.resolver import Endpoint
+from dpmigrate.runtime.supervisor import Supervisor, process_start_time
+from dpmigrate.transports.resolver import NAME_RE, Endpoint
 
 ABSTRACT_NAME = "@dpmigrate-agent"
+#: In the node's folder: the stages this agent runs, for the agent that follows it.
+STAGE_TABLE = "agent-stages.json"
 #: The models whose stages an agent runs (the in-process model has no agent).
 AGENT_MODELS = ("multi-process", "multi-node")
 _MAX_LOOKUP_WAIT_S = 30.0
@@ -129,6 +133,7 @@ class Agent:
         self.listeners: list[socket.socket] = []
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         self.lock = threading.Lock()
+        self._saved_table: dict[str, dict[str, Any]] = {}  # the stage table last written
         #: What this agent serves; services register theirs here before it starts listening.
         self.operations = OperationTable(self.log)
         self._register_operations()
@@ -335,7 +340,70 @@ class Agent:
         while not self.stopping.is_set():
             with self.lock:
                 self.supervisor.poll()
+                self._save_stage_table()
             self.stopping.wait(0.2)
+
+    # -- surviving the agent's own death --------------------------------------------------
+    @property
+    def stage_table_path(self) -> Path:
+        return self.run_dir / STAGE_TABLE
+
+    def _stage_table(self) -> dict[str, dict[str, Any]]:
+        table = {}
+        for key, proc in self.supervisor.stages.items():
+            pid = proc.stage_pid
+            start = process_start_time(pid) if pid is not None else None
+            if proc.finished or pid is None or start is None or key not in self.stage_args:
+                continue
+            manifest, run_dir, model = self.stage_args[key]
+            table[key] = {"pid": pid, "start_time": start, "manifest": manifest,
+                          "run_dir": run_dir, "model": model}  # fmt: skip
+        return table
+
+    def _save_stage_table(self) -> None:
+        """What runs here, in the node's own folder: a restarted agent takes these over."""
+        table = self._stage_table()
+        if table != self._saved_table:
+            atomic.write_json(self.stage_table_path, table)
+            self._saved_table = table
+
+    def readopt(self) -> list[str]:
+        """Take over the stages an earlier agent of this node left running (it died): each
+        one named in its table whose PID still has the recorded start time. Their journals
+        and run folders are here; a crash of one later restarts it from its journal."""
+        try:
+            table = json.loads(self.stage_table_path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as err:
+            self.log("stage table unreadable", level="warning", error=str(err))
+            return []
+        taken = []
+        for key, entry in table.items() if isinstance(table, dict) else []:
+            try:
+                app, _, stage = str(key).partition("/")
+                pid, start = int(entry["pid"]), int(entry["start_time"])
+                manifest, run_dir, model = (str(entry[k]) for k in ("manifest", "run_dir", "model"))
+            except (KeyError, TypeError, ValueError):
+                self.log("stage table entry refused", level="warning", key=str(key))
+                continue
+            if (
+                not (NAME_RE.fullmatch(app) and NAME_RE.fullmatch(stage))
+                or Path(run_dir).parent != self.run_dir / "runs"
+                or model not in AGENT_MODELS
+            ):
+                self.log("stage table entry refused", level="warning", key=str(key))
+                continue
+            if process_start_time(pid) != start:
+                continue  # it ended meanwhile (or the PID is another process's now)
+            argv = stagehost.command(manifest, stage, run_dir, model, "agent")
+            self.supervisor.adopt_orphan(key, pid, start, argv,
+                                         stagehost.status_path(run_dir, stage))  # fmt: skip
+            self.stage_args[key] = (manifest, run_dir, model)
+            taken.append(key)
+        self.log("stages re-adopted", stages=taken)
+        self._saved_table = self._stage_table()
+        return taken
 
     def shutdown(self) -> None:
         if self.stopping.is_set():

@@ -702,6 +702,12 @@ class LocalCluster:
         entry: dict[str, Any] = {"node": node["name"], "pid": None, "start_time": None}
         record["agents"].append(entry)
         self._save()  # before the spawn: a crash now still names the files and netns
+        self._spawn_agent(node, entry, nsenter)
+
+    def _spawn_agent(self, node: dict[str, Any], entry: dict[str, Any], nsenter: str) -> None:
+        """Start ``node``'s agent process and record its PID and start time in ``entry``."""
+        assert self._record is not None
+        record = self._record
         env = {
             **os.environ,
             "DPMIGRATE_TOKEN": record["token"],
@@ -724,6 +730,23 @@ class LocalCluster:
         entry["pid"] = proc.pid  # nsenter execs the agent: same PID, same start time
         entry["start_time"] = _start_time(proc.pid)
         self._save()
+
+    def restart_agent(self, name: str) -> bool:
+        """Start ``name``'s agent again if its process is gone (killed, crashed): the new one
+        takes over the stages the old one left running (their table is in the node's own
+        folder) and rejoins the store. False, and nothing done, if it still runs."""
+        _require_root("restart an agent")
+        record = self._require_record()
+        node = next((n for n in record["nodes"] if n["name"] == name), None)
+        entry = next((a for a in record["agents"] if a["node"] == name), None)
+        if node is None or entry is None:
+            raise ConfigError(f"no node {name!r} in the local cluster")
+        pid = entry.get("pid")
+        if isinstance(pid, int) and _same_process(pid, entry.get("start_time"), None):
+            return False
+        self._spawn_agent(node, entry, _tool("nsenter", "util-linux"))
+        self._wait_agent(node)
+        return True
 
     def _wait_agent(self, node: dict[str, Any]) -> None:
         """Bounded wait until the agent answers a ping on its socket file."""

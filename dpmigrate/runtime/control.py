@@ -30,7 +30,7 @@ import struct
 import threading
 from typing import Any
 
-from dpmigrate.errors import AuthError, ProtocolError, RemoteError
+from dpmigrate.errors import AgentUnreachable, AuthError, ProtocolError, RemoteError
 
 VERSION = 1
 MAX_FRAME = 1 << 20
@@ -100,7 +100,7 @@ class AgentClient:
         try:
             self._sock = _connect(address, timeout)
         except OSError as err:
-            raise RemoteError(
+            raise AgentUnreachable(
                 f"cannot reach the agent at {address} ({err.strerror or err}); is the cluster up? "
                 "(`dpmigrate cluster status`)"
             ) from err
@@ -116,7 +116,10 @@ class AgentClient:
                 raise AuthError(f"agent at {address} refused us: {answer.get('error')}")
         except (OSError, ConnectionError) as err:
             self._sock.close()
-            raise RemoteError(f"agent at {address} hung up during the handshake: {err}") from err
+            # a dying agent accepts, then resets: as unreachable as one that is gone
+            raise AgentUnreachable(
+                f"agent at {address} hung up during the handshake: {err}"
+            ) from err
         except BaseException:
             self._sock.close()
             raise

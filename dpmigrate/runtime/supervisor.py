@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -48,6 +49,11 @@ class StageProcess:
     checkpointing: bool = False  # being dumped: its exit is a departure, not a crash
     moved: bool = False  # left this node by checkpoint (it runs on, elsewhere or later)
     fenced: bool = False  # found itself stale (placed elsewhere) and stopped: never restarted
+    #: a stage started by an earlier agent of this node that died: not our child (no exit
+    #: status to collect), watched by its start time in /proc; its exit counts as a clean one
+    #: when its status file says it finished or stopped
+    orphan_start: int | None = None
+    orphan_status: Path | None = None
 
     @property
     def stage_pid(self) -> int | None:
@@ -128,7 +134,27 @@ class Supervisor:
         self.on_event(f"stage {name} adopted (restored, pid {pid})")
         return stage
 
+    def adopt_orphan(
+        self, name: str, pid: int, start_time: int, argv: Sequence[str], status: Path
+    ) -> StageProcess:
+        """Take over a stage that a previous agent of this node started and that still runs
+        (that agent died): watched by PID and start time; a crash restarts it from its
+        journal with ``argv`` like any other stage."""
+        log = self.log_path(name)
+        stage = StageProcess(name, [*argv, "--log", str(log)], log, adopted_pid=pid,
+                             orphan_start=start_time, orphan_status=status)  # fmt: skip
+        self.stages[name] = stage
+        self.on_event(f"stage {name} re-adopted (pid {pid}, started by an earlier agent)")
+        return stage
+
     def _exit_code(self, stage: StageProcess) -> int | None:
+        if stage.orphan_start is not None and stage.adopted_pid is not None:
+            if process_start_time(stage.adopted_pid) == stage.orphan_start:
+                return None
+            phase = ""
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                phase = json.loads(stage.orphan_status.read_text()).get("phase", "")  # type: ignore[union-attr]
+            return 0 if phase in ("finished", "stopped") else 1
         if stage.adopted_pid is not None:
             try:
                 pid, status = os.waitpid(stage.adopted_pid, os.WNOHANG)
@@ -169,7 +195,7 @@ class Supervisor:
             self.on_problem(
                 f"stage {stage.name} died ({_describe(code)}); restarting from its journal"
             )
-            stage.adopted_pid = None  # a restored stage restarts the ordinary way
+            stage.adopted_pid = stage.orphan_start = None  # restarts the ordinary way
             self._spawn(stage)
 
     @property
@@ -209,6 +235,14 @@ class Supervisor:
     def _wait_adopted(stage: StageProcess, deadline: float) -> None:
         pid = stage.adopted_pid
         assert pid is not None
+        if stage.orphan_start is not None:  # not our child: watch /proc
+            while time.monotonic() < deadline:
+                if process_start_time(pid) != stage.orphan_start:
+                    return
+                time.sleep(0.02)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return
         while time.monotonic() < deadline:
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
@@ -221,6 +255,19 @@ class Supervisor:
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks); None if gone or a zombie:
+    with the PID it names one process for good (a reused PID has another start time)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
 
 
 def _die_with_parent() -> None:
