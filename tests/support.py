@@ -175,3 +175,9 @@ def wait_for_input(run: object, at_least: int, name: str = "table") -> None:
     while stage_status(run, name).get("msgs_in", 0) < at_least:
         assert time.monotonic() < deadline, run.status()  # type: ignore[attr-defined]
         time.sleep(0.05)
+
+
+def in_mount_ns(pid: int, *cmd: str) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in the mount namespace of ``pid``: what that process sees (bounded)."""
+    return subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", *cmd],
+                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip

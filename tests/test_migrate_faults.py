@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from support import (
     checker_of,
+    in_mount_ns,
     paced_flows,
     reference_checker,
     stage_status,
@@ -43,8 +44,8 @@ def _link(cluster: LocalCluster, node: str, state: str) -> None:
 
 
 def _in_agent_mount_ns(cluster: LocalCluster, node: str, *cmd: str) -> None:
-    pid = cluster.node(node).agent_pid
-    subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", *cmd], check=True, timeout=10)
+    done = in_mount_ns(cluster.node(node).agent_pid, *cmd)
+    assert done.returncode == 0, (cmd, done.stderr)
 
 
 class Faults:

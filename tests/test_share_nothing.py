@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from support import (
     checker_of,
+    in_mount_ns,
     paced_flows,
     reference_checker,
     stage_status,
@@ -27,12 +28,6 @@ from dpmigrate.errors import DpmigrateError, RemoteError
 from dpmigrate.migrate import LocalCluster
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
-
-
-def _in_mount_ns(pid: int, *cmd: str) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` in the mount namespace of ``pid`` (what that process sees)."""
-    return subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", *cmd],
-                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
 
 
 def _mount_ns(pid: int) -> str:
@@ -56,14 +51,14 @@ def test_each_node_sees_only_its_own_folder_and_migrations_still_work(
             for node in cluster.nodes:
                 assert node.agent_pid is not None
                 assert _mount_ns(node.agent_pid) != host_ns, f"{node.name}'s agent shares ours"
-                seen = _in_mount_ns(node.agent_pid, "ls", "-A", str(cluster_state_dir))
+                seen = in_mount_ns(node.agent_pid, "ls", "-A", str(cluster_state_dir))
                 assert seen.returncode == 0 and seen.stdout.split() == ["node"], seen
                 # its own folder is there, under the one fixed path every node uses
-                own = _in_mount_ns(node.agent_pid, "cat", "/proc/self/mountinfo").stdout
+                own = in_mount_ns(node.agent_pid, "cat", "/proc/self/mountinfo").stdout
                 assert str(nodefs.node_dir(str(cluster_state_dir))) in own
                 for other in cluster.nodes:
                     if other is not node:  # the other nodes' folders: not reachable at all
-                        probe = _in_mount_ns(
+                        probe = in_mount_ns(
                             node.agent_pid, "ls", str(Path(other.agent_socket).parent)
                         )
                         assert probe.returncode != 0, (node.name, other.name, probe.stdout)

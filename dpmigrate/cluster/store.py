@@ -118,6 +118,17 @@ class EtcdSettings:
         return ",".join(self.endpoints)
 
 
+def new_session(settings: EtcdSettings) -> requests.Session:
+    """An HTTP session for etcd: its TLS files, and never a proxy for cluster traffic."""
+    session = requests.Session()
+    session.trust_env = False
+    if settings.ca:
+        session.verify = settings.ca
+    if settings.cert and settings.key:
+        session.cert = (settings.cert, settings.key)
+    return session
+
+
 class Store:
     """A connection to etcd (thread-safe: one HTTP session per thread)."""
 
@@ -138,13 +149,7 @@ class Store:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
-            session.trust_env = False  # never send cluster traffic through a proxy
-            if self.settings.ca:
-                session.verify = self.settings.ca
-            if self.settings.cert and self.settings.key:
-                session.cert = (self.settings.cert, self.settings.key)
-            self._local.session = session
+            session = self._local.session = new_session(self.settings)
         return session
 
     def _post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> Any:
@@ -354,12 +359,7 @@ class Watch:
                   "start_revision": str(self.revision + 1)}  # fmt: skip
         url = self.store.settings.endpoints[self.store._preferred]
         # A stream per watch, on its own session: it stays open for as long as we watch.
-        session = requests.Session()
-        session.trust_env = False
-        session.verify = self.store.settings.ca or True
-        if self.store.settings.cert and self.store.settings.key:
-            session.cert = (self.store.settings.cert, self.store.settings.key)
-        with session:
+        with new_session(self.store.settings) as session:
             response = session.post(f"{url}/v3/watch", json={"create_request": create},
                                     stream=True, timeout=(self.store.timeout, None))  # fmt: skip
             self._response = response

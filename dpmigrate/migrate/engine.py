@@ -55,7 +55,7 @@ from dpmigrate.migrate.strategies import STRATEGIES, Strategy
 from dpmigrate.migrate.undo import UndoLog
 from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.manifest import App
-from dpmigrate.runtime.stagehost import STATUS_INTERVAL_S, ring_transport
+from dpmigrate.runtime.stagehost import STATUS_INTERVAL_S, peers_changing_transport
 
 log = logging.getLogger("dpmigrate.migrate")
 
@@ -337,14 +337,7 @@ class Migration:
         placement = {s.name: s.node for s in app.stages}
         placement.update({name: p.node for name, p in placed.items()})
         moved = {**placement, self.stage: self.destination}
-        peers = set()
-        for ring in app.rings:
-            if self.stage in (ring.src_stage, ring.dst_stage):
-                peer = ring.dst_stage if ring.src_stage == self.stage else ring.src_stage
-                if ring_transport(app, ring, "multi-node", placement) != ring_transport(
-                    app, ring, "multi-node", moved
-                ):
-                    peers.add(peer)
+        peers = peers_changing_transport(app, self.stage, placement, moved)
         order = [s.name for s in app.stages if s.name in peers or s.name == self.stage]
         # Pushed once, before anything sleeps: it wakes whichever were quiesced, all at once.
         self.undo.push("wake the quiesced stages where they were", self._wake_quiesced)

@@ -44,6 +44,7 @@ from dpmigrate.cluster.netns import NetnsExecutor
 from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
 from dpmigrate.errors import ConfigError, DpmigrateError, EnvironmentProblem
 from dpmigrate.runtime.control import AgentClient
+from dpmigrate.runtime.supervisor import process_start_time
 
 MAX_NODES = 16
 SUBNET = "10.213.0"
@@ -161,18 +162,6 @@ def _load(record_path: Path) -> dict[str, Any] | None:
 # -- processes ----------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks); None if gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # field 3 onwards; comm may hold spaces
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
 def _reap(pid: int) -> None:
     """Collect our own exited child so it stops looking alive (no-op for anyone else's)."""
     with contextlib.suppress(ChildProcessError, OSError):
@@ -184,7 +173,7 @@ def _same_process(pid: int, start_time: int | None, boot_id: str | None) -> bool
     if start_time is None or (boot_id and boot_id != _boot_id()):
         return False
     _reap(pid)
-    return _start_time(pid) == start_time
+    return process_start_time(pid) == start_time
 
 
 def _stop_processes(procs: list[tuple[int, int]], label: dict[int, str]) -> list[str]:
@@ -282,7 +271,7 @@ def _teardown(record_path: Path, record: dict[str, Any]) -> list[str]:
     strays: list[tuple[int, int]] = []
     for ns in namespaces:
         for pid in _netns_pids(ns):
-            st = _start_time(pid)
+            st = process_start_time(pid)
             if st is not None and pid != os.getpid():
                 strays.append((pid, st))
                 labels[pid] = f"process {pid} in {ns}"
@@ -499,17 +488,11 @@ class LocalCluster:
         stages of one node, tcp between nodes) restart from their journals, so that they
         reopen that ring the new way before the restored stage looks for it."""
         from dpmigrate.runtime.manifest import App
-        from dpmigrate.runtime.stagehost import ring_transport
+        from dpmigrate.runtime.stagehost import peers_changing_transport
 
         app = App.load(manifest)
-        after = {**before, stage: target}
-        for ring in app.rings:
-            if stage not in (ring.src_stage, ring.dst_stage):
-                continue
-            peer = ring.dst_stage if ring.src_stage == stage else ring.src_stage
-            old = ring_transport(app, ring, "multi-node", before)
-            if old == ring_transport(app, ring, "multi-node", after) or peer not in before:
-                continue
+        changed = peers_changing_transport(app, stage, before, {**before, stage: target})
+        for peer in sorted(changed & set(before)):
             with self.client(before[peer], timeout=60) as agent:
                 agent.call("restart_stage", app=app.name, stage=peer)
 
@@ -649,7 +632,7 @@ class LocalCluster:
         self._save()  # before the spawn, as for the agents
         proc = etcd.spawn(cmd, str(log_path), prefix=[nsenter, f"--net=/run/netns/{hub}"])
         self._procs[proc.pid] = proc
-        entry["pid"], entry["start_time"] = proc.pid, _start_time(proc.pid)
+        entry["pid"], entry["start_time"] = proc.pid, process_start_time(proc.pid)
         self._save()
         deadline = time.monotonic() + _ETCD_START_TIMEOUT_S
         while True:
@@ -728,7 +711,7 @@ class LocalCluster:
             os.close(fd)
         self._procs[proc.pid] = proc
         entry["pid"] = proc.pid  # nsenter execs the agent: same PID, same start time
-        entry["start_time"] = _start_time(proc.pid)
+        entry["start_time"] = process_start_time(proc.pid)
         self._save()
 
     def restart_agent(self, name: str) -> bool:

@@ -77,6 +77,23 @@ def ring_transport(
     return "shm" if src == dst else "tcp"
 
 
+def peers_changing_transport(
+    app: App, stage: str, before: dict[str, str], after: dict[str, str]
+) -> set[str]:
+    """The stages whose ring to ``stage`` changes transport (shm <-> tcp) when the placement
+    goes from ``before`` to ``after``: they must reopen that ring the new way."""
+    peers = set()
+    for ring in app.rings:
+        if stage not in (ring.src_stage, ring.dst_stage):
+            continue
+        peer = ring.dst_stage if ring.src_stage == stage else ring.src_stage
+        if ring_transport(app, ring, "multi-node", before) != ring_transport(
+            app, ring, "multi-node", after
+        ):
+            peers.add(peer)
+    return peers
+
+
 def command(
     manifest: str, stage: str, run_dir: str, model: str, registry: str = "dir"
 ) -> list[str]:
