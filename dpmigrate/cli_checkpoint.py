@@ -173,8 +173,16 @@ def _checkpoint_stage(stage: str, out: str, leave_running: bool, as_json: bool) 
     "--netns", default=None, help="Restore inside this network namespace (/run/netns/NAME)."
 )
 @click.option("--node", default=None, help="Stage bundles: the cluster node to restore on.")
+@click.option(
+    "--cold",
+    is_flag=True,
+    help="Stage bundles: no CRIU; start a fresh instance from the state snapshot and ring "
+    "positions (another kernel or CPU, or no CRIU on the node).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def restore_cmd(bundle_dir: str, netns: str | None, node: str | None, as_json: bool) -> None:
+def restore_cmd(
+    bundle_dir: str, netns: str | None, node: str | None, cold: bool, as_json: bool
+) -> None:
     """Verify a bundle, then restore it: a stage bundle into the running cluster (--node), a
     `checkpoint --pid` bundle detached on this host (prints the new PID).
 
@@ -182,9 +190,23 @@ def restore_cmd(bundle_dir: str, netns: str | None, node: str | None, as_json: b
     is restored and nothing deleted. The restored tree is the child of a small keeper process
     (ending either one ends both), so it outlives this command. Bundles of dpmigrate stages
     are restored by the runtime, which wakes the stage and reconnects its rings.
+
+    With --cold a stage bundle is restored without CRIU: the node's agent writes the stage's
+    journal from the bundle's state snapshot and ring positions and starts the stage afresh.
+    Only those files are verified; the images and this machine's CRIU, CPU flags and kernel
+    do not matter. Same refusals as a CRIU restore (a corrupt bundle, the stage running).
     """
     from dpmigrate.checkpoint import bundle, keeper
+    from dpmigrate.checkpoint import cold as colds
 
+    if cold:
+        if netns is not None:
+            raise click.UsageError("--netns is for CRIU restores; --cold restores a stage on "
+                                   "its cluster node (--node)")  # fmt: skip
+        with _progress(as_json, "verifying the state snapshot and ring positions"):
+            loaded = colds.read(bundle_dir)
+        _restore_stage(bundle_dir, loaded.key, node, as_json, cold=True)
+        return
     with _progress(as_json, "verifying the bundle") as progress:
         report = bundle.verify(bundle_dir, progress=progress)
         if not report.ok:
@@ -209,9 +231,11 @@ def restore_cmd(bundle_dir: str, netns: str | None, node: str | None, as_json: b
     click.echo(result.pid)
 
 
-def _restore_stage(bundle_dir: str, stage: str, node: str | None, as_json: bool) -> None:
+def _restore_stage(
+    bundle_dir: str, stage: str, node: str | None, as_json: bool, cold: bool = False
+) -> None:
     """A stage bundle goes back into the running cluster: its agent restores, adopts and wakes
-    it, and it reconnects its rings."""
+    it, and it reconnects its rings (``cold``: its agent starts it afresh from its state)."""
     from dpmigrate.runtime.cluster import LocalCluster
 
     try:
@@ -221,9 +245,24 @@ def _restore_stage(bundle_dir: str, stage: str, node: str | None, as_json: bool)
             f"bundle {bundle_dir} holds stage {stage!r}; restoring it needs the running cluster "
             f"(its agent wakes the stage and reconnects its rings): {err}"
         ) from err
-    result = cluster.restore(os.path.abspath(bundle_dir), node=node)
+    with _progress(as_json, f"restoring stage {stage}" + (" cold" if cold else "")):
+        result = cluster.restore(os.path.abspath(bundle_dir), node=node, cold=cold)
     if as_json:
         _print_json(result)
+        return
+    if cold:
+        positions = result["positions"]
+        where = ", ".join(
+            [f"in {port}={seq}" for port, seq in sorted(positions["inputs"].items())]
+            + [f"out {port}={seq}" for port, seq in sorted(positions["outputs"].items())]
+        )
+        Console().print(
+            f"restored stage {result['stage']} cold (no CRIU) on {result['node']} as pid "
+            f"{result['pid']} in {result['total_s'] * 1000:.0f} ms: state version "
+            f"{result['state_version']}, digest {result['state_digest']}, from the "
+            f"{result['started_from']}'s point ({where or 'no rings'})",
+            highlight=False,
+        )
         return
     Console().print(
         f"restored stage {result['stage']} on {result['node']} as pid {result['pid']} in "

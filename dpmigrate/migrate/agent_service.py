@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from dpmigrate.checkpoint import bundle as bundles
-from dpmigrate.migrate import stage_checkpoint, stage_transfer
+from dpmigrate.migrate import cold_restore, stage_checkpoint, stage_transfer
 from dpmigrate.runtime.agent import Agent, StageRef
 from dpmigrate.runtime.operations import AbsPath, Name, NoArgs, Request, Rule
 
@@ -37,6 +37,13 @@ class RestoreStage(Request):
     bundle: AbsPath
     wake: bool
     keep_newer_journal: bool = False  # the stage was placed here all along (see restore_stage)
+
+
+@dataclasses.dataclass(frozen=True)
+class ColdRestoreStage(Request):
+    bundle: AbsPath
+    keep_newer_journal: bool = False  # the stage was placed here all along
+    point: dict[str, Any] | None = None  # a later point: journal_point's reply on its last node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +152,16 @@ class MigrationService:
         self.agent.log("restored", stage=result["stage"], pid=result["pid"])
         return result
 
+    def cold_restore_stage(self, req: ColdRestoreStage) -> dict[str, Any]:
+        """Start a stage here from a bundle's state snapshot and positions (no CRIU)."""
+        self.agent.log("cold restore", bundle=req.bundle, with_point=req.point is not None)
+        result = cold_restore.cold_restore_stage(
+            self.agent, req.bundle, req.keep_newer_journal, req.point
+        )
+        self.agent.log("restored cold", stage=result["stage"], pid=result["pid"],
+                       started_from=result["started_from"])  # fmt: skip
+        return result
+
     def quiesce_stage(self, req: StageRef) -> dict[str, Any]:
         return stage_checkpoint.quiesce_stage(self.agent, req.key)
 
@@ -247,6 +264,7 @@ def register(agent: Agent, criu: str) -> MigrationService:
     ops.register("facts", NoArgs, service.facts)
     ops.register("checkpoint_stage", CheckpointStage, service.checkpoint_stage)
     ops.register("restore_stage", RestoreStage, service.restore_stage)
+    ops.register("cold_restore_stage", ColdRestoreStage, service.cold_restore_stage)
     ops.register("quiesce_stage", StageRef, service.quiesce_stage)
     ops.register("wake_stage", WakeStage, service.wake_stage)
     ops.register("restart_stage", StageRef, service.restart_stage)

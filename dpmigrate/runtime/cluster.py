@@ -424,6 +424,8 @@ class LocalCluster:
                 for info in agent.call("status")["stages"]:
                     if info.get("finished") or not info.get("pid"):
                         continue
+                    if info.get("role", "primary") != "primary":
+                        continue  # a replica of a stage (standby, statesync target)
                     running.append(f"{info['app']}/{info['name']}@{node.name}")
                     if info["name"] == name and (not app or info["app"] == app):
                         found.append((node.name, info["app"], info["name"]))
@@ -445,19 +447,31 @@ class LocalCluster:
                 leave_running=leave_running,
             )  # fmt: skip
 
-    def restore(self, bundle: str | os.PathLike[str], node: str | None = None) -> dict[str, Any]:
+    def restore(
+        self, bundle: str | os.PathLike[str], node: str | None = None, cold: bool = False
+    ) -> dict[str, Any]:
         """Restore a stage bundle on ``node`` (default: the node it was checkpointed on).
 
         A restore is a placement change: refused while the stage runs anywhere (one live copy
-        only), and the stage is placed on ``node`` with a new epoch before it wakes there."""
-        from dpmigrate.checkpoint import bundle as bundles
+        only), and the stage is placed on ``node`` with a new epoch before it wakes there.
 
-        loaded = bundles.load(bundle)  # refuse a bad bundle before asking any agent
+        ``cold``: no CRIU — a fresh instance of the stage starts from the bundle's state
+        snapshot and ring positions (:mod:`dpmigrate.migrate.cold_restore`), for a node whose
+        kernel, CPU or CRIU cannot restore the images; the images are neither read nor needed.
+        It is always placed with a new epoch, and it starts from the stage's latest committed
+        point: a bundle taken with ``--leave-running`` is older than the journal of the node
+        the stage ran on afterwards, which is read (:meth:`_later_point`)."""
+        from dpmigrate.checkpoint import bundle as bundles
+        from dpmigrate.checkpoint import cold as colds
+
+        t0 = time.monotonic()
+        # refuse a bad bundle before asking any agent
+        loaded = colds.read(bundle) if cold else bundles.load(bundle)
         target = node or loaded.node
         if target is None:
             raise DpmigrateError(f"bundle {bundle} names no node; pass --node")
         self.node(target)  # a clear error for an unknown node
-        context = loaded.rings or {}
+        context = (loaded.context if isinstance(loaded, colds.ColdBundle) else loaded.rings) or {}
         app, stage = str(context.get("app", "")), str(context.get("stage", ""))
         for other in self.nodes:
             with self.client(other.name) as agent:
@@ -469,17 +483,45 @@ class LocalCluster:
                             "(or checkpoint it without --leave-running) before restoring a copy"
                         )
         keep_newer = False
+        point = None
         if app and stage:
             store = self.store()
             placed = store.placement(app, stage)
             keep_newer = placed is not None and placed.node == target
-            if not keep_newer:
+            if isinstance(loaded, colds.ColdBundle) and placed is not None and not keep_newer:
+                point = self._later_point(loaded, placed.node)
+            if not keep_newer or cold:
                 before = {name: p.node for name, p in store.placements(app).items()}
                 store.place(app, stage, target, placed)
                 self._restart_changed_peers(str(context["manifest"]), stage, before, target)
         with self.client(target, timeout=300) as agent:
-            return agent.call("restore_stage", bundle=str(Path(bundle).absolute()), wake=True,
-                              keep_newer_journal=keep_newer)  # fmt: skip
+            if not cold:
+                return agent.call("restore_stage", bundle=str(Path(bundle).absolute()),
+                                  wake=True, keep_newer_journal=keep_newer)  # fmt: skip
+            result = agent.call("cold_restore_stage", bundle=str(Path(bundle).absolute()),
+                                keep_newer_journal=keep_newer, point=point)  # fmt: skip
+        return {**result, "total_s": round(time.monotonic() - t0, 4)}
+
+    def _later_point(self, loaded: Any, last_node: str) -> dict[str, Any] | None:
+        """The committed point of ``loaded``'s stage in the journal of ``last_node`` (where it
+        is placed, so where it last ran), for a cold restore elsewhere: the stage may have run
+        on after its checkpoint. None when that node cannot say and the bundle's point is
+        where the stage ended (taken without ``--leave-running``); refused when it cannot say
+        and the stage went on, since the producers no longer retain what it consumed since."""
+        app, _, stage = loaded.key.partition("/")
+        try:
+            with self.client(last_node, timeout=60) as agent:
+                return dict(agent.call("journal_point", app=app, stage=stage))
+        except DpmigrateError as err:
+            if not loaded.leave_running:
+                return None
+            raise DpmigrateError(
+                f"bundle {loaded.path} was taken with --leave-running: stage {loaded.key} ran "
+                f"on after it, and its later committed point, in the journal on node "
+                f"{last_node}, cannot be read ({err}); nothing was changed. Restore it on "
+                f"{last_node} (--node {last_node}), or from a checkpoint taken without "
+                "--leave-running"
+            ) from err
 
     def _restart_changed_peers(
         self, manifest: str, stage: str, before: dict[str, str], target: str
