@@ -252,9 +252,10 @@ def _restore_stage(
         return
     if cold:
         positions = result["positions"]
-        where = ", ".join(
-            [f"in {port}={seq}" for port, seq in sorted(positions["inputs"].items())]
-            + [f"out {port}={seq}" for port, seq in sorted(positions["outputs"].items())]
+        where = "; ".join(
+            f"{side} " + ", ".join(f"{port}={seq}" for port, seq in sorted(ports.items()))
+            for side, ports in positions.items()
+            if ports
         )
         Console().print(
             f"restored stage {result['stage']} cold (no CRIU) on {result['node']} as pid "
