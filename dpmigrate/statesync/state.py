@@ -153,6 +153,30 @@ class State(MutableMapping[str, Any]):
             raise ConfigError("snapshot of a state with uncommitted changes; commit() first")
         return pack([self._version, self._data])
 
+    def committed_copy(self) -> dict[str, Any]:
+        """A shallow copy of the committed data: what a snapshot at ``version`` holds.
+
+        The uncommitted changes of a batch in progress are left out (undone in the copy), so
+        this is safe to call at any moment. Values are shared, not copied: a value is never
+        changed in place (see the module docstring), so the copy stays exactly at this version
+        while the stage goes on. Costs one dict copy (pointers), never a serialisation.
+        """
+        data = self._data.copy()
+        for key, old in self._undo.items():
+            if old is _DELETED:
+                data.pop(key, None)
+            else:
+                data[key] = old
+        return data
+
+    @classmethod
+    def adopt(cls, data: dict[str, Any], version: int) -> State:
+        """A State that takes ``data`` over without copying it (a replica that has just received
+        a whole snapshot into a fresh dict); the caller must not use ``data`` afterwards."""
+        state = cls(None, version)
+        state._data = data
+        return state
+
     @classmethod
     def restore(cls, data: bytes) -> State:
         try:
