@@ -175,6 +175,7 @@ class StateReceiver:
             "duplicates": 0,
             "points_applied": 0,
             "snapshot_bytes": 0,
+            "snapshot_chunks": 0,
             "snapshot_seconds": 0.0,
             "snapshot_mb_s": 0.0,
             "snapshot_bytes_total": 0,
@@ -509,6 +510,7 @@ class StateReceiver:
         self._reader.allowed = _READY_ALLOWED
         self._reader.max_meta = wire.MAX_META
         self._reader.max_payload = wire.MAX_PAYLOAD
+        self._reader.reserve(2 * self.recv_bytes)
         self._consumed = self._acked = 0
         self._last_rx = time.monotonic()
         self._window = meta["window"]
@@ -680,6 +682,7 @@ class StateReceiver:
         st = self._stats
         st["snapshots"] += 1
         st["snapshot_bytes"] = partial.bytes
+        st["snapshot_chunks"] = partial.chunks
         st["snapshot_seconds"] = seconds
         st["snapshot_mb_s"] = partial.bytes / seconds / 1e6
         st["snapshot_bytes_total"] += partial.bytes

@@ -77,6 +77,7 @@ class _Entry(NamedTuple):
     """One published point in the backlog, already encoded as a POINT frame."""
 
     n: int
+    version: int
     seq: int
     at: float
     parts: list[bytes | memoryview]
@@ -239,7 +240,8 @@ class StateSender:
         self._ns: list[int] = []
         self._first = 0  # index of the oldest retained entry
         self._retained_bytes = 0
-        self._floor = (start.n, 0, start.at)  # (n, seq, at) of the newest point not retained
+        # (n, seq, at, version) of the newest point no longer retained (at first: the start)
+        self._floor = (start.n, 0, start.at, start.version)
         self._snapshot: _Snapshot | None = None
         self._snapshot_wanted = False
         self._replicas: dict[str, _Replica] = {}
@@ -321,9 +323,10 @@ class StateSender:
         with self._lock:
             if parts is None:
                 self._drop_retained(upto=len(self._entries))
-                self._floor = (n, seq, point.at)
+                self._floor = (n, seq, point.at, point.version)
             else:
-                self._entries.append(_Entry(n, seq, point.at, parts, wire.frame_size(parts)))
+                size = wire.frame_size(parts)
+                self._entries.append(_Entry(n, point.version, seq, point.at, parts, size))
                 self._ns.append(n)
                 self._retained_bytes += self._entries[-1].nbytes  # type: ignore[union-attr]
             self._head = point
@@ -503,7 +506,7 @@ class StateSender:
             e = entries[i]
             assert e is not None
             self._retained_bytes -= e.nbytes
-            self._floor = (e.n, e.seq, e.at)
+            self._floor = (e.n, e.seq, e.at, e.version)
             entries[i] = None
         self._first = upto
         if upto > 1024 and upto * 2 > len(entries):
@@ -518,6 +521,29 @@ class StateSender:
     def _covers(self, n: int) -> bool:
         """Whether every point after ``n`` is retained (or ``n`` is at/after the head)."""
         return n >= self._floor[0]
+
+    def _knows(self, n: int, version: int | None) -> bool:
+        """Whether the replica's (n, version) is a point of this primary's history that it can
+        stream after: the head, the floor or a retained point, with the same version. A point
+        ahead of the head is taken on trust (this primary restarted from an older journal
+        point and regenerates the same points; if not, the first delta is a gap)."""
+        if version is None:
+            return False
+        head = self._head
+        if n > head.n:
+            return True
+        if n == head.n:
+            return version == head.version
+        floor_n, _, _, floor_version = self._floor
+        if n == floor_n:
+            return version == floor_version
+        if n < floor_n:
+            return False
+        i = bisect.bisect_left(self._ns, n, self._first)
+        if i >= len(self._ns) or self._ns[i] != n:
+            return False
+        e = self._entries[i]
+        return e is not None and e.version == version
 
     def _seq_of(self, n: int) -> tuple[int, float]:
         """(seq, commit time) of the newest point at or before ``n`` that this primary knows."""
@@ -674,6 +700,7 @@ class _Link:
         self.cursor_n = 0
         self.seen_seq = 0
         self.blocked = 0  # size of the next point when it did not fit in the window
+        self.resync = False  # the next snapshot replaces a state the replica holds
 
     @property
     def inflight(self) -> int:
@@ -890,13 +917,12 @@ class _Link:
                 rec.snapshot_resumes += 1
                 return "resume"
             self.snap = None
-            if not force_snapshot and n is not None and s._covers(n):
+            if not force_snapshot and n is not None and s._knows(n, info["version"]):
                 self.mode = "stream"
                 self.cursor_n = n
                 self.seen_seq = s._seq_of(n)[0]
                 return "stream"
-            if n is not None:
-                rec.resyncs += 1
+            self.resync = n is not None
             if snap is not None:
                 self._start_snapshot(snap, 0, 0)
             else:
@@ -1061,7 +1087,7 @@ class _Link:
         if not snap.valid:
             # the backlog dropped points after the snapshot's point while it was in transfer
             with self.s._lock:
-                rec.resyncs += 1
+                self.resync = True
                 self.snap = None
                 self.mode = "await_snapshot"
                 self.s._snapshot_wanted = True
@@ -1079,6 +1105,9 @@ class _Link:
                 return
             self._queue(self.begin, size)
             self.begin = None
+            if self.resync and self.next_item == 0:
+                rec.resyncs += 1  # counted when sent: a decision on a dead link is not one
+            self.resync = False
         if self.ready is None:
             self.ready = self._next_snapshot_frame(snap)
         parts, size, index, last = self.ready
@@ -1139,7 +1168,7 @@ class _Link:
         with s._lock:
             head_n, head_seq = s._head.n, s._head_seq
             if self.cursor_n < head_n and not s._covers(self.cursor_n):
-                rec.resyncs += 1
+                self.resync = True
                 snap = s._usable_snapshot()
                 if snap is not None:
                     self._start_snapshot(snap, 0, 0)

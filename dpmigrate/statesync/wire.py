@@ -538,6 +538,11 @@ class FrameReader:
         """Bytes received and not yet cut into frames."""
         return self.end - self.start
 
+    def reserve(self, size: int) -> None:
+        """Grow the buffer to at least ``size`` bytes (large reads once a peer is trusted)."""
+        if size > len(self.buf):
+            self._room(size - (self.end - self.start))
+
     def _room(self, need: int) -> None:
         """Make room for ``need`` bytes after the unparsed tail: move it to the front, or grow
         into a new buffer (old views stay valid on the old one)."""
