@@ -24,6 +24,7 @@ from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
 from dpmigrate.errors import ConfigError
 from dpmigrate.eventlog import EventLog
 from dpmigrate.migrate import agent_service
+from dpmigrate.runtime import failover
 from dpmigrate.runtime.agent import ABSTRACT_NAME, Agent
 from dpmigrate.runtime.node_store import NodeStore
 
@@ -46,6 +47,7 @@ def build(
     it — :func:`main` passes ``DPMIGRATE_CRIU``)."""
     agent = Agent(node, token, run_dir, address, store, log)
     agent_service.register(agent, criu or config.Config.from_env({}).criu)
+    agent.services.append(failover.register(agent))
     return agent
 
 
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         log("agent failed", level="error", error=str(err))
         return 1
     agent.readopt()  # the stages an earlier agent of this node left running
+    for service in agent.services:
+        service.start()
     agent.listen(ABSTRACT_NAME)
     if args.socket:
         agent.listen(str(base / args.socket) if args.isolate else args.socket)

@@ -21,6 +21,7 @@ from dpmigrate import __version__, config, doctor
 from dpmigrate.cli_checkpoint import COMMANDS as CHECKPOINT_COMMANDS
 from dpmigrate.cli_cluster import clean, cluster
 from dpmigrate.cli_migrate import demo_cmd, migrate_cmd
+from dpmigrate.cli_standby import standby_cmd
 from dpmigrate.errors import ConfigError, DpmigrateError
 
 _STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
@@ -369,6 +370,7 @@ class _RateView:
 
 main.add_command(cluster)
 main.add_command(migrate_cmd)
+main.add_command(standby_cmd)
 main.add_command(demo_cmd)
 for _command in CHECKPOINT_COMMANDS:
     main.add_command(_command)

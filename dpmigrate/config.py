@@ -164,9 +164,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "node_ttl",
         "DPMIGRATE_NODE_TTL",
-        "3",
+        "1",
         _ttl,
-        "seconds of an agent's lease in etcd: a node silent for longer is known dead",
+        "seconds of an agent's lease in etcd: a node silent for longer is known dead (and its "
+        "stages' standbys take over)",
     ),
     Setting(
         "strict",

@@ -76,6 +76,7 @@ def cold_restore_stage(
             key, stagehost.command(manifest, stage, run_dir, model, "agent")
         )
         agent.stage_args[key] = (manifest, run_dir, model)
+        agent.roles.pop(key, None)  # the stage itself, not a replica of it
     started_from = "bundle" if _order((state, inputs, outputs)) == _order(
         (bundle.state, bundle.inputs, bundle.outputs)
     ) else "journal"  # fmt: skip

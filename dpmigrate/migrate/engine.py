@@ -167,6 +167,24 @@ class Migration:
         with self.cluster.client(node, timeout=300) as agent:
             return agent.call(op, **args)
 
+    def source_info(self) -> dict[str, Any]:
+        """The stage as the source's agent reports it now."""
+        for info in self.call(self.source, "status")["stages"]:
+            if (info.get("app"), info.get("name")) == (self.app_name, self.stage) and info.get(
+                "role", "primary"
+            ) == "primary":
+                return info
+        raise MigrationError(f"stage {self.report.stage} no longer runs on {self.source}")
+
+    def replica_on_destination(self) -> dict[str, Any] | None:
+        """The stage's replica on the destination (a statesync target), as its agent says."""
+        for info in self.call(self.destination, "status")["stages"]:
+            if (info.get("app"), info.get("name")) == (self.app_name, self.stage) and info.get(
+                "role"
+            ) in ("standby", "target"):
+                return info
+        return None
+
     def holds_files(self, node: str) -> None:
         """``node``'s agent may now hold a folder of this migration (removed at the end)."""
         if node not in self._with_files:
@@ -280,6 +298,8 @@ class Migration:
             for info in reply["stages"]:
                 if info.get("app") != self.app_name or info.get("moved") or info.get("fenced"):
                     continue
+                if info.get("role", "primary") != "primary":
+                    continue  # a replica (standby, statesync target) is not the stage
                 if include_finished or not info.get("finished"):
                     found[info["name"]] = info
         return found
@@ -296,6 +316,32 @@ class Migration:
         if me is None or me.get("phase") != "running" or not me.get("pid"):
             raise MigrationError(f"stage {self.report.stage} is not running and healthy: {me}")
         src, dst = self.call(self.source, "facts"), self.call(self.destination, "facts")
+        if self.strategy.uses_criu:
+            self._preflight_criu(src, dst)
+        self.page_size = int(dst.get("page_size", self.page_size))
+        memory = int(me.get("rss_bytes") or 0)
+        needed = self.strategy.space_needed(memory)
+        if dst["free_bytes"] < needed:
+            raise MigrationError(
+                f"{self.destination} has {dst['free_bytes'] >> 20} MiB free in its folder; "
+                f"{self.strategy.name} of a stage using {memory >> 20} MiB needs "
+                f"{needed >> 20} MiB there: free space or choose another node"
+            )
+        standbys = self.call(self.source, "standbys", **self.stage_ref)
+        if self.destination in standbys.get("nodes", []):
+            raise MigrationError(
+                f"{self.destination} runs a standby of {self.report.stage}; move the stage to "
+                "another node, or stop that standby first"
+            )
+        app = App.load(me["manifest"])
+        self._downstream = {r.dst_stage for r in app.rings if r.src_stage == self.stage}
+        # A gap is only seen by a consumer that had received something before it.
+        self._watchers_had_input = any(
+            stages.get(n, {}).get("msgs_in", 0) > 0 for n in (self._downstream or {self.stage})
+        )
+        return stages, app
+
+    def _preflight_criu(self, src: dict[str, Any], dst: dict[str, Any]) -> None:
         if _version(dst["criu_version"]) < _version(src["criu_version"]):
             raise MigrationError(
                 f"{self.destination}'s CRIU {dst['criu_version']} is older than "
@@ -308,22 +354,6 @@ class Migration:
             raise MigrationError(
                 f"{self.destination} has no userfaultfd: no {self.strategy.name} there"
             )
-        self.page_size = int(dst.get("page_size", self.page_size))
-        memory = int(me.get("rss_bytes") or 0)
-        needed = self.strategy.space_needed(memory)
-        if dst["free_bytes"] < needed:
-            raise MigrationError(
-                f"{self.destination} has {dst['free_bytes'] >> 20} MiB free in its folder; "
-                f"{self.strategy.name} of a stage using {memory >> 20} MiB needs "
-                f"{needed >> 20} MiB there: free space or choose another node"
-            )
-        app = App.load(me["manifest"])
-        self._downstream = {r.dst_stage for r in app.rings if r.src_stage == self.stage}
-        # A gap is only seen by a consumer that had received something before it.
-        self._watchers_had_input = any(
-            stages.get(n, {}).get("msgs_in", 0) > 0 for n in (self._downstream or {self.stage})
-        )
-        return stages, app
 
     def _quiesce(self, stages: dict[str, dict[str, Any]], app: App) -> dict[str, Any]:
         store = self.cluster.store()

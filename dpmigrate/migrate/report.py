@@ -24,6 +24,12 @@ class MigrationReport:
     frozen_time_s: float = 0.0
     transferred_bytes: int = 0
     pages_written: int = 0
+    #: statesync: the snapshot the target received, its throughput, how long it took to
+    #: catch up (snapshot and points) and what it received after the source was quiesced
+    snapshot_bytes: int | None = None
+    snapshot_mb_s: float | None = None
+    catch_up_s: float | None = None
+    final_delta_bytes: int | None = None
     lost: int | None = None
     duplicated: int | None = None
     state_digest_before: str | None = None

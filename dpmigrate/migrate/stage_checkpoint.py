@@ -106,6 +106,8 @@ def wake_stage(agent: Agent, key: str, timeout: float = PHASE_TIMEOUT_S) -> dict
     since = time.time()
     wake(pid)
     status = wait_phase(run_dir, stage, "running", since, timeout)
+    if agent.roles.get(key, "primary") != "primary":  # a replica took the stage over
+        agent.took_over(key)
     return {
         "stage": key, "node": agent.node, "pid": pid,
         "state_version": status["state_version"], "state_digest": status["state_digest"],
@@ -360,6 +362,7 @@ def adopt(agent: Agent, context: dict[str, Any], pid: int) -> None:
             key, pid, stagehost.command(manifest, stage, run_dir, model, "agent")
         )
         agent.stage_args[key] = (manifest, run_dir, model)
+        agent.roles.pop(key, None)  # a restored stage is the stage itself
 
 
 def wake(pid: int) -> None:

@@ -33,7 +33,7 @@ import shutil
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dpmigrate import atomic
 from dpmigrate.errors import ProtocolError
@@ -51,6 +51,12 @@ STAGE_TABLE = "agent-stages.json"
 AGENT_MODELS = ("multi-process", "multi-node")
 _MAX_LOOKUP_WAIT_S = 30.0
 _MAX_CONNECTIONS = 64
+
+
+class AgentService(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 # -- the core's request records ------------------------------------------------------------
@@ -101,6 +107,7 @@ class StartStage(StageRef):
     manifest: AbsPath
     run_dir: AbsPath
     model: str  # one of AGENT_MODELS
+    role: str = "primary"  # or a replica: one of stagehost.ROLES
 
 
 class Agent:
@@ -129,6 +136,8 @@ class Agent:
             on_problem=lambda m: self.log("stage", level="warning", message=m),
         )
         self.stage_args: dict[str, tuple[str, str, str]] = {}  # stage -> manifest, run dir, model
+        #: stage -> "primary", or the replica role it was started in (until it takes over)
+        self.roles: dict[str, str] = {}
         self.stopping = threading.Event()
         self.listeners: list[socket.socket] = []
         self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
@@ -136,6 +145,9 @@ class Agent:
         self._saved_table: dict[str, dict[str, Any]] = {}  # the stage table last written
         #: What this agent serves; services register theirs here before it starts listening.
         self.operations = OperationTable(self.log)
+        #: Services with a life of their own (a watcher thread): started once the agent
+        #: joined the store, stopped when it shuts down.
+        self.services: list[AgentService] = []
         self._register_operations()
 
     def _register_operations(self) -> None:
@@ -267,6 +279,10 @@ class Agent:
                 f"model {req.model!r} cannot run in an agent; use one of {', '.join(AGENT_MODELS)}"
             )
         key = req.key
+        if req.role != "primary" and req.role not in stagehost.ROLES:
+            raise ProtocolError(
+                f"role {req.role!r} is not a stage role; use primary, {', '.join(stagehost.ROLES)}"
+            )
         if Path(req.run_dir).parent != self.run_dir / "runs":
             raise ProtocolError(
                 f"run_dir {req.run_dir!r} is not a run folder of node {self.node} "
@@ -277,11 +293,15 @@ class Agent:
             if existing is not None and not existing.finished:
                 raise ProtocolError(f"stage {key!r} already runs on node {self.node}")
             proc = self.supervisor.start(
-                key, stagehost.command(req.manifest, req.stage, req.run_dir, req.model, "agent")
+                key,
+                stagehost.command(
+                    req.manifest, req.stage, req.run_dir, req.model, "agent", req.role
+                ),
             )
             self.stage_args[key] = (req.manifest, req.run_dir, req.model)
+            self.roles[key] = req.role
         pid = proc.proc.pid if proc.proc else None
-        self.log("stage start", stage=key, pid=pid)
+        self.log("stage start", stage=key, pid=pid, role=req.role)
         return {"stage": key, "node": self.node, "pid": pid}
 
     def _stop_stage(self, req: StageRef) -> None:
@@ -307,6 +327,7 @@ class Agent:
                 if self.supervisor.stages[key].finished:
                     del self.supervisor.stages[key]
                     _manifest, run_dir, _model = self.stage_args.pop(key)
+                    self.roles.pop(key, None)
                     folders.add(run_dir)
             in_use = {run_dir for _m, run_dir, _model in self.stage_args.values()}
         for folder in sorted(folders - in_use):
@@ -321,7 +342,7 @@ class Agent:
             info: dict[str, Any] = {"app": app, "name": name, "node": self.node}
             manifest, run_dir, _model = self.stage_args[key]
             info.update(stagehost.read_status(run_dir, name))
-            info.update(rss_bytes=_rss_bytes(proc.stage_pid))
+            info.update(role=self.roles.get(key, "primary"), rss_bytes=_rss_bytes(proc.stage_pid))
             info.update(pid=proc.stage_pid, restarts=proc.restarts, finished=proc.finished,
                         moved=proc.moved, fenced=proc.fenced, run_dir=run_dir, manifest=manifest,
                         failed=proc.failed, log=str(proc.log))  # fmt: skip
@@ -330,6 +351,17 @@ class Agent:
             rings = dict(self.store.rings)
         return {"node": self.node, "pid": os.getpid(), "stages": stages, "registry": rings,
                 "store": self.store.health()}  # fmt: skip
+
+    def took_over(self, key: str) -> None:
+        """A replica of ``key`` took over: from now on it is the primary, and a crash of it
+        restarts it as one, from its journal."""
+        with self.lock:
+            self.roles[key] = "primary"
+            proc = self.supervisor.stages.get(key)
+            if proc is not None and key in self.stage_args:
+                manifest, run_dir, model = self.stage_args[key]
+                proc.argv = stagehost.command(manifest, key.partition("/")[2], run_dir, model,
+                                              "agent")  # fmt: skip
 
     def _shutdown_soon(self, _: NoArgs) -> None:
         """Answer first, then stop (the reply must not wait for the stages to finish)."""
@@ -357,7 +389,8 @@ class Agent:
                 continue
             manifest, run_dir, model = self.stage_args[key]
             table[key] = {"pid": pid, "start_time": start, "manifest": manifest,
-                          "run_dir": run_dir, "model": model}  # fmt: skip
+                          "run_dir": run_dir, "model": model,
+                          "role": self.roles.get(key, "primary")}  # fmt: skip
         return table
 
     def _save_stage_table(self) -> None:
@@ -384,22 +417,25 @@ class Agent:
                 app, _, stage = str(key).partition("/")
                 pid, start = int(entry["pid"]), int(entry["start_time"])
                 manifest, run_dir, model = (str(entry[k]) for k in ("manifest", "run_dir", "model"))
-            except (KeyError, TypeError, ValueError):
+                role = str(entry.get("role", "primary"))
+            except (KeyError, TypeError, ValueError, AttributeError):
                 self.log("stage table entry refused", level="warning", key=str(key))
                 continue
             if (
                 not (NAME_RE.fullmatch(app) and NAME_RE.fullmatch(stage))
                 or Path(run_dir).parent != self.run_dir / "runs"
                 or model not in AGENT_MODELS
+                or (role != "primary" and role not in stagehost.ROLES)
             ):
                 self.log("stage table entry refused", level="warning", key=str(key))
                 continue
             if process_start_time(pid) != start:
                 continue  # it ended meanwhile (or the PID is another process's now)
-            argv = stagehost.command(manifest, stage, run_dir, model, "agent")
+            argv = stagehost.command(manifest, stage, run_dir, model, "agent", role)
             self.supervisor.adopt_orphan(key, pid, start, argv,
                                          stagehost.status_path(run_dir, stage))  # fmt: skip
             self.stage_args[key] = (manifest, run_dir, model)
+            self.roles[key] = role
             taken.append(key)
         self.log("stages re-adopted", stages=taken)
         self._saved_table = self._stage_table()
@@ -412,6 +448,8 @@ class Agent:
         with self.lock:
             self.supervisor.stop()
         self.stopping.set()
+        for service in self.services:
+            service.stop()
         self.store.stop()
         for sock in self.listeners:
             with contextlib.suppress(OSError):

@@ -424,6 +424,8 @@ class LocalCluster:
                 for info in agent.call("status")["stages"]:
                     if info.get("finished") or not info.get("pid"):
                         continue
+                    if info.get("role", "primary") != "primary":
+                        continue  # a replica of a stage (standby, statesync target)
                     running.append(f"{info['app']}/{info['name']}@{node.name}")
                     if info["name"] == name and (not app or info["app"] == app):
                         found.append((node.name, info["app"], info["name"]))

@@ -43,6 +43,15 @@ class StageJournal:
         self._fd: int | None = None
         self._records = 0
 
+    def is_empty(self) -> bool:
+        """Nothing was ever persisted here (a new instance starts from empty state)."""
+        if self._snapshot_path.exists():
+            return False
+        try:
+            return self._journal_path.stat().st_size == 0
+        except FileNotFoundError:
+            return True
+
     def load(self) -> tuple[State, Positions, Positions]:
         """The last persisted point: (state, input positions, output positions)."""
         self._records = 0

@@ -36,6 +36,7 @@ from typing import Any
 from dpmigrate.errors import ConfigError
 from dpmigrate.runtime.stage import Service
 from dpmigrate.transports.base import DEFAULT_CAPACITY
+from dpmigrate.transports.resolver import NAME_RE
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 _TRANSPORT_HINTS = ("auto", "mem", "shm", "tcp")
@@ -48,6 +49,8 @@ class StageSpec:
     node: str
     config: dict[str, Any]
     batch: int
+    #: nodes that run a hot standby of the stage (DESIGN.md §5), in order of preference
+    standbys: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +85,8 @@ class App:
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(s.node for s in self.stages))
+        """Every node the app needs: where its stages run and where their standbys do."""
+        return tuple(dict.fromkeys(n for s in self.stages for n in (s.node, *s.standbys)))
 
     def service_class(self, stage: str) -> type[Service]:
         return resolve_entry(self.stage(stage).entry, self.path, f"stages.{stage}.entry")
@@ -169,19 +173,22 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
         if not _NAME_RE.match(sname):
             raise ConfigError(f"{key}: stage names are a letter then letters, digits, _ or -")
         _expect(body, dict, key, "a table")
-        extra = set(body) - {"entry", "node", "config", "batch"}
+        extra = set(body) - {"entry", "node", "config", "batch", "standby"}
         if extra:
             raise ConfigError(
-                f"{key}: unknown key(s) {sorted(extra)}; expected entry, node, config, batch"
+                f"{key}: unknown key(s) {sorted(extra)}; expected entry, node, config, batch, "
+                "standby"
             )
         if "entry" not in body:
             raise ConfigError(f"{key}.entry is missing: name the stage class as 'module:Class'")
+        node = _expect(body.get("node", default_node), str, f"{key}.node", "a node name")
         stages[sname] = StageSpec(
             name=sname,
             entry=_expect(body["entry"], str, f"{key}.entry", "a 'module:Class' string"),
-            node=_expect(body.get("node", default_node), str, f"{key}.node", "a node name"),
+            node=node,
             config=_expect(body.get("config", {}), dict, f"{key}.config", "a table"),
             batch=_positive(body.get("batch", default_batch), f"{key}.batch"),
+            standbys=_standbys(body.get("standby", []), node, f"{key}.standby"),
         )
 
     rings: dict[str, RingSpec] = {}
@@ -246,6 +253,24 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
                     f"input port {ring.dst_port!r}; its inputs are {list(cls.inputs)}"
                 )
     return app_obj
+
+
+def _standbys(value: Any, node: str, where: str) -> tuple[str, ...]:
+    """``standby = "node3"`` or a list of nodes: each another node than the stage's, once."""
+    names = [value] if isinstance(value, str) else value
+    _expect(names, list, where, "a node name or a list of node names")
+    for name in names:
+        _expect(name, str, where, "a node name or a list of node names")
+        if not NAME_RE.fullmatch(name):
+            raise ConfigError(f"{where}: {name!r} is not a valid node name")
+        if name == node:
+            raise ConfigError(
+                f"{where}: {name!r} is the node the stage runs on; a standby must be on "
+                "another node (it takes over when that one dies)"
+            )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: {names} names a node twice")
+    return tuple(names)
 
 
 def _topological(stages: dict[str, StageSpec], rings: Any, where: str) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 from dpmigrate.cluster import nodefs
 from dpmigrate.errors import ConfigError, DpmigrateError
 from dpmigrate.runtime.cluster import LocalCluster
+from dpmigrate.runtime.failover import record_key
 from dpmigrate.runtime.manifest import App
 
 _POLL_S = 0.2
@@ -53,27 +54,40 @@ class MultiNodeRun:
                 f"{self.app.name}` first"
             )
         store.delete_prefix(f"placement/{self.app.name}/")  # a new run starts afresh
+        store.delete_prefix(f"standby/{self.app.name}/")
         record = {"manifest": str(self.app.path.resolve()), "run": self.run_id,
                   "started": time.time()}  # fmt: skip
         store.put(f"apps/{self.app.name}", record)
         for spec in self.app.stages:
             store.place(self.app.name, spec.name, spec.node, None)
+            if spec.standbys:  # none in sync yet: each gates once it caught up
+                store.put(record_key(self.app.name, spec.name),
+                          {"nodes": list(spec.standbys), "in_sync": []})  # fmt: skip
         for spec in self.app.stages:
-            with self.cluster.client(spec.node) as agent:
-                agent.call(
-                    "start_stage", app=self.app.name, manifest=str(self.app.path.resolve()),
-                    stage=spec.name, run_dir=str(self.run_dir), model="multi-node",
-                )  # fmt: skip
+            self.start_stage(spec.name, spec.node)
+        for spec in self.app.stages:
+            for node in spec.standbys:
+                self.start_stage(spec.name, node, role="standby")
 
-    def status(self) -> list[dict[str, Any]]:
-        """This app's stages as their agents report them."""
+    def start_stage(self, stage: str, node: str, role: str = "primary") -> None:
+        """Start the stage (or a replica of it) on ``node``, in this run's folder there."""
+        with self.cluster.client(node) as agent:
+            agent.call(
+                "start_stage", app=self.app.name, manifest=str(self.app.path.resolve()),
+                stage=stage, run_dir=str(self.run_dir), model="multi-node", role=role,
+            )  # fmt: skip
+
+    def status(self, replicas: bool = False) -> list[dict[str, Any]]:
+        """This app's stages as their agents report them (``replicas``: their standbys and
+        statesync targets instead)."""
         stages = []
         for node in self.cluster.nodes:
             with contextlib.suppress(DpmigrateError), self.cluster.client(node.name) as agent:
                 for info in agent.call("status")["stages"]:
                     # a stage that left this node by checkpoint shows up where it was restored
                     live = not info.get("moved") and not info.get("fenced")
-                    if info.get("app") == self.app.name and live:
+                    primary = info.get("role", "primary") == "primary"
+                    if info.get("app") == self.app.name and live and primary != replicas:
                         stages.append(info)
         order = {spec.name: i for i, spec in enumerate(self.app.stages)}
         return sorted(stages, key=lambda s: order.get(s["name"], 99))
@@ -90,6 +104,7 @@ class MultiNodeRun:
         while True:
             stages = self.status()
             if len(stages) == len(self.app.stages) and all(s.get("finished") for s in stages):
+                self.stop_replicas()  # the stream is over: nothing left to take over
                 return True
             if duration is not None and time.monotonic() - start >= duration:
                 return False
@@ -98,10 +113,19 @@ class MultiNodeRun:
                 next_tick = time.monotonic() + tick_interval
             time.sleep(_POLL_S)
 
+    def stop_replicas(self) -> None:
+        for info in self.status(replicas=True):
+            if not info.get("finished"):
+                with contextlib.suppress(DpmigrateError), self.cluster.client(info["node"]) as a:
+                    a.call("stop_stage", app=self.app.name, stage=info["name"])
+
     def stop(self) -> None:
         """Stop the app's stages, sinks last so that they take in what is in flight."""
-        for spec in self.app.stages:
-            with contextlib.suppress(DpmigrateError), self.cluster.client(spec.node) as agent:
+        nodes = dict.fromkeys(
+            [*(s.node for s in self.app.stages), *(n.name for n in self.cluster.nodes)]
+        )
+        for node in nodes:  # the manifest's order first; then where stages moved, replicas
+            with contextlib.suppress(DpmigrateError), self.cluster.client(node) as agent:
                 agent.call("stop_app", app=self.app.name)
 
     def keep_logs(self, stages: list[dict[str, Any]]) -> dict[str, str]:
@@ -128,6 +152,7 @@ class MultiNodeRun:
         with contextlib.suppress(DpmigrateError):
             store = self.cluster.store()
             store.delete_prefix(f"placement/{self.app.name}/")
+            store.delete_prefix(f"standby/{self.app.name}/")
             store.delete(f"apps/{self.app.name}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import Any
 
 from dpmigrate.errors import RingTimeout
 from dpmigrate.runtime.control import AgentClient, RemoteError
@@ -74,6 +75,20 @@ class AgentResolver:
         found = self._call("lookup", ring=check_ring_name(ring), timeout=max(0.0, timeout),
                            newer_than=generation)  # fmt: skip
         return None if found is None else Endpoint.from_dict(found)
+
+    def standbys(self, app: str, stage: str) -> dict[str, Any]:
+        """The stage's standby record (``nodes`` listed, ``in_sync``), fresh from the store."""
+        found = self._call("standbys", app=app, stage=stage)
+        if not isinstance(found, dict):
+            raise RemoteError(f"agent at {self.address} answered standbys with {found!r}")
+        return found
+
+    def mark_standby(self, app: str, stage: str, node: str, in_sync: bool) -> None:
+        """Record whether ``node``'s standby gates this stage; the agent accepts it only from
+        the stage's current placement (this resolver's owner epoch)."""
+        epoch = self.owner[1] if self.owner is not None else 0
+        self._call("mark_standby", app=app, stage=stage, node=node, in_sync=in_sync,
+                   epoch=epoch)  # fmt: skip
 
     def node_info(self) -> dict[str, object]:
         """The local agent's node name and the address this node's tcp rings listen on."""

@@ -18,6 +18,12 @@ still retain every input after it, and the outputs it regenerates carry the same
 numbers, which downstream drops as duplicates (see :mod:`dpmigrate.runtime.journal`). This
 needs ``process`` to be deterministic: the same state and batch give the same outputs.
 Without a journal (in-process model) points are acknowledged as soon as they are reached.
+
+With a hot standby (DESIGN.md §5) each point also goes to the state-synchronization sender as
+it is committed (``on_commit``), and a point is persisted only once the standby has applied it
+too (``gate``: the point number every gating replica has acknowledged). Upstream therefore
+retains every input after the standby's point, and a standby promoted after the primary's node
+died replays from there.
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dpmigrate.errors import EndOfRing
 from dpmigrate.runtime.journal import Positions, StageJournal
 from dpmigrate.runtime.stage import Service
-from dpmigrate.statesync.state import Delta, State
+from dpmigrate.statesync.point import Point, point_number
+from dpmigrate.statesync.state import State
 from dpmigrate.transports.base import RingReceiver, RingSender
 
 #: An input pause longer than this is recorded as a gap (what a migration's downtime is).
@@ -82,7 +89,12 @@ class StageRunner:
         config: Mapping[str, Any] | None = None,
         batch: int = 32,
         journal: StageJournal | None = None,
+        on_commit: Callable[[Point], None] | None = None,
+        gate: Callable[[], int | None] | None = None,
     ) -> None:
+        """``on_commit(point)``: called at every batch boundary with what it committed.
+        ``gate()``: the highest point number that may be persisted (None: no limit); either
+        way a point is persisted only once downstream acknowledged its outputs."""
         self.name = name
         self.service = service
         self.inputs = dict(inputs)
@@ -91,9 +103,17 @@ class StageRunner:
         self.batch = batch
         self.stats = RunnerStats()
         self.journal = journal
+        self.on_commit = on_commit
+        self.gate = gate
         self._outbox: dict[str, list[bytes]] = {port: [] for port in self.outputs}
-        # Points reached but not yet persisted: (delta or None, input positions, output positions)
-        self._points: list[tuple[Delta | None, Positions, Positions]] = []
+        #: Points reached but not yet persisted, oldest first.
+        self._points: list[Point] = []
+        #: The number of the last persisted point (at first: the point the stage resumed at).
+        self.persisted_n = point_number(
+            self.state.version,
+            {port: rx.next_expected for port, rx in self.inputs.items()},
+            {port: tx.next_seq for port, tx in self.outputs.items()},
+        )
         self._finished_inputs: set[str] = set()
         self._source_done = False
         self._rr = 0
@@ -123,9 +143,14 @@ class StageRunner:
 
     def _commit_batch(self) -> None:
         delta = self.state.commit()
-        inputs = {port: rx.next_expected for port, rx in self.inputs.items()}
-        outputs = {port: tx.next_seq + len(self._outbox[port]) for port, tx in self.outputs.items()}
-        self._points.append((delta, inputs, outputs))
+        inputs: Positions = {port: rx.next_expected for port, rx in self.inputs.items()}
+        outputs: Positions = {
+            port: tx.next_seq + len(self._outbox[port]) for port, tx in self.outputs.items()
+        }
+        point = Point(self.state.version, delta, inputs, outputs)
+        self._points.append(point)
+        if self.on_commit is not None:
+            self.on_commit(point)
         self.flush()
 
     @property
@@ -139,21 +164,27 @@ class StageRunner:
         if not self._points:
             return
         acked = {port: tx.acked for port, tx in self.outputs.items()}
+        allowed = self.gate() if self.gate is not None else None
         ready = 0
-        for i, (_delta, _inputs, outputs) in enumerate(self._points):
-            if all(outputs[port] <= acked[port] for port in outputs):
+        for i, point in enumerate(self._points):
+            if allowed is not None and point.n > allowed:
+                break
+            if all(point.outputs[port] <= acked[port] for port in point.outputs):
                 ready = i + 1
             else:
                 break
         if not ready:
             return
         done, self._points = self._points[:ready], self._points[ready:]
-        _, inputs, outputs = done[-1]
+        last = done[-1]
+        self.persisted_n = max(self.persisted_n, last.n)
         if self.journal is not None:
-            deltas = [d for d, _, _ in done if d is not None]
-            self.journal.append(deltas, inputs, outputs, None if self._points else self.state)
+            deltas = [p.delta for p in done if p.delta is not None]
+            self.journal.append(
+                deltas, last.inputs, last.outputs, None if self._points else self.state
+            )
         for port, rx in self.inputs.items():
-            rx.commit(upto=inputs[port])
+            rx.commit(upto=last.inputs[port])
 
     def step(self, wait: float = 0) -> bool:
         """Handle at most one batch; True if anything moved.

@@ -36,7 +36,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpmigrate import atomic, config, transports
 from dpmigrate.config import Config
@@ -46,16 +46,32 @@ from dpmigrate.runtime.journal import Positions, StageJournal
 from dpmigrate.runtime.manifest import App, RingSpec
 from dpmigrate.runtime.registry import LOCAL_AGENT, AgentResolver
 from dpmigrate.runtime.runner import StageRunner
+from dpmigrate.statesync.gate import StandbyGate
+from dpmigrate.statesync.point import Point, point_number
+from dpmigrate.statesync.sender import StateSender
 from dpmigrate.transports.base import RingReceiver, RingSender
-from dpmigrate.transports.resolver import DirectoryResolver, Resolver
+from dpmigrate.transports.resolver import DirectoryResolver, Endpoint, Resolver
+
+if TYPE_CHECKING:
+    from dpmigrate.runtime.replica_host import ReplicaHost, Takeover
 
 STATUS_INTERVAL_S = 0.2
+#: The roles of a replica of a stage (DESIGN.md §5): a hot standby, a statesync migration's
+#: target. Everything else runs as the stage itself, its primary.
+ROLES = ("standby", "target")
 #: Exit status of a stage instance that found itself stale (its placement moved on): the
 #: supervisor must not restart it.
 FENCED_EXIT = 3
 #: How long a quiesce may wait for downstream to acknowledge everything before it gives up
 #: (the stage then keeps running where it is).
 QUIESCE_TIMEOUT_S = 15.0
+#: How long a quiesce waits for its replicas (a migration's target) to apply the last point.
+REPLICA_SYNC_TIMEOUT_S = 5.0
+#: How long a gating standby may stay disconnected before the primary records it out of sync
+#: and acknowledges inputs without it again (meanwhile it acknowledges nothing).
+STANDBY_DROP_S = 5.0
+#: How often a primary waiting for a lost standby asks whether it was itself replaced.
+FENCE_CHECK_S = 0.25
 
 
 def ring_transport(
@@ -64,13 +80,18 @@ def ring_transport(
     """The transport a ring uses in ``model``: the manifest's hint, else by locality — shm
     between stages on one node, tcp between nodes. ``placement`` (stage → node) is where the
     stages are now; it differs from the manifest after a migration, and then a ring that
-    was shm continues as tcp (or back), its sequence numbers continuing."""
+    was shm continues as tcp (or back), its sequence numbers continuing.
+
+    A ring of a stage with a standby is tcp even within one node: a failover moves the stage
+    while its node is dead, so no peer can be asked to reopen its ring the other way."""
     if ring.transport != "auto":
         return ring.transport
     if model == "in-process":
         return "mem"
     if model == "multi-process":
         return "shm"
+    if app.stage(ring.src_stage).standbys or app.stage(ring.dst_stage).standbys:
+        return "tcp"
     where = placement or {}
     src = where.get(ring.src_stage, app.stage(ring.src_stage).node)
     dst = where.get(ring.dst_stage, app.stage(ring.dst_stage).node)
@@ -95,11 +116,14 @@ def peers_changing_transport(
 
 
 def command(
-    manifest: str, stage: str, run_dir: str, model: str, registry: str = "dir"
-) -> list[str]:
-    """The arguments after ``python`` that run ``stage`` in a process of its own."""
-    return ["-m", "dpmigrate.runtime.stagehost", "--manifest", manifest, "--stage", stage,
+    manifest: str, stage: str, run_dir: str, model: str, registry: str = "dir",
+    role: str = "primary",
+) -> list[str]:  # fmt: skip
+    """The arguments after ``python`` that run ``stage`` in a process of its own (``role``:
+    ``primary``, or a replica: ``standby``, ``target``)."""
+    argv = ["-m", "dpmigrate.runtime.stagehost", "--manifest", manifest, "--stage", stage,
             "--run-dir", run_dir, "--model", model, "--registry", registry]  # fmt: skip
+    return argv if role == "primary" else [*argv, "--role", role]
 
 
 def status_path(run_dir: str | Path, stage: str) -> Path:
@@ -124,6 +148,11 @@ def ring_name(app: App, ring: RingSpec) -> str:
     return f"{app.name}.{ring.name}"
 
 
+def statesync_name(app: str, stage: str) -> str:
+    """The registry name under which a primary publishes its state-synchronization server."""
+    return f"{app}.{stage}.statesync"
+
+
 class StageHost:
     """The stage process: rings, runner, journal, signals.
 
@@ -135,8 +164,14 @@ class StageHost:
     """
 
     def __init__(
-        self, args: argparse.Namespace, settings: Config, log: EventLog | None = None
+        self,
+        args: argparse.Namespace,
+        settings: Config,
+        log: EventLog | None = None,
+        takeover: Takeover | None = None,
     ) -> None:
+        """``takeover``: this process was a replica and now takes over the stage from the
+        state and point it holds (its journal is already there)."""
         self.args = args
         self.settings = settings
         self.app = App.load(args.manifest, ring_capacity=settings.ring_capacity)
@@ -156,15 +191,27 @@ class StageHost:
         self.epoch = 0
         self.node: str | None = None
         self.host: str | None = None  # this node's address, for tcp rings
+        self.sender: StateSender | None = None
+        self.gate: StandbyGate | None = None
+        self._next_fence_check = 0.0
         self.check_placement()  # before anything is read or written: a stale copy stops here
-        state, in_pos, out_pos = self.journal.load()
+        if takeover is None:
+            state, in_pos, out_pos = self.journal.load()
+        else:
+            state, in_pos, out_pos = takeover.state, takeover.point.inputs, takeover.point.outputs
         inputs, outputs = self.open_rings(in_pos, out_pos)
         service = self.app.service_class(self.spec.name)()
         self.runner = StageRunner(
             self.spec.name, service, inputs, outputs, state=state, config=self.spec.config,
-            batch=self.spec.batch, journal=self.journal,
+            batch=self.spec.batch, journal=self.journal, on_commit=self._publish,
         )  # fmt: skip
-        self.event("stage started", state_version=state.version, inputs=in_pos, outputs=out_pos)
+        self.start_sync(in_pos, out_pos)
+        if takeover is not None:
+            self.woken = {"at": time.time(), "node": self.node, "state_version": state.version,
+                          "state_digest": state.digest(), "inputs": in_pos, "outputs": out_pos,
+                          "took_over": True}  # fmt: skip
+        self.event("stage started", state_version=state.version, inputs=in_pos, outputs=out_pos,
+                   took_over=takeover is not None)  # fmt: skip
 
     # -- rings --------------------------------------------------------------------------
     def open_rings(
@@ -245,6 +292,62 @@ class StageHost:
         self.epoch = int(mine["epoch"])
         self.resolver.owner = (f"{self.app.name}/{self.spec.name}", self.epoch)
 
+    # -- state synchronization (DESIGN.md §5) --------------------------------------------
+    def start_sync(self, in_pos: Positions, out_pos: Positions) -> None:
+        """In a cluster, serve the stage's state to its replicas — its standbys, a statesync
+        migration's target — and gate the persisted points on the standbys in sync."""
+        if not isinstance(self.resolver, AgentResolver) or self.host is None:
+            return
+        state = self.runner.state
+        start = Point(state.version, None, in_pos, out_pos)
+        key = f"{self.app.name}/{self.spec.name}"
+        self.sender = StateSender(key, self.settings.token, state, start, host=self.host,
+                                  log=self.log)  # fmt: skip
+        host, port = self.sender.address
+        name = statesync_name(self.app.name, self.spec.name)
+        self.resolver.register(name, Endpoint("statesync", f"{host}:{port}", time.time_ns()))
+        self.gate = StandbyGate(self.app.name, self.spec.name, self.sender, self.resolver,
+                                STANDBY_DROP_S, self.log)  # fmt: skip
+        self.runner.gate = self.gate.allowed
+
+    def stop_sync(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+        self.sender = None
+        self.gate = None
+        self.runner.gate = None
+
+    def _publish(self, point: Point) -> None:
+        if self.sender is not None:
+            self.sender.publish(point, self.runner.state)
+
+    def serve_sync(self) -> None:
+        """From the idle loop: a snapshot asked for meanwhile, the gating standbys, and — while
+        a gating standby is lost — whether this copy was replaced (then it stops, Fenced)."""
+        if self.sender is None or self.gate is None:
+            return
+        self.sender.poll(self.runner.state)
+        self.gate.update(self.runner.persisted_n)
+        if self.gate.waiting_for() and time.monotonic() >= self._next_fence_check:
+            self._next_fence_check = time.monotonic() + FENCE_CHECK_S
+            self.check_placement()
+
+    def sync_replicas(self) -> dict[str, Any]:
+        """Quiescing: wait until every connected replica applied the last point (bounded)."""
+        if self.sender is None:
+            return {}
+        in_pos, out_pos = self.positions()
+        last = point_number(self.runner.state.version, in_pos, out_pos)
+        acked, sent = {}, {}
+        for replica in self.sender.replicas():
+            if replica.get("connected"):
+                node = str(replica["node"])
+                self.sender.wait_acked(node, last, REPLICA_SYNC_TIMEOUT_S)
+                acked[node] = self.sender.acked(node)
+        for replica in self.sender.replicas():
+            sent[str(replica["node"])] = replica.get("bytes_sent")
+        return {"n": last, "acked": acked, "bytes_sent": sent}
+
     def positions(self) -> tuple[Positions, Positions]:
         r = self.runner
         return (
@@ -274,7 +377,10 @@ class StageHost:
                 # Idle: serve the output rings (a reconnecting consumer, acks), then persist.
                 for tx in runner.outputs.values():
                     tx.service(0.005)
+                self.serve_sync()
                 runner.persist()
+            elif self.gate is not None:
+                self.gate.update(runner.persisted_n)
             now = time.monotonic()
             if now >= next_status:
                 self.write_status()
@@ -286,6 +392,7 @@ class StageHost:
         stop detaches instead, so a restarted or moved instance resumes from its journal."""
         runner = self.runner
         runner.persist()
+        self.stop_sync()
         if runner.done:
             for rx in runner.inputs.values():
                 rx.close()
@@ -303,6 +410,8 @@ class StageHost:
         runner = self.runner
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.gate is not None:
+                self.gate.update(runner.persisted_n)
             runner.persist()
             outbox_empty = runner.flush(wait=0.01)
             acked = all(tx.acked >= tx.next_seq for tx in runner.outputs.values())
@@ -321,10 +430,12 @@ class StageHost:
             self.write_status(quiesce_error="downstream did not acknowledge in time")
             return
         in_pos, out_pos = self.positions()
+        replicas = self.sync_replicas()
+        self.stop_sync()
         self.detach_all()
         self.journal.close()
         self.phase = "quiesced"
-        self.write_status(quiesced={"inputs": in_pos, "outputs": out_pos,
+        self.write_status(quiesced={"inputs": in_pos, "outputs": out_pos, "replicas": replicas,
                                     "drain_s": round(time.monotonic() - started, 4)})  # fmt: skip
         self.event("stage quiesced", inputs=in_pos, outputs=out_pos)
         # Sleep until woken (SIGUSR1) — a checkpoint is taken while we sit here — or stopped.
@@ -346,6 +457,7 @@ class StageHost:
         in_pos, out_pos = self.catch_up_with_journal(in_pos, out_pos)
         inputs, outputs = self.open_rings(in_pos, out_pos)
         self.runner.inputs, self.runner.outputs = inputs, outputs
+        self.start_sync(in_pos, out_pos)
         self.phase = "running"
         node = self.node_name()
         # Kept in every later status: whoever woke us reads the state as it was at the wake,
@@ -399,6 +511,9 @@ class StageHost:
             "time": time.time(),
             "woken": self.woken,
             "epoch": self.epoch,
+            "role": "primary",
+            "standbys": self.gate.status() if self.gate is not None else [],
+            "replicas": self.sender.replicas() if self.sender is not None else [],
             **extra,
         }  # fmt: skip
         atomic.write_json(self.status_path, data)
@@ -445,6 +560,12 @@ def main(argv: list[str] | None = None) -> int:
         help="where ring endpoints are registered: the run folder or the agent",
     )
     parser.add_argument("--log", help="append the stage's events here (else stdout)")
+    parser.add_argument(
+        "--role",
+        choices=["primary", *ROLES],
+        default="primary",
+        help="run the stage, or a replica of it: a hot standby, a statesync migration's target",
+    )
     args = parser.parse_args(argv)
     try:  # the environment is read here, once (DESIGN.md §9), and passed down
         settings = config.load()
@@ -453,7 +574,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log = EventLog(settings.log_level, write=event_writer(args.log), stage=args.stage)
     try:
-        host = StageHost(args, settings, log)
+        takeover = None
+        if args.role in ROLES:
+            if args.log:
+                _quiet_stdio()
+            takeover = replica(args, settings, log).run()
+            if takeover is None:
+                return 0
+        host = StageHost(args, settings, log, takeover)
         if args.log:
             _quiet_stdio()
         return host.run()
@@ -464,6 +592,18 @@ def main(argv: list[str] | None = None) -> int:
         text = "".join(traceback.format_exception(err))
         _last_word(log("stage failed", level="error", error=str(err), traceback=text))
         return 1
+
+
+def replica(args: argparse.Namespace, settings: Config, log: EventLog) -> ReplicaHost:
+    """The replica loop of this stage, with the journal and status file a primary uses."""
+    from dpmigrate.runtime.replica_host import ReplicaHost
+
+    if args.registry != "agent":
+        raise ConfigError("a replica needs a cluster (--registry agent) to find its primary")
+    run_dir = Path(args.run_dir)
+    folder = status_path(run_dir, args.stage)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return ReplicaHost(args, settings, log, folder, StageJournal(run_dir / "stages" / args.stage))
 
 
 def _last_word(line: str | None) -> None:

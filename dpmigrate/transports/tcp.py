@@ -66,6 +66,11 @@ _ACK_DIVISOR = 8  # the consumer acks once committed advanced by capacity/8 (and
 _RECV_CHUNK = 256 << 10  # bytes asked of one recv_into(): large, yet warm in cache
 _FLUSH_LINGER = 1.0  # how long close() waits to hand its last frames to the kernel
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST (a crash)
+#: A consumer whose producer went silent this long asks the registry, at most this often,
+#: whether a newer producer was registered: a producer that was paused, or whose node was cut
+#: off, keeps its connection open, and the copy that replaced it (a failover) must not wait
+#: for that connection to die.
+_SILENT_CHECK_S = 0.1
 
 _PRODUCER_ALLOWED = frozenset({fr.ACK, fr.CLOSE, fr.PING})
 _HELLO_ALLOWED = frozenset({fr.HELLO})
@@ -840,6 +845,8 @@ class TcpReceiver(RingReceiver):
         self._peer = ""
         self._welcomed = False
         self._sock_since = 0.0
+        self._heard_at = 0.0  # monotonic time of the last bytes from the producer
+        self._replaced_check_at = 0.0
         self._reader = fr.FrameReader(
             _HANDSHAKE_ALLOWED, max_message, size=_RECV_BUFFER, chunk=_RECV_CHUNK
         )
@@ -1042,6 +1049,22 @@ class TcpReceiver(RingReceiver):
             events = self._poller.poll(_poll_ms(None if wake is None else wake - now))
             if events and self._out:
                 self._write_out()
+            if not events and self._welcomed:
+                self._check_replaced()
+
+    def _check_replaced(self) -> None:
+        """Silent producer: drop the link if the registry names a newer producer."""
+        now = time.monotonic()
+        if now - self._heard_at < _SILENT_CHECK_S or now < self._replaced_check_at:
+            return
+        self._replaced_check_at = now + _SILENT_CHECK_S
+        try:
+            endpoint = self._resolver.lookup(self.name, timeout=0)
+        except DpmigrateError:
+            return
+        if endpoint.generation > self._producer_generation:
+            self._lose(f"producer {self._peer} went silent and a newer producer (generation "
+                       f"{endpoint.generation}) was registered")  # fmt: skip
 
     def _read_once(self) -> bool:
         """One non-blocking recv_into() and parse; True when something can be returned."""
@@ -1059,6 +1082,7 @@ class TcpReceiver(RingReceiver):
             torn = " in the middle of a frame" if self._reader.pending else ""
             self._lose(f"producer {self._peer} closed the connection{torn} without CLOSE")
             return False
+        self._heard_at = time.monotonic()
         self._parse()
         return self._qhead < len(self._queue) or self._ended
 
@@ -1222,6 +1246,7 @@ class TcpReceiver(RingReceiver):
         self._sock = sock
         self._peer = f"{host}:{port}"
         self._sock_since = now
+        self._heard_at = now
         self._welcomed = False
         self._reader.set_allowed(_HANDSHAKE_ALLOWED)
         self._poller.register(sock.fileno(), select.POLLIN)

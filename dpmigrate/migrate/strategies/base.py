@@ -31,6 +31,8 @@ class Strategy:
     needs_lazy_pages: ClassVar[bool] = False
     #: the strategy does work in the prepare phase (reported as a phase of its own)
     prepares: ClassVar[bool] = False
+    #: the strategy moves the stage with CRIU: both nodes' CRIU and CPUs must agree
+    uses_criu: ClassVar[bool] = True
 
     def __init__(self, migration: Migration) -> None:
         self.m = migration
