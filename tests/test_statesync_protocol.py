@@ -547,7 +547,7 @@ def test_cut_in_the_middle_of_a_snapshot_resumes_at_a_later_chunk(closers: Close
     sync(primary, replica, commit=False)
     assert proxy.cuts == 1, "the proxy must have cut the connection"
     stats = replica.stats()
-    assert stats["reconnects"] >= 1
+    assert stats["reconnects"] == 1 and stats["errors_received"] == 0
     assert stats["snapshot_resumes"] == 1 and stats["snapshot_resumed_at"][0] > 0
     # every chunk arrived exactly once: resumed where it was cut, not restarted
     assert stats["chunks"] == stats["snapshot_chunks"] > stats["snapshot_resumed_at"][0]
@@ -575,6 +575,7 @@ def test_cut_in_the_middle_of_the_deltas_resumes_from_the_last_acked_point(
     sync(primary, replica)
     stats = replica.stats()
     assert stats["reconnects"] >= 1 and stats["snapshots"] == 1 and stats["resyncs"] == 0
+    assert stats["errors_received"] == 0, "the primary never had to refuse the replica"
     assert stats["duplicates"] == 0, "streaming resumed after the replica's point"
     assert primary.sender.wait_acked("replica-1", primary.point.n, 5)
     [info] = primary.sender.replicas()
@@ -794,7 +795,8 @@ def test_memory_stays_bounded_for_a_64_mib_state(closers: Closers) -> None:
     assert info["bytes_sent"] > 64 << 20
     assert 0 < info["inflight_high_water"] <= window
     assert info["max_frame_bytes"] <= min(wire.MAX_FRAME, 2 * chunk + wire.HEADER_SIZE + 1024)
-    assert replica.stats()["buffer_peak"] <= 4 << 20
+    # the receive buffer is its configured size (two reads), whatever the state's size
+    assert replica.stats()["buffer_peak"] <= 2 * replica.recv_bytes
 
 
 def test_acked_wait_acked_and_lag(closers: Closers) -> None:

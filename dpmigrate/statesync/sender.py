@@ -56,6 +56,7 @@ _FIRST_GUESS = 16  # items in the first chunk of a snapshot (then adapted to the
 _JOIN_TIMEOUT = 10.0
 _HEAD_EVERY = 0.05  # at most this often a HEAD frame while the replica is behind
 _HEAD_SIZE = 512  # room that a small control frame (HEAD, SNAP_BEGIN) needs at most
+_ZERO_COPY_MIN = 4096  # bytes values at least this large are sent without being copied
 
 
 def _noop_log(event: str, /, **fields: Any) -> None:
@@ -139,8 +140,9 @@ class _Chunker:
         self._target = chunk_bytes
         self._limit = min(2 * chunk_bytes, wire.MAX_PAYLOAD)
 
-    def next(self) -> tuple[int, memoryview] | None:
-        """(item count, packed map) of the next chunk, or None when all items are out."""
+    def next(self) -> tuple[int, list[bytes | memoryview], int] | None:
+        """(item count, the packed map as buffers, its size) of the next chunk, or None when
+        all items are out."""
         k = self._k
         if self._carry:
             part, self._carry = self._carry[:k], self._carry[k:]
@@ -151,8 +153,7 @@ class _Chunker:
         if not part:
             return None
         while True:
-            body = self._pack(part)
-            size = len(body)
+            body, size = self._pack(part)
             if size <= self._limit or len(part) == 1:
                 break
             cut = max(1, len(part) * self._target // size)
@@ -164,18 +165,54 @@ class _Chunker:
                 f"({wire.MAX_PAYLOAD}); split it into smaller values"
             )
         self._k = max(1, min(1 << 20, round(len(part) * self._target / max(size, 1))))
-        return len(part), body
+        return len(part), body, size
 
     @staticmethod
-    def _pack(part: list[tuple[str, Any]]) -> memoryview:
-        # autoreset=False + getbuffer(): the packed bytes are not copied once more into a
-        # bytes object; the view keeps this packer (its only user) alive until written.
-        packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    def _pack(part: list[tuple[str, Any]]) -> tuple[list[bytes | memoryview], int]:
+        """The items as one msgpack map, in buffers for a gathering send.
+
+        Large ``bytes`` values are not copied at all: only the map header, the keys and the
+        values' bin headers are packed, and the values themselves go to the kernel as they
+        are (they are immutable). Other items are packed in one C call per run.
+        """
         try:
-            packer.pack_map_pairs(part)
+            first = part[0][1]
+            if type(first) is not bytes or len(first) < _ZERO_COPY_MIN:
+                # autoreset=False + getbuffer(): no second copy into a bytes object; the view
+                # keeps this packer (its only user) alive until written
+                packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+                packer.pack_map_pairs(part)
+                view = packer.getbuffer()
+                return [view], len(view)
+            packer = msgpack.Packer(use_bin_type=True)
+            head = bytearray(packer.pack_map_header(len(part)))
+            out: list[bytes | memoryview] = []
+            size = 0
+            for key, value in part:
+                head += packer.pack(key)
+                if type(value) is bytes and len(value) >= _ZERO_COPY_MIN:
+                    head += _bin_header(len(value))
+                    out.append(bytes(head))
+                    out.append(value)
+                    size += len(head) + len(value)
+                    head.clear()
+                else:
+                    head += packer.pack(value)
+            if head:
+                out.append(bytes(head))
+                size += len(head)
+            return out, size
         except (TypeError, ValueError, OverflowError) as err:
             raise SnapshotError(f"a state value cannot be serialised: {err}") from err
-        return packer.getbuffer()
+
+
+def _bin_header(n: int) -> bytes:
+    """The msgpack bin 8/16/32 header of an n-byte value (as Packer(use_bin_type) writes)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
 
 
 class StateSender:
@@ -1153,10 +1190,10 @@ class _Link:
             meta = {"id": snap.id, "chunks": self.next_chunk, "items": snap.items}
             parts = wire.encode(wire.SNAP_END, meta)
             return parts, wire.frame_size(parts), self.next_chunk, True
-        count, body = got
+        count, body, _ = got
         index = self.next_chunk
         meta = {"id": snap.id, "i": index, "first": self.next_item, "count": count}
-        parts = wire.encode(wire.CHUNK, meta, [body])
+        parts = wire.encode(wire.CHUNK, meta, body)
         self.next_item += count
         self.next_chunk += 1
         return parts, wire.frame_size(parts), index, False
