@@ -12,7 +12,8 @@ Cases, each repeat measured in the order (b), (a), (c), with fresh processes:
 
 (a) ``tcp_loopback_mb_s``: two processes on 127.0.0.1; one ``sendall()``s 1 MiB buffers, the
     other ``recv_into()``s a 1 MiB buffer, the same byte count as (b) moved on the wire;
-    timed by the receiver from its first byte to its last.
+    timed by the receiver from its first byte to its last. The sending process holds the
+    same State as in (b), built before the clock starts, so memory is as in (b).
 (c) ``tcp_keep_floor_mb_s``: as (a), but the receiver also keeps every 64 KiB it receives as
     a new bytes object, as any replica must to hold the state: the ceiling of a Python
     replica that builds the state in memory, whatever its protocol (allocating the new
@@ -94,7 +95,10 @@ def _child_raw_receiver(nbytes: int, keep: bool = False) -> None:
     _emit({"bytes": got, "seconds": seconds})
 
 
-def _child_raw_sender(port: int, nbytes: int) -> None:
+def _child_raw_sender(port: int, nbytes: int, hold: int) -> None:
+    """Send ``nbytes`` from one 1 MiB buffer, while holding a State of ``hold`` bytes built
+    beforehand (untimed), so the machine's memory is as in the snapshot case."""
+    state = _make_state(hold) if hold else None
     sock = socket.create_connection(("127.0.0.1", port), timeout=CHILD_TIMEOUT)
     buf = memoryview(os.urandom(MiB))
     left = nbytes
@@ -105,7 +109,7 @@ def _child_raw_sender(port: int, nbytes: int) -> None:
     sock.shutdown(socket.SHUT_WR)
     sock.recv(1)  # the receiver closes once it has everything
     sock.close()
-    _emit({"sent": nbytes})
+    _emit({"sent": nbytes, "held": 0 if state is None else len(state)})
 
 
 def _make_state(size_bytes: int) -> Any:
@@ -210,11 +214,11 @@ def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _raw_once(nbytes: int, keep: bool = False) -> float:
+def _raw_once(nbytes: int, hold: int, keep: bool = False) -> float:
     with _Children() as kids:
         receiver = kids.start("raw-receiver", nbytes, int(keep))
         port = kids.read(receiver)["port"]
-        kids.start("raw-sender", port, nbytes)
+        kids.start("raw-sender", port, nbytes, hold)
         result = kids.read(receiver)
     if result["bytes"] != nbytes:
         raise RuntimeError(f"raw loopback moved {result['bytes']} of {nbytes} bytes")
@@ -252,8 +256,8 @@ def measure(size_bytes: int, repeat: int = 3) -> dict[str, Any]:
     for _ in range(repeat):
         snap = _snapshot_once(size_bytes)
         snaps.append(snap)
-        raw.append(_raw_once(snap["wire_bytes"]))
-        floor.append(_raw_once(snap["wire_bytes"], keep=True))
+        raw.append(_raw_once(snap["wire_bytes"], size_bytes))
+        floor.append(_raw_once(snap["wire_bytes"], size_bytes, keep=True))
     rates = [s["mb_s"] for s in snaps]
     tcp = statistics.median(raw)
     kept = statistics.median(floor)
@@ -305,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         role, *rest = args.child
         children = {
             "raw-receiver": lambda: _child_raw_receiver(int(rest[0]), rest[1] == "1"),
-            "raw-sender": lambda: _child_raw_sender(int(rest[0]), int(rest[1])),
+            "raw-sender": lambda: _child_raw_sender(int(rest[0]), int(rest[1]), int(rest[2])),
             "snapshot-sender": lambda: _child_snapshot_sender(int(rest[0])),
             "snapshot-receiver": lambda: _child_snapshot_receiver(int(rest[0])),
         }

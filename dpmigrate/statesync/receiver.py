@@ -137,7 +137,15 @@ class StateReceiver:
         self._phase = "idle"  # "connecting" | "challenge" | "welcome" | "ready"
         self._peer = ""
         self._deadline = 0.0  # of the handshake
-        self._reader = wire.FrameReader(_HANDSHAKE_ALLOWED)
+        # one receive buffer for the receiver's life, faulted in now rather than on the
+        # first reads of a snapshot; each connection starts it afresh
+        self._reader = wire.FrameReader(
+            _HANDSHAKE_ALLOWED,
+            max_meta=wire.MAX_HANDSHAKE_META,
+            max_payload=0,
+            size=2 * recv_bytes,
+            prefault=True,
+        )
         self._out = wire.OutQueue()
         self._nonce = b""
         self._server_nonce = b""
@@ -298,9 +306,7 @@ class StateReceiver:
         self._peer = f"{host}:{port}"
         self._phase = "connecting"
         self._deadline = time.monotonic() + self.handshake_timeout
-        self._reader = wire.FrameReader(
-            _HANDSHAKE_ALLOWED, max_meta=wire.MAX_HANDSHAKE_META, max_payload=0, size=4096
-        )
+        self._reader.reset(_HANDSHAKE_ALLOWED, wire.MAX_HANDSHAKE_META, 0)
         self._out = wire.OutQueue()
         self._awaiting = None
         self._nacks = 0
@@ -519,10 +525,10 @@ class StateReceiver:
                 )
             )
         self._phase = "ready"
+        # new limits, same buffer: frames that came in the WELCOME's read are still in it
         self._reader.allowed = _READY_ALLOWED
         self._reader.max_meta = wire.MAX_META
         self._reader.max_payload = wire.MAX_PAYLOAD
-        self._reader.reserve(2 * self.recv_bytes)
         self._consumed = self._acked = 0
         self._last_rx = time.monotonic()
         self._window = meta["window"]

@@ -513,7 +513,9 @@ class FrameReader:
     ``allowed`` is the set of frame types this direction and phase may carry, ``max_meta`` and
     ``max_payload`` bound one frame: every header is validated before its body is awaited, so
     a peer can never make the reader wait for or allocate more than one frame. The buffer
-    starts at ``size`` and grows only to hold one announced (valid) frame.
+    starts at ``size`` and grows only to hold one announced (valid) frame. ``prefault``
+    touches every page of it now, so the first reads do not pay the page faults (about 5 ms
+    for 8 MiB here: a quarter of a 20 MiB snapshot's time).
     """
 
     def __init__(
@@ -523,25 +525,31 @@ class FrameReader:
         max_meta: int = MAX_META,
         max_payload: int = MAX_PAYLOAD,
         size: int = 1 << 16,
+        prefault: bool = False,
     ) -> None:
         self.allowed = allowed
         self.max_meta = max_meta
         self.max_payload = max_payload
         self.buf = bytearray(max(size, 4096))
+        if prefault:
+            self.buf[::4096] = bytes(len(self.buf[::4096]))
         self._mv = memoryview(self.buf)
         self.start = 0
         self.end = 0
         self.peak = len(self.buf)
 
+    def reset(self, allowed: frozenset[int], max_meta: int, max_payload: int) -> None:
+        """Forget any buffered bytes and take new limits (a new connection reuses the
+        buffer)."""
+        self.allowed = allowed
+        self.max_meta = max_meta
+        self.max_payload = max_payload
+        self.start = self.end = 0
+
     @property
     def pending(self) -> int:
         """Bytes received and not yet cut into frames."""
         return self.end - self.start
-
-    def reserve(self, size: int) -> None:
-        """Grow the buffer to at least ``size`` bytes (large reads once a peer is trusted)."""
-        if size > len(self.buf):
-            self._room(size - (self.end - self.start))
 
     def _room(self, need: int) -> None:
         """Make room for ``need`` bytes after the unparsed tail: move it to the front, or grow
