@@ -214,6 +214,8 @@ class Proxy:
         self.flip_chunk: int | None = None
         self.flip_point_header: int | None = None
         self.blocked = False
+        self.flowing = threading.Event()  # cleared: primary -> replica bytes are held back
+        self.flowing.set()
         self.cuts = 0
         self.flips = 0
         self.header_flips = 0
@@ -286,6 +288,8 @@ class Proxy:
                 head = bytearray(_recv_exact(up, wire.HEADER_SIZE))
                 _, _, ftype, meta_len, payload_len, _, _ = wire.HEADER.unpack(head)
                 body = bytearray(_recv_exact(up, meta_len + payload_len))
+                while not self.flowing.wait(0.05) and not self.stopping:
+                    pass  # stalled: the replica hears nothing (a frozen primary, a dead link)
                 with self.lock:
                     if ftype == wire.CHUNK:
                         if self.flip_chunk == self.chunks_seen and payload_len:
@@ -864,6 +868,38 @@ def test_a_primary_restarted_behind_the_replica_streams_only_newer_points(
     assert replica.point.n > ahead  # type: ignore[union-attr]
     assert stats["duplicates"] == 0, "points the replica had were not sent again"
     assert second.sender.replicas()[0]["snapshots_sent"] == 0
+
+
+def test_acks_are_coalesced_with_ack_every_s(closers: Closers) -> None:
+    primary = Primary(closers, keys=20)
+    replica = make_replica(closers, lambda: primary.sender.address, ack_every_s=0.05)
+    sync(primary, replica)
+    before = replica.stats()
+    drive(primary, replica, lambda: primary.i >= 300, commit=True, step=0.001)
+    sync(primary, replica)
+    drive(primary, replica, lambda: primary.sender.acked("replica-1") == primary.point.n)
+    stats = replica.stats()
+    applied = stats["points_applied"] - before["points_applied"]
+    acks = stats["acks_sent"] - before["acks_sent"]
+    assert applied == 300 and acks < applied / 4, (acks, applied)
+
+
+def test_heartbeats_keep_an_idle_link_and_silence_ends_a_dead_one(closers: Closers) -> None:
+    primary = Primary(closers, keys=20, heartbeat_s=0.05)
+    proxy = Proxy(closers, primary.sender.address)
+    replica = make_replica(closers, lambda: proxy.address, silence_timeout=0.4)
+    sync(primary, replica)
+    idle_until = time.monotonic() + 1.0
+    drive(primary, replica, lambda: time.monotonic() > idle_until, step=0.02, rounds=200)
+    assert replica.connected and replica.stats()["reconnects"] == 0, "heartbeats kept it"
+    proxy.flowing.clear()  # the link goes silent (the primary looks frozen)
+    primary.commit(5)
+    drive(primary, replica, lambda: not replica.connected, step=0.02, rounds=200)
+    assert "silent" in replica.stats()["last_error"]
+    proxy.flowing.set()
+    sync(primary, replica)
+    stats = replica.stats()
+    assert stats["reconnects"] >= 1 and stats["snapshots"] == 1
 
 
 def test_publish_drops_a_point_that_does_not_advance(closers: Closers) -> None:

@@ -173,6 +173,7 @@ class StateReceiver:
             "crc_errors": 0,
             "gaps": 0,
             "nacks": 0,
+            "acks_sent": 0,
             "resyncs": 0,
             "snapshots": 0,
             "snapshot_resumes": 0,
@@ -768,6 +769,7 @@ class StateReceiver:
         if self._phase != "ready":
             return  # byte counts mean something only to the primary that sent the bytes
         self._send(wire.encode(wire.ACK, {"bytes": self._consumed, **self._progress()}))
+        self._stats["acks_sent"] += 1
         self._acked = self._consumed
         self._dirty = False
         self._last_ack = now

@@ -13,9 +13,13 @@ Per replica, a HELLO (or a NACK) says what the replica holds, and the connection
 picks the cheapest way to bring it to the head (:meth:`_Link._plan`):
 
 * a snapshot in progress that the sender still holds: resume it at the next item;
-* a point the backlog still covers (or one ahead of the head: this primary restarted from an
-  older journal point and regenerates the same points): stream the points after it;
-* otherwise: a snapshot (reusing the one held if the backlog covers its point), then stream.
+* a point of this primary's history (same n *and* version) that the backlog still follows,
+  or one ahead of the head (this primary restarted from an older journal point and
+  regenerates the same points; if it does not, the first delta is a gap): stream the points
+  after it;
+* otherwise: a snapshot (reusing the one held if the backlog follows its point), then
+  stream. A NACK for a gap always gets a snapshot (the histories differ); a NACK for a
+  damaged frame gets the same data again from what the replica holds.
 
 Flow control is by bytes: at most ``window_bytes`` of frames are unacknowledged per replica
 (one frame larger than the window goes alone). Memory is bounded whatever the state's size:
@@ -39,6 +43,7 @@ import select
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -96,7 +101,6 @@ class _Snapshot:
         self.data = data
         self.items = len(data)
         self.valid = True  # False once the backlog no longer covers the points after it
-        self.taken_at = time.monotonic()
 
 
 class _Replica:
@@ -130,8 +134,9 @@ class _Replica:
 
 class _Chunker:
     """Cuts a snapshot's items, from an item offset on, into msgpack maps of about
-    ``chunk_bytes``: one C call packs a whole slice of items; the slice length adapts to
-    the sizes seen, and a slice that came out above twice the target is split again."""
+    ``chunk_bytes``. The number of items per chunk adapts to the sizes seen, and a slice that
+    came out above twice the target is split again; see :meth:`_pack` for how few copies a
+    chunk costs."""
 
     def __init__(self, data: dict[str, Any], first: int, chunk_bytes: int) -> None:
         self._it = itertools.islice(iter(data.items()), first, None)
@@ -667,34 +672,41 @@ class StateSender:
             self._admit(sock, f"{addr[0]}:{addr[1]}")
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
+        """Give an accepted connection its thread, or refuse it (too many authenticating, or
+        no descriptor or thread to spare): the acceptor itself never fails on a peer."""
+        reason = ""
         try:
             wire.tune_socket(sock, self.dead_after_s)
-        except OSError:
-            sock.close()
-            return
+            with self._lock:
+                if self._closing:
+                    reason = "the primary is closing"
+                elif self._pending >= self.max_pending:
+                    reason = f"{self.max_pending} connections are already authenticating"
+                else:
+                    link = _Link(self, sock, peer)
+                    self._pending += 1
+                    self._links.add(link)
+                    self._threads = [t for t in self._threads if t.is_alive()]
+                    self._threads.append(link.thread)
+        except OSError as err:  # EMFILE for the eventfd, a socket option on a dead socket
+            reason = f"cannot serve it: {err}"
+        if not reason:
+            try:
+                link.thread.start()
+                return
+            except RuntimeError as err:  # no thread to spare
+                reason = f"cannot serve it: {err}"
+                with self._lock:
+                    self._pending -= 1
+                    self._links.discard(link)
+                    self._threads.remove(link.thread)
+                    os.close(link.wake_fd)
         with self._lock:
-            refuse = self._closing or self._pending >= self.max_pending
-            if refuse:
-                self._rejected += 1
-            else:
-                self._pending += 1
-                link = _Link(self, sock, peer)
-                self._links.add(link)
-                self._threads = [t for t in self._threads if t.is_alive()]
-                self._threads.append(link.thread)
-        if refuse:
-            self._log(
-                "statesync.refused",
-                level="warning",
-                stage=self.stage,
-                peer=peer,
-                reason=f"{self.max_pending} connections are already authenticating",
-            )
-            with contextlib.suppress(OSError):
-                sock.send(wire.encode_error("busy", "too many connections authenticating; retry"))
-            sock.close()
-            return
-        link.thread.start()
+            self._rejected += 1
+        self._log("statesync.refused", level="warning", stage=self.stage, peer=peer, reason=reason)
+        with contextlib.suppress(OSError):  # best effort: the peer may be gone already
+            sock.send(wire.encode_error("busy", f"{reason}; retry"))
+        sock.close()
 
 
 class _Link:
@@ -776,21 +788,24 @@ class _Link:
                     error=str(err),
                 )
         except Exception as err:  # a bug here must not take the stage down with it
-            self._fail(err, "internal", "error")
+            self._fail(err, "internal", "error", traceback.format_exc(limit=8))
         finally:
             self._teardown()
 
-    def _fail(self, err: Exception, code: str, level: str) -> None:
-        """Tell the peer why (ERROR frame, best effort) and log it."""
+    def _fail(self, err: Exception, code: str, level: str, trace: str = "") -> None:
+        """Tell the peer why (ERROR frame, best effort) and log it (with the traceback of an
+        internal error)."""
         s = self.s
         self._note(str(err))
+        extra = {"traceback": trace} if trace else {}
         s._log(
             "statesync.refused" if self.record is None else "statesync.replica_error",
             level=level,
             stage=s.stage,
             peer=self.peer,
             code=code,
-            error=str(err),
+            error=str(err) or type(err).__name__,
+            **extra,
         )
         if self.record is None:
             with s._lock:
