@@ -352,9 +352,11 @@ class StateSender:
         try:
             parts: list[bytes | memoryview] | None = wire.encode_point(point, seq)
         except ProtocolError as err:
+            # A delta larger than one frame: it cannot be streamed, so the backlog restarts
+            # after it and a replica behind it re-syncs from a snapshot (cut into chunks).
             parts = None
             self._log(
-                "statesync.point_too_large",
+                "statesync.point_not_streamed",
                 level="warning",
                 stage=self.stage,
                 n=n,
