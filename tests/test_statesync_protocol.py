@@ -88,6 +88,7 @@ class Primary:
         self.inputs = {"in": 0}
         self.outputs = {"out": 0}
         self.i = 0
+        self.published: list[int] = []
         self.point = Point(self.state.version, None, dict(self.inputs), dict(self.outputs), at=1e6)
         if restart is not None:  # restarted from what ``restart`` saved with save()
             self.state, self.i, self.point, self.inputs, self.outputs = restart.saved
@@ -120,6 +121,7 @@ class Primary:
             self.point = Point(
                 self.state.version, delta, dict(self.inputs), dict(self.outputs), at=1e6 + i
             )
+            self.published.append(self.point.n)
             self.sender.publish(self.point, self.state)
 
 
@@ -900,6 +902,55 @@ def test_heartbeats_keep_an_idle_link_and_silence_ends_a_dead_one(closers: Close
     sync(primary, replica)
     stats = replica.stats()
     assert stats["reconnects"] >= 1 and stats["snapshots"] == 1
+
+
+def test_callbacks_run_before_the_ack_and_a_failing_one_is_sent_again(closers: Closers) -> None:
+    """on_snapshot / on_point (the replica's journal) see each snapshot and point once, in
+    order, before the primary can have it acknowledged; a callback that fails applies
+    nothing and costs a reconnection, not a snapshot."""
+    primary = Primary(closers, keys=50)
+    snapshots: list[int] = []
+    journal: list[int] = []
+    failed: list[int] = []
+
+    def not_acked_yet(n: int) -> None:
+        acked = primary.sender.acked("replica-1")
+        assert acked is None or acked < n, f"point {n} acknowledged before it was handed over"
+
+    def on_snapshot(state: State, point: Point) -> None:
+        not_acked_yet(point.n)
+        assert state.version == point.version
+        snapshots.append(point.n)
+
+    def on_point(point: Point) -> None:
+        not_acked_yet(point.n)
+        if len(journal) == 20 and not failed:
+            failed.append(point.n)
+            raise OSError("journal disk full")
+        journal.append(point.n)
+
+    replica = make_replica(
+        closers, lambda: primary.sender.address, on_snapshot=on_snapshot, on_point=on_point
+    )
+    sync(primary, replica)
+    primary.commit(40)
+    errors = []
+    deadline = time.monotonic() + 10
+    for _ in range(4000):
+        try:
+            replica.step(0.005)
+        except OSError as err:
+            errors.append(err)
+            assert replica.point is not None and replica.point.n < failed[0], "nothing applied"
+        primary.sender.poll(primary.state)
+        if converged(primary, replica) or time.monotonic() > deadline:
+            break
+    assert converged(primary, replica)
+    assert len(errors) == 1 and snapshots == [snapshots[0]]
+    assert journal == [n for n in primary.published if n > snapshots[0]]
+    assert failed[0] in journal
+    stats = replica.stats()
+    assert stats["snapshots"] == 1 and stats["reconnects"] == 1 and stats["gaps"] == 0
 
 
 def test_publish_drops_a_point_that_does_not_advance(closers: Closers) -> None:

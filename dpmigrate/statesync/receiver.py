@@ -94,6 +94,8 @@ class StateReceiver:
         backoff_max: float = 0.5,
         dead_after_s: float = 10.0,
         recv_bytes: int = 4 << 20,
+        on_snapshot: Callable[[State, Point], object] | None = None,
+        on_point: Callable[[Point], object] | None = None,
     ) -> None:
         try:
             wire.check_name("stage", stage)
@@ -119,6 +121,8 @@ class StateReceiver:
         self._token = token
         self._connect = connect
         self._log = log or _noop_log
+        self._snapshot_callback = on_snapshot
+        self._point_callback = on_point
         self.ack_every_s = ack_every_s
         self.handshake_timeout = handshake_timeout
         self.silence_timeout = silence_timeout
@@ -613,6 +617,8 @@ class StateReceiver:
             self._nack("gap")
             return False
         point = wire.decode_point(meta, payload)
+        if self._point_callback is not None:
+            self._deliver(self._point_callback, point)
         if point.delta is not None:
             self.state.apply(point.delta)
         self.point = point
@@ -692,8 +698,12 @@ class StateReceiver:
                 f"SNAP_END of snapshot {meta['id']} ({meta['items']} items, {meta['chunks']} "
                 "chunks) does not match what arrived"
             )
-        self.state = State.adopt(partial.data, partial.version)
-        self.point = Point(partial.version, None, partial.inputs, partial.outputs, partial.at)
+        state = State.adopt(partial.data, partial.version)
+        point = Point(partial.version, None, partial.inputs, partial.outputs, partial.at)
+        if self._snapshot_callback is not None:
+            self._deliver(self._snapshot_callback, state, point)
+        self.state = state
+        self.point = point
         self._seq = partial.seq
         self._partial = None
         self._synced = True
@@ -716,6 +726,20 @@ class StateReceiver:
             seconds=round(seconds, 4),
         )
         return True
+
+    def _deliver(self, callback: Callable[..., object], *args: Any) -> None:
+        """Hand a point or a completed snapshot to the caller (its journal) before applying
+        and acknowledging it: an ACK then means "applied and handed over". If the callback
+        raises, nothing is applied; the connection is dropped (the stream after this point
+        assumed it), so the primary resends from what this replica really holds; the
+        exception goes to the caller of step()."""
+        try:
+            callback(*args)
+        except BaseException as err:
+            self._hang_up()
+            name = getattr(callback, "__name__", "callback")
+            self._retry_later(f"{name} failed: {err!r}; reconnecting to be sent it again")
+            raise
 
     def _damaged(self, err: wire.ChecksumError) -> None:
         """A frame failed its crc32 (its header was intact): NACK, discard until RESTART."""
