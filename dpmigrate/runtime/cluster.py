@@ -418,20 +418,27 @@ class LocalCluster:
         """Where a running stage is: (node, app, stage). ``stage`` is ``STAGE`` or
         ``APP/STAGE``; an ambiguous or unknown name is an error listing what runs."""
         app, _, name = stage.rpartition("/")
-        found, running = [], []
+        found, running, unreachable = [], [], []
         for node in self.nodes:
-            with self.client(node.name) as agent:
-                for info in agent.call("status")["stages"]:
-                    if info.get("finished") or not info.get("pid"):
-                        continue
-                    if info.get("role", "primary") != "primary":
-                        continue  # a replica of a stage (standby, statesync target)
-                    running.append(f"{info['app']}/{info['name']}@{node.name}")
-                    if info["name"] == name and (not app or info["app"] == app):
-                        found.append((node.name, info["app"], info["name"]))
+            try:
+                with self.client(node.name) as agent:
+                    stages = agent.call("status")["stages"]
+            except DpmigrateError:  # a dead node: what runs on the others still counts
+                unreachable.append(node.name)
+                continue
+            for info in stages:
+                if info.get("finished") or not info.get("pid"):
+                    continue
+                if info.get("role", "primary") != "primary":
+                    continue  # a replica of a stage (standby, statesync target)
+                running.append(f"{info['app']}/{info['name']}@{node.name}")
+                if info["name"] == name and (not app or info["app"] == app):
+                    found.append((node.name, info["app"], info["name"]))
         if len(found) == 1:
             return found[0]
         what = ", ".join(running) or "nothing"
+        if unreachable:
+            what += f"; nodes not answering: {', '.join(unreachable)}"
         if not found:
             raise DpmigrateError(f"no running stage {stage!r} in the cluster (running: {what})")
         raise DpmigrateError(f"stage name {stage!r} is ambiguous; use APP/STAGE (running: {what})")

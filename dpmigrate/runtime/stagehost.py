@@ -369,6 +369,11 @@ class StageHost:
         runner = self.runner
         next_status = 0.0
         while not runner.done and not self.flags["stop"]:
+            if self.gate is not None and self.gate.stalled:
+                # Paused or starved while standbys gate: one of them may have taken over
+                # meanwhile. Nothing is persisted (the gate says so) until this copy knows.
+                self.check_placement()
+                self.gate.revalidated()
             if self.flags["quiesce"]:
                 self.flags["quiesce"] = False
                 self.quiesce_and_wait()

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 REFRESH_S = 1.0
 #: How often the loop's update looks at the replicas (it runs after every batch).
 UPDATE_S = 0.01
+#: A primary whose loop did not run for this long (paused, frozen, starved) may have been
+#: replaced meanwhile: it persists nothing until it has checked its placement again.
+STALL_S = 0.5
 
 
 class StandbyRecord(Protocol):
@@ -64,6 +67,7 @@ class StandbyGate:
         self._disconnected_since: dict[str, float] = {}
         self._next_refresh = 0.0
         self._next_update = 0.0
+        self._alive_at = time.monotonic()  # the loop's last call of update()
         self.refresh(force=True)
         self.gating = {n for n in self._in_sync if n in self.listed}
 
@@ -84,12 +88,18 @@ class StandbyGate:
         """The highest point number that may be persisted; None: no limit (nothing gates)."""
         if not self.gating:
             return None
+        if self.stalled:
+            return -1
         acked = [self.sender.acked(node) for node in self.gating]
         return min(-1 if a is None else a for a in acked)
 
     def update(self, persisted_n: int) -> None:
-        """Called from the stage's loop: start or stop gating as standbys come and go."""
+        """Called from the stage's loop: start or stop gating as standbys come and go. A
+        stalled loop must call :meth:`revalidated` (after checking its placement) instead."""
         now = time.monotonic()
+        if self.stalled:
+            return
+        self._alive_at = now
         if now < self._next_update:
             return
         self._next_update = now + UPDATE_S
@@ -118,6 +128,15 @@ class StandbyGate:
                          disconnected_s=round(now - since, 2))  # fmt: skip
                 self.gating.discard(node)
                 self._disconnected_since.pop(node, None)
+
+    @property
+    def stalled(self) -> bool:
+        """The loop was away longer than STALL_S while standbys gate: maybe replaced."""
+        return bool(self.gating) and time.monotonic() - self._alive_at > STALL_S
+
+    def revalidated(self) -> None:
+        """The placement was checked after a stall and still names this copy."""
+        self._alive_at = time.monotonic()
 
     def waiting_for(self) -> list[str]:
         """Gating standbys that are disconnected now: the primary acknowledges nothing."""
