@@ -75,3 +75,31 @@ def test_malformed_bytes_are_refused() -> None:
         Delta.decode(b"\xc1garbage")
     with pytest.raises(ConfigError):
         State.restore(b"\x93\x01")
+
+
+def test_the_digest_follows_every_change_without_rehashing_the_state() -> None:
+    """Kept up to date incrementally (commit, apply, rollback): always the digest a fresh
+    State with the same content computes from scratch, whatever the order of the keys."""
+    import random
+
+    rng = random.Random(7)
+    primary, replica = State(), State()
+    replica.digest()  # its digest is kept from here on, through apply()
+    for batch in range(60):
+        for _ in range(rng.randint(1, 6)):
+            key = f"k{rng.randint(0, 20)}"
+            if key in primary and rng.random() < 0.3:
+                del primary[key]
+            else:
+                primary[key] = rng.choice([batch, f"v{batch}", b"x" * batch, [batch, 1]])
+        if batch % 7 == 3:
+            primary.rollback()
+            continue
+        delta = primary.commit()
+        if delta is not None:
+            replica.apply(delta)
+        if batch % 5 == 0:
+            fresh = State(dict(reversed(list(primary.items()))), primary.version)
+            assert primary.digest() == fresh.digest() == replica.digest()
+    assert primary.digest() == replica.digest() == State(dict(primary.items())).digest()
+    assert primary.digest() != State().digest()

@@ -226,12 +226,16 @@ class Store:
         full = PREFIX + prefix
         self._post("kv/deleterange", {"key": _b64(full), "range_end": _range_end(full)})
 
-    def swap(self, key: str, revision: int, value: Any) -> bool:
-        """Write ``value`` only if the key's mod_revision is still ``revision`` (0: absent)."""
-        compare = {"key": _b64(PREFIX + key), "target": "MOD", "result": "EQUAL",
-                   "mod_revision": str(revision)}  # fmt: skip
+    def swap(
+        self, key: str, revision: int, value: Any, unchanged: dict[str, int] | None = None
+    ) -> bool:
+        """Write ``value`` only if the key's mod_revision is still ``revision`` (0: absent) —
+        and each key of ``unchanged`` still has the mod_revision given there."""
+        guards = {key: revision, **(unchanged or {})}
+        compare = [{"key": _b64(PREFIX + k), "target": "MOD", "result": "EQUAL",
+                    "mod_revision": str(r)} for k, r in guards.items()]  # fmt: skip
         put = {"request_put": {"key": _b64(PREFIX + key), "value": _b64(json.dumps(value))}}
-        reply = self._post("kv/txn", {"compare": [compare], "success": [put]})
+        reply = self._post("kv/txn", {"compare": compare, "success": [put]})
         return bool(reply.get("succeeded"))
 
     def delete_if(self, key: str, value: Any) -> bool:
@@ -272,12 +276,21 @@ class Store:
             for key, v in found.items()
         }
 
-    def place(self, app: str, stage: str, node: str, expect: Placement | None) -> Placement:
+    def place(
+        self,
+        app: str,
+        stage: str,
+        node: str,
+        expect: Placement | None,
+        unchanged: dict[str, int] | None = None,
+    ) -> Placement:
         """Move ``stage`` to ``node``: epoch + 1, by compare-and-swap against ``expect``
-        (None: the stage must have no placement yet). PlacementConflict if it changed."""
+        (None: the stage must have no placement yet), and only while each key of
+        ``unchanged`` keeps its mod_revision. PlacementConflict if anything changed."""
         epoch = (expect.epoch if expect else 0) + 1
         revision = expect.revision if expect else 0
-        if not self.swap(f"placement/{app}/{stage}", revision, {"node": node, "epoch": epoch}):
+        value = {"node": node, "epoch": epoch}
+        if not self.swap(f"placement/{app}/{stage}", revision, value, unchanged):
             now = self.placement(app, stage)
             raise PlacementConflict(
                 f"stage {app}/{stage} was placed meanwhile (now {now.node if now else 'nowhere'}, "

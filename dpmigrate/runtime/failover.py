@@ -89,8 +89,10 @@ class StandbyService:
 
     # -- operations ---------------------------------------------------------------------
     def standbys(self, req: StageRef) -> dict[str, Any]:
-        found = self.store.get(record_key(req.app, req.stage))
-        value = found[0] if found is not None else {}
+        """From the agent's watched copy: a stage asks about once a second and must never
+        wait for etcd (its loop would stall while etcd is away)."""
+        with self.agent.store.changed:
+            value = dict(self.agent.store.standbys.get(req.key, {}))
         return {"nodes": list(value.get("nodes", [])), "in_sync": list(value.get("in_sync", []))}
 
     def mark_standby(self, req: MarkStandby) -> dict[str, Any]:
@@ -178,17 +180,20 @@ class StandbyService:
 
     def _take_over(self, key: str, pid: int, app: str, stage: str, placed: Any) -> None:
         started = time.time()
-        why = self._not_ready(key, app, stage)
+        found = self.store.get(record_key(app, stage))  # fresh: it decides a takeover
+        record, revision = found if found is not None else ({}, 0)
+        why = self._not_ready(key, app, stage, record)
         if why is not None:
             if self._refused.get(key) != why:
                 self._refused[key] = why
                 self.agent.log("standby cannot take over", level="warning", stage=key,
                                dead_node=placed.node, reason=why)  # fmt: skip
             return
-        try:
-            now = self.store.place(app, stage, self.agent.node, placed)
+        try:  # only if nobody moved the stage and its primary did not drop us meanwhile
+            now = self.store.place(app, stage, self.agent.node, placed,
+                                   unchanged={record_key(app, stage): revision})  # fmt: skip
         except PlacementConflict:
-            return  # another standby (or an operator) was first
+            return  # another standby (or an operator, or the primary's drop) was first
         me = self.agent.node
 
         def leave(record: dict[str, Any]) -> None:
@@ -203,9 +208,8 @@ class StandbyService:
         self.agent.log("failover", stage=key, dead_node=placed.node, epoch=now.epoch)
         self._wake_replica(key, pid, now.epoch, started)
 
-    def _not_ready(self, key: str, app: str, stage: str) -> str | None:
-        record = self.standbys(StageRef(app, stage))
-        if self.agent.node not in record["in_sync"]:
+    def _not_ready(self, key: str, app: str, stage: str, record: dict[str, Any]) -> str | None:
+        if self.agent.node not in record.get("in_sync", []):
             return "it is not in sync (its primary did not gate on it)"
         _manifest, run_dir, _model = self.agent.stage_args[key]
         status = stagehost.read_status(run_dir, stage)

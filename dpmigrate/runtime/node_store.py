@@ -41,6 +41,7 @@ class NodeStore:
         self.changed = threading.Condition()
         self.rings: dict[str, dict[str, Any]] = {}
         self.placements: dict[str, dict[str, Any]] = {}  # "app/stage" -> {"node", "epoch"}
+        self.standbys: dict[str, dict[str, Any]] = {}  # "app/stage" -> {"nodes", "in_sync"}
         self._pending: dict[str, dict[str, Any] | None] = {}  # ring -> endpoint (None: delete)
         self._lease: Lease | None = None
         self._watches: list[Watch] = []
@@ -68,7 +69,7 @@ class NodeStore:
         self._lease = Lease(self.store, self.ttl, on_lost=self._rejoin).start()
         self.store.put(f"nodes/{self.node}", self.member, lease=self._lease.id)
         self._watches = []
-        for prefix in ("rings/", "placement/"):
+        for prefix in ("rings/", "placement/", "standby/"):
             found, revision = self.store.get_prefix(prefix)
             on_event, on_reset = self._watcher(prefix)
             on_reset(found, revision)
@@ -98,7 +99,7 @@ class NodeStore:
 
     # -- the watches ----------------------------------------------------------------------
     def _mirror(self, prefix: str) -> dict[str, dict[str, Any]]:
-        return self.rings if prefix == "rings/" else self.placements
+        return {"rings/": self.rings, "placement/": self.placements}.get(prefix, self.standbys)
 
     def _watcher(self, prefix: str) -> tuple[Callable[[Event], None], Callable[..., None]]:
         """The two callbacks that keep the copy of ``prefix`` current: one change, or (after

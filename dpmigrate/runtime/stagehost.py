@@ -193,6 +193,7 @@ class StageHost:
         self.host: str | None = None  # this node's address, for tcp rings
         self.sender: StateSender | None = None
         self.gate: StandbyGate | None = None
+        self._marks: AgentResolver | None = None  # the gate's own connection to the agent
         self._next_fence_check = 0.0
         self.check_placement()  # before anything is read or written: a stale copy stops here
         if takeover is None:
@@ -306,11 +307,19 @@ class StageHost:
         host, port = self.sender.address
         name = statesync_name(self.app.name, self.spec.name)
         self.resolver.register(name, Endpoint("statesync", f"{host}:{port}", time.time_ns()))
+        marks = AgentResolver(LOCAL_AGENT, self.settings.token)  # its own connection
+        marks.owner = self.resolver.owner
         self.gate = StandbyGate(self.app.name, self.spec.name, self.sender, self.resolver,
-                                STANDBY_DROP_S, self.log)  # fmt: skip
+                                STANDBY_DROP_S, self.log, marks=marks)  # fmt: skip
+        self._marks = marks
         self.runner.gate = self.gate.allowed
 
     def stop_sync(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
+        if self._marks is not None:
+            self._marks.close()
+            self._marks = None
         if self.sender is not None:
             self.sender.close()
         self.sender = None

@@ -14,12 +14,15 @@ that promotes a standby after its primary's node died must know the standby is c
   losing a message to a failover;
 * a primary (re)starting gates at once on every standby the store says is in sync.
 
-The record is read through the stage's agent, about once a second; writes go through the
-agent too, which accepts them only from the stage's current placement (node and epoch).
+The record is read through the stage's agent, about once a second, from the agent's watched
+copy; writes go through the agent too, which accepts them only from the stage's current
+placement (node and epoch), and are made by a thread of the gate's own (:class:`_Marker`):
+a write goes to etcd, and the stage's loop never waits for etcd.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -46,6 +49,67 @@ class StandbyRecord(Protocol):
     def mark_standby(self, app: str, stage: str, node: str, in_sync: bool) -> None: ...
 
 
+class _Marker:
+    """Writes the in-sync marks of the standby record in a thread of its own. ``request``
+    says whether the store holds a mark already; until it does, the gate acts as if not."""
+
+    def __init__(
+        self, app: str, stage: str, record: StandbyRecord, log: Callable[..., object]
+    ) -> None:
+        self.app, self.stage = app, stage
+        self.record = record
+        self.log = log
+        self._wanted: dict[str, bool] = {}
+        self._done: dict[str, bool] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="standby-marks", daemon=True)
+        self._thread.start()
+
+    def known(self, marks: dict[str, bool]) -> None:
+        """What the store holds, as read."""
+        with self._cond:
+            for node, value in marks.items():
+                self._done.setdefault(node, value)
+
+    def request(self, node: str, in_sync: bool) -> bool:
+        with self._cond:
+            if self._done.get(node) == in_sync:
+                self._wanted.pop(node, None)
+                return True
+            self._wanted[node] = in_sync
+            self._cond.notify_all()
+            return False
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._wanted and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                node, value = next(iter(self._wanted.items()))
+            try:
+                self.record.mark_standby(self.app, self.stage, node, value)
+            except DpmigrateError as err:
+                self.log("standby record not written", level="warning", node=node,
+                         in_sync=value, error=str(err))  # fmt: skip
+                with self._cond:
+                    self._cond.wait(0.5)  # then again (the store may be back)
+                continue
+            with self._cond:
+                if self._wanted.get(node) == value:
+                    del self._wanted[node]
+                self._done[node] = value
+            self.log("standby in sync" if value else "standby out of sync", node=node)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)
+
+
 class StandbyGate:
     def __init__(
         self,
@@ -55,12 +119,16 @@ class StandbyGate:
         record: StandbyRecord,
         drop_after: float,
         log: Callable[..., object],
+        marks: StandbyRecord | None = None,
     ) -> None:
+        """``record`` is read from the stage's loop; ``marks`` (default: ``record``) is
+        written from the marker's thread, so give it a connection of its own."""
         self.app, self.stage = app, stage
         self.sender = sender
         self.record = record
         self.drop_after = drop_after
         self.log = log
+        self._marker = _Marker(app, stage, marks or record, log)
         self.listed: list[str] = []
         self.gating: set[str] = set()
         self._in_sync: set[str] = set()  # as the store says
@@ -70,6 +138,7 @@ class StandbyGate:
         self._alive_at = time.monotonic()  # the loop's last call of update()
         self.refresh(force=True)
         self.gating = {n for n in self._in_sync if n in self.listed}
+        self._marker.known({n: n in self._in_sync for n in self.listed})
 
     def refresh(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -143,18 +212,17 @@ class StandbyGate:
         return sorted(self._disconnected_since)
 
     def _mark(self, node: str, in_sync: bool) -> bool:
-        try:
-            self.record.mark_standby(self.app, self.stage, node, in_sync)
-        except DpmigrateError as err:
-            self.log("standby record not written", level="warning", node=node,
-                     in_sync=in_sync, error=str(err))  # fmt: skip
+        """Ask for the mark; True once the store holds it."""
+        if not self._marker.request(node, in_sync):
             return False
         if in_sync:
             self._in_sync.add(node)
         else:
             self._in_sync.discard(node)
-        self.log("standby in sync" if in_sync else "standby out of sync", node=node)
         return True
+
+    def close(self) -> None:
+        self._marker.close()
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per listed standby for the stage's status: gating, connected, lag."""

@@ -23,6 +23,7 @@ import msgpack
 from dpmigrate.errors import ConfigError
 
 _DELETED = object()
+_DIGEST_MOD = 1 << 128
 
 
 def pack(value: Any) -> bytes:
@@ -68,6 +69,10 @@ class State(MutableMapping[str, Any]):
         self._version = version
         self._pending: dict[str, Any] = {}
         self._undo: dict[str, Any] = {}  # value before the batch first touched the key
+        #: The digest as a sum of per-key hashes (None: not computed yet), and the keys
+        #: changed since, with their value then: a digest costs what changed, not the state.
+        self._sum: int | None = None
+        self._since: dict[str, Any] = {}
 
     # -- mapping protocol ------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
@@ -118,9 +123,19 @@ class State(MutableMapping[str, Any]):
                     f"serialise ({err}); store numbers, strings, bytes, lists or dicts"
                 ) from err
         self._version += 1
+        self._note_changes(self._undo)
         self._pending = {}
         self._undo = {}
         return Delta(self._version, changes, deleted)
+
+    def _note_changes(self, before: dict[str, Any]) -> None:
+        """Keys about to differ from the last digest, with their value at that digest."""
+        if self._sum is None:
+            return
+        since = self._since
+        for key, old in before.items():
+            if key not in since:
+                since[key] = old
 
     def rollback(self) -> None:
         """Undo the uncommitted changes of the current batch (the batch failed)."""
@@ -141,6 +156,9 @@ class State(MutableMapping[str, Any]):
                 f"state delta version {delta.version} does not follow version {self._version}; "
                 "resynchronise from a snapshot"
             )
+        if self._sum is not None:
+            data = self._data
+            self._note_changes({k: data.get(k, _DELETED) for k in (*delta.set, *delta.deleted)})
         self._data.update(delta.set)
         for key in delta.deleted:
             self._data.pop(key, None)
@@ -188,8 +206,27 @@ class State(MutableMapping[str, Any]):
         return cls(values, version)
 
     def digest(self) -> str:
-        """A content hash of the committed state, independent of insertion order."""
-        h = hashlib.sha256()
-        for key in sorted(self._data):
-            h.update(pack([key, self._data[key]]))
-        return h.hexdigest()[:32]
+        """A content hash of the committed state, independent of insertion order: the sum of a hash of
+        each (key, value), kept up to date by what changed since the last call — so a stage
+        holding a GiB reports its digest every status without hashing the GiB each time.
+        Inside a batch it is the digest of the committed state (computed afresh: rare)."""
+        if self._pending:
+            return State(self.committed_copy(), self._version).digest()
+        if self._sum is None:
+            self._sum = sum(_entry_hash(k, v) for k, v in self._data.items()) % _DIGEST_MOD
+            self._since = {}
+        elif self._since:
+            total, data = self._sum, self._data
+            for key, old in self._since.items():
+                if old is not _DELETED:
+                    total -= _entry_hash(key, old)
+                now = data.get(key, _DELETED)
+                if now is not _DELETED:
+                    total += _entry_hash(key, now)
+            self._sum = total % _DIGEST_MOD
+            self._since = {}
+        return f"{self._sum:032x}"
+
+
+def _entry_hash(key: str, value: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(pack([key, value]), digest_size=16).digest(), "big")
