@@ -70,6 +70,9 @@ REPLICA_SYNC_TIMEOUT_S = 5.0
 #: How long a gating standby may stay disconnected before the primary records it out of sync
 #: and acknowledges inputs without it again (meanwhile it acknowledges nothing).
 STANDBY_DROP_S = 5.0
+#: The longest the loop blocks in a ring: a signal (quiesce, stop) is obeyed between two
+#: waits, so this bounds how late a quiesce starts — part of a migration's downtime.
+LOOP_WAIT_S = 0.01
 #: How often a primary waiting for a lost standby asks whether it was itself replaced.
 FENCE_CHECK_S = 0.25
 
@@ -387,7 +390,7 @@ class StageHost:
                 self.flags["quiesce"] = False
                 self.quiesce_and_wait()
                 continue
-            if not runner.step(wait=0.05) and not runner.done:
+            if not runner.step(wait=LOOP_WAIT_S) and not runner.done:
                 # Idle: serve the output rings (a reconnecting consumer, acks), then persist.
                 for tx in runner.outputs.values():
                     tx.service(0.005)
