@@ -267,7 +267,10 @@ def status_cmd(as_json: bool) -> None:
          "transport": r["transport"], "occupancy": r["occupancy"], "messages": r["messages"]}
         for s in stages for r in s.get("rings", [])
     ]  # fmt: skip
-    result = {"nodes": nodes, "stages": [_stage_row(s) for s in stages], "rings": rings}
+    primaries = [s for s in stages if s.get("role", "primary") == "primary"]
+    replicas = [_replica_row(s, primaries) for s in stages if s not in primaries]
+    result = {"nodes": nodes, "stages": [_stage_row(s) for s in primaries], "rings": rings,
+              "replicas": replicas}  # fmt: skip
     if as_json:
         _print_json(result)
         return
@@ -286,6 +289,17 @@ def status_cmd(as_json: bool) -> None:
                       f"{s['msgs_in']:,}", f"{s['msgs_out']:,}", str(s["restarts"]),
                       json.dumps(s["metrics"]))  # fmt: skip
     out.print(table)
+    if replicas:
+        table = Table(title="replicas (hot standbys, statesync targets)")
+        for col in ("app", "stage", "node", "role", "synced", "gating", "lag", "behind"):
+            table.add_column(col)
+        for r in replicas:
+            lag = "-" if r["lag_s"] is None else f"{r['lag_s'] * 1000:.0f} ms"
+            behind = "-" if r["lag_points"] is None else f"{r['lag_points']:,} points"
+            table.add_row(str(r["app"]), r["name"], r["node"], r["role"],
+                          "yes" if r["synced"] else "no", "yes" if r["in_sync"] else "no", lag,
+                          behind)  # fmt: skip
+        out.print(table)
     table = Table(title="rings")
     for col in ("ring", "stage", "role", "transport", "occupancy", "messages"):
         table.add_column(col)
@@ -295,12 +309,28 @@ def status_cmd(as_json: bool) -> None:
     out.print(table)
 
 
+def _replica_row(s: dict[str, Any], primaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A replica as its own status says (synced, lag) and as its primary sees it: whether
+    the primary gates on it (``in_sync``: it can take over), its lag in points and seconds."""
+    primary = next((p for p in primaries if (p.get("app"), p["name"]) == (s.get("app"), s["name"])),
+                   {})  # fmt: skip
+    seen = next((x for x in primary.get("standbys", []) if x.get("node") == s.get("node")), {})
+    lag = s.get("lag") or {}
+    return {
+        "app": s.get("app"), "name": s["name"], "node": s.get("node"), "role": s.get("role"),
+        "pid": s.get("pid"), "synced": bool(s.get("synced")), "in_sync": bool(seen.get("in_sync")),
+        "lag_points": seen.get("lag_points", lag.get("lag_points")),
+        "lag_s": seen.get("lag_s", lag.get("lag_s")), "finished": s.get("finished", False),
+    }  # fmt: skip
+
+
 def _stage_row(s: dict[str, Any]) -> dict[str, Any]:
     return {
         "app": s.get("app"), "name": s["name"], "node": s.get("node"), "pid": s.get("pid"),
         "state_version": s.get("state_version", 0), "msgs_in": s.get("msgs_in", 0),
         "msgs_out": s.get("msgs_out", 0), "restarts": s.get("restarts", 0),
         "finished": s.get("finished", False), "metrics": s.get("metrics", {}),
+        "standbys": s.get("standbys", []),
     }  # fmt: skip
 
 
