@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Live migration against the raw CRIU CLI: downtime, frozen time and total time, in one run.
 
-    sudo .venv/bin/python benchmarks/migration.py            # full run, 20 MiB..1 GiB, ~2-3 min
-    sudo .venv/bin/python benchmarks/migration.py --quick    # 20 and 200 MiB, 1 sample, ~20 s
+    sudo .venv/bin/python benchmarks/migration.py            # full run, 20 MiB..1 GiB, ~6-8 min
+    sudo .venv/bin/python benchmarks/migration.py --quick    # 20 and 200 MiB, 1 sample, ~1 min
+    sudo .venv/bin/python benchmarks/migration.py --strategies statesync   # one strategy only
 
 Needs root (network namespaces, CRIU, a tmpfs mount). Prints the machine, one table of every
 case (median of the samples and their min-max), the targets with met / not met, and writes
@@ -26,6 +27,20 @@ Cases
       ``benchmarks/apps/ballast`` (the flows pipeline, generator paced at 20,000 packets/s and
       endless) on a 3-node local cluster: node2 → node1 → node2 → ... under traffic, one
       sample per migration, a fresh cluster and app per size and strategy.
+
+    * ``statesync``: the same, with the ``StateBallastTable`` stage, whose *explicit state*
+      grows to N MiB during its first batches (16 keys of 64 KiB per batch); the benchmark
+      waits until it is full (bounded), then watches the checker for ``IDLE_WINDOW_S`` with no
+      migration (``idle_gap_s``: the longest input gap a stage holding that state causes on
+      its own), then migrates. Nodes: 3 + one per migration; the table goes node2 → node4 →
+      node5 → ..., each time to a node that never held it, so that every target starts empty
+      and receives a snapshot (a node that held the stage resumes from its journal: points
+      only). Every ring stays tcp, no peer changes transport. Its ballast is 0: the state is
+      the memory that moves. No CRIU.
+
+    After the statesync cases, in the same run: ``statesync_snapshot.measure()`` at the
+    largest size — raw loopback TCP between two processes (``tcp_loopback_mb_s``) and the
+    same snapshot between two plain processes, no cluster (``standalone_snapshot_mb_s``).
 
     The ballast (``benchmarks/apps/ballast/ballast.py``) is N MiB of a bytearray, every page
     written once so it is resident, not in the stage's explicit state: the stage's memory —
@@ -53,13 +68,29 @@ What is measured (field names as in ``MigrationReport``, CRIU, QEMU)
     * ``lost`` / ``duplicated``: the checker's counts during the migration (the report's);
       ``checker_lost`` / ``checker_duplicated``: its totals at the end of the run. The
       baseline moves no messages: 0 by construction.
+    * statesync only: ``snapshot_mb_s`` (the target's snapshot: payload bytes over the time
+      from its HELLO to synced, the report's), ``final_delta_bytes`` (what the source sent
+      after the target had caught up, the report's), ``catch_up_s``, ``asleep_s``,
+      ``cutover_gap_s`` (the checker's longest input gap overlapping quiesce..verify: the
+      cutover alone, where ``downtime_s`` also counts any gap while the target catches up)
+      and ``idle_gap_s`` (above).
 
 Targets (reported, not asserted)
     (1) stop-and-copy downtime ≤ 1.1 x the raw CRIU CLI's, at each size (medians);
     (2) post-copy downtime flat across sizes: the largest per-size median ≤ 1.25 x the
         smallest (our reading of "flat");
     (3) post-copy downtime ≤ 150 ms at every size (the largest per-size median);
-    (4) lost = duplicated = 0 in every migration and in the checker's end totals.
+    (4) lost = duplicated = 0 in every migration and in the checker's end totals;
+    (5) statesync downtime ≤ 30 ms at every size (the largest per-size median);
+    (6) statesync downtime flat: the largest per-size median ≤ 1.25 x the smallest;
+    (7) statesync snapshot throughput (median of the migrations at the largest size) ≥ 0.6 x
+        raw loopback TCP measured in the same run.
+
+Diagnostic (off by default): ``--journal-compact-every N`` sets, inside the statesync
+stage's processes only, how many journal records the runtime appends before it compacts
+the journal into a snapshot (``dpmigrate.runtime.journal.COMPACT_EVERY``, 256). A compaction
+packs and writes the whole state in the stage's loop; with a large N none happens during the
+run, which separates that stall from the migration's own cost. The JSON records the value.
 
 Cleanup
     Every process the benchmark starts is tracked by PID and start time and killed at the end
@@ -75,6 +106,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -89,6 +121,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import statesync_snapshot  # beside this file
 from rich.console import Console
 from rich.table import Table
 
@@ -104,8 +137,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "migration.json"
 APP_DIR = HERE / "apps" / "ballast"
 FLOWS_STAGES = HERE.parent / "examples" / "flows" / "stages.py"
-STRATEGIES = ("criu-cli", "stop-and-copy", "post-copy")
+STRATEGIES = ("criu-cli", "stop-and-copy", "post-copy", "statesync")
 MIGRATION_STRATEGIES = STRATEGIES[1:]
+MiB = 1 << 20
 RATE = 20000  # packets/s from the generator
 STAGE = "table"
 #: The table starts on node2; migrations go to node1, node2, node1, ...
@@ -117,6 +151,9 @@ AGAIN_MSGS = 3000
 #: next's measuring window (the report looks 0.5 s past its end).
 SETTLE_S = 1.0
 FLOW_TIMEOUT_S = 60.0  # traffic must flow within this (the 1 GiB fill takes a few s)
+STATE_FILL_TIMEOUT_S = 300.0  # statesync: the table's state must be full within this
+IDLE_WINDOW_S = 3.0  # statesync: checker watched this long, no migration, once full
+SNAPSHOT_REPEAT = 3  # raw loopback TCP vs snapshot, at the largest size
 CLI_WARMUP_STAMPS = 300  # baseline: stamps written before the dump (~0.3 s of running)
 CLI_TIMEOUT_S = 300.0  # one criu dump / restore
 CLI_POLL_S = 0.002
@@ -125,6 +162,9 @@ WORKER_MARK = "dpmbm-worker"  # in the baseline worker's argv: PID identity chec
 TARGET_SC_VS_CLI = 1.1
 TARGET_PC_FLAT = 1.25
 TARGET_PC_MAX_S = 0.150
+TARGET_SS_MAX_S = 0.030
+TARGET_SS_FLAT = 1.25
+TARGET_SNAPSHOT_VS_TCP = 0.6
 
 DASH = "\u2013"  # en dash, for ranges in the tables
 
@@ -159,6 +199,8 @@ class Plan:
     sizes: tuple[int, ...]
     migrations: int  # per size and strategy (one cluster, one app run)
     cli_samples: int  # per size
+    strategies: tuple[str, ...] = STRATEGIES
+    journal_compact_every: int = 0  # statesync stage only; 0: the runtime's own
 
 
 QUICK = Plan("quick", (20, 200), 1, 1)
@@ -423,17 +465,27 @@ def run_criu_cli(scratch: Scratch, netns: str, mib: int, samples: int) -> list[d
 # --------------------------------------------------------------------------- migrations
 
 
-def _make_app(scratch: Scratch, mib: int) -> Path:
-    """The ballast app with ``ballast_mib = mib``, in a folder of its own on the tmpfs."""
+def _make_app(scratch: Scratch, mib: int, strategy: str, plan: Plan) -> Path:
+    """The ballast app, in a folder of its own on the tmpfs: ``ballast_mib = mib`` (process
+    memory), or for statesync the StateBallastTable with ``state_mib = mib`` (explicit state)."""
     folder = scratch.root / f"app-{mib}"
     folder.mkdir(exist_ok=True)
     for name in ("stages.py", "ballast.py"):
         shutil.copyfile(APP_DIR / name, folder / name)
     shutil.copyfile(FLOWS_STAGES, folder / "flows.py")  # the pipeline BallastTable extends
     text = (APP_DIR / "app.toml").read_text()
-    if "ballast_mib = 20" not in text or f"rate = {RATE}" not in text:
-        raise BenchError(f"{APP_DIR / 'app.toml'} no longer has ballast_mib = 20, rate = {RATE}")
-    (folder / "app.toml").write_text(text.replace("ballast_mib = 20", f"ballast_mib = {mib}"))
+    entry = 'entry = "stages:BallastTable"'
+    if "ballast_mib = 20" not in text or f"rate = {RATE}" not in text or entry not in text:
+        raise BenchError(f"{APP_DIR / 'app.toml'} no longer has {entry}, ballast_mib = 20, "
+                         f"rate = {RATE}")  # fmt: skip
+    if strategy == "statesync":
+        text = text.replace(entry, 'entry = "stages:StateBallastTable"').replace(
+            "ballast_mib = 20", f"ballast_mib = 0, state_mib = {mib}, "
+            f"journal_compact_every = {plan.journal_compact_every}"
+        )  # fmt: skip
+    else:
+        text = text.replace("ballast_mib = 20", f"ballast_mib = {mib}")
+    (folder / "app.toml").write_text(text)
     return folder / "app.toml"
 
 
@@ -443,6 +495,10 @@ def _sample(report: MigrationReport) -> dict[str, Any]:
             "pages_written", "transferred_bytes", "source", "destination", "rolled_back",
             "error", "phases", "reconnect_after_placement_s")  # fmt: skip
     sample = {key: r[key] for key in keys}
+    if report.strategy == "statesync":
+        for key in ("asleep_s", "snapshot_bytes", "snapshot_mb_s", "catch_up_s",
+                    "final_delta_bytes"):  # fmt: skip
+            sample[key] = r[key]
     sample["state_intact"] = (
         r["state_digest_before"] is not None and r["state_digest_before"] == r["state_digest_after"]
     )
@@ -465,6 +521,12 @@ def _cross_check(sample: dict[str, Any], report: MigrationReport, check: dict[st
         if end >= report.started_at and start <= report.ended_at
     ]
     sample["downtime_checker_s"] = round(max(gaps), 4) if gaps else None
+    times = report.phase_times
+    if "quiesce" in times and "verify" in times:  # the cutover alone: quiesce..verify
+        cut_from, cut_to = times["quiesce"][0], times["verify"][0]
+        cut = [end - start for start, end in check.get("input_gaps") or []
+               if end >= cut_from and start <= cut_to]  # fmt: skip
+        sample["cutover_gap_s"] = round(max(cut), 4) if cut else 0.0
     sample["checker_restarts"] = check.get("restarts")
     asleep = sum(report.phases.get(p, 0.0) for p in ("quiesce", "transfer", "restore"))
     sample["asleep_at_least_s"] = round(asleep, 4)
@@ -475,17 +537,37 @@ def _cross_check(sample: dict[str, Any], report: MigrationReport, check: dict[st
     )
 
 
+def _fill_state(stage: Callable[[str], dict[str, Any]], extra: dict[str, Any], t0: float) -> None:
+    """statesync: wait until the table's state is full (bounded), then watch the checker for
+    IDLE_WINDOW_S with no migration; the fill time (since ``t0``, the app's start) and the
+    longest idle gap go to ``extra``."""
+    _wait(lambda: bool(stage(STAGE).get("metrics", {}).get("state_full")),
+          "the table's state to fill", STATE_FILL_TIMEOUT_S, poll=0.1)  # fmt: skip
+    extra["fill_s"] = round(time.monotonic() - t0, 2)
+    extra["state_fill_mib"] = stage(STAGE).get("metrics", {}).get("state_fill_mib")
+    watched_from = time.time()
+    time.sleep(IDLE_WINDOW_S)
+    gaps = [end - start for start, end in stage("check").get("input_gaps") or []
+            if start >= watched_from]  # fmt: skip
+    extra["idle_gap_s"] = round(max(gaps), 4) if gaps else 0.0
+    extra["idle_gaps_over_100ms"] = sum(1 for g in gaps if g > 0.1)
+
+
 def run_migrations(scratch: Scratch, mib: int, strategy: str, plan: Plan, run_no: int
                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     """One cluster, one app run, ``plan.migrations`` migrations of the table under traffic.
-    Returns the samples and the checker's totals at the end."""
+    Returns the samples and the checker's totals at the end (with, for statesync, the fill
+    time and the idle gap)."""
     state_dir = str(scratch.root / f"s{run_no}")
     os.environ["DPMIGRATE_STATE_DIR"] = state_dir  # MultiNodeRun reads it through config
-    app = App.load(_make_app(scratch, mib))
+    app = App.load(_make_app(scratch, mib, strategy, plan))
     samples: list[dict[str, Any]] = []
     checker: dict[str, Any] = {}
+    statesync = strategy == "statesync"
+    # statesync: a fresh destination per migration (node4, node5, ...): each one a snapshot
+    nodes = 3 + plan.migrations if statesync else 3
     try:
-        with LocalCluster(3, state_dir=state_dir) as cluster:
+        with LocalCluster(nodes, state_dir=state_dir) as cluster:
             run = MultiNodeRun(app, cluster)
 
             def stage(name: str) -> dict[str, Any]:
@@ -495,12 +577,18 @@ def run_migrations(scratch: Scratch, mib: int, strategy: str, plan: Plan, run_no
                 _wait(lambda: stage(STAGE).get("msgs_in", 0) >= at_least,
                       f"{at_least} messages into the table", FLOW_TIMEOUT_S)  # fmt: skip
 
+            started = time.monotonic()
             run.start()
             try:
                 flowing(WARMUP_MSGS)
+                if statesync:
+                    _fill_state(stage, checker, started)
                 for index in range(plan.migrations):
                     where = stage(STAGE).get("node")
-                    to = HOPS[0] if where != HOPS[0] else HOPS[1]
+                    if statesync:
+                        to = f"node{4 + index}"
+                    else:
+                        to = HOPS[0] if where != HOPS[0] else HOPS[1]
                     t0 = time.monotonic()
                     report = cluster.migrate(STAGE, to=to, strategy=strategy)
                     sample = _sample(report)
@@ -511,11 +599,11 @@ def run_migrations(scratch: Scratch, mib: int, strategy: str, plan: Plan, run_no
                     samples.append(sample)
                     _progress(strategy, mib, index, sample, took)
                 metrics = stage("check").get("metrics", {})
-                checker = {
+                checker.update({
                     "checker_received": metrics.get("received"),
                     "checker_lost": metrics.get("lost"),
                     "checker_duplicated": metrics.get("duplicated"),
-                }
+                })  # fmt: skip
             finally:
                 run.stop()
                 run.cleanup()
@@ -535,10 +623,22 @@ def _progress(strategy: str, mib: int, index: int, s: dict[str, Any], took: floa
     else:
         text = (f"downtime {s['downtime_s']:.3f} s  frozen {s['frozen_time_s']:.3f} s  "
                 f"total {s['total_time_s']:.3f} s  lost {s['lost']} dup {s['duplicated']}"
+                + (f"  snapshot {s['snapshot_mb_s'] or 0:.0f} MB/s  cutover gap "
+                   f"{s.get('cutover_gap_s', 0):.3f} s  final delta "
+                   f"{(s['final_delta_bytes'] or 0) / 1024:.0f} KiB" if strategy == "statesync"
+                   else "")
                 + (f"  SUSPECT (asleep >= {s['asleep_at_least_s']:.3f} s, checker "
                    f"{s['downtime_checker_s']})" if s.get("downtime_suspect") else ""))  # fmt: skip
     print(f"  {strategy:<13} {mib:>5} MiB #{index + 1}  {text}  ({took:.1f} s)",
           file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _spread(row: dict[str, Any], key: str, good: list[dict[str, Any]]) -> None:
+    """``key``'s median, min and max over the samples that have it (None if none has)."""
+    xs = [float(s[key]) for s in good if s.get(key) is not None]
+    row[key] = round(statistics.median(xs), 4) if xs else None
+    row[f"{key}_min"] = round(min(xs), 4) if xs else None
+    row[f"{key}_max"] = round(max(xs), 4) if xs else None
 
 
 def summarise(strategy: str, mib: int, samples: list[dict[str, Any]],
@@ -546,10 +646,11 @@ def summarise(strategy: str, mib: int, samples: list[dict[str, Any]],
     good = [s for s in samples if not s.get("error")]
     row: dict[str, Any] = {"strategy": strategy, "state_mib": mib, "repeats": len(good)}
     for key in ("downtime_s", "frozen_time_s", "total_time_s"):
-        xs = [float(s[key]) for s in good]
-        row[key] = round(statistics.median(xs), 4) if xs else None
-        row[f"{key}_min"] = round(min(xs), 4) if xs else None
-        row[f"{key}_max"] = round(max(xs), 4) if xs else None
+        _spread(row, key, good)
+    if strategy == "statesync":
+        for key in ("snapshot_mb_s", "final_delta_bytes", "cutover_gap_s", "asleep_s",
+                    "catch_up_s"):  # fmt: skip
+            _spread(row, key, good)
     row["lost"] = sum(int(s["lost"]) for s in good) if good else None
     row["duplicated"] = sum(int(s["duplicated"]) for s in good) if good else None
     pages = [int(s["pages_written"]) for s in good if s.get("pages_written")]
@@ -580,7 +681,10 @@ def summarise(strategy: str, mib: int, samples: list[dict[str, Any]],
     return row
 
 
-def targets(results: list[dict[str, Any]], sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+def targets(results: list[dict[str, Any]], sizes: tuple[int, ...], ran: tuple[str, ...],
+            snapshot: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """The targets of the strategies that ran (``--strategies``)."""
+
     def median(strategy: str, mib: int) -> float | None:
         for r in results:
             if (r["strategy"], r["state_mib"]) == (strategy, mib):
@@ -593,6 +697,7 @@ def targets(results: list[dict[str, Any]], sizes: tuple[int, ...]) -> list[dict[
         ratio = sc / cli if sc is not None and cli else None
         out.append({
             "name": f"stop-and-copy downtime vs raw CRIU CLI, {mib} MiB",
+            "needs": ("stop-and-copy", "criu-cli"),
             "value": None if ratio is None else round(ratio, 3),
             "detail": f"{_s(sc)} vs {_s(cli)}",
             "required": f"<= {TARGET_SC_VS_CLI}x",
@@ -604,6 +709,7 @@ def targets(results: list[dict[str, Any]], sizes: tuple[int, ...]) -> list[dict[
     flat = max(have) / min(have) if complete and min(have) > 0 else None
     out.append({
         "name": "post-copy downtime flat across sizes (largest / smallest median)",
+        "needs": ("post-copy",),
         "value": None if flat is None else round(flat, 3),
         "detail": ", ".join(f"{m} MiB {_s(x)}" for m, x in zip(sizes, pc, strict=True)),
         "required": f"<= {TARGET_PC_FLAT}x",
@@ -612,10 +718,42 @@ def targets(results: list[dict[str, Any]], sizes: tuple[int, ...]) -> list[dict[
     worst = max(have) if complete else None
     out.append({
         "name": "post-copy downtime at every size (largest median)",
+        "needs": ("post-copy",),
         "value": worst,
         "detail": _s(worst),
         "required": f"<= {TARGET_PC_MAX_S} s",
         "met": worst is not None and worst <= TARGET_PC_MAX_S,
+    })  # fmt: skip
+    ss = [median("statesync", mib) for mib in sizes]
+    have = [x for x in ss if x is not None]
+    complete = len(have) == len(sizes) and bool(have)
+    worst = max(have) if complete else None
+    out.append({
+        "name": "statesync downtime at every size (largest median)",
+        "needs": ("statesync",),
+        "value": worst,
+        "detail": ", ".join(f"{m} MiB {_s(x)}" for m, x in zip(sizes, ss, strict=True)),
+        "required": f"<= {TARGET_SS_MAX_S} s",
+        "met": worst is not None and worst <= TARGET_SS_MAX_S,
+    })  # fmt: skip
+    flat = max(have) / min(have) if complete and min(have) > 0 else None
+    out.append({
+        "name": "statesync downtime flat across sizes (largest / smallest median)",
+        "needs": ("statesync",),
+        "value": None if flat is None else round(flat, 3),
+        "detail": ", ".join(f"{m} MiB {_s(x)}" for m, x in zip(sizes, ss, strict=True)),
+        "required": f"<= {TARGET_SS_FLAT}x",
+        "met": flat is not None and flat <= TARGET_SS_FLAT,
+    })  # fmt: skip
+    snap, tcp = (snapshot or {}).get("snapshot_mb_per_s"), (snapshot or {}).get("tcp_loopback_mb_s")
+    ratio = snap / tcp if snap is not None and tcp else None
+    out.append({
+        "name": f"statesync snapshot vs raw loopback TCP, {max(sizes)} MiB (medians)",
+        "needs": ("statesync",),
+        "value": None if ratio is None else round(ratio, 3),
+        "detail": "-" if ratio is None else f"{snap:.0f} vs {tcp:.0f} MB/s",
+        "required": f">= {TARGET_SNAPSHOT_VS_TCP}x",
+        "met": ratio is not None and ratio >= TARGET_SNAPSHOT_VS_TCP,
     })  # fmt: skip
     bad, missing = 0, 0
     for r in results:
@@ -633,12 +771,13 @@ def targets(results: list[dict[str, Any]], sizes: tuple[int, ...]) -> list[dict[
                 bad += int(r[key])
     out.append({
         "name": "lost = duplicated = 0 in every migration and every run's checker totals",
+        "needs": (),
         "value": bad,
         "detail": f"{bad} lost+duplicated" + (f", {missing} counts missing" if missing else ""),
         "required": "0",
         "met": bad == 0 and missing == 0,
     })  # fmt: skip
-    return out
+    return [t for t in out if set(t.pop("needs")) <= set(ran)]
 
 
 def _s(x: float | None) -> str:
@@ -676,6 +815,9 @@ def machine_info(plan: Plan) -> dict[str, Any]:
             "sizes_mib": list(plan.sizes),
             "migrations_per_case": plan.migrations,
             "criu_cli_samples": plan.cli_samples,
+            "strategies": list(plan.strategies),
+            "statesync_hops": "node2 -> node4 -> node5 -> ... (a fresh target each time)",
+            "journal_compact_every": plan.journal_compact_every or "runtime default (256)",
             "generator_rate": RATE,
             "images_on": "tmpfs (mounted by the benchmark)",
             "downtime": "migration: longest input gap of the downstream checker (report); "
@@ -728,8 +870,8 @@ def render(report: dict[str, Any]) -> None:
             else f"{r['reconnect_after_placement_s'] * 1000:.1f} ms",
         )  # fmt: skip
     console.print(table)
-    order = ("dump_s", "restore_s", "preflight", "quiesce", "transfer", "restore", "reconnect",
-             "verify", "cleanup")  # fmt: skip
+    order = ("dump_s", "restore_s", "preflight", "prepare", "quiesce", "transfer", "restore",
+             "reconnect", "verify", "cleanup")  # fmt: skip
     phases = Table(title="where the time goes: median per phase (seconds; criu-cli: dump, "
                    "restore until running; downtime spans quiesce..verify)")  # fmt: skip
     phases.add_column("state", justify="right")
@@ -744,6 +886,7 @@ def render(report: dict[str, Any]) -> None:
         cells = [f"{got[n]:.3f}" if n in got else "" for n in order]
         phases.add_row(f"{r['state_mib']} MiB", r["strategy"], *cells)
     console.print(phases)
+    render_statesync(console, report)
     for r in report["results"]:
         for i, smp in enumerate(r["samples"], 1):
             if smp.get("downtime_suspect"):
@@ -767,6 +910,48 @@ def render(report: dict[str, Any]) -> None:
     console.print(tgt)
 
 
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:,.0f}"
+
+
+def _range(row: dict[str, Any], key: str, scale: float = 1000) -> str:
+    lo, hi = row.get(f"{key}_min"), row.get(f"{key}_max")
+    return "-" if lo is None or hi is None else f"{lo * scale:,.0f}{DASH}{hi * scale:,.0f}"
+
+
+def render_statesync(console: Console, report: dict[str, Any]) -> None:
+    rows = [r for r in report["results"] if r["strategy"] == "statesync" and r["repeats"]]
+    if not rows:
+        return
+    table = Table(title="statesync: where the downtime comes from (ms unless said; median, "
+                  f"range = min{DASH}max)")  # fmt: skip
+    for col in ("state", "n", "downtime", "range", "cutover gap", "asleep", "idle gap",
+                "snapshot MB/s", "range", "catch-up s", "final delta KiB", "reconnect",
+                "fill s"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in rows:
+        rng = functools.partial(_range, r)
+        table.add_row(
+            f"{r['state_mib']} MiB", str(r["repeats"]), _ms(r["downtime_s"]), rng("downtime_s"),
+            _ms(r["cutover_gap_s"]), _ms(r["asleep_s"]), _ms(r.get("idle_gap_s")),
+            "-" if r["snapshot_mb_s"] is None else f"{r['snapshot_mb_s']:,.0f}",
+            rng("snapshot_mb_s", 1), "-" if r["catch_up_s"] is None else f"{r['catch_up_s']:.2f}",
+            "-" if r["final_delta_bytes"] is None else f"{r['final_delta_bytes'] / 1024:,.0f}",
+            _ms(r.get("reconnect_after_placement_s")), str(r.get("fill_s", "-")),
+        )  # fmt: skip
+    console.print(table)
+    snap = report.get("snapshot_vs_tcp")
+    if snap:
+        console.print(
+            f"same run, {snap['size_bytes'] >> 20} MiB: statesync snapshot in the cluster "
+            f"{report['snapshot_mb_per_s']} MB/s (median of the migrations); raw loopback TCP "
+            f"{snap['tcp_loopback_mb_s']} MB/s; the same snapshot between two plain processes "
+            f"{snap['snapshot_mb_per_s']} MB/s; raw TCP keeping every 64 KiB "
+            f"{snap['tcp_keep_floor_mb_s']} MB/s (medians of {snap['repeat']})",
+            highlight=False,
+        )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -777,7 +962,29 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def _cases(plan: Plan) -> Iterator[tuple[int, str]]:
     for mib in plan.sizes:
         for strategy in STRATEGIES:
-            yield mib, strategy
+            if strategy in plan.strategies:
+                yield mib, strategy
+
+
+def snapshot_vs_tcp(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Top-level numbers: the statesync migrations' snapshot throughput at the largest size
+    (median) and, measured now, raw loopback TCP and a snapshot between plain processes."""
+    largest = max(plan.sizes)
+    rates = [float(s["snapshot_mb_s"]) for r in results
+             if r["strategy"] == "statesync" and r["state_mib"] == largest
+             for s in r["samples"] if not s.get("error") and s.get("snapshot_mb_s")]  # fmt: skip
+    print(f"  raw loopback TCP vs snapshot, {largest} MiB, {SNAPSHOT_REPEAT} repeats",
+          file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        measured = statesync_snapshot.measure(largest * MiB, SNAPSHOT_REPEAT)
+    except Exception as err:  # reported: the targets then say not met
+        measured = {"error": f"{type(err).__name__}: {err}"}
+    return {
+        "snapshot_mb_per_s": round(statistics.median(rates), 1) if rates else None,
+        "snapshot_mb_per_s_range": [round(min(rates), 1), round(max(rates), 1)] if rates else None,
+        "tcp_loopback_mb_s": measured.get("tcp_loopback_mb_s"),
+        "snapshot_vs_tcp": measured,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -785,11 +992,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="20 and 200 MiB, one sample each")
     parser.add_argument("--samples", type=int, help="migrations / CRIU CLI runs per case")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file ({RESULTS})")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"comma-separated subset of {','.join(STRATEGIES)} (all)")  # fmt: skip
+    parser.add_argument("--journal-compact-every", type=int, default=0, metavar="N",
+                        help="diagnostic: journal records between compactions in the statesync "
+                        "stage's processes (default: the runtime's own)")  # fmt: skip
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.samples:
         n = max(1, min(20, args.samples))
         plan = dataclasses.replace(plan, migrations=n, cli_samples=n)
+    chosen = tuple(x.strip() for x in args.strategies.split(",") if x.strip())
+    unknown = sorted(set(chosen) - set(STRATEGIES))
+    if unknown or not chosen:
+        parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    plan = dataclasses.replace(plan, strategies=chosen,
+                               journal_compact_every=max(0, args.journal_compact_every))  # fmt: skip
     if os.geteuid() != 0:
         print("needs root (network namespaces, CRIU, a tmpfs mount)", file=sys.stderr)
         return 2
@@ -799,8 +1017,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     load_before = [round(x, 2) for x in os.getloadavg()]
     results: list[dict[str, Any]] = []
-    # room for the largest images twice over (baseline, or a migration's) plus logs
+    # room for the largest images twice over (baseline, or a migration's) plus logs; for
+    # statesync, every node that held the stage keeps its journal (a snapshot and records)
     tmpfs_mib = 2 * max(plan.sizes) + 1024
+    if "statesync" in plan.strategies:
+        tmpfs_mib = max(tmpfs_mib, 2 * (plan.migrations + 1) * max(plan.sizes) + 1024)
     try:
         with Scratch(tmpfs_mib) as scratch:
             netns = scratch.add_netns(f"dpmbm-{os.getpid()}")
@@ -817,10 +1038,13 @@ def main(argv: list[str] | None = None) -> int:
                     samples, checker = [{"error": f"{type(err).__name__}: {err}"}], {}
                     _progress(strategy, mib, 0, samples[0], 0.0)
                 results.append(summarise(strategy, mib, samples, checker))
+        top = snapshot_vs_tcp(plan, results) if "statesync" in plan.strategies else {}
         report = {
             "machine": machine_info(plan),
+            **{k: v for k, v in top.items() if k != "snapshot_vs_tcp"},
             "results": results,
-            "targets": targets(results, plan.sizes),
+            "snapshot_vs_tcp": top.get("snapshot_vs_tcp"),
+            "targets": targets(results, plan.sizes, plan.strategies, top),
         }
         report["machine"]["run"]["seconds"] = round(time.monotonic() - started, 1)
         # other work on the machine distorts every figure: say how busy it was

@@ -1,16 +1,23 @@
-"""The migration benchmark's stages: the flows pipeline of ``examples/flows`` whose flow table
-also holds ``ballast_mib`` MiB of process memory.
+"""The migration and failover benchmarks' stages: the flows pipeline of ``examples/flows``
+whose flow table also holds a chosen amount of memory, as process memory or as state.
 
 * BallastTable: the flows example's FlowTable plus the ballast — a bytearray filled in
   ``setup`` (every page written, so resident) and kept outside ``self.state``: the explicit
   state, which the runtime journals and snapshots, stays as small as the example's, and only
   CRIU moves the ballast. Nothing reads it after setup, so to post-copy it is cold memory,
   pulled in the background rather than on demand (the best case for post-copy's downtime).
+* StateBallastTable: a BallastTable whose *explicit state* also grows to ``state_mib`` MiB —
+  what the ``statesync`` strategy and a hot standby move. Its first batches each add
+  ``state_keys_per_batch`` keys (default 16) of 64 KiB, deterministic bytes from
+  ``ballast.block``, until the state holds ``state_mib`` MiB; its metrics say how far it is
+  (``state_fill_mib``, ``state_full``). The fill is a function of the state alone (how many
+  keys it holds already), so ``process`` stays deterministic: a restarted or promoted copy
+  fills exactly as the first would have.
 * Generator and Checker: the example's, unchanged; a migration's report takes ``lost`` /
   ``duplicated`` from the checker and its input gap is the migration's downtime.
 
-A stage module is found next to its manifest: benchmarks/migration.py copies this folder into
-a temporary one per size, with the example's stages beside it as ``flows.py``.
+A stage module is found next to its manifest: the benchmarks copy this folder into a
+temporary one per case, with the example's stages beside it as ``flows.py``.
 """
 
 from __future__ import annotations
@@ -18,12 +25,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ballast import fill
+from ballast import MIB, block, fill
 from flows import Checker, FlowTable, Generator
 
+from dpmigrate.runtime.stage import Emit
 from dpmigrate.statesync.state import State
 
-__all__ = ["BallastTable", "Checker", "Generator"]
+__all__ = ["BallastTable", "Checker", "Generator", "StateBallastTable"]
+
+#: The size of one key of a StateBallastTable's state ballast.
+STATE_VALUE = 64 << 10
 
 
 class BallastTable(FlowTable):
@@ -36,3 +47,44 @@ class BallastTable(FlowTable):
 
     def metrics(self) -> dict[str, Any]:
         return {**super().metrics(), "ballast_mib": len(self._ballast) >> 20}
+
+
+class StateBallastTable(BallastTable):
+    """Config (besides BallastTable's): state_mib (MiB of explicit state to hold, filled
+    during the first batches), state_keys_per_batch (64 KiB keys added per batch, 16),
+    journal_compact_every (a benchmark diagnostic: journal records between compactions in
+    this process; 0, the default, leaves the runtime's own)."""
+
+    def setup(self, state: State, config: Mapping[str, Any]) -> None:
+        super().setup(state, config)
+        self._state_keys = int(config.get("state_mib", 0)) * MIB // STATE_VALUE
+        self._per_batch = max(1, int(config.get("state_keys_per_batch", 16)))
+        self._block = block(int(config.get("seed", 7)) + 1)  # 1 MiB: 16 distinct values
+        every = int(config.get("journal_compact_every", 0))
+        if every:  # a diagnostic of benchmarks/migration.py (--journal-compact-every), only
+            from dpmigrate.runtime import journal  # in this stage's own process
+
+            journal.COMPACT_EVERY = every
+
+    def process(self, port: str, batch: list[bytes], emit: Emit) -> None:
+        super().process(port, batch, emit)
+        have = self.state.get("ballast_keys", 0)
+        if have >= self._state_keys:
+            return
+        upto = min(self._state_keys, have + self._per_batch)
+        for i in range(have, upto):
+            offset = (i % (MIB // STATE_VALUE)) * STATE_VALUE
+            # a new object per key, no two equal: the key's index stamped in its first bytes
+            self.state[f"ballast/{i:07d}"] = (
+                i.to_bytes(8, "little") + self._block[offset + 8 : offset + STATE_VALUE]
+            )
+        self.state["ballast_keys"] = upto
+
+    def metrics(self) -> dict[str, Any]:
+        have = self.state.get("ballast_keys", 0)
+        return {
+            **super().metrics(),
+            "state_fill_mib": round(have * STATE_VALUE / MIB, 2),
+            "state_target_mib": self._state_keys * STATE_VALUE // MIB,
+            "state_full": have >= self._state_keys,
+        }
