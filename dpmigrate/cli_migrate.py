@@ -138,10 +138,11 @@ def migrate_cmd(stage: str, destination: str, strategy: str, as_json: bool) -> N
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def demo_cmd(plot: str | None, as_json: bool) -> None:
-    """The main job: a 3-node local cluster, the flows pipeline under traffic, its flow-table
-    stage migrated node1 → node2 (stop-and-copy) → node3 (post-copy) → node1, the checker's
+    """The main job: a 4-node local cluster, the flows pipeline under traffic, its flow-table
+    stage (hot standby on node4) migrated node2 → node1 (stop-and-copy) → node3 (post-copy)
+    → node2 (statesync), then node2 killed and the standby taking over; the checker's
     verdict and a timeline plot. Everything it builds is torn down at the end."""
-    from dpmigrate.migrate.demo import run_demo
+    from dpmigrate.migrate.demo import failover_line, run_demo, table
 
     console = Console(stderr=True)
     say = (lambda m: None) if as_json else (lambda m: console.print(f"[bold]demo:[/bold] {m}"))
@@ -150,7 +151,9 @@ def demo_cmd(plot: str | None, as_json: bool) -> None:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:
         out = _out()
-        out.print(migrations_table(result.migrations))
+        out.print(table(result))
+        if result.failover is not None:
+            out.print(failover_line(result.failover), highlight=False)
         c = result.checker
         verdict = "[bold green]PASS[/bold green]" if result.ok else "[bold red]FAIL[/bold red]"
         total = result.as_dict()["checker"]["expected_total"]
