@@ -206,3 +206,81 @@ def test_paused_primary_is_fenced_when_it_comes_back(
             _finish_and_check(run, expected)
         finally:
             run.stop()
+
+
+def _replica(cluster: LocalCluster, node: str, stage: str = "table") -> dict:
+    with cluster.client(node, timeout=5) as agent:
+        found = [s for s in agent.call("status")["stages"]
+                 if s["name"] == stage and s.get("role") in ("standby", "target")]  # fmt: skip
+    return found[0] if found else {}
+
+
+def test_a_crashed_standby_resumes_from_its_journal_and_can_still_take_over(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """The standby SIGKILLed (not its node): its agent restarts it, it resumes from its own
+    journal (no snapshot), gates again, and later takes over when the primary's node dies."""
+    app = App.load(_with_standby(tmp_path, 160000))
+    expected = reference_checker(app)
+    with LocalCluster(4) as cluster:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        try:
+            wait_until(lambda: _standby_in_sync(run, "node4"), "the standby in sync", 60, 0.1)
+            wait_for_input(run, 15000)
+            first = _replica(cluster, "node4")
+            os.kill(first["pid"], signal.SIGKILL)
+            killed_at = time.time()
+            wait_until(lambda: not alive(first["pid"]), "the standby's death")
+
+            def restarted() -> dict:
+                found = _replica(cluster, "node4")  # its own status, written after the restart
+                fresh = found.get("restarts", 0) >= 1 and found.get("time", 0) > killed_at
+                return found if fresh and found.get("synced") else {}
+
+            wait_until(restarted, "its restart", 30, 0.05)
+            again = restarted()
+            assert again["pid"] != first["pid"]
+            assert again["sync"]["snapshots"] == 0, again["sync"]  # resumed: points only
+            wait_until(lambda: _standby_in_sync(run, "node4"), "gating again", 30, 0.05)
+            _kill_node(cluster, "node2", run)
+            wait_until(lambda: _placed(cluster) == "node4", "the takeover", 30, 0.05)
+            _finish_and_check(run, expected)
+        finally:
+            run.stop()
+
+
+def test_a_statesync_target_that_hangs_rolls_the_migration_back(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """The target SIGSTOPped as the quiesce starts: the source's quiesce cannot hand it the
+    last point, the cutover refuses, and the rollback wakes the source where it was."""
+    app = App.load(paced_flows(tmp_path, 100000))
+    expected = reference_checker(app)
+    with LocalCluster(3) as cluster:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        hung: list[int] = []
+
+        def on_phase(phase: str) -> None:
+            if phase == "quiesce":
+                target = _replica(cluster, "node3")
+                os.kill(target["pid"], signal.SIGSTOP)
+                wait_until(lambda: process_state(target["pid"]) == "T", "the target stopped")
+                hung.append(target["pid"])
+
+        try:
+            wait_for_input(run, 5000)
+            report = cluster.migrate("table", to="node3", strategy="statesync", on_phase=on_phase)
+            assert hung, "the fault was not injected"
+            assert report.rolled_back and "transfer" in (report.error or ""), report.error
+            assert report.undone, report.rollback_failures
+            assert report.lost == 0 and report.duplicated == 0, report
+            assert stage_status(run)["node"] == "node2"
+            wait_until(lambda: not alive(hung[0]), "the hung target discarded", 10)
+            _finish_and_check(run, expected)
+        finally:
+            for pid in hung:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            run.stop()
