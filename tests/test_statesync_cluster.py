@@ -143,10 +143,14 @@ def test_standby_takes_over_when_the_primary_node_dies(
                             env={"DPMIGRATE_STATE_DIR": str(cluster_state_dir)})  # fmt: skip
             assert shown.returncode == 0, shown.stderr
             replicas = json.loads(shown.stdout)["replicas"]
-            assert [(r["name"], r["node"], r["role"], r["synced"], r["in_sync"])
-                    for r in replicas] == [("table", "node4", "standby", True, True)], replicas
-            assert {s["name"] for s in json.loads(shown.stdout)["stages"]} == {"gen", "table",
-                                                                               "check"}
+            assert [
+                (r["name"], r["node"], r["role"], r["synced"], r["in_sync"]) for r in replicas
+            ] == [("table", "node4", "standby", True, True)], replicas
+            assert {s["name"] for s in json.loads(shown.stdout)["stages"]} == {
+                "gen",
+                "table",
+                "check",
+            }
             killed_at = time.time()
             _kill_node(cluster, "node2", run)
             wait_until(lambda: _placed(cluster) == "node4", "the takeover", 30, 0.05)

@@ -54,7 +54,7 @@ def update_record(store: Store, app: str, stage: str, change: Any) -> dict[str, 
     key = record_key(app, stage)
     for _ in range(_CAS_ATTEMPTS):
         found = store.get(key)
-        value, revision = (found if found is not None else ({}, 0))
+        value, revision = found if found is not None else ({}, 0)
         record = {"nodes": list(value.get("nodes", [])), "in_sync": list(value.get("in_sync", []))}
         change(record)
         if store.swap(key, revision, record):

@@ -59,7 +59,7 @@ def add_standby(
             f"stage {app_name}/{name}'s rings {shm} are not tcp; a standby takes over while the "
             "primary's node is dead, when no peer could reopen a ring another way: declare "
             "the standby in the manifest (`standby = ...`), or give those rings "
-            "`transport = \"tcp\"`, and run the app again"
+            '`transport = "tcp"`, and run the app again'
         )
 
     def listed(record: dict[str, Any]) -> None:

@@ -206,9 +206,9 @@ class State(MutableMapping[str, Any]):
         return cls(values, version)
 
     def digest(self) -> str:
-        """A content hash of the committed state, independent of insertion order: the sum of a hash of
-        each (key, value), kept up to date by what changed since the last call — so a stage
-        holding a GiB reports its digest every status without hashing the GiB each time.
+        """A content hash of the committed state, independent of insertion order: the sum of
+        a hash of each (key, value), kept up to date by what changed since the last call — so
+        a stage holding a GiB reports its digest every status without hashing it each time.
         Inside a batch it is the digest of the committed state (computed afresh: rare)."""
         if self._pending:
             return State(self.committed_copy(), self._version).digest()
