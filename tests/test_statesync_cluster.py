@@ -288,3 +288,30 @@ def test_a_statesync_target_that_hangs_rolls_the_migration_back(
                 if alive(pid):
                     os.kill(pid, signal.SIGKILL)
             run.stop()
+
+
+def test_a_stage_with_a_standby_migrates_and_its_standby_follows(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """Quiesces of a gated primary wait for its standby; after each move the standby gates
+    the new primary, and takes over when that one's node dies."""
+    app = App.load(_with_standby(tmp_path, 200000))
+    expected = reference_checker(app)
+    with LocalCluster(4) as cluster:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        try:
+            wait_until(lambda: _standby_in_sync(run, "node4"), "the standby in sync", 60, 0.1)
+            for node, strategy in (("node1", "stop-and-copy"), ("node2", "statesync")):
+                wait_for_input(run, stage_status(run)["msgs_in"] + 5000)
+                report = cluster.migrate("table", to=node, strategy=strategy)
+                assert not report.rolled_back, report.error
+                assert report.lost == 0 and report.duplicated == 0, report
+                wait_until(lambda: _standby_in_sync(run, "node4"), "gating the new primary", 30)
+            refused = cluster.migrate("table", to="node4", strategy="statesync")
+            assert refused.rolled_back and "runs a standby" in (refused.error or ""), refused
+            _kill_node(cluster, "node2", run)
+            wait_until(lambda: _placed(cluster) == "node4", "the takeover", 30, 0.05)
+            _finish_and_check(run, expected)
+        finally:
+            run.stop()
