@@ -57,6 +57,27 @@ def test_compaction_snapshots_and_empties_the_journal(tmp_path: Path, monkeypatc
     assert dict(loaded) == dict(state) and (inputs, outputs) == ({"in": 6}, {"out": 12})
 
 
+def test_a_large_state_is_not_rewritten_until_the_journal_is_as_large(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Compaction rewrites the whole state: with a 2 MiB snapshot it waits until the journal
+    holds 2 MiB too, however many records that takes; then it compacts, and loads the same."""
+    monkeypatch.setattr(journal_mod, "COMPACT_EVERY", 4)
+    j, state = StageJournal(tmp_path), State({"big": b"x" * (2 << 20)})
+    j.start_at(state, {"in": 0}, {"out": 0})
+    snapshot = (tmp_path / "snapshot").stat().st_mtime_ns
+    for i in range(40):  # ~40 small records: far fewer bytes than the snapshot
+        state[f"k{i}"] = i
+        j.append([state.commit()], {"in": i + 1}, {"out": i + 1}, state)  # type: ignore[list-item]
+    assert (tmp_path / "snapshot").stat().st_mtime_ns == snapshot, "rewritten too early"
+    state["bulk"] = b"y" * (2 << 20)  # one record as large as the snapshot
+    j.append([state.commit()], {"in": 41}, {"out": 41}, state)  # type: ignore[list-item]
+    assert (tmp_path / "journal").stat().st_size == 0, "compacted once it paid for itself"
+    j.close()
+    loaded, inputs, _ = StageJournal(tmp_path).load()
+    assert dict(loaded) == dict(state) and inputs == {"in": 41}
+
+
 def test_start_at_holds_exactly_that_point(tmp_path: Path) -> None:
     """A migration's destination takes over a stage: whatever the folder held before (a stale
     journal of an earlier stay), it then holds the shipped point only, and goes on from it."""

@@ -26,7 +26,10 @@ from dpmigrate.errors import ConfigError
 from dpmigrate.statesync.state import Delta, State, pack, unpack
 
 _HEADER = struct.Struct("<II")
-#: Rewrite the snapshot (and empty the journal) after this many records.
+#: Rewrite the snapshot (and empty the journal) after this many records — and only once the
+#: journal holds at least as many bytes as the snapshot: rewriting a GiB of state every 256
+#: batches stalled such a stage for seconds each time; this way compaction costs at most
+#: about one byte written per byte journaled, whatever the state's size.
 COMPACT_EVERY = 256
 
 Positions = dict[str, int]
@@ -42,6 +45,8 @@ class StageJournal:
         self._snapshot_path = self.folder / "snapshot"
         self._fd: int | None = None
         self._records = 0
+        self._journal_bytes = 0  # written since the last snapshot
+        self._snapshot_size = self._snapshot_bytes()
 
     def is_empty(self) -> bool:
         """Nothing was ever persisted here (a new instance starts from empty state)."""
@@ -55,6 +60,7 @@ class StageJournal:
     def load(self) -> tuple[State, Positions, Positions]:
         """The last persisted point: (state, input positions, output positions)."""
         self._records = 0
+        self._journal_bytes = 0
         state, inputs, outputs = State(), {}, {}
         if self._snapshot_path.exists():
             try:
@@ -80,6 +86,8 @@ class StageJournal:
         if offset != len(data):  # cut the torn tail so new records follow valid ones
             with open(self._journal_path, "r+b") as f:
                 f.truncate(offset)
+        self._journal_bytes = offset
+        self._snapshot_size = self._snapshot_bytes()
         return state, dict(inputs), dict(outputs)
 
     def append(
@@ -92,8 +100,20 @@ class StageJournal:
             self._fd = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.write(self._fd, _HEADER.pack(len(body), zlib.crc32(body)) + body)
         self._records += 1
-        if self._records >= COMPACT_EVERY and state is not None and not state.dirty:
+        self._journal_bytes += _HEADER.size + len(body)
+        if (
+            self._records >= COMPACT_EVERY
+            and state is not None
+            and not state.dirty
+            and self._journal_bytes >= self._snapshot_size
+        ):
             self._compact(state, inputs, outputs)
+
+    def _snapshot_bytes(self) -> int:
+        try:
+            return self._snapshot_path.stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def start_at(self, state: State, inputs: Positions, outputs: Positions) -> None:
         """Make this journal hold exactly one point — ``state`` with these positions — and
@@ -123,6 +143,8 @@ class StageJournal:
             os.close(fd)
         atomic.fsync_dir(self.folder)
         self._records = 0
+        self._journal_bytes = 0
+        self._snapshot_size = self._snapshot_bytes()
 
     def _compact(self, state: State, inputs: Positions, outputs: Positions) -> None:
         tmp = self._snapshot_path.with_suffix(".tmp")
@@ -131,6 +153,8 @@ class StageJournal:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
         self._records = 0
+        self._journal_bytes = 0
+        self._snapshot_size = self._snapshot_bytes()
 
     def close(self) -> None:
         if self._fd is not None:

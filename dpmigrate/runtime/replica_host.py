@@ -96,11 +96,15 @@ class ReplicaHost:
         if self.journal.is_empty():
             return None, None
         state, inputs, outputs = self.journal.load()
+        state.digest()  # see _journal_snapshot
         self.log("replica resumed from its journal", state_version=state.version)
         return state, Point(state.version, None, inputs, outputs)
 
     def _journal_snapshot(self, state: State, point: Point) -> None:
         self.journal.start_at(state, point.inputs, point.outputs)
+        # Hash the whole state now, while the primary runs: from here on the digest follows
+        # each applied delta, and the takeover reports it without hashing the state again.
+        state.digest()
 
     def _journal_point(self, point: Point) -> None:
         deltas: list[Delta] = [point.delta] if point.delta is not None else []
