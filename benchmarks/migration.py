@@ -71,9 +71,9 @@ What is measured (field names as in ``MigrationReport``, CRIU, QEMU)
     * statesync only: ``snapshot_mb_s`` (the target's snapshot: payload bytes over the time
       from its HELLO to synced, the report's), ``final_delta_bytes`` (what the source sent
       after the target had caught up, the report's), ``catch_up_s``, ``asleep_s``,
-      ``cutover_gap_s`` (the checker's longest input gap overlapping quiesce..verify: the
-      cutover alone, where ``downtime_s`` also counts any gap while the target catches up)
-      and ``idle_gap_s`` (above).
+      ``cutover_gap_s`` (the checker's longest input gap overlapping quiesce..verify, counted
+      from the quiesce's start: the cutover alone, where ``downtime_s`` also counts any gap
+      while the target catches up) and ``idle_gap_s`` (above).
 
 Targets (reported, not asserted)
     (1) stop-and-copy downtime ≤ 1.1 x the raw CRIU CLI's, at each size (medians);
@@ -85,12 +85,6 @@ Targets (reported, not asserted)
     (6) statesync downtime flat: the largest per-size median ≤ 1.25 x the smallest;
     (7) statesync snapshot throughput (median of the migrations at the largest size) ≥ 0.6 x
         raw loopback TCP measured in the same run.
-
-Diagnostic (off by default): ``--journal-compact-every N`` sets, inside the statesync
-stage's processes only, how many journal records the runtime appends before it compacts
-the journal into a snapshot (``dpmigrate.runtime.journal.COMPACT_EVERY``, 256). A compaction
-packs and writes the whole state in the stage's loop; with a large N none happens during the
-run, which separates that stall from the migration's own cost. The JSON records the value.
 
 Cleanup
     Every process the benchmark starts is tracked by PID and start time and killed at the end
@@ -152,7 +146,7 @@ AGAIN_MSGS = 3000
 SETTLE_S = 1.0
 FLOW_TIMEOUT_S = 60.0  # traffic must flow within this (the 1 GiB fill takes a few s)
 STATE_FILL_TIMEOUT_S = 300.0  # statesync: the table's state must be full within this
-IDLE_WINDOW_S = 3.0  # statesync: checker watched this long, no migration, once full
+IDLE_WINDOW_S = 6.0  # statesync: checker watched this long, no migration, once full
 SNAPSHOT_REPEAT = 3  # raw loopback TCP vs snapshot, at the largest size
 CLI_WARMUP_STAMPS = 300  # baseline: stamps written before the dump (~0.3 s of running)
 CLI_TIMEOUT_S = 300.0  # one criu dump / restore
@@ -200,7 +194,6 @@ class Plan:
     migrations: int  # per size and strategy (one cluster, one app run)
     cli_samples: int  # per size
     strategies: tuple[str, ...] = STRATEGIES
-    journal_compact_every: int = 0  # statesync stage only; 0: the runtime's own
 
 
 QUICK = Plan("quick", (20, 200), 1, 1)
@@ -480,8 +473,7 @@ def _make_app(scratch: Scratch, mib: int, strategy: str, plan: Plan) -> Path:
                          f"rate = {RATE}")  # fmt: skip
     if strategy == "statesync":
         text = text.replace(entry, 'entry = "stages:StateBallastTable"').replace(
-            "ballast_mib = 20", f"ballast_mib = 0, state_mib = {mib}, "
-            f"journal_compact_every = {plan.journal_compact_every}"
+            "ballast_mib = 20", f"ballast_mib = 0, state_mib = {mib}"
         )  # fmt: skip
     else:
         text = text.replace("ballast_mib = 20", f"ballast_mib = {mib}")
@@ -522,9 +514,11 @@ def _cross_check(sample: dict[str, Any], report: MigrationReport, check: dict[st
     ]
     sample["downtime_checker_s"] = round(max(gaps), 4) if gaps else None
     times = report.phase_times
-    if "quiesce" in times and "verify" in times:  # the cutover alone: quiesce..verify
+    if "quiesce" in times and "verify" in times:
+        # the cutover alone: from the quiesce's start (a gap that began earlier, while the
+        # target caught up, counts from there) to the input's resumption
         cut_from, cut_to = times["quiesce"][0], times["verify"][0]
-        cut = [end - start for start, end in check.get("input_gaps") or []
+        cut = [end - max(start, cut_from) for start, end in check.get("input_gaps") or []
                if end >= cut_from and start <= cut_to]  # fmt: skip
         sample["cutover_gap_s"] = round(max(cut), 4) if cut else 0.0
     sample["checker_restarts"] = check.get("restarts")
@@ -547,8 +541,13 @@ def _fill_state(stage: Callable[[str], dict[str, Any]], extra: dict[str, Any], t
     extra["state_fill_mib"] = stage(STAGE).get("metrics", {}).get("state_fill_mib")
     watched_from = time.time()
     time.sleep(IDLE_WINDOW_S)
+    watched_to = time.time()
+    # a gap is recorded when input resumes: wait for the checker's next input (bounded)
+    received = stage("check").get("metrics", {}).get("received", 0)
+    _wait(lambda: stage("check").get("metrics", {}).get("received", 0) > received,
+          "the checker's input to resume after the idle window", FLOW_TIMEOUT_S)  # fmt: skip
     gaps = [end - start for start, end in stage("check").get("input_gaps") or []
-            if start >= watched_from]  # fmt: skip
+            if watched_from <= start <= watched_to]  # fmt: skip
     extra["idle_gap_s"] = round(max(gaps), 4) if gaps else 0.0
     extra["idle_gaps_over_100ms"] = sum(1 for g in gaps if g > 0.1)
 
@@ -817,7 +816,6 @@ def machine_info(plan: Plan) -> dict[str, Any]:
             "criu_cli_samples": plan.cli_samples,
             "strategies": list(plan.strategies),
             "statesync_hops": "node2 -> node4 -> node5 -> ... (a fresh target each time)",
-            "journal_compact_every": plan.journal_compact_every or "runtime default (256)",
             "generator_rate": RATE,
             "images_on": "tmpfs (mounted by the benchmark)",
             "downtime": "migration: longest input gap of the downstream checker (report); "
@@ -994,9 +992,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file ({RESULTS})")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help=f"comma-separated subset of {','.join(STRATEGIES)} (all)")  # fmt: skip
-    parser.add_argument("--journal-compact-every", type=int, default=0, metavar="N",
-                        help="diagnostic: journal records between compactions in the statesync "
-                        "stage's processes (default: the runtime's own)")  # fmt: skip
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.samples:
@@ -1006,8 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(chosen) - set(STRATEGIES))
     if unknown or not chosen:
         parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
-    plan = dataclasses.replace(plan, strategies=chosen,
-                               journal_compact_every=max(0, args.journal_compact_every))  # fmt: skip
+    plan = dataclasses.replace(plan, strategies=chosen)
     if os.geteuid() != 0:
         print("needs root (network namespaces, CRIU, a tmpfs mount)", file=sys.stderr)
         return 2

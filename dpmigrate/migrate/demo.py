@@ -1,17 +1,13 @@
 """`dpmigrate demo`: the main job, end to end, on a fresh machine.
 
 A local cluster of four nodes; the flows example under traffic — gen on node1, its flow-table
-stage on node2, the checker on node3. The table is migrated node2 → node1 (stop-and-copy,
-next to the generator), node1 → node3 (post-copy, next to the checker) and node3 → node2
-(statesync: a fresh instance catches up while the source runs, then a short cutover). Then
-it gets a hot standby on node4 (what ``dpmigrate standby flows/table --on node4`` does), and
-node2 dies — its link is cut and its agent and its stages are SIGKILLed, by PID, processes
-of the demo's own cluster only — and the standby takes over once node2's lease has expired.
-
-Why the standby comes after the migrations rather than from the manifest (``standby =
-"node4"``): a stage whose standby gates its points sometimes fails to quiesce — its drain
-gives up as soon as downstream has acknowledged everything, when the standby has not yet
-acknowledged the last point — so a migration of it can roll back (a runtime bug, reported).
+stage on node2 with a hot standby on node4 (``standby = "node4"`` in the manifest), the
+checker on node3. The table is migrated node2 → node1 (stop-and-copy, next to the
+generator), node1 → node3 (post-copy, next to the checker) and node3 → node2 (statesync: a
+fresh instance catches up while the source runs, then a short cutover); the standby follows
+each new primary and gates it again. Then node2 dies — its link is cut and its agent and its
+stages are SIGKILLed, by PID, processes of the demo's own cluster only — and the standby
+takes over once node2's lease has expired.
 Printed: a table of the migrations and the failover; the checker's verdict once the whole
 stream went through (everything received, nothing lost, nothing duplicated, the digest of an
 uninterrupted run); and a timeline plot of the checker's message rate with each migration's
@@ -44,11 +40,10 @@ from dpmigrate.migrate import LocalCluster, MigrationReport
 from dpmigrate.runtime import inprocess, stagehost
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
-from dpmigrate.runtime.standbys import add_standby
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flows"
 RATE = 10_000  # packets per second
-TOTAL = 220_000  # the stream: 22 s
+TOTAL = 180_000  # the stream: 18 s
 NODES = 4
 STAGE = "table"
 START = "node2"  # where the table starts
@@ -118,7 +113,7 @@ class DemoResult:
         }  # fmt: skip
 
 
-def _write_app(folder: Path, rate: int = RATE, standby: bool = False) -> App:
+def _write_app(folder: Path, rate: int = RATE, standby: bool = True) -> App:
     """The flows example, ``TOTAL`` packets at ``rate``/s, table on node2 (with its standby
     on node4 in the manifest if ``standby``)."""
     shutil.copy(EXAMPLE / "stages.py", folder / "stages.py")
@@ -186,6 +181,8 @@ class _Demo:
                    for s in self.stage(STAGE).get("standbys", []))  # fmt: skip
 
     def migrate(self) -> None:
+        self.say(f"waiting for the standby on {STANDBY} to be in sync")
+        _wait(self.standby_in_sync, f"the standby on {STANDBY} in sync", IN_SYNC_TIMEOUT_S)
         time.sleep(WARMUP_S)
         for node, strategy in HOPS:
             self.say(f"migrating {STAGE} to {node} ({strategy})")
@@ -196,16 +193,10 @@ class _Demo:
                 raise DpmigrateError(f"demo: the migration to {node} rolled back: {report.error}")
             time.sleep(BETWEEN_S)
 
-    def add_standby(self) -> None:
-        self.say(f"adding a hot standby of {STAGE} on {STANDBY} (as `dpmigrate standby "
-                 f"{self.run.app.name}/{STAGE} --on {STANDBY}`)")  # fmt: skip
-        add_standby(self.cluster, f"{self.run.app.name}/{STAGE}", STANDBY,
-                    timeout=IN_SYNC_TIMEOUT_S)  # fmt: skip
-        time.sleep(BETWEEN_S)
-
     def lose_node(self) -> None:
         """Kill the table's node (link cut, then SIGKILL of its agent and its stages by PID)
         once the standby is in sync with the table there; the standby takes over."""
+        self.say(f"waiting for the standby on {STANDBY} to gate the table on {KILLED}")
         _wait(lambda: self.stage(STAGE).get("node") == KILLED and self.standby_in_sync(),
               f"the standby in sync with the table on {KILLED}", IN_SYNC_TIMEOUT_S)  # fmt: skip
         left = TOTAL / RATE - (time.monotonic() - self.started)
@@ -276,7 +267,7 @@ def run_demo(
         app = _write_app(Path(tempfile.mkdtemp(prefix="app-", dir=state)))
         say("computing the reference digest (the same stream, in-process, unpaced)")
         # pacing changes when packets go out, never which: the same stream, faster
-        reference = _write_app(Path(tempfile.mkdtemp(prefix="ref-", dir=state)), rate=0)
+        reference = _write_app(Path(tempfile.mkdtemp(prefix="ref-", dir=state)), 0, False)
         ref = inprocess.summary(inprocess.run(reference))["stages"]
         expected = next(s["metrics"]["digest"] for s in ref if s["name"] == "check")
         say(f"bringing up a local cluster of {NODES} nodes (network namespaces + agents)")
@@ -290,11 +281,10 @@ def run_demo(
             sampler.start()
             stages: list[dict[str, Any]] = []
             try:
-                say(f"flows running: gen on node1, table on {START}, check on node3, "
-                    f"{RATE:,} packets/s")  # fmt: skip
+                say(f"flows running: gen on node1, table on {START} (standby on {STANDBY}), "
+                    f"check on node3, {RATE:,} packets/s")  # fmt: skip
                 try:
                     demo.migrate()
-                    demo.add_standby()
                     demo.lose_node()
                 except DpmigrateError as err:  # the verdict says FAIL; the rest still runs
                     demo.error = str(err)

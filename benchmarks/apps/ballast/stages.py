@@ -51,20 +51,15 @@ class BallastTable(FlowTable):
 
 class StateBallastTable(BallastTable):
     """Config (besides BallastTable's): state_mib (MiB of explicit state to hold, filled
-    during the first batches), state_keys_per_batch (64 KiB keys added per batch, 16),
-    journal_compact_every (a benchmark diagnostic: journal records between compactions in
-    this process; 0, the default, leaves the runtime's own)."""
+    during the first batches), state_keys_per_batch (64 KiB keys added per batch, 16)."""
 
     def setup(self, state: State, config: Mapping[str, Any]) -> None:
         super().setup(state, config)
         self._state_keys = int(config.get("state_mib", 0)) * MIB // STATE_VALUE
         self._per_batch = max(1, int(config.get("state_keys_per_batch", 16)))
-        self._block = block(int(config.get("seed", 7)) + 1)  # 1 MiB: 16 distinct values
-        every = int(config.get("journal_compact_every", 0))
-        if every:  # a diagnostic of benchmarks/migration.py (--journal-compact-every), only
-            from dpmigrate.runtime import journal  # in this stage's own process
-
-            journal.COMPACT_EVERY = every
+        self._seed = int(config.get("seed", 7)) + 1
+        self._block = b""  # 1 MiB, 16 distinct values: made when first needed (setup runs in
+        # the downtime of a promoted replica, a statesync target, which never fills)
 
     def process(self, port: str, batch: list[bytes], emit: Emit) -> None:
         super().process(port, batch, emit)
@@ -72,6 +67,8 @@ class StateBallastTable(BallastTable):
         if have >= self._state_keys:
             return
         upto = min(self._state_keys, have + self._per_batch)
+        if not self._block:
+            self._block = block(self._seed)
         for i in range(have, upto):
             offset = (i % (MIB // STATE_VALUE)) * STATE_VALUE
             # a new object per key, no two equal: the key's index stamped in its first bytes
