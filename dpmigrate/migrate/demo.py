@@ -91,6 +91,7 @@ class DemoResult:
     samples: list[tuple[float, int]]
     failover: Failover | None = None
     plot: str | None = None
+    cluster_id: str | None = None  # the local cluster the demo built (and tore down)
 
     @property
     def ok(self) -> bool:
@@ -110,6 +111,7 @@ class DemoResult:
             "checker": {**self.checker, "expected_total": TOTAL,
                         "expected_digest": self.expected_digest, "ok": self.ok},
             "plot": self.plot,
+            "cluster_id": self.cluster_id,
         }  # fmt: skip
 
 
@@ -272,6 +274,7 @@ def run_demo(
         expected = next(s["metrics"]["digest"] for s in ref if s["name"] == "check")
         say(f"bringing up a local cluster of {NODES} nodes (network namespaces + agents)")
         with LocalCluster(NODES) as cluster:
+            cluster_id = cluster.id
             run = MultiNodeRun(app, cluster)
             run.start()
             demo = _Demo(cluster, run, say, on_phase)
@@ -306,7 +309,7 @@ def run_demo(
             error=f"{KILLED} was not killed: {demo.error or 'the demo stopped before'}",
         )  # fmt: skip
         result = DemoResult(demo.reports, dict(check.get("metrics", {})), expected,
-                            sampler.samples, failover)  # fmt: skip
+                            sampler.samples, failover, cluster_id=cluster_id)  # fmt: skip
         if plot:
             result.plot = draw(result, plot)
         return result
