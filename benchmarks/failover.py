@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Hot standby: what a node loss costs the stream, and what the standby costs before it.
 
-    sudo .venv/bin/python benchmarks/failover.py            # 5 kills, 3+3 throughput runs, ~5 min
+    sudo .venv/bin/python benchmarks/failover.py            # 5 kills, 3+3 throughput runs, ~2.5 min
     sudo .venv/bin/python benchmarks/failover.py --quick    # 2 kills, 1+1 runs, ~1 min
     sudo .venv/bin/python benchmarks/failover.py --capacity 8192 --out /tmp/f.json  # bigger rings
 

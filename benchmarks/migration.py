@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Live migration against the raw CRIU CLI: downtime, frozen time and total time, in one run.
 
-    sudo .venv/bin/python benchmarks/migration.py            # full run, 20 MiB..1 GiB, ~6-8 min
+    sudo .venv/bin/python benchmarks/migration.py            # full run, 20 MiB..1 GiB, ~4-5 min
     sudo .venv/bin/python benchmarks/migration.py --quick    # 20 and 200 MiB, 1 sample, ~1 min
     sudo .venv/bin/python benchmarks/migration.py --strategies statesync   # one strategy only
 
