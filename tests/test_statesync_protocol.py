@@ -994,3 +994,27 @@ def test_close_leaves_no_thread_and_no_socket(closers: Closers) -> None:
     assert sockets() <= before
     with pytest.raises(DpmigrateError, match="closed"):
         replica.step(0)
+
+
+def test_the_chunker_never_packs_far_more_than_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a run of small items its guess of items per chunk is large; the large values that
+    follow must not all be packed at once (that held the GIL for most of a second with a GiB
+    of state, found on a real cluster), only about one chunk's worth."""
+    from dpmigrate.statesync import sender as sender_mod
+
+    big = bytes(64 << 10)
+    data: dict[str, object] = {f"f:{i}": [i, i, i] for i in range(512)}
+    data.update({f"b/{i:05d}": i.to_bytes(8, "little") + big[8:] for i in range(256)})
+    packed: list[int] = []
+    original = sender_mod._Chunker._pack
+
+    def recording(part: list[tuple[str, object]]) -> tuple[list, int]:
+        packed.append(sum(len(v) for _, v in part if isinstance(v, bytes)))
+        return original(part)
+
+    monkeypatch.setattr(sender_mod._Chunker, "_pack", staticmethod(recording))
+    chunker, items = sender_mod._Chunker(data, 0, 1 << 20), 0
+    while (chunk := chunker.next()) is not None:
+        items += chunk[0]
+    assert items == len(data)
+    assert max(packed) <= (1 << 20) + len(big), max(packed)

@@ -157,6 +157,7 @@ class _Chunker:
             part = list(itertools.islice(self._it, k))
         if not part:
             return None
+        self._cut_at_target(part)
         while True:
             body, size = self._pack(part)
             if size <= self._limit or len(part) == 1:
@@ -171,6 +172,20 @@ class _Chunker:
             )
         self._k = max(1, min(1 << 20, round(len(part) * self._target / max(size, 1))))
         return len(part), body, size
+
+    def _cut_at_target(self, part: list[tuple[str, Any]]) -> None:
+        """Carry over the items past ``chunk_bytes`` of string and bytes values, before
+        anything is packed: after a run of small items the guess ``k`` is large, and packing
+        k large values first (to cut the chunk afterwards) held the GIL for most of a second
+        with a GiB of state, starving the stage's own thread."""
+        total, target = 0, self._target
+        for i, (_key, value) in enumerate(part):
+            if type(value) in (bytes, str, bytearray):
+                total += len(value)
+                if total > target and i > 0:
+                    self._carry[:0] = part[i:]
+                    del part[i:]
+                    return
 
     @staticmethod
     def _pack(part: list[tuple[str, Any]]) -> tuple[list[bytes | memoryview], int]:

@@ -61,11 +61,18 @@ class StateSync(Strategy):
         m.report.snapshot_bytes = int(sync.get("snapshot_bytes", 0))
         m.report.snapshot_mb_s = sync.get("snapshot_mb_s")
         m.report.catch_up_s = round(time.monotonic() - started, 4)
-        self._sent_before_cutover = self._bytes_sent()
+        self._sent_before_cutover = self._bytes_sent(since=time.time())
 
-    def _bytes_sent(self) -> int:
-        """Bytes the source's sender sent to the destination's replica so far."""
-        me = self.m.source_info()
+    def _bytes_sent(self, since: float) -> int:
+        """Bytes the source's sender had sent to the destination's replica, from a status the
+        source wrote after ``since`` (it writes one about five times a second; an older one
+        would count the snapshot as part of the final delta). Bounded wait."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            me = self.m.source_info()
+            if me.get("time", 0) > since or time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_S)
         for replica in me.get("replicas", []):
             if replica.get("node") == self.m.destination:
                 return int(replica.get("bytes_sent", 0))
