@@ -59,8 +59,18 @@ def _on(cluster: LocalCluster, node: str, stage: str = "table") -> dict:
     return found[0] if found else {}
 
 
+def _summary(stages: list[dict]) -> list[dict]:
+    """What a stalled stream's stages say: phase, counts and each ring's positions."""
+    return [{"stage": s["name"], "node": s.get("node"), "phase": s.get("phase"),
+             "in": s.get("msgs_in"), "out": s.get("msgs_out"), "restarts": s.get("restarts"),
+             "rings": [(r["name"], r["role"], r.get("extra", {}).get("connected"),
+                        r.get("next_seq"), r.get("acked"), r.get("next_expected"),
+                        r.get("reconnects")) for r in s.get("rings", [])]}
+            for s in stages]  # fmt: skip
+
+
 def _finish_and_check(run: MultiNodeRun, expected: dict) -> dict:
-    assert run.wait(duration=120), run.status()
+    assert run.wait(duration=120), _summary(run.status())
     checker = checker_of(run.status())
     assert checker["lost"] == 0 and checker["duplicated"] == 0, checker
     assert checker["digest"] == expected["digest"], (checker, expected)

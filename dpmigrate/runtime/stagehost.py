@@ -241,11 +241,13 @@ class StageHost:
                 self._ring_opened(tx, ring.src_port, out_pos.get(ring.src_port, 0))
         for ring in app.rings:
             if ring.dst_stage == self.spec.name:
+                transport = ring_transport(app, ring, args.model, placement)
+                extra = {"before_reconnect": self._before_reconnect} if transport == "tcp" else {}
                 rx = inputs[ring.dst_port] = transports.open_receiver(
-                    ring_transport(app, ring, args.model, placement), ring_name(app, ring),
+                    transport, ring_name(app, ring),
                     resolver=self.resolver, auto_commit=False,
                     next_expected=in_pos.get(ring.dst_port, 0), connect_timeout=60.0,
-                    reconnect_timeout=reconnect,
+                    reconnect_timeout=reconnect, **extra,
                 )  # fmt: skip
                 self._ring_opened(rx, ring.dst_port, in_pos.get(ring.dst_port, 0))
         return inputs, outputs
@@ -316,6 +318,14 @@ class StageHost:
                                 STANDBY_DROP_S, self.log, marks=marks)  # fmt: skip
         self._marks = marks
         self.runner.gate = self.gate.allowed
+
+    def _before_reconnect(self) -> None:
+        """A consumer end is about to connect again. After a stall (this copy was paused or
+        starved while standbys gate) a standby may have taken over meanwhile: connecting
+        would take the producer's link from the new primary, so check first (Fenced)."""
+        if self.gate is not None and self.gate.stalled:
+            self.check_placement()
+            self.gate.revalidated()
 
     def stop_sync(self) -> None:
         if self.gate is not None:

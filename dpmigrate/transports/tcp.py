@@ -31,7 +31,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from dpmigrate.errors import (
@@ -831,6 +831,7 @@ class TcpReceiver(RingReceiver):
         self._max_message = max_message
         self._resolver = resolver
         self._sockbuf = sockbuf
+        self.before_reconnect: Callable[[], None] | None = None
 
         self._queue: list[bytes] = []
         self._qhead = 0
@@ -1221,6 +1222,8 @@ class TcpReceiver(RingReceiver):
             )
         if now < self._next_attempt:
             return
+        if self._had_producer and self.before_reconnect is not None:
+            self.before_reconnect()  # may raise: then this end connects nowhere
         sock = None
         try:
             endpoint = self._resolver.lookup(self.name, timeout=0)
@@ -1322,11 +1325,15 @@ def open_receiver(
     """Resolve ``name`` (waiting up to connect_timeout), connect and say HELLO.
 
     Options: ``max_message`` (largest DATA accepted before the producer's WELCOME says its
-    own), ``generation`` (this consumer's generation, default 0), ``sockbuf``.
+    own), ``generation`` (this consumer's generation, default 0), ``sockbuf``,
+    ``before_reconnect`` (called before each new connection after the first: an owner that
+    may have been replaced while it was paused checks here, and raises, before it connects).
     Does not wait for the producer's WELCOME: that arrives inside the first recv call.
     """
-    o = _split_opts(name, opts, {"max_message": MAX_MESSAGE, "generation": 0, "sockbuf": None})
-    return TcpReceiver(
+    known = {"max_message": MAX_MESSAGE, "generation": 0, "sockbuf": None,
+             "before_reconnect": None}  # fmt: skip
+    o = _split_opts(name, opts, known)
+    receiver = TcpReceiver(
         name,
         resolver,
         auto_commit,
@@ -1337,6 +1344,8 @@ def open_receiver(
         o["generation"],
         o["sockbuf"],
     )
+    receiver.before_reconnect = o["before_reconnect"]
+    return receiver
 
 
 __all__ = ["TRANSPORT", "TcpReceiver", "TcpSender", "open_receiver", "open_sender"]
