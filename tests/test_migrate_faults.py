@@ -181,7 +181,7 @@ def test_a_fault_in_each_phase_rolls_back_and_the_pipeline_runs_on(
                 handed = [x for x in report.rollback_steps if "committed point back" in x]
                 assert handed and handed[0].startswith("ok: "), report.rollback_steps
             table = stage_status(run)
-            assert table["node"] == "node2" and table["phase"] == "running", table
+            assert table["node"] == "node2" and table["phase"] == "running", (report, table)
             assert cluster.store().placement("flows", "table").node == "node2"
             wait_for_input(run, table["msgs_in"] + 2000)  # it works again, there
             assert run.wait(duration=120), run.status()
