@@ -41,6 +41,11 @@ def _with_standby(tmp_path: Path, total: int, standby: str = "node4") -> Path:
     return path
 
 
+def _cli(state_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`dpmigrate ARGS` against the test's cluster, bounded by ``timeout``."""
+    return run_cli(*args, env={"DPMIGRATE_STATE_DIR": str(state_dir)}, timeout=timeout)
+
+
 def _standby_in_sync(run: MultiNodeRun, node: str) -> bool:
     return any(s.get("node") == node and s.get("in_sync")
                for s in stage_status(run).get("standbys", []))  # fmt: skip
@@ -91,9 +96,8 @@ def test_statesync_migration_under_traffic(cluster_state_dir: Path, tmp_path: Pa
             assert not first.rolled_back, first.error
             assert stage_status(run)["node"] == "node3"
             wait_for_input(run, stage_status(run)["msgs_in"] + 3000)
-            result = run_cli("migrate", "flows/table", "--to", "node2", "--strategy", "statesync",
-                             "--json", env={"DPMIGRATE_STATE_DIR": str(cluster_state_dir)},
-                             timeout=120)  # fmt: skip
+            result = _cli(cluster_state_dir, "migrate", "flows/table", "--to", "node2",
+                          "--strategy", "statesync", "--json")  # fmt: skip
             assert result.returncode == 0, result.stderr
             second = json.loads(result.stdout)
             assert stage_status(run)["node"] == "node2"
@@ -149,8 +153,7 @@ def test_standby_takes_over_when_the_primary_node_dies(
             wait_for_input(run, 20000)
             before = stage_status(run)["standbys"][0]
             assert before["lag_points"] is not None and before["lag_s"] is not None, before
-            shown = run_cli("status", "--json", timeout=60,
-                            env={"DPMIGRATE_STATE_DIR": str(cluster_state_dir)})  # fmt: skip
+            shown = _cli(cluster_state_dir, "status", "--json", timeout=60)
             assert shown.returncode == 0, shown.stderr
             replicas = json.loads(shown.stdout)["replicas"]
             assert [
@@ -168,9 +171,7 @@ def test_standby_takes_over_when_the_primary_node_dies(
                        30, 0.05)  # fmt: skip
             assert stage_status(run)["node"] == "node4"
             # a new standby for the new primary, by the CLI (node2 is dead: on node3)
-            result = run_cli("standby", "flows/table", "--on", "node3", "--json",
-                             env={"DPMIGRATE_STATE_DIR": str(cluster_state_dir)},
-                             timeout=120)  # fmt: skip
+            result = _cli(cluster_state_dir, "standby", "flows/table", "--on", "node3", "--json")
             assert result.returncode == 0, result.stderr
             assert json.loads(result.stdout)["in_sync"] is True
             checker = _finish_and_check(run, expected)

@@ -167,23 +167,24 @@ class Migration:
         with self.cluster.client(node, timeout=300) as agent:
             return agent.call(op, **args)
 
+    def _instance_on(self, node: str, primary: bool) -> dict[str, Any] | None:
+        """The stage itself (``primary``) or a replica of it, as ``node``'s agent reports it."""
+        for info in self.call(node, "status")["stages"]:
+            mine = (info.get("app"), info.get("name")) == (self.app_name, self.stage)
+            if mine and (info.get("role", "primary") == "primary") == primary:
+                return info
+        return None
+
     def source_info(self) -> dict[str, Any]:
         """The stage as the source's agent reports it now."""
-        for info in self.call(self.source, "status")["stages"]:
-            if (info.get("app"), info.get("name")) == (self.app_name, self.stage) and info.get(
-                "role", "primary"
-            ) == "primary":
-                return info
-        raise MigrationError(f"stage {self.report.stage} no longer runs on {self.source}")
+        info = self._instance_on(self.source, primary=True)
+        if info is None:
+            raise MigrationError(f"stage {self.report.stage} no longer runs on {self.source}")
+        return info
 
     def replica_on_destination(self) -> dict[str, Any] | None:
         """The stage's replica on the destination (a statesync target), as its agent says."""
-        for info in self.call(self.destination, "status")["stages"]:
-            if (info.get("app"), info.get("name")) == (self.app_name, self.stage) and info.get(
-                "role"
-            ) in ("standby", "target"):
-                return info
-        return None
+        return self._instance_on(self.destination, primary=False)
 
     def holds_files(self, node: str) -> None:
         """``node``'s agent may now hold a folder of this migration (removed at the end)."""

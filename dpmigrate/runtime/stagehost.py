@@ -323,6 +323,12 @@ class StageHost:
         """A consumer end is about to connect again. After a stall (this copy was paused or
         starved while standbys gate) a standby may have taken over meanwhile: connecting
         would take the producer's link from the new primary, so check first (Fenced)."""
+        self.revalidate_if_stalled()
+
+    def revalidate_if_stalled(self) -> None:
+        """Paused or starved while standbys gate: one of them may have taken over meanwhile.
+        Nothing is persisted (the gate says so) until this copy checked its placement
+        (Fenced if it was replaced)."""
         if self.gate is not None and self.gate.stalled:
             self.check_placement()
             self.gate.revalidated()
@@ -391,11 +397,7 @@ class StageHost:
         runner = self.runner
         next_status = 0.0
         while not runner.done and not self.flags["stop"]:
-            if self.gate is not None and self.gate.stalled:
-                # Paused or starved while standbys gate: one of them may have taken over
-                # meanwhile. Nothing is persisted (the gate says so) until this copy knows.
-                self.check_placement()
-                self.gate.revalidated()
+            self.revalidate_if_stalled()
             if self.flags["quiesce"]:
                 self.flags["quiesce"] = False
                 self.quiesce_and_wait()
