@@ -6,6 +6,11 @@ runtime — checkpoint and migration (:mod:`dpmigrate.migrate.agent_service`) �
 runtime never imports them and the agent stays the only process of its node that runs CRIU.
 The environment is read here, once, and passed on as values: the log level (its event
 stream), the token, the state dir, etcd's settings, the criu binary.
+
+With ``--keep`` the program is instead the agent's keeper
+(:mod:`dpmigrate.runtime.agent_keeper`): it runs the agent, with the same arguments, as its
+child and restarts it when it dies. So that the keeper stays a small process, this module
+imports the agent and its services only where the agent itself is built.
 """
 
 from __future__ import annotations
@@ -16,17 +21,17 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dpmigrate import config
-from dpmigrate.cluster import nodefs
-from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
 from dpmigrate.errors import ConfigError
 from dpmigrate.eventlog import EventLog
-from dpmigrate.migrate import agent_service
-from dpmigrate.runtime import failover
-from dpmigrate.runtime.agent import ABSTRACT_NAME, Agent
-from dpmigrate.runtime.node_store import NodeStore
+
+if TYPE_CHECKING:
+    from dpmigrate.runtime.agent import Agent
+    from dpmigrate.runtime.node_store import NodeStore
 
 #: How long a starting agent waits for etcd before it gives up.
 _STORE_JOIN_TIMEOUT_S = 30.0
@@ -45,6 +50,10 @@ def build(
     """An agent with every service registered, not yet listening. ``log``: its event stream
     (default: stdout at info); ``criu``: the criu binary (default: where scripts/setup puts
     it — :func:`main` passes ``DPMIGRATE_CRIU``)."""
+    from dpmigrate.migrate import agent_service
+    from dpmigrate.runtime import failover
+    from dpmigrate.runtime.agent import Agent
+
     agent = Agent(node, token, run_dir, address, store, log)
     agent_service.register(agent, criu or config.Config.from_env({}).criu)
     agent.services.append(failover.register(agent))
@@ -52,7 +61,8 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpmigrate agent")
+    # no abbreviations: the keeper removes its own options from argv by their exact spelling
+    parser = argparse.ArgumentParser(prog="dpmigrate agent", allow_abbrev=False)
     parser.add_argument("--node", required=True)
     parser.add_argument("--socket", help="unix socket file for the CLI (in the node's folder "
                         "when --isolate: a name there)")  # fmt: skip
@@ -63,13 +73,59 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="see only this node's folder of the state dir (a local cluster's node)",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="run a keeper that starts the agent as its child and restarts it when it dies "
+        "(a signal or a non-zero status; at most 5 times in 60 s)",
+    )
+    parser.add_argument("--keep-file", help="with --keep: where the keeper writes its state "
+                        "(its PID, the agent's PID, restarts)")  # fmt: skip
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
     try:
         cfg = config.load()
     except ConfigError as err:  # one line, as the CLI says it
         print(f"dpmigrate agent: {err}", file=sys.stderr)
         return 2
     log = EventLog(cfg.log_level, node=args.node)
+    if args.keep:
+        return _keep(raw, args.keep_file, log)
+    if args.keep_file:
+        parser.error("--keep-file needs --keep")
+    return _agent(args, cfg, log)
+
+
+def _keep(argv: Sequence[str], keep_file: str | None, log: EventLog) -> int:
+    """The keeper (:mod:`dpmigrate.runtime.agent_keeper`): this program again, without the
+    keeper's options, as its child. Imports nothing of the agent: it stays small."""
+    from dpmigrate.runtime import agent_keeper
+
+    child = agent_keeper.agent_command(_without_keeper_options(argv))
+    return agent_keeper.Keeper(child, keep_file, log).run()
+
+
+def _without_keeper_options(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--keep`` and ``--keep-file [=]PATH``: the agent's own arguments."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--keep-file":
+            skip = True
+        elif arg != "--keep" and not arg.startswith("--keep-file="):
+            out.append(arg)
+    return out
+
+
+def _agent(args: argparse.Namespace, cfg: config.Config, log: EventLog) -> int:
+    """The agent itself, in this process."""
+    from dpmigrate.cluster import nodefs
+    from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
+    from dpmigrate.runtime.agent import ABSTRACT_NAME
+    from dpmigrate.runtime.node_store import NodeStore
+
     if not cfg.token:
         print("dpmigrate agent: DPMIGRATE_TOKEN is not set; every agent of a cluster needs the "
               "cluster token", file=sys.stderr)  # fmt: skip
