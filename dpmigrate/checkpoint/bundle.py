@@ -37,11 +37,13 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import errno
 import fnmatch
 import hashlib
 import json
 import os
 import platform
+import pwd
 import re
 import shutil
 import stat
@@ -54,6 +56,7 @@ from dpmigrate import __version__, atomic, config
 from dpmigrate.checkpoint import criu_rpc
 from dpmigrate.checkpoint.criu_binary import CriuBinary
 from dpmigrate.errors import BundleError, CheckpointError, DpmigrateError
+from dpmigrate.transports.resolver import NAME_RE
 
 FORMAT = "dpmigrate-bundle"
 #: Bump when the layout or the manifest's meaning changes; verify refuses unknown versions.
@@ -353,37 +356,53 @@ def _keep_failed_log(log: Path, final: Path) -> Path:
 
 
 def _write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)  # fmt: skip
     with os.fdopen(fd, "wb") as out:
         out.write(data)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as data:
-        while chunk := data.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files_under(root: Path) -> list[str]:
-    """Every file below ``root`` as a POSIX relative path, manifest excluded, sorted."""
-    found = []
-    for folder, dirs, names in os.walk(root):
-        dirs.sort()
-        for name in names:
-            rel = os.path.relpath(os.path.join(folder, name), root)
-            if rel != MANIFEST:
-                found.append(Path(rel).as_posix())
-    return sorted(found)
+def _create(dir_fd: int, name: str, data: bytes) -> None:
+    """Write a new file ``name`` (mode 0600) in the folder ``dir_fd``; never over another."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dir_fd)  # fmt: skip
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 def _catalogue(root: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file a dump left under ``root`` (manifest excluded), each made
+    mode 0600 and every folder 0700 on the way: images hold the process's memory. A symbolic
+    link or special file there (CRIU writes none) is a BundleError: sealing would vouch for
+    whatever it points at."""
     files = {}
-    for rel in _files_under(root):
-        path = root / rel
-        os.chmod(path, 0o600)
-        files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    with BundleFolder(root) as folder:
+        unsafe = folder.unsafe_problems()
+        if unsafe:
+            raise BundleError(f"cannot seal {root}: {'; '.join(str(p) for p in unsafe)}")
+        for rel, info in folder.entries():
+            if stat.S_ISDIR(info.st_mode):
+                fd = os.open(rel or ".", _DIR_FLAGS, dir_fd=folder.fd)
+                try:
+                    os.fchmod(fd, 0o700)
+                finally:
+                    os.close(fd)
+                continue
+            if rel == MANIFEST:
+                continue
+            why = name_problem(rel)
+            if why is not None:
+                raise BundleError(f"cannot seal {root}: a file the manifest may not list: {why}")
+            try:
+                fd = folder.open(rel)
+            except FileProblem as err:
+                raise BundleError(f"cannot seal {root}: {err.problem}") from None
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+            size, digest = folder.sha256(rel)
+            files[rel] = {"size": size, "sha256": digest}
     return files
 
 
@@ -418,57 +437,437 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
         )
 
 
+# --------------------------------------------------------------------------- reading safely
+
+#: The largest manifest read: a dump of thousands of images lists them in well under this.
+MAX_MANIFEST_BYTES = 16 << 20
+#: The most entries a bundle folder may hold: a walk of a hostile folder stays bounded.
+MAX_ENTRIES = 100_000
+_TRUST_HINT = "pass --trust-owner (trust_owner=True) to use it anyway"
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted in a bundle must not wait for a writer (fstat refuses it).
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class FileProblem(Exception):
+    """A file of a bundle that cannot be read as one: carries the :class:`Problem`."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+def shown(name: str) -> str:
+    """``name`` as it may appear in a one-line message: itself when plain, else escaped
+    (a file name may hold a newline or bytes that are not UTF-8)."""
+    return name if name.isascii() and name.isprintable() else ascii(name)
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device node"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def _unsafe(rel: str, mode: int) -> Problem:
+    return Problem(
+        shown(rel),
+        f"{_kind_of(mode)}, refused: a bundle holds only regular files in plain folders "
+        "(a link or special file would make a restore read something outside it); "
+        "remove it or take the bundle again",
+        "unsafe",
+    )
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+class BundleFolder:
+    """A bundle folder opened once: every later read goes through its descriptor, one path
+    component at a time with O_NOFOLLOW, never through a path — so a symbolic link (a file, or
+    a folder on the way to it) or a FIFO, device or socket is refused when it is *read*, not
+    only when :func:`verify` looked, and a folder renamed meanwhile cannot redirect the reads.
+
+    The bundle's own path may be a symbolic link (the user named it); nothing inside may.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._entries: list[tuple[str, os.stat_result]] | None = None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> BundleFolder:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def entries(self) -> list[tuple[str, os.stat_result]]:
+        """Everything in the folder, ``("", the folder itself)`` first, then every entry below
+        as ``(relative POSIX path, lstat)``, sorted; links are listed, never followed. Folders
+        deeper than a bundle's names go are listed but not entered; at most
+        :data:`MAX_ENTRIES` (then BundleError)."""
+        if self._entries is None:
+            found: list[tuple[str, os.stat_result]] = [("", os.fstat(self.fd))]
+            self._walk(self.fd, "", 1, found)
+            self._entries = sorted(found, key=lambda item: item[0])
+        return self._entries
+
+    def _walk(
+        self, fd: int, prefix: str, depth: int, found: list[tuple[str, os.stat_result]]
+    ) -> None:
+        with os.scandir(fd) as listing:
+            children = [(entry.name, entry.stat(follow_symlinks=False)) for entry in listing]
+        for name, info in sorted(children):
+            rel = f"{prefix}{name}"
+            found.append((rel, info))
+            if len(found) > MAX_ENTRIES:
+                raise BundleError(f"bundle {self.path} holds more than {MAX_ENTRIES} entries: "
+                                  "not a bundle dpmigrate wrote; nothing was read")  # fmt: skip
+            if stat.S_ISDIR(info.st_mode) and depth < _MAX_DEPTH:
+                try:
+                    sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError:
+                    continue  # replaced meanwhile, or unreadable: its files show as missing
+                try:
+                    self._walk(sub, f"{rel}/", depth + 1, found)
+                finally:
+                    os.close(sub)
+
+    def trust_problems(self) -> list[Problem]:
+        """Why this bundle must not be trusted as ours ([] if it may): an entry owned by
+        another user, or one that group or others may write. Whoever can write a bundle
+        chooses what its restore runs — the checksums only prove the files match its
+        manifest, which that writer could rewrite as well."""
+        me = os.geteuid()
+        entries = [(r, i) for r, i in self.entries() if not stat.S_ISLNK(i.st_mode)]
+        problems = []
+        foreign = [(r, i) for r, i in entries if i.st_uid != me]
+        if foreign:
+            rel, info = foreign[0]
+            what = "the bundle folder" if not rel else shown(rel)
+            more = f" (and {len(foreign) - 1} more of its entries)" if len(foreign) > 1 else ""
+            problems.append(Problem(
+                "(owner)",
+                f"{what}{more} is owned by {_user(info.st_uid)}, not by you ({_user(me)}): "
+                "another user could have chosen what its restore runs. If you trust where it "
+                f"came from, `chown -R {me} {shown(str(self.path))}` or {_TRUST_HINT}",
+                "untrusted",
+            ))  # fmt: skip
+        writable = [(r, i) for r, i in entries if i.st_mode & (stat.S_IWGRP | stat.S_IWOTH)]
+        if writable:
+            rel, info = writable[0]
+            what = "the bundle folder" if not rel else shown(rel)
+            more = f" (and {len(writable) - 1} more of its entries)" if len(writable) > 1 else ""
+            problems.append(Problem(
+                "(mode)",
+                f"{what}{more} is writable by group or others (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}): anyone could have changed it. If you "
+                f"trust its content, `chmod -R go-w {shown(str(self.path))}` or {_TRUST_HINT}",
+                "untrusted",
+            ))  # fmt: skip
+        return problems
+
+    def unsafe_problems(self) -> list[Problem]:
+        """Every symbolic link and special file in the folder (never read), as Problems."""
+        return [
+            _unsafe(rel, info.st_mode)
+            for rel, info in self.entries()
+            if rel and not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode))
+        ]
+
+    def open(self, rel: str) -> int:
+        """A read-only descriptor of the regular file ``rel`` (a checked name), reached one
+        component at a time without following any link; FileProblem if it is missing, a link
+        (itself or a folder on the way), a special file or unreadable."""
+        parts = rel.split("/")
+        opened: list[int] = []
+        at = self.fd
+        try:
+            for index, part in enumerate(parts):
+                last = index == len(parts) - 1
+                try:
+                    fd = os.open(part, _FILE_FLAGS if last else _DIR_FLAGS, dir_fd=at)
+                except FileNotFoundError:
+                    raise FileProblem(Problem(shown(rel), "missing", "missing")) from None
+                except OSError as err:
+                    if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                        where = "/".join(parts[: index + 1])
+                        mode = os.lstat(part, dir_fd=at).st_mode
+                        raise FileProblem(_unsafe(where, mode)) from None
+                    raise FileProblem(
+                        Problem(shown(rel), f"unreadable ({err.strerror})", "missing")
+                    ) from None
+                opened.append(fd)
+                at = fd
+            info = os.fstat(at)
+            if not stat.S_ISREG(info.st_mode):
+                raise FileProblem(_unsafe(rel, info.st_mode))
+            return opened.pop()
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def read(self, rel: str, limit: int | None = None) -> bytes:
+        """The bytes of the regular file ``rel`` (see :meth:`open`); FileProblem if it holds
+        more than ``limit`` bytes."""
+        fd = self.open(rel)
+        with os.fdopen(fd, "rb") as data:
+            if limit is None:
+                return data.read()
+            raw = data.read(limit + 1)
+        if len(raw) > limit:
+            raise FileProblem(Problem(shown(rel), f"larger than {limit} bytes", "manifest"))
+        return raw
+
+    def sha256(self, rel: str) -> tuple[int, str]:
+        """Size and sha256 of the regular file ``rel``, read from one descriptor."""
+        fd = self.open(rel)
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "rb") as data:
+            size = os.fstat(data.fileno()).st_size
+            while chunk := data.read(_CHUNK):
+                digest.update(chunk)
+        return size, digest.hexdigest()
+
+
+def trust_problems(path: str | os.PathLike[str]) -> list[Problem]:
+    """:meth:`BundleFolder.trust_problems` of the bundle at ``path`` (a missing or unreadable
+    folder: [] — verify says what is wrong with it)."""
+    try:
+        folder = BundleFolder(path)
+    except OSError:
+        return []
+    with folder:
+        return folder.trust_problems()
+
+
+# --------------------------------------------------------------------------- the manifest
+
+
+def _fail(problem: str) -> FileProblem:
+    return FileProblem(Problem(MANIFEST, problem, "manifest"))
+
+
+def _typed(manifest: dict[str, Any], field: str, check: Callable[[Any], bool], what: str,
+           *, required: bool = False) -> None:  # fmt: skip
+    if field not in manifest:
+        if required:
+            raise _fail(f"field {field!r} is missing; it must be {what}")
+        return
+    value = manifest[field]
+    if not check(value):
+        raise _fail(f"field {field!r} must be {what}, not {type(value).__name__} "
+                    f"{shown(repr(value)[:80])}")  # fmt: skip
+
+
+def _is_int(value: Any, minimum: int = 0) -> bool:
+    return type(value) is int and value >= minimum
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= _MAX_NAME and value.isprintable()
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and NAME_RE.fullmatch(value) is not None
+
+
+def _is_stage(value: Any) -> bool:
+    """``STAGE`` or ``APP/STAGE``, each a name of the project's strict pattern."""
+    return (
+        isinstance(value, str)
+        and 1 <= len(value.split("/")) <= 2
+        and all(NAME_RE.fullmatch(part) for part in value.split("/"))
+    )
+
+
+def _is_dump(value: Any) -> bool:
+    """CRIU's statistics: names to plain values, the timings and page counts integers (the
+    CLI and inspect compute with them)."""
+    return isinstance(value, dict) and all(
+        isinstance(key, str)
+        and (
+            _is_int(item)
+            if key.endswith("_time") or key.startswith(("pages_", "shpages_"))
+            else item is None
+            or isinstance(item, int | str | bool)
+            or (isinstance(item, list) and all(isinstance(v, str) for v in item))
+        )
+        for key, item in value.items()
+    )
+
+
+def check_manifest(manifest: Any) -> dict[str, Any]:
+    """``manifest`` (decoded JSON) if it is a bundle manifest this dpmigrate reads, every
+    field of the right type; FileProblem naming the first field that is not."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _fail(f"not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION or type(version) is not int:
+        raise _fail(f"unknown format version {shown(repr(version)[:40])} (this dpmigrate reads "
+                    f"version {FORMAT_VERSION}); use the dpmigrate that wrote it")  # fmt: skip
+    _typed(manifest, "files", lambda v: isinstance(v, dict), "an object of files", required=True)
+    for name, entry in manifest["files"].items():
+        why = name_problem(name)
+        if why is not None:
+            raise _fail(f"lists a file it may not: {why}")
+        if not (
+            isinstance(entry, dict)
+            and _is_int(entry.get("size"))
+            and isinstance(entry.get("sha256"), str)
+            and _SHA256_RE.fullmatch(entry["sha256"])
+        ):
+            raise _fail(f"field 'files' entry {name!r} must be an object with 'size' (an "
+                        "integer >= 0) and 'sha256' (64 lowercase hex digits)")  # fmt: skip
+    _typed(manifest, "root_pid", lambda v: _is_int(v, 1), "a PID (an integer >= 1)",
+           required=True)  # fmt: skip
+    optional = lambda check: lambda v: v is None or check(v)  # noqa: E731
+    for field in ("dpmigrate_version", "kernel", "arch", "created"):
+        _typed(manifest, field, _is_str, "a string")
+    _typed(manifest, "criu_version", optional(_is_str), "a version string or null")
+    _typed(
+        manifest,
+        "cpu_flags",
+        lambda v: isinstance(v, list) and all(_is_str(f) for f in v),
+        "a list of strings",
+    )
+    _typed(manifest, "stage", optional(_is_stage), f"null or APP/STAGE, names of {NAME_RE.pattern}")
+    _typed(manifest, "node", optional(_is_name), f"null or a node name of {NAME_RE.pattern}")
+    _typed(manifest, "leave_running", lambda v: isinstance(v, bool), "true or false")
+    _typed(
+        manifest,
+        "sizes",
+        lambda v: (
+            isinstance(v, dict) and all(isinstance(k, str) and _is_int(n) for k, n in v.items())
+        ),
+        "an object of sizes (integers >= 0)",
+    )
+    _typed(manifest, "dump", _is_dump, "an object of CRIU statistics (integer counters)")
+    _typed(manifest, "streamed",
+           lambda v: isinstance(v, list) and all(p in PAGE_IMAGES for p in v),
+           f"a list of {', '.join(PAGE_IMAGES)}")  # fmt: skip
+    return manifest
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    """Bytes of ``manifest.json`` → the checked manifest; FileProblem in one line if not."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise _fail(f"larger than {MAX_MANIFEST_BYTES} bytes: not a manifest dpmigrate wrote")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _fail(f"unreadable: not UTF-8 (byte {err.start})") from None
+    try:
+        manifest = json.loads(text)
+    except RecursionError:
+        raise _fail("unreadable: nested too deeply to be a manifest") from None
+    except ValueError as err:  # JSONDecodeError, and an integer of too many digits
+        raise _fail(f"unreadable: not JSON ({shown(str(err))[:200]})") from None
+    return check_manifest(manifest)
+
+
+def decode_manifest(data: bytes, where: str = "bundle") -> dict[str, Any]:
+    """Decode and check the bytes of a ``manifest.json``: the manifest, or one BundleError
+    line naming the field (or the decoding problem). ``where`` names the bundle in it."""
+    try:
+        return _decode(data)
+    except FileProblem as err:
+        raise refusal(VerifyReport(where, [err.problem])) from None
+
+
 # --------------------------------------------------------------------------- verify / load
 
 
 def verify(
-    path: str | os.PathLike[str], *, host: HostFacts | None = None, progress: Progress = _quiet
+    path: str | os.PathLike[str],
+    *,
+    host: HostFacts | None = None,
+    progress: Progress = _quiet,
+    trust_owner: bool = False,
 ) -> VerifyReport:
     """Check a bundle without changing anything: every file present, of its size and checksum,
     nothing extra, a known format, and restorable on ``host`` (default: this node) — CRIU not
     older than the one that dumped it, every CPU flag of the dumping node present. A different
     kernel release is only a warning (CRIU restores across kernels that support its features).
+
+    Refused before anything is read: a bundle of another user or one group or others may
+    write (unless ``trust_owner``). Refused always: a symbolic link or special file anywhere
+    in it, a manifest field of the wrong type.
     """
     root = Path(path)
     report = VerifyReport(str(root))
-    manifest_path = root / MANIFEST
-    if not root.is_dir():
-        report.problems.append(Problem(str(root), "not a folder (no bundle here)", "missing"))
-        return report
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        report.problems.append(
-            Problem(MANIFEST, "missing (an incomplete or foreign folder, not a bundle)", "missing")
+        folder = BundleFolder(root)
+    except OSError as err:
+        what = (
+            "not a folder (no bundle here)"
+            if isinstance(err, FileNotFoundError | NotADirectoryError)
+            else f"unreadable ({err.strerror})"
         )
+        report.problems.append(Problem(str(root), what, "missing"))
         return report
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        report.problems.append(Problem(MANIFEST, f"unreadable ({err})", "manifest"))
-        return report
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        report.problems.append(Problem(MANIFEST, f"not a {FORMAT} manifest", "manifest"))
-        return report
-    if manifest.get("format_version") != FORMAT_VERSION:
-        report.problems.append(
-            Problem(
-                MANIFEST,
-                f"unknown format version {manifest.get('format_version')!r} (this dpmigrate "
-                f"reads version {FORMAT_VERSION}); use the dpmigrate that wrote it",
-                "manifest",
+    with folder:
+        try:
+            _verify_in(folder, report, host, progress, trust_owner)
+        except BundleError as err:  # a folder too large to be a bundle
+            report.problems.append(Problem(str(root), str(err), "manifest"))
+    return report
+
+
+def _verify_in(
+    folder: BundleFolder,
+    report: VerifyReport,
+    host: HostFacts | None,
+    progress: Progress,
+    trust_owner: bool,
+) -> None:
+    if not trust_owner:
+        report.problems.extend(folder.trust_problems())
+        if report.problems:
+            return  # nothing of an untrusted bundle is read
+    unsafe = folder.unsafe_problems()
+    report.problems.extend(unsafe)
+    if any(p.file == MANIFEST for p in unsafe):
+        return
+    try:
+        manifest = _decode(folder.read(MANIFEST, MAX_MANIFEST_BYTES))
+    except FileProblem as err:
+        problem = err.problem
+        if problem.kind == "missing" and problem.problem == "missing":
+            problem = Problem(
+                MANIFEST, "missing (an incomplete or foreign folder, not a bundle)", "missing"
             )
-        )
-        return report
-    listing = _listing_problems(manifest)
-    if listing:
-        report.problems.extend(listing)
-        return report
+        report.problems.append(problem)
+        return
     report.manifest = manifest
     files = manifest["files"]
     streamed = tuple(manifest.get("streamed", ()))
-    present = set(_files_under(root))
+    kinds = {rel: info for rel, info in folder.entries() if rel}
+    present = {rel for rel, info in kinds.items() if stat.S_ISREG(info.st_mode)} - {MANIFEST}
     arrived = {rel for rel in present - set(files) if _is_streamed(rel, streamed)}
     for rel in sorted(present - set(files) - arrived):
-        report.problems.append(Problem(rel, "extra file, not listed in the manifest", "extra"))
+        report.problems.append(
+            Problem(shown(rel), "extra file, not listed in the manifest", "extra")
+        )
     for pattern in streamed:
         if not any(_is_streamed(rel, (pattern,)) for rel in arrived):
             report.problems.append(
@@ -476,30 +875,27 @@ def verify(
                     pattern, "missing: the page server was to write it, none arrived", "missing"
                 )
             )
+    flagged = {p.file for p in unsafe}
     for rel, entry in sorted(files.items()):
-        file = root / rel
-        if rel not in present:
-            report.problems.append(Problem(rel, "missing", "missing"))
+        if rel in flagged:
+            continue  # a link or special file: said so, never read
+        progress(f"checking {rel}")
+        try:
+            size, digest = folder.sha256(rel)
+        except FileProblem as err:
+            if err.problem.file not in flagged:
+                report.problems.append(err.problem)
             continue
-        size = file.stat().st_size
         if size != entry["size"]:
             what = "truncated" if size < entry["size"] else "size mismatch"
             report.problems.append(
                 Problem(rel, f"{what}: {size} bytes, the manifest says {entry['size']}", "size")
             )
-            continue
-        progress(f"checking {rel}")
-        try:
-            digest = _sha256(file)
-        except OSError as err:
-            report.problems.append(Problem(rel, f"unreadable ({err.strerror})", "missing"))
-            continue
-        if digest != entry["sha256"]:
+        elif digest != entry["sha256"]:
             report.problems.append(
                 Problem(rel, "checksum mismatch: the file was altered or corrupted", "checksum")
             )
     _check_host(report, manifest, host or HostFacts.local())
-    return report
 
 
 def name_problem(name: object) -> str | None:
@@ -508,43 +904,25 @@ def name_problem(name: object) -> str | None:
     ``A-Z a-z 0-9 . _ + -`` (so never empty, ``.``, ``..`` or hidden), and not the manifest.
     Checked before any such name is opened, written or served."""
     if not isinstance(name, str):
-        return f"{name!r} is not a string"
+        return f"{shown(repr(name)[:80])} is not a string"
     if len(name) > _MAX_NAME:
         return f"a name longer than {_MAX_NAME} characters"
     parts = name.split("/")
     if len(parts) > _MAX_DEPTH or not all(_COMPONENT_RE.fullmatch(part) for part in parts):
-        return f"{name[:80]!r} is not a plain relative file name inside the bundle"
+        return f"{shown(repr(name[:80]))} is not a plain relative file name inside the bundle"
     if name == MANIFEST:
         return f"{MANIFEST} is the manifest itself, not a file it lists"
     return None
 
 
-def _listing_problems(manifest: dict[str, Any]) -> list[Problem]:
-    """What is wrong with a manifest's file list and ``streamed`` patterns ([] if nothing)."""
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(
-        isinstance(v, dict)
-        and type(v.get("size")) is int
-        and v["size"] >= 0
-        and isinstance(v.get("sha256"), str)
-        for v in files.values()
-    ):
-        return [Problem(MANIFEST, "has no valid file list", "manifest")]
-    problems = []
-    for name in sorted(files):
-        why = name_problem(name)
-        if why is not None:
-            problems.append(Problem(MANIFEST, f"lists a file it may not: {why}", "manifest"))
-    streamed = manifest.get("streamed", [])
-    if not isinstance(streamed, list) or not set(streamed) <= set(PAGE_IMAGES):
-        problems.append(
-            Problem(
-                MANIFEST,
-                f"'streamed' may only name {', '.join(PAGE_IMAGES)}, not {streamed!r}"[:300],
-                "manifest",
-            )
-        )
-    return problems
+def _listing_problems(manifest: Mapping[str, Any]) -> list[Problem]:
+    """What is wrong with a manifest given as a value (a migration's source sends one):
+    [] when :func:`check_manifest` accepts it, else its one problem."""
+    try:
+        check_manifest(dict(manifest))
+    except FileProblem as err:
+        return [err.problem]
+    return []
 
 
 def _is_streamed(rel: str, patterns: tuple[str, ...]) -> bool:
@@ -599,24 +977,69 @@ def refusal(report: VerifyReport) -> BundleError:
     )
 
 
+def _open_verified(
+    path: str | os.PathLike[str],
+    host: HostFacts | None,
+    progress: Progress,
+    trust_owner: bool,
+) -> tuple[VerifyReport, BundleFolder | None]:
+    """:func:`verify`, keeping the folder open when it passed (the caller closes it)."""
+    root = Path(path).absolute()
+    report = VerifyReport(str(root))
+    try:
+        folder = BundleFolder(root)
+    except OSError:
+        return verify(root, host=host, progress=progress, trust_owner=trust_owner), None
+    try:
+        _verify_in(folder, report, host, progress, trust_owner)
+    except BundleError as err:
+        report.problems.append(Problem(str(root), str(err), "manifest"))
+    if not report.ok:
+        folder.close()
+        return report, None
+    return report, folder
+
+
+def _read_listed(folder: BundleFolder, name: str, entry: Mapping[str, Any]) -> bytes:
+    """The bytes of a listed file, checked again against its entry as they are read: what
+    was verified is what is used, even if the file changed since."""
+    try:
+        data = folder.read(name, int(entry["size"]))
+    except FileProblem as err:
+        raise refusal(VerifyReport(str(folder.path), [err.problem])) from None
+    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise refusal(VerifyReport(str(folder.path), [Problem(
+            name, "changed after it was verified (size or checksum)", "checksum")]))  # fmt: skip
+    return data
+
+
 def load(
-    path: str | os.PathLike[str], *, host: HostFacts | None = None, progress: Progress = _quiet
+    path: str | os.PathLike[str],
+    *,
+    host: HostFacts | None = None,
+    progress: Progress = _quiet,
+    trust_owner: bool = False,
 ) -> Bundle:
     """Verify the bundle, then read it; BundleError (naming file and problem) if anything is
-    wrong. Never deletes or changes anything."""
-    report = verify(path, host=host, progress=progress)
-    if not report.ok or report.manifest is None:
+    wrong. Never deletes or changes anything. ``trust_owner``: accept a bundle of another
+    user or one group or others may write (see :meth:`BundleFolder.trust_problems`)."""
+    report, folder = _open_verified(path, host, progress, trust_owner)
+    if folder is None or report.manifest is None:
         raise refusal(report)
-    root = Path(path).absolute()
-    files = report.manifest["files"]
-    state = (root / STATE).read_bytes() if STATE in files else None
+    with folder:
+        files = report.manifest["files"]
+        state = _read_listed(folder, STATE, files[STATE]) if STATE in files else None
+        raw = _read_listed(folder, RINGS, files[RINGS]) if RINGS in files else None
     rings = None
-    if RINGS in files:
+    if raw is not None:
         try:
-            rings = json.loads((root / RINGS).read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise BundleError(f"bundle {root} refused: {RINGS}: not JSON ({err})") from err
-    return Bundle(root, report.manifest, state, rings)
+            rings = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as err:
+            raise BundleError(f"bundle {folder.path} refused: {RINGS}: not JSON "
+                              f"({shown(str(err))[:200]})") from None  # fmt: skip
+        if not isinstance(rings, dict):
+            raise BundleError(f"bundle {folder.path} refused: {RINGS}: not a JSON object")
+    return Bundle(folder.path, report.manifest, state, rings)
 
 
 # --------------------------------------------------------------------------- moving a bundle
@@ -633,24 +1056,26 @@ def read_part(
     """Up to ``size`` bytes at ``offset`` of the file ``name`` of the sealed bundle at
     ``root``, and that file's size: what a migration's source serves. Only a file that
     ``manifest`` lists is read — never a streamed, unlisted or traversing name, the manifest
-    itself, a symbolic link or anything but a regular file: BundleError."""
+    itself, a symbolic link (the file or a folder on the way) or anything but a regular file:
+    BundleError."""
     why = name_problem(name)
-    if why is None and name not in manifest.get("files", {}):
+    files = manifest.get("files")
+    if why is None and not (isinstance(files, Mapping) and name in files):
         why = f"{name!r} is not listed in its manifest; only listed files are served"
-    if why is None and (offset < 0 or size < 0):
-        why = f"offset {offset} and size {size} must not be negative"
+    if why is None and (type(offset) is not int or type(size) is not int or offset < 0
+                        or size < 0):  # fmt: skip
+        why = f"offset {offset!r} and size {size!r} must be integers and must not be negative"
     if why is not None:
-        raise BundleError(f"bundle {root}: refusing to read {name[:80]!r}: {why}")
-    path = Path(root) / name
+        raise BundleError(f"bundle {root}: refusing to read {shown(str(name)[:80])}: {why}")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with BundleFolder(root) as folder:
+            fd = folder.open(name)
     except OSError as err:
         raise BundleError(f"bundle {root}: cannot read {name}: {err.strerror}") from err
+    except FileProblem as err:
+        raise BundleError(f"bundle {root}: not serving {err.problem}") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BundleError(f"bundle {root}: {name} is not a regular file; not served")
-        return os.pread(fd, size, offset), info.st_size
+        return os.pread(fd, size, offset), os.fstat(fd).st_size
     finally:
         os.close(fd)
 
@@ -669,16 +1094,14 @@ def receive(
     received.
 
     ``root`` may exist (a page server may have written ``images/`` already) but must hold no
-    manifest. Every name is checked before anything is written; files are created new (mode
-    0600, folders 0700), never over an existing one. The manifest is written last, so a
-    folder that stopped midway has none. On any problem: BundleError naming each file and
-    what is wrong, in one line; nothing is removed (the caller owns ``root``).
+    manifest. Every name and field is checked before anything is written; files are created
+    new (mode 0600, folders 0700), never over an existing one, and never through a symbolic
+    link. The manifest is written last, so a folder that stopped midway has none. On any
+    problem: BundleError naming each file and what is wrong, in one line; nothing is removed
+    (the caller owns ``root``).
     """
     folder = Path(root)
     manifest = dict(manifest)
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"bundle {folder} refused: {MANIFEST}: not a {FORMAT} manifest of "
-                          f"version {FORMAT_VERSION}")  # fmt: skip
     problems = _listing_problems(manifest)
     if problems:
         raise refusal(VerifyReport(str(folder), problems))
@@ -686,12 +1109,13 @@ def receive(
         raise BundleError(f"{folder} already holds a bundle; receive into a fresh folder")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     total = 0
-    for name, entry in sorted(manifest["files"].items()):
-        got, problem = _receive_file(folder, name, int(entry["size"]), read, chunk)
-        total += got
-        if problem is not None:
-            problems.append(problem)
-    _write(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
+    with BundleFolder(folder) as into:
+        for name, entry in sorted(manifest["files"].items()):
+            got, problem = _receive_file(into, name, int(entry["size"]), read, chunk)
+            total += got
+            if problem is not None:
+                problems.append(problem)
+        _create(into.fd, MANIFEST, json.dumps(manifest, indent=2).encode())
     report = verify(folder, host=host)
     flagged = {p.file for p in report.problems}  # a short copy: verify says "truncated"
     report.problems[:0] = [p for p in problems if p.file not in flagged]
@@ -700,22 +1124,43 @@ def receive(
     return total
 
 
+def _parent_fd(into: BundleFolder, name: str) -> int:
+    """A descriptor of the folder that holds ``name`` (a checked name), made (0700) where
+    missing; never reached through a symbolic link."""
+    at = os.dup(into.fd)
+    for part in name.split("/")[:-1]:
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o700, dir_fd=at)
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=at)
+        except OSError as err:
+            raise BundleError(
+                f"cannot make {part}/ for {name} in {into.path}: {err.strerror} (a symbolic "
+                "link or a file where a folder belongs?); receive into a fresh folder"
+            ) from None
+        finally:
+            os.close(at)
+        at = nxt
+    return at
+
+
 def _receive_file(
-    folder: Path, name: str, size: int, read: ReadPart, chunk: int
+    into: BundleFolder, name: str, size: int, read: ReadPart, chunk: int
 ) -> tuple[int, Problem | None]:
-    """Pull one listed file of ``size`` bytes into ``folder``; a Problem when the source's
+    """Pull one listed file of ``size`` bytes into ``into``; a Problem when the source's
     copy is not of that size (verify then says what arrived)."""
-    path = folder / name
-    for parent in reversed(path.relative_to(folder).parents[:-1]):
-        (folder / parent).mkdir(mode=0o700, exist_ok=True)
+    parent = _parent_fd(into, name)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)  # fmt: skip
+        fd = os.open(name.rsplit("/", 1)[-1],
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=parent)  # fmt: skip
     except FileExistsError as err:
         raise BundleError(
-            f"{name} is already in {folder}: a file the manifest lists arrived some other way; "
-            "receive into a fresh folder"
+            f"{name} is already in {into.path}: a file the manifest lists arrived some other "
+            "way; receive into a fresh folder"
         ) from err
+    finally:
+        os.close(parent)
     got, at_source = 0, size
     with os.fdopen(fd, "wb") as out:
         while got < size:
@@ -741,26 +1186,29 @@ def restore(
     netns: str | None = None,
     log_dir: str | os.PathLike[str] | None = None,
     progress: Progress = _quiet,
+    trust_owner: bool = False,
     **restore_options: Any,
 ) -> criu_rpc.RestoreResult:
-    """Restore a bundle (verified first when given as a path); returns the restored root PID.
+    """Restore a bundle (verified first when given as a path, ``trust_owner`` as for
+    :func:`load`); returns the restored root PID.
 
-    The restore runs from a scratch folder of symlinks to the bundle's images, with CRIU's
-    work folder (log, ``stats-restore``) outside the bundle: whatever CRIU writes, the bundle
-    stays byte-identical and verifiable. CRIU's log goes to ``log_dir/restore.log`` when
-    ``log_dir`` is given (kept); otherwise it is kept only on failure and named in the
-    CheckpointError.
+    The restore runs from a scratch folder of symlinks to the bundle's images (its listed
+    and streamed regular files only), with CRIU's work folder (log, ``stats-restore``) outside
+    the bundle: whatever CRIU writes, the bundle stays byte-identical and verifiable. CRIU's
+    log goes to ``log_dir/restore.log`` when ``log_dir`` is given (kept); otherwise it is kept
+    only on failure and named in the CheckpointError.
     ``restore_options`` go to :func:`criu_rpc.restore` (``restore_sibling``, ``pidfile``, ...).
     """
     if not isinstance(bundle, Bundle):
         progress("verifying the bundle")
-        bundle = load(bundle, progress=progress)
+        bundle = load(bundle, progress=progress, trust_owner=trust_owner)
     scratch = Path(tempfile.mkdtemp(prefix="dpmigrate-restore-"))
     os.chmod(scratch, 0o700)
     try:
         for name in sorted(os.listdir(bundle.images_dir)):
-            if name != "stats-restore":
-                os.symlink(bundle.images_dir / name, scratch / name)
+            image = bundle.images_dir / name
+            if name != "stats-restore" and stat.S_ISREG(os.lstat(image).st_mode):
+                os.symlink(image, scratch / name)
         progress("restoring with CRIU")
         logs = Path(log_dir) if log_dir is not None else scratch
         result = criu_rpc.restore(scratch, netns=netns, log_dir=logs, **restore_options)
