@@ -218,6 +218,49 @@ def netem(faults: Faults, netns: str, spec: list[str], dev: str = "eth0") -> str
     return qdisc(netns, dev)
 
 
+#: The nftables table of the netem stand-in (random loss and duplication).
+LOSSY_TABLE = "dpmdrill_lossy"
+
+
+def netem_supported(err: FaultError) -> bool:
+    """False when tc said this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM unset)."""
+    return "qdisc kind is unknown" not in str(err)
+
+
+def lossy_link(faults: Faults, netns: str, loss_pct: int, dup_pct: int, rate: str,
+               dev: str = "eth0") -> str:  # fmt: skip
+    """What a kernel without netem still offers: a tbf bandwidth limit (its queue delays
+    bursts) and nftables rules that drop ``loss_pct`` % of packets each way at random and
+    send ``dup_pct`` % of outgoing ones twice. Returns the qdisc and rules as seen."""
+    in_netns(netns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst",
+             "32kbit", "latency", "100ms")  # fmt: skip
+    faults.on_heal(f"tbf on {netns}/{dev}",
+                   lambda: in_netns(netns, "tc", "qdisc", "del", "dev", dev, "root"))  # fmt: skip
+    t = LOSSY_TABLE
+    script = (
+        f"add table ip {t}\n"
+        f"add chain ip {t} in {{ type filter hook input priority -10; }}\n"
+        f"add chain ip {t} out {{ type filter hook output priority -10; }}\n"
+        f'add rule ip {t} in iifname "{dev}" numgen random mod 100 < {loss_pct} counter drop\n'
+        f'add rule ip {t} out oifname "{dev}" numgen random mod 100 < {loss_pct} counter drop\n'
+        f'add rule ip {t} out oifname "{dev}" numgen random mod 100 < {dup_pct} counter '
+        f'dup to ip daddr device "{dev}"\n'
+    )
+    faults.on_heal(f"lossy rules in {netns}",
+                   lambda: in_netns(netns, "nft", "delete", "table", "ip", t))  # fmt: skip
+    done = subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "nft", "-f", "-"],
+                          input=script, capture_output=True, text=True,
+                          timeout=_CMD_TIMEOUT_S, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise FaultError(f"nft loss/duplication rules in {netns} failed: {done.stderr.strip()}")
+    return qdisc(netns, dev)
+
+
+def lossy_counters(netns: str) -> str:
+    out = in_netns(netns, "nft", "list", "table", "ip", LOSSY_TABLE, check=False).stdout
+    return " | ".join(" ".join(line.split()) for line in out.splitlines() if "counter" in line)
+
+
 def qdisc(netns: str, dev: str = "eth0") -> str:
     return in_netns(netns, "tc", "-s", "qdisc", "show", "dev", dev).stdout.strip()
 
