@@ -7,6 +7,7 @@ validation, and real ring ends facing a fake peer that speaks raw bytes.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -20,6 +21,7 @@ from dpmigrate.transports import tcp
 from dpmigrate.transports.resolver import Endpoint, MemoryResolver
 
 ALL_TYPES = frozenset(fr.TYPE_NAMES)
+V = fr.VERSION
 CONSUMER_SIDE = frozenset({fr.WELCOME, fr.DATA, fr.CLOSE, fr.PING, fr.ERROR})
 
 
@@ -37,7 +39,7 @@ def raw_header(magic: bytes, version: int, ftype: int, seq: int, length: int) ->
 def test_header_layout_is_fixed_and_big_endian() -> None:
     frame = fr.encode_data(0x0102030405060708, b"abc")
     assert fr.HEADER_SIZE == 16
-    assert frame == b"DR\x01\x03" + bytes.fromhex("0102030405060708") + b"\x00\x00\x00\x03abc"
+    assert frame == b"DR\x02\x03" + bytes.fromhex("0102030405060708") + b"\x00\x00\x00\x03abc"
 
 
 @pytest.mark.parametrize(
@@ -58,12 +60,43 @@ def test_simple_frames_round_trip(frame: bytes, expected: tuple[int, int, bytes]
 
 
 def test_hello_and_welcome_round_trip() -> None:
+    nonce, proof = os.urandom(fr.NONCE_SIZE), os.urandom(fr.PROOF_SIZE)
     r = reader()
-    r.feed(fr.encode_hello("ring-a.1", 42, 3) + fr.encode_welcome(10, 7, 64, 1 << 20, 50))
+    r.feed(
+        fr.encode_challenge(nonce)
+        + fr.encode_hello("ring-a.1", 42, 3, nonce, proof)
+        + fr.encode_welcome(10, 7, 64, 1 << 20, 50, proof)
+    )
     ftype, seq, payload = r.next_frame()
-    assert (ftype, seq, fr.decode_hello(payload)) == (fr.HELLO, 42, (3, "ring-a.1"))
+    assert (ftype, seq, fr.decode_challenge(payload)) == (fr.CHALLENGE, 0, nonce)
     ftype, seq, payload = r.next_frame()
-    assert (ftype, seq, fr.decode_welcome(payload)) == (fr.WELCOME, 10, (7, 64, 1 << 20, 50))
+    assert (ftype, seq, fr.decode_hello(payload)) == (fr.HELLO, 42, (3, nonce, proof, "ring-a.1"))
+    ftype, seq, payload = r.next_frame()
+    assert (ftype, seq, fr.decode_welcome(payload)) == (
+        fr.WELCOME,
+        10,
+        (7, 64, 1 << 20, 50, proof),
+    )
+
+
+def test_proofs_depend_on_every_bound_field() -> None:
+    key, pn, cn = b"k" * 32, b"p" * 16, b"c" * 16
+    base = fr.consumer_proof(key, "r", pn, cn, 1, 2)
+    assert base == fr.consumer_proof(key, "r", pn, cn, 1, 2)
+    variants = [
+        fr.consumer_proof(b"K" * 32, "r", pn, cn, 1, 2),
+        fr.consumer_proof(key, "s", pn, cn, 1, 2),
+        fr.consumer_proof(key, "r", cn, pn, 1, 2),
+        fr.consumer_proof(key, "r", pn, cn, 2, 2),
+        fr.consumer_proof(key, "r", pn, cn, 1, 3),
+    ]
+    welcome = fr.Welcome(1, 8, 1024, 2, b"")
+    producer = fr.producer_proof(key, "r", pn, cn, 1, 2, 0, welcome)
+    variants += [
+        producer,
+        fr.producer_proof(key, "r", pn, cn, 1, 2, 0, welcome._replace(capacity=9)),
+    ]
+    assert len({base, *variants}) == len(variants) + 1, "a field change must change the proof"
 
 
 def test_reader_waits_for_a_frame_fed_byte_by_byte() -> None:
@@ -93,12 +126,16 @@ def test_take_data_delivers_in_order_and_drops_duplicates() -> None:
 @pytest.mark.parametrize(
     "data, words",
     [
-        (raw_header(b"GE", 1, fr.DATA, 0, 0), "bad magic"),
-        (raw_header(b"DR", 2, fr.DATA, 0, 0), "unsupported protocol version 2"),
-        (raw_header(b"DR", 1, 99, 0, 0), "unknown frame type 99"),
-        (raw_header(b"DR", 1, fr.DATA, 0, 1025), "1025 bytes, above the limit of 1024"),
-        (raw_header(b"DR", 1, fr.ACK, 0, 1), "ACK frame announces a payload of 1 bytes"),
-        (raw_header(b"DR", 1, fr.HELLO, 0, 5000), "HELLO frame announces a payload"),
+        (raw_header(b"GE", V, fr.DATA, 0, 0), "bad magic"),
+        (
+            raw_header(b"DR", 1, fr.DATA, 0, 0),
+            r"unsupported protocol version 1 \(this end speaks 2\)",
+        ),
+        (raw_header(b"DR", V, 99, 0, 0), "unknown frame type 99"),
+        (raw_header(b"DR", V, fr.DATA, 0, 1025), "1025 bytes, above the limit of 1024"),
+        (raw_header(b"DR", V, fr.ACK, 0, 1), "ACK frame announces a payload of 1 bytes"),
+        (raw_header(b"DR", V, fr.HELLO, 0, 5000), "HELLO frame announces a payload"),
+        (raw_header(b"DR", V, fr.CHALLENGE, 0, 17), "CHALLENGE frame announces a payload"),
         (b"GET / HTTP/1.1\r\n", "bad magic"),
     ],
 )
@@ -111,7 +148,7 @@ def test_bad_headers_are_frame_errors(data: bytes, words: str) -> None:
 
 def test_oversized_length_is_refused_before_the_payload_arrives() -> None:
     r = reader(limit=1024)
-    r.feed(raw_header(b"DR", 1, fr.DATA, 0, 0xFFFFFFFF))  # no payload follows
+    r.feed(raw_header(b"DR", V, fr.DATA, 0, 0xFFFFFFFF))  # no payload follows
     with pytest.raises(fr.FrameError, match="above the limit"):
         r.take_data([], 0)
 
@@ -132,13 +169,16 @@ def test_a_data_gap_is_an_error_that_keeps_what_came_before() -> None:
     assert out == [b"a"] and info.value.cursor == 1
 
 
+HELLO_FIXED = struct.pack("!Q16s32s", 0, b"", b"")
+
+
 @pytest.mark.parametrize(
     "payload, words",
     [
-        (struct.pack("!Q", 0), "too short"),
-        (struct.pack("!Q", 0) + b"../etc/passwd", "invalid ring name"),
-        (struct.pack("!Q", 0) + b"a\x00b", "invalid ring name"),
-        (struct.pack("!Q", 0) + b"x" * 129, "invalid ring name"),
+        (HELLO_FIXED, "too short"),
+        (HELLO_FIXED + b"../etc/passwd", "invalid ring name"),
+        (HELLO_FIXED + b"a\x00b", "invalid ring name"),
+        (HELLO_FIXED + b"x" * 129, "invalid ring name"),
     ],
 )
 def test_bad_hello_payloads(payload: bytes, words: str) -> None:
@@ -149,9 +189,9 @@ def test_bad_hello_payloads(payload: bytes, words: str) -> None:
 @pytest.mark.parametrize(
     "payload, words",
     [
-        (b"\x00" * 10, "expected 24"),
-        (struct.pack("!QIIQ", 0, 0, 10, 0), "capacity of 0"),
-        (struct.pack("!QIIQ", 0, 8, 0xFFFFFFFF, 0), "above the sane bound"),
+        (b"\x00" * 10, "expected 56"),
+        (struct.pack("!QIIQ32s", 0, 0, 10, 0, b""), "capacity of 0"),
+        (struct.pack("!QIIQ32s", 0, 8, 0xFFFFFFFF, 0, b""), "above the sane bound"),
     ],
 )
 def test_bad_welcome_payloads(payload: bytes, words: str) -> None:
@@ -167,7 +207,8 @@ def test_error_text_from_a_peer_is_made_printable() -> None:
 
 
 class FakeProducer:
-    """A listening socket registered as a tcp ring's producer that replies with raw bytes."""
+    """A listening socket registered as a tcp ring's producer that replies with raw bytes
+    (after a CHALLENGE, which a consumer waits for before it says HELLO)."""
 
     def __init__(self, resolver: MemoryResolver, ring: str, replies: list[bytes]) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -188,6 +229,7 @@ class FakeProducer:
                 return
             with conn:
                 conn.settimeout(10)
+                conn.sendall(fr.encode_challenge(os.urandom(fr.NONCE_SIZE)))
                 r = fr.FrameReader(frozenset({fr.HELLO}), 0)
                 frame = None
                 while frame is None:
@@ -195,8 +237,8 @@ class FakeProducer:
                         break
                     frame = r.next_frame()
                 if frame is not None:
-                    generation, name = fr.decode_hello(frame[2])
-                    self.hellos.append((frame[1], generation, name))
+                    hello = fr.decode_hello(frame[2])
+                    self.hellos.append((frame[1], hello.generation, hello.ring))
                 conn.sendall(reply)
                 time.sleep(0.05)  # let the consumer read before our close
 
@@ -224,8 +266,8 @@ def consumer(resolver: MemoryResolver, ring: str, **kw) -> tcp.TcpReceiver:
     [
         (b"HTTP/1.1 400 Bad Request\r\n\r\n", "bad magic"),
         (welcome() + raw_header(b"DR", 7, fr.DATA, 0, 0), "unsupported protocol version 7"),
-        (welcome() + raw_header(b"DR", 1, 42, 0, 0), "unknown frame type 42"),
-        (welcome() + raw_header(b"DR", 1, fr.DATA, 0, 1025), "above the limit of 1024"),
+        (welcome() + raw_header(b"DR", V, 42, 0, 0), "unknown frame type 42"),
+        (welcome() + raw_header(b"DR", V, fr.DATA, 0, 1025), "above the limit of 1024"),
         (welcome() + fr.encode_data(0, b"a") + fr.encode_data(5, b"f"), "gap of 4"),
         (fr.encode_data(0, b"early"), "unexpected DATA frame"),
         (welcome(first=0, next_seq=0) + fr.encode_close(3), "CLOSE after seq 2"),
@@ -321,6 +363,9 @@ def _hello_client(port: int, data: bytes) -> bytes:
     return b"".join(chunks)
 
 
+REFUSAL = fr.encode_error(fr.REFUSED_TEXT)
+
+
 def _serve_until(tx: tcp.TcpSender, done: threading.Event) -> None:
     """The producer only does I/O inside its calls: keep calling while a client talks."""
     while not done.is_set():
@@ -331,10 +376,10 @@ def _serve_until(tx: tcp.TcpSender, done: threading.Event) -> None:
 @pytest.mark.parametrize(
     "data, words",
     [
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"bad magic"),
-        (fr.encode_hello("someone-else", 0, 0), b"asks for ring 'someone-else'"),
-        (fr.encode_ack(3), b"unexpected ACK frame"),
-        (raw_header(b"DR", 1, fr.HELLO, 0, 0xFFFFFF), b"HELLO frame announces a payload"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", REFUSAL),
+        (fr.encode_hello("someone-else", 0, 0), REFUSAL),
+        (fr.encode_ack(3), REFUSAL),
+        (raw_header(b"DR", V, fr.HELLO, 0, 0xFFFFFF), REFUSAL),
         (b"", b""),  # connects and hangs up at once
     ],
 )
@@ -352,9 +397,9 @@ def test_producer_rejects_bad_clients_and_keeps_serving(
         done.set()
         server.join()
     try:
-        assert words in reply
-        if words:
-            assert b"'served'" in reply, "the refusal must name the ring"
+        assert reply.startswith(fr.header(fr.CHALLENGE, 0, fr.NONCE_SIZE)), reply[:16]
+        assert reply[16 + fr.NONCE_SIZE :] == words
+        assert b"served" not in reply, "a refusal before the HELLO is accepted names no ring"
         deadline = time.monotonic() + 5
         while tx.statistics().extra["rejected_connections"] < 1:
             assert time.monotonic() < deadline, "the bad client was not counted"
@@ -369,19 +414,30 @@ def test_producer_rejects_bad_clients_and_keeps_serving(
         tx.close()
 
 
-def test_producer_reports_a_consumer_asking_for_a_gap(resolver: MemoryResolver) -> None:
+def test_producer_refuses_a_consumer_asking_for_a_gap_and_carries_on(
+    resolver: MemoryResolver,
+) -> None:
+    """The gap is the consumer's bug: that consumer is told (with the window), the producer
+    counts it and does not raise."""
     tx = tcp.open_sender("gappy", resolver=resolver, capacity=8, reconnect_timeout=2.0)
     tx.send(b"a", timeout=1)
     rx = consumer(resolver, "gappy", next_expected=5)
+    done = threading.Event()
+    server = threading.Thread(target=_serve_until, args=(tx, done))
+    server.start()
     try:
-        with pytest.raises(ProtocolError, match=r"expects seq 5.*gap"):
-            for _ in range(100):
-                tx.send_burst([], timeout=0)
-                time.sleep(0.01)
-        with pytest.raises(ProtocolError, match=r"gappy.*expects seq 5"):
-            rx.recv(timeout=2)
+        with pytest.raises(ProtocolError, match=r"gappy.*expects seq 5.*retains only 0 .. 0"):
+            rx.recv(timeout=5)
     finally:
+        done.set()
+        server.join()
         rx.close()
+    try:
+        extra = tx.statistics().extra
+        assert extra["refused_consumers"] == 1 and "expects seq 5" in extra["last_refusal"]
+        tx.send_burst([b"b"], timeout=0)  # does not raise
+        assert (tx.next_seq, tx.acked) == (2, 0)
+    finally:
         tx.close()
 
 

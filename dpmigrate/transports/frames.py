@@ -4,38 +4,73 @@ Every frame is a header followed by ``length`` payload bytes. All integers are b
 
     offset  size  field
     0       2     magic  b"DR"
-    2       1     protocol version (1)
-    3       1     frame type (HELLO, WELCOME, DATA, ACK, CLOSE, PING, ERROR)
+    2       1     protocol version (2)
+    3       1     frame type (HELLO, WELCOME, DATA, ACK, CLOSE, PING, ERROR, CHALLENGE)
     4       8     sequence number (u64; meaning depends on the type, see below)
     12      4     payload length (u32)
 
-========  =========  ======================  ==========================================
-type      direction  seq                     payload
-========  =========  ======================  ==========================================
-HELLO     c -> p     consumer next_expected  u64 consumer generation + ring name (ASCII)
-WELCOME   p -> c     first retained seq      u64 producer generation, u32 capacity,
-                                             u32 max_message, u64 next_seq
-DATA      p -> c     message seq             the message
-ACK       c -> p     N: all seq < N commit.  empty
-CLOSE     both       p: next_seq; c: commit. empty
-PING      both       0                       empty (liveness; ignored by the receiver)
-ERROR     p -> c     0                       UTF-8 text: why the producer refused
-========  =========  ======================  ==========================================
+=========  =========  ======================  ==========================================
+type       direction  seq                     payload
+=========  =========  ======================  ==========================================
+CHALLENGE  p -> c     0                       16-byte producer nonce (sent at accept)
+HELLO      c -> p     consumer next_expected  u64 consumer generation, 16-byte consumer
+                                              nonce, 32-byte consumer proof, ring name
+                                              (ASCII)
+WELCOME    p -> c     first retained seq      u64 producer generation, u32 capacity,
+                                              u32 max_message, u64 next_seq, 32-byte
+                                              producer proof
+DATA       p -> c     message seq             the message
+ACK        c -> p     N: all seq < N commit.  empty
+CLOSE      both       p: next_seq; c: commit. empty
+PING       both       0                       empty (liveness; ignored by the receiver)
+ERROR      p -> c     0                       UTF-8 text: why the producer refused
+=========  =========  ======================  ==========================================
+
+The connection handshake (protocol 2): the producer sends CHALLENGE as soon as it accepts;
+a consumer with a ring credential (a key shared by both ends, 32 bytes from the agents in
+the runtime) answers it with HELLO; the producer answers the HELLO with WELCOME (then
+resends DATA from next_expected) or ERROR and hangs up. The two proofs are::
+
+    consumer proof = HMAC-SHA256(key, "dpmigrate-ring-v2" | "consumer->producer" | ring |
+                                 producer nonce | consumer nonce | generation | next_expected)
+    producer proof = HMAC-SHA256(key, "dpmigrate-ring-v2" | "producer->consumer" | ring |
+                                 producer nonce | consumer nonce | generation | next_expected |
+                                 first retained | producer generation | capacity |
+                                 max_message | next_seq)
+
+The producer checks the consumer's proof before it looks at the generation or the window
+(so a stranger learns nothing about the ring, and cannot take the consumer's place by
+claiming a large generation), and the consumer checks the producer's before it takes any
+DATA. The direction labels keep one side's proof from being replayed as the other's; the
+fresh nonces of both sides keep a recorded handshake from being replayed at all; the HELLO
+fields (and the WELCOME's) inside the MAC keep them from being altered on the way. Without a
+key (``key=None``, library use and older tests only: the runtime always passes one) the
+consumer sends its HELLO right behind connect, without waiting for the CHALLENGE (which it
+then just reads), the proofs are 32 zero bytes and nobody checks them: such a ring is not
+authenticated, and is served by the very producer call that accepts the connection; with a
+key the producer serves the consumer in a call after the HELLO arrived (one more round
+trip, at connect only). Only the
+handshake is authenticated: DATA and ACK frames carry no MAC, so the hot path does no
+per-message cryptography (a ring crosses a network the cluster trusts not to be tampered
+with, not one it trusts not to hold strangers).
 
 The first four bytes (magic, version, type) are read as one u32 so the hot path validates a
 DATA header with a single comparison. Nothing here knows about sockets' peers or rings:
 problems are reported as :class:`FrameError` (a short description) and the transport turns
-them into a ProtocolError naming the ring and the peer.
+them into a ProtocolError naming the ring and the peer. Every ``decode_*`` function and
+:class:`FrameReader` raise nothing but :class:`FrameError` for any input (they are fuzzed).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 MAGIC = b"DR"
-VERSION = 1
+VERSION = 2
 
 HELLO = 1
 WELCOME = 2
@@ -44,6 +79,7 @@ ACK = 4
 CLOSE = 5
 PING = 6
 ERROR = 7
+CHALLENGE = 8
 
 TYPE_NAMES = {
     HELLO: "HELLO",
@@ -53,6 +89,7 @@ TYPE_NAMES = {
     CLOSE: "CLOSE",
     PING: "PING",
     ERROR: "ERROR",
+    CHALLENGE: "CHALLENGE",
 }
 
 #: magic, version, type as one u32; sequence number u64; payload length u32.
@@ -68,8 +105,23 @@ def type_word(frame_type: int) -> int:
 
 DATA_WORD = type_word(DATA)
 
-_HELLO_FIXED = struct.Struct("!Q")
-_WELCOME = struct.Struct("!QIIQ")
+NONCE_SIZE = 16
+PROOF_SIZE = 32
+#: The proof an end without a key sends (and an end with a key never accepts).
+NO_PROOF = bytes(PROOF_SIZE)
+#: A ring credential's size as the runtime derives it (any length works for HMAC); a shorter
+#: key is refused as a likely mistake (a truncated or empty secret).
+KEY_SIZE = 32
+#: The one text a producer sends when it refuses a peer that has not proved the ring's key:
+#: it says nothing about the ring (not its name, window or sequence numbers) to a stranger.
+REFUSED_TEXT = "refused"
+_HELLO_FIXED = struct.Struct(f"!Q{NONCE_SIZE}s{PROOF_SIZE}s")
+_WELCOME = struct.Struct(f"!QIIQ{PROOF_SIZE}s")
+_WELCOME_FIELDS = struct.Struct("!QQIIQ")  # first retained + the WELCOME's fixed fields
+_HELLO_FIELDS = struct.Struct("!QQ")  # generation, next_expected
+_MAC_DOMAIN = b"dpmigrate-ring-v2"
+_TO_PRODUCER = b"consumer->producer"
+_TO_CONSUMER = b"producer->consumer"
 MAX_NAME = 128
 MAX_ERROR_TEXT = 1024
 #: Largest max_message a WELCOME may announce (sanity bound on a peer's claim).
@@ -78,6 +130,7 @@ _NAME_BYTES_RE = re.compile(rb"^[A-Za-z0-9_.:\-]{1,128}$")
 
 #: Largest payload of each control frame type; DATA is bounded by the ring's max_message.
 CONTROL_LIMITS = {
+    CHALLENGE: NONCE_SIZE,
     HELLO: _HELLO_FIXED.size + MAX_NAME,
     WELCOME: _WELCOME.size,
     ACK: 0,
@@ -110,16 +163,52 @@ def header(frame_type: int, seq: int, length: int) -> bytes:
     return HEADER.pack(_PREFIX | frame_type, seq, length)
 
 
-def encode_hello(ring: str, next_expected: int, generation: int) -> bytes:
+class Hello(NamedTuple):
+    """A decoded HELLO payload (next_expected travels in the header's seq)."""
+
+    generation: int
+    nonce: bytes
+    proof: bytes
+    ring: str
+
+
+class Welcome(NamedTuple):
+    """A decoded WELCOME payload (first retained seq travels in the header's seq)."""
+
+    generation: int
+    capacity: int
+    max_message: int
+    next_seq: int
+    proof: bytes
+
+
+def encode_challenge(nonce: bytes) -> bytes:
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError(f"a CHALLENGE nonce is {NONCE_SIZE} bytes, got {len(nonce)}")
+    return header(CHALLENGE, 0, NONCE_SIZE) + nonce
+
+
+def encode_hello(
+    ring: str,
+    next_expected: int,
+    generation: int,
+    nonce: bytes = bytes(NONCE_SIZE),
+    proof: bytes = NO_PROOF,
+) -> bytes:
     name = ring.encode("ascii")
-    payload = _HELLO_FIXED.pack(generation) + name
+    payload = _HELLO_FIXED.pack(generation, nonce, proof) + name
     return header(HELLO, next_expected, len(payload)) + payload
 
 
 def encode_welcome(
-    first_retained: int, generation: int, capacity: int, max_message: int, next_seq: int
+    first_retained: int,
+    generation: int,
+    capacity: int,
+    max_message: int,
+    next_seq: int,
+    proof: bytes = NO_PROOF,
 ) -> bytes:
-    payload = _WELCOME.pack(generation, capacity, max_message, next_seq)
+    payload = _WELCOME.pack(generation, capacity, max_message, next_seq, proof)
     return header(WELCOME, first_retained, len(payload)) + payload
 
 
@@ -144,22 +233,29 @@ def encode_data(seq: int, payload: bytes) -> bytes:
     return header(DATA, seq, len(payload)) + payload
 
 
-def decode_hello(payload: bytes) -> tuple[int, str]:
-    """Return (consumer generation, ring name) from a HELLO payload."""
+def decode_challenge(payload: bytes) -> bytes:
+    """Return the producer's nonce from a CHALLENGE payload."""
+    if len(payload) != NONCE_SIZE:
+        raise FrameError(f"CHALLENGE payload is {len(payload)} bytes, expected {NONCE_SIZE}")
+    return bytes(payload)
+
+
+def decode_hello(payload: bytes) -> Hello:
+    """Return (consumer generation, nonce, proof, ring name) from a HELLO payload."""
     if len(payload) <= _HELLO_FIXED.size:
         raise FrameError(f"HELLO payload of {len(payload)} bytes is too short to hold a ring name")
-    (generation,) = _HELLO_FIXED.unpack_from(payload)
+    generation, nonce, proof = _HELLO_FIXED.unpack_from(payload)
     name = bytes(payload[_HELLO_FIXED.size :])
     if not _NAME_BYTES_RE.match(name):
         raise FrameError(f"HELLO carries an invalid ring name {name[:40]!r}")
-    return generation, name.decode("ascii")
+    return Hello(generation, nonce, proof, name.decode("ascii"))
 
 
-def decode_welcome(payload: bytes) -> tuple[int, int, int, int]:
-    """Return (producer generation, capacity, max_message, next_seq) from a WELCOME payload."""
+def decode_welcome(payload: bytes) -> Welcome:
+    """Return (producer generation, capacity, max_message, next_seq, proof) from a WELCOME."""
     if len(payload) != _WELCOME.size:
         raise FrameError(f"WELCOME payload is {len(payload)} bytes, expected {_WELCOME.size}")
-    generation, capacity, max_message, next_seq = _WELCOME.unpack(payload)
+    generation, capacity, max_message, next_seq, proof = _WELCOME.unpack(payload)
     if capacity < 1:
         raise FrameError("WELCOME announces a capacity of 0 messages")
     if max_message > MAX_ANNOUNCED_MESSAGE:
@@ -167,7 +263,56 @@ def decode_welcome(payload: bytes) -> tuple[int, int, int, int]:
             f"WELCOME announces max_message={max_message}, above the sane bound "
             f"{MAX_ANNOUNCED_MESSAGE}"
         )
-    return generation, capacity, max_message, next_seq
+    return Welcome(generation, capacity, max_message, next_seq, proof)
+
+
+# ----------------------------------------------------------------------- handshake proofs
+# The ring name matches _NAME_BYTES_RE (no NUL), nonces and integers have fixed sizes, so
+# the NUL-joined message is unambiguous.
+
+
+def _mac(key: bytes, direction: bytes, ring: str, parts: bytes) -> bytes:
+    msg = b"\0".join((_MAC_DOMAIN, direction, ring.encode("ascii"), parts))
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def consumer_proof(
+    key: bytes,
+    ring: str,
+    producer_nonce: bytes,
+    consumer_nonce: bytes,
+    generation: int,
+    next_expected: int,
+) -> bytes:
+    """What a consumer puts in its HELLO to prove it holds the ring's key: bound to the ring,
+    both nonces and the HELLO's fields, so it can be neither replayed nor altered."""
+    fields = _HELLO_FIELDS.pack(generation, next_expected)
+    return _mac(key, _TO_PRODUCER, ring, producer_nonce + consumer_nonce + fields)
+
+
+def producer_proof(
+    key: bytes,
+    ring: str,
+    producer_nonce: bytes,
+    consumer_nonce: bytes,
+    generation: int,
+    next_expected: int,
+    first_retained: int,
+    welcome: Welcome,
+) -> bytes:
+    """What a producer puts in its WELCOME: the consumer's HELLO fields and the WELCOME's own
+    fields under the key, with the other direction label (a consumer's proof is no answer)."""
+    hello = _HELLO_FIELDS.pack(generation, next_expected)
+    mine = _WELCOME_FIELDS.pack(
+        first_retained, welcome.generation, welcome.capacity, welcome.max_message,
+        welcome.next_seq,
+    )  # fmt: skip
+    return _mac(key, _TO_CONSUMER, ring, producer_nonce + consumer_nonce + hello + mine)
+
+
+def proof_matches(expected: bytes, got: bytes) -> bool:
+    """Constant-time comparison (a timing difference must not leak how much was right)."""
+    return hmac.compare_digest(expected, got)
 
 
 def decode_error(payload: bytes) -> str:

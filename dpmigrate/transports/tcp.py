@@ -19,6 +19,15 @@ Sequence bookkeeping follows :mod:`dpmigrate.transports.base`: the producer reta
 unacked message (the window is ``capacity`` messages) and resends from the consumer's
 ``next_expected`` after a reconnection; the consumer delivers each seq once, in order, and
 drops (counts) anything below its cursor.
+
+Authentication (``key``): with a ring credential both ends prove it at every connection
+(CHALLENGE, HELLO, WELCOME; see :mod:`~dpmigrate.transports.frames`) before the producer
+looks at the consumer's generation or window, so a peer without the key can neither take
+the consumer's place nor learn anything about the ring: it is refused with the one text
+``"refused"``, and nothing it sends (garbage, a forged HELLO, a flood of idle connections)
+changes the producer's state or makes it raise. ``key=None`` keeps an unauthenticated ring
+for library use and tests; the runtime always passes a key. Only the connection is
+authenticated: the DATA hot path is unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import select
 import socket
 import struct
@@ -59,7 +69,19 @@ TRANSPORT = "tcp"
 
 _BACKOFF_MIN = 0.005  # first reconnection retry delay (s); doubles up to _BACKOFF_MAX
 _BACKOFF_MAX = 0.1
-_MAX_PENDING = 8  # accepted connections that have not said HELLO yet
+#: Accepted connections that have not completed the handshake yet. Strangers may fill this
+#: table; when it is full the OLDEST pending connection is closed (silently: an honest
+#: consumer that loses its slot just reconnects, within its reconnect bound). A consumer's
+#: handshake takes one round trip after the producer's CHALLENGE, so a flood evicts it only
+#: by opening more than this many connections within that round trip; each pending slot costs
+#: a socket and a 4 KiB buffer, so 64 keeps a flood's memory small. (A flood at a rate no
+#: bookkeeping survives is for the network to stop: ring ports face the cluster only.)
+_MAX_PENDING = 64
+#: A pending connection that has not sent a valid HELLO this long after its CHALLENGE is
+#: closed (silently, as above): long enough for a consumer busy in its stage to come back to
+#: its ring, short enough that idle strangers do not hold slots.
+_HANDSHAKE_TIMEOUT = 2.0
+_LISTEN_BACKLOG = 128  # a flood must not fill the accept queue before the producer drains it
 _IOV_MAX = 512  # buffers per sendmsg() call
 _RECV_BUFFER = 4 << 20  # consumer receive buffer; holds at least two maximal frames
 _ACK_DIVISOR = 8  # the consumer acks once committed advanced by capacity/8 (and before waiting)
@@ -74,6 +96,7 @@ _SILENT_CHECK_S = 0.1
 
 _PRODUCER_ALLOWED = frozenset({fr.ACK, fr.CLOSE, fr.PING})
 _HELLO_ALLOWED = frozenset({fr.HELLO})
+_CHALLENGE_ALLOWED = frozenset({fr.CHALLENGE, fr.ERROR, fr.PING})
 _HANDSHAKE_ALLOWED = frozenset({fr.WELCOME, fr.ERROR, fr.PING})
 _CONSUMER_ALLOWED = frozenset({fr.DATA, fr.CLOSE, fr.PING, fr.ERROR})
 
@@ -124,6 +147,19 @@ def _parse_address(ring: str, address: str) -> tuple[str, int]:
             "re-register the producer"
         )
     return host, int(port)
+
+
+def _check_key(ring: str, key: object) -> bytes | None:
+    """A ring credential is None (unauthenticated ring) or at least KEY_SIZE bytes."""
+    if key is None:
+        return None
+    if not isinstance(key, bytes) or len(key) < fr.KEY_SIZE:
+        size = len(key) if isinstance(key, bytes) else type(key).__name__
+        raise ConfigError(
+            f"ring {ring!r}: the ring credential (key) must be bytes of at least {fr.KEY_SIZE} "
+            f"bytes, got {size}; pass the key the agents derived for this ring, or None"
+        )
+    return key
 
 
 def _split_opts(ring: str, opts: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
@@ -192,14 +228,16 @@ class _OutQueue:
 
 
 class _Pending:
-    """An accepted connection that has not yet sent a complete, valid HELLO."""
+    """An accepted connection that has not yet sent a complete, valid HELLO; ``nonce`` is the
+    producer's CHALLENGE to it (fresh per connection: a recorded HELLO answers no other)."""
 
-    __slots__ = ("peer", "reader", "since", "sock")
+    __slots__ = ("nonce", "peer", "reader", "since", "sock")
 
     def __init__(self, sock: socket.socket, peer: str, since: float) -> None:
         self.sock = sock
         self.peer = peer
         self.since = since
+        self.nonce = os.urandom(fr.NONCE_SIZE)
         self.reader = fr.FrameReader(_HELLO_ALLOWED, 0, size=4096)
 
 
@@ -220,8 +258,11 @@ class TcpSender(RingSender):
         generation: int | None,
         sockbuf: int | None,
         next_seq: int = 0,
+        *,
+        key: bytes | None = None,
     ) -> None:
         check_ring_name(name)
+        self._key = _check_key(name, key)
         if not 1 <= capacity < 1 << 32:
             raise ConfigError(f"ring {name!r}: capacity {capacity} must be 1 .. 2**32-1 messages")
         if not 0 <= max_message <= fr.MAX_ANNOUNCED_MESSAGE:
@@ -261,6 +302,8 @@ class TcpSender(RingSender):
         self._connected_at = 0.0
         self._resent = 0
         self._rejected = 0
+        self._refused_consumers = 0  # authenticated consumers refused (generation, window)
+        self._last_refusal = ""
 
         if generation is None:
             try:
@@ -273,7 +316,7 @@ class TcpSender(RingSender):
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind((host, port))
-            listener.listen(16)
+            listener.listen(_LISTEN_BACKLOG)
             listener.setblocking(False)
         except OSError as err:
             listener.close()
@@ -383,6 +426,9 @@ class TcpSender(RingSender):
                 "connected": self._conn is not None,
                 "peer": self._conn_peer,
                 "rejected_connections": self._rejected,
+                "refused_consumers": self._refused_consumers,
+                "last_refusal": self._last_refusal,
+                "authenticated": self._key is not None,
                 "unwritten_bytes": self._out.nbytes,
                 "consumer_closed": self._consumer_closed,
             },
@@ -528,13 +574,11 @@ class TcpSender(RingSender):
     def _next_expiry(self) -> float | None:
         if not self._pending:
             return None
-        return min(p.since for p in self._pending.values()) + self._hello_timeout
-
-    @property
-    def _hello_timeout(self) -> float:
-        return max(1.0, self.reconnect_timeout)
+        return min(p.since for p in self._pending.values()) + _HANDSHAKE_TIMEOUT
 
     def _accept(self) -> None:
+        """Take every waiting connection, CHALLENGE it at once, and keep the pending table
+        bounded. Nothing here raises: a connection that fails is closed and counted."""
         while True:
             try:
                 sock, addr = self._listener.accept()
@@ -542,26 +586,36 @@ class TcpSender(RingSender):
                 return
             except OSError:
                 return  # e.g. ECONNABORTED, EMFILE: the client retries
+            pending = _Pending(sock, f"{addr[0]}:{addr[1]}", time.monotonic())
+            challenge = fr.encode_challenge(pending.nonce)
             try:
                 _tune(sock, self._sockbuf, self.reconnect_timeout)
+                sent = sock.send(challenge)
             except OSError:
+                sent = -1
+            if sent != len(challenge):  # a fresh socket takes 32 bytes, or the peer is gone
+                self._rejected += 1
                 sock.close()
                 continue
-            pending = _Pending(sock, f"{addr[0]}:{addr[1]}", time.monotonic())
             self._pending[sock.fileno()] = pending
             self._poller.register(sock.fileno(), select.POLLIN)
             if len(self._pending) > _MAX_PENDING:
                 oldest = min(self._pending.values(), key=lambda p: p.since)
-                self._reject(oldest, "too many connections waiting to say HELLO")
-            # A consumer sends HELLO right behind connect(): take it now rather than one
-            # call later, so a consumer can be served by the very call that accepted it.
-            if pending.sock.fileno() in self._pending:
+                self._rejected += 1
+                self._drop_pending(oldest)
+            # A consumer without a key sends HELLO right behind connect(): take it now rather
+            # than one call later, so it is served by the very call that accepted it. (With a
+            # key the HELLO answers the CHALLENGE just sent: a later call serves it.)
+            if self._key is None and pending.sock.fileno() in self._pending:
                 self._read_pending(pending)
 
     def _expire_pending(self) -> None:
-        limit = time.monotonic() - self._hello_timeout
+        """Close pending connections past the handshake timeout, without a word: an honest
+        consumer that was slow to answer its CHALLENGE sees a closed link and reconnects."""
+        limit = time.monotonic() - _HANDSHAKE_TIMEOUT
         for p in [p for p in self._pending.values() if p.since < limit]:
-            self._reject(p, f"no HELLO within {self._hello_timeout} s")
+            self._rejected += 1
+            self._drop_pending(p)
 
     def _drop_pending(self, p: _Pending, abort: bool = False) -> None:
         fd = p.sock.fileno()
@@ -573,14 +627,28 @@ class TcpSender(RingSender):
         else:
             p.sock.close()
 
-    def _reject(self, p: _Pending, problem: str) -> None:
-        """Refuse a connection that is not (or not our) consumer; keep serving the ring."""
+    def _reject(self, p: _Pending) -> None:
+        """Refuse a peer that has not proved it is this ring's consumer: one generic text, so
+        a stranger learns nothing (not the ring's name, window or next seq). Keep serving."""
         self._rejected += 1
+        with contextlib.suppress(OSError):
+            p.sock.send(fr.encode_error(fr.REFUSED_TEXT))
+        self._drop_pending(p)
+
+    def _refuse_consumer(self, p: _Pending, problem: str) -> None:
+        """Refuse an authenticated consumer that cannot be served (older generation, a gap):
+        a real bug of that peer, so it is told why; the producer itself carries on (the
+        refusal is counted and kept in statistics, never raised here)."""
+        self._rejected += 1
+        self._refused_consumers += 1
+        self._last_refusal = problem
         with contextlib.suppress(OSError):
             p.sock.send(fr.encode_error(f"ring {self.name!r}: {problem}"))
         self._drop_pending(p)
 
     def _read_pending(self, p: _Pending) -> None:
+        """Read a pending connection's HELLO; adopt it only after the key (if any) is proved,
+        and only then look at its generation and window."""
         try:
             n = p.reader.recv_from(p.sock)
         except (BlockingIOError, InterruptedError):
@@ -595,24 +663,28 @@ class TcpSender(RingSender):
             return
         try:
             frame = p.reader.next_frame()
-        except fr.FrameError as err:
-            self._reject(p, f"rejected connection from {p.peer}: {err}")
+            if frame is None:
+                return
+            hello = fr.decode_hello(frame[2])
+        except fr.FrameError:
+            self._reject(p)
             return
-        if frame is None:
+        next_expected = frame[1]
+        if hello.ring != self.name:
+            self._reject(p)
             return
-        _ftype, next_expected, payload = frame
-        try:
-            generation, ring = fr.decode_hello(payload)
-        except fr.FrameError as err:
-            self._reject(p, f"rejected connection from {p.peer}: {err}")
-            return
-        if ring != self.name:
-            self._reject(
-                p, f"HELLO from {p.peer} asks for ring {ring!r}; this producer serves {self.name!r}"
+        key = self._key
+        if key is not None:
+            expected = fr.consumer_proof(
+                key, self.name, p.nonce, hello.nonce, hello.generation, next_expected
             )
-            return
+            if not fr.proof_matches(expected, hello.proof):
+                self._reject(p)
+                return
+        # Authenticated (or a keyless ring): now the epoch and the window.
+        generation = hello.generation
         if generation < self._consumer_generation:
-            self._reject(
+            self._refuse_consumer(
                 p,
                 f"consumer generation {generation} from {p.peer} is older than the current "
                 f"consumer's {self._consumer_generation}",
@@ -625,19 +697,20 @@ class TcpSender(RingSender):
             self._skip += next_expected - self._next_seq
             self._acked = self._next_seq = self._transmitted = next_expected
         if not self._acked <= next_expected <= self._next_seq:
-            problem = (
+            self._refuse_consumer(
+                p,
                 f"consumer at {p.peer} expects seq {next_expected} but this producer retains "
                 f"only {self._acked} .. {self._next_seq - 1} (next new seq {self._next_seq}): a "
                 "gap that cannot be resent; restore the consumer from a checkpoint at or after "
-                f"seq {self._acked}"
+                f"seq {self._acked}",
             )
-            self._reject(p, problem)
-            self._error = ProtocolError(f"ring {self.name!r}: {problem}")
             return
-        self._adopt(p, generation, next_expected)
+        self._adopt(p, hello, next_expected)
 
-    def _adopt(self, p: _Pending, generation: int, next_expected: int) -> None:
-        """Make ``p`` the consumer link: WELCOME, then resend everything from next_expected."""
+    def _adopt(self, p: _Pending, hello: fr.Hello, next_expected: int) -> None:
+        """Make ``p`` the consumer link: WELCOME (with this end's proof of the key), then
+        resend everything from next_expected."""
+        generation = hello.generation
         self._pending.pop(p.sock.fileno(), None)
         with contextlib.suppress(KeyError, ValueError):
             self._poller.unregister(p.sock.fileno())
@@ -657,11 +730,14 @@ class TcpSender(RingSender):
         self._reader = p.reader
         self._conn_mask = 0
         self._out.clear()
-        self._out.append(
-            fr.encode_welcome(
-                self._acked, self.generation, self.capacity, self.max_message, self._next_seq
-            )
+        welcome = fr.Welcome(
+            self.generation, self.capacity, self.max_message, self._next_seq, fr.NO_PROOF
         )
+        key = self._key
+        if key is not None:
+            args = (key, self.name, p.nonce, hello.nonce, generation, next_expected)
+            welcome = welcome._replace(proof=fr.producer_proof(*args, self._acked, welcome))
+        self._out.append(fr.encode_welcome(self._acked, *welcome))
         start = next_expected - self._acked
         count = self._next_seq - next_expected
         if count:
@@ -818,8 +894,11 @@ class TcpReceiver(RingReceiver):
         max_message: int,
         generation: int,
         sockbuf: int | None,
+        *,
+        key: bytes | None = None,
     ) -> None:
         check_ring_name(name)
+        self._key = _check_key(name, key)
         if next_expected < 0:
             raise ConfigError(f"ring {name!r}: next_expected must be >= 0, got {next_expected}")
         self.name = name
@@ -845,6 +924,11 @@ class TcpReceiver(RingReceiver):
         self._sock: socket.socket | None = None
         self._peer = ""
         self._welcomed = False
+        # This connection's handshake: the producer's CHALLENGE nonce, ours, and the HELLO
+        # fields we sent (the producer's proof must cover exactly these).
+        self._producer_nonce = b""
+        self._nonce = b""
+        self._hello_fields = (0, 0)
         self._sock_since = 0.0
         self._heard_at = 0.0  # monotonic time of the last bytes from the producer
         self._replaced_check_at = 0.0
@@ -1111,7 +1195,9 @@ class TcpReceiver(RingReceiver):
             if frame is None:
                 return
             ftype, seq, payload = frame
-            if ftype == fr.WELCOME:
+            if ftype == fr.CHALLENGE:
+                self._on_challenge(payload)
+            elif ftype == fr.WELCOME:
                 self._on_welcome(seq, payload)
             elif ftype == fr.CLOSE:
                 if seq != self._cursor:
@@ -1126,16 +1212,58 @@ class TcpReceiver(RingReceiver):
                 text = fr.decode_error(payload)
                 peer = self._peer
                 self._lose(f"producer refused: {text}", abort=True)
+                hint = ""
+                if text == fr.REFUSED_TEXT:
+                    hint = (
+                        "; a producer refuses a consumer that does not prove the ring "
+                        "credential: both ends need the same ring credential (key)"
+                        if self._key is not None
+                        else "; this consumer has no ring credential (key=None) and the "
+                        "producer may require one: both ends need the same ring credential"
+                    )
                 raise ProtocolError(
-                    f"ring {self.name!r}: producer {peer} refused this consumer: {text}"
+                    f"ring {self.name!r}: producer {peer} refused this consumer: {text}{hint}"
                 )
             # PING: nothing to do
 
-    def _on_welcome(self, first_retained: int, payload: bytes) -> None:
+    def _on_challenge(self, payload: bytes) -> None:
+        """With a key, answer the producer's CHALLENGE with HELLO: our nonce, and our proof of
+        the key bound to both nonces and to the generation and next_expected we claim.
+        Without a key the HELLO already went out at connect; the CHALLENGE is only read."""
         try:
-            generation, capacity, max_message, next_seq = fr.decode_welcome(payload)
+            producer_nonce = fr.decode_challenge(payload)
         except fr.FrameError as err:
             self._fail(str(err))
+        self._reader.set_allowed(_HANDSHAKE_ALLOWED)
+        if self._key is None:
+            return
+        nonce = os.urandom(fr.NONCE_SIZE)
+        fields = (self.generation, self._cursor)
+        proof = fr.consumer_proof(self._key, self.name, producer_nonce, nonce, *fields)
+        self._producer_nonce, self._nonce, self._hello_fields = producer_nonce, nonce, fields
+        self._out.append(fr.encode_hello(self.name, self._cursor, self.generation, nonce, proof))
+        self._write_out()
+
+    def _on_welcome(self, first_retained: int, payload: bytes) -> None:
+        try:
+            welcome = fr.decode_welcome(payload)
+        except fr.FrameError as err:
+            self._fail(str(err))
+        if self._key is not None:
+            expected = fr.producer_proof(
+                self._key, self.name, self._producer_nonce, self._nonce, *self._hello_fields,
+                first_retained, welcome,
+            )  # fmt: skip
+            if not fr.proof_matches(expected, welcome.proof):
+                peer = self._peer
+                self._lose("the producer did not prove the ring credential", abort=True)
+                raise ProtocolError(
+                    f"ring {self.name!r}: the peer at {peer} could not prove it holds this "
+                    "ring's credential, so this consumer refused it (is a stranger listening at "
+                    "the registered address, or was one end given another key?); both ends "
+                    "need the same ring credential (key); the consumer will reconnect"
+                )
+        generation, capacity, max_message, next_seq = welcome[:4]
         if not first_retained <= self._cursor <= next_seq:
             self._fail(
                 f"WELCOME says the producer retains {first_retained} .. {next_seq - 1} but this "
@@ -1235,7 +1363,8 @@ class TcpReceiver(RingReceiver):
             host, port = _parse_address(self.name, endpoint.address)
             wait = max(0.05, min(1.0, self.reconnect_timeout))
             sock = socket.create_connection((host, port), timeout=wait)
-            sock.sendall(fr.encode_hello(self.name, self._cursor, self.generation))
+            if self._key is None:  # unauthenticated: HELLO at once (see _on_challenge)
+                sock.sendall(fr.encode_hello(self.name, self._cursor, self.generation))
             _tune(sock, self._sockbuf, self.reconnect_timeout)
         except (RingTimeout, ConfigError, OSError) as err:
             if sock is not None:
@@ -1251,7 +1380,7 @@ class TcpReceiver(RingReceiver):
         self._sock_since = now
         self._heard_at = now
         self._welcomed = False
-        self._reader.set_allowed(_HANDSHAKE_ALLOWED)
+        self._reader.set_allowed(_CHALLENGE_ALLOWED)  # HELLO goes out in answer to it
         self._poller.register(sock.fileno(), select.POLLIN)
 
     def _drop_sock(self, abort: bool) -> None:
@@ -1290,14 +1419,18 @@ def open_sender(
 
     Options: ``host``, ``port``, ``generation`` (default: the registered one + 1, else 0),
     ``sockbuf`` (fixed SO_SNDBUF/SO_RCVBUF in bytes; default: kernel autotuning),
-    ``next_seq`` (seq of the first message, for a producer resumed from a persisted point).
-    Does not wait for a consumer.
+    ``next_seq`` (seq of the first message, for a producer resumed from a persisted point),
+    ``key`` (``bytes | None``: the ring credential, at least 32 bytes; a consumer is adopted
+    only after it proves the same key, see :mod:`~dpmigrate.transports.frames`; None, the
+    default, leaves the ring unauthenticated, for library use only: the runtime always
+    passes the key the agents derived for the ring). Does not wait for a consumer.
     """
     o = _split_opts(
         name,
         opts,
-        {"host": "127.0.0.1", "port": 0, "generation": None, "sockbuf": None, "next_seq": 0},
-    )
+        {"host": "127.0.0.1", "port": 0, "generation": None, "sockbuf": None, "next_seq": 0,
+         "key": None},
+    )  # fmt: skip
     return TcpSender(
         name,
         resolver,
@@ -1309,6 +1442,7 @@ def open_sender(
         o["generation"],
         o["sockbuf"],
         int(o["next_seq"]),
+        key=o["key"],
     )
 
 
@@ -1327,11 +1461,14 @@ def open_receiver(
     Options: ``max_message`` (largest DATA accepted before the producer's WELCOME says its
     own), ``generation`` (this consumer's generation, default 0), ``sockbuf``,
     ``before_reconnect`` (called before each new connection after the first: an owner that
-    may have been replaced while it was paused checks here, and raises, before it connects).
-    Does not wait for the producer's WELCOME: that arrives inside the first recv call.
+    may have been replaced while it was paused checks here, and raises, before it connects),
+    ``key`` (``bytes | None``: the ring credential; with it, DATA is taken only from a
+    producer that proves the same key; None: unauthenticated, library use only).
+    Does not wait for the producer's CHALLENGE and WELCOME: the handshake completes inside
+    the first recv call.
     """
     known = {"max_message": MAX_MESSAGE, "generation": 0, "sockbuf": None,
-             "before_reconnect": None}  # fmt: skip
+             "before_reconnect": None, "key": None}  # fmt: skip
     o = _split_opts(name, opts, known)
     receiver = TcpReceiver(
         name,
@@ -1343,6 +1480,7 @@ def open_receiver(
         o["max_message"],
         o["generation"],
         o["sockbuf"],
+        key=o["key"],
     )
     receiver.before_reconnect = o["before_reconnect"]
     return receiver
