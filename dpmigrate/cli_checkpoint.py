@@ -19,7 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dpmigrate.errors import CheckpointError, DpmigrateError
+from dpmigrate.errors import BundleError, CheckpointError, DpmigrateError
 
 
 def _print_json(data: Any) -> None:
@@ -69,6 +69,14 @@ def _mib(n: int) -> str:
 
 def _ms(us: int) -> str:
     return f"{us / 1000:,.1f} ms"
+
+
+_TRUST_OWNER = click.option(
+    "--trust-owner",
+    is_flag=True,
+    help="Use a bundle owned by another user, or writable by group or others (refused "
+    "otherwise: whoever can write a bundle chooses what its restore runs).",
+)
 
 
 @click.command("checkpoint")
@@ -180,8 +188,14 @@ def _checkpoint_stage(stage: str, out: str, leave_running: bool, as_json: bool) 
     "positions (another kernel or CPU, or no CRIU on the node).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_TRUST_OWNER
 def restore_cmd(
-    bundle_dir: str, netns: str | None, node: str | None, cold: bool, as_json: bool
+    bundle_dir: str,
+    netns: str | None,
+    node: str | None,
+    cold: bool,
+    as_json: bool,
+    trust_owner: bool,
 ) -> None:
     """Verify a bundle, then restore it: a stage bundle into the running cluster (--node), a
     `checkpoint --pid` bundle detached on this host (prints the new PID).
@@ -195,10 +209,16 @@ def restore_cmd(
     journal from the bundle's state snapshot and ring positions and starts the stage afresh.
     Only those files are verified; the images and this machine's CRIU, CPU flags and kernel
     do not matter. Same refusals as a CRIU restore (a corrupt bundle, the stage running).
+
+    A bundle of another user, or one group or others may write, is refused unless
+    --trust-owner (process bundles only: the cluster's agent checks stage bundles itself).
     """
     from dpmigrate.checkpoint import bundle, keeper
     from dpmigrate.checkpoint import cold as colds
 
+    untrusted = bundle.trust_problems(bundle_dir)
+    if untrusted and (cold or not trust_owner):
+        _refuse_untrusted(bundle_dir, untrusted, trust_owner)
     if cold:
         if netns is not None:
             raise click.UsageError("--netns is for CRIU restores; --cold restores a stage on "
@@ -208,14 +228,16 @@ def restore_cmd(
         _restore_stage(bundle_dir, loaded.key, node, as_json, cold=True)
         return
     with _progress(as_json, "verifying the bundle") as progress:
-        report = bundle.verify(bundle_dir, progress=progress)
+        report = bundle.verify(bundle_dir, progress=progress, trust_owner=trust_owner)
         if not report.ok:
             raise bundle.refusal(report)
         if report.manifest and report.manifest.get("stage"):
+            if untrusted:
+                _refuse_untrusted(bundle_dir, untrusted, trust_owner)
             _restore_stage(bundle_dir, str(report.manifest["stage"]), node, as_json)
             return
         progress("restoring with CRIU")
-        result = keeper.restore_detached(bundle_dir, netns=netns)
+        result = keeper.restore_detached(bundle_dir, netns=netns, trust_owner=trust_owner)
     if as_json:
         _print_json({"bundle": bundle_dir, "warnings": report.warnings, **result.as_dict()})
         return
@@ -229,6 +251,23 @@ def restore_cmd(
         highlight=False,
     )
     click.echo(result.pid)
+
+
+def _refuse_untrusted(bundle_dir: str, problems: list[Any], trust_owner: bool) -> None:
+    """Refuse a bundle of another user (or writable by others). With --trust-owner this is a
+    stage bundle: the node's agent loads it again and applies its own check, which a flag of
+    this command cannot lift — say how to make the bundle ours instead."""
+    from dpmigrate.checkpoint import bundle
+
+    if not trust_owner:
+        raise bundle.refusal(bundle.VerifyReport(bundle_dir, problems))
+    listed = "; ".join(str(p) for p in problems)
+    raise BundleError(
+        f"bundle {bundle_dir} refused: {listed}. --trust-owner covers process bundles only: a "
+        "stage bundle is restored (CRIU or --cold) by the cluster's agent, which checks it "
+        f"again — make it yours first (`chown -R {os.geteuid()} {bundle_dir}; chmod -R go-w "
+        f"{bundle_dir}`). Nothing was restored and nothing deleted"
+    )
 
 
 def _restore_stage(
@@ -275,17 +314,21 @@ def _restore_stage(
 @click.command("verify")
 @click.argument("bundle_dir", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(bundle_dir: str, as_json: bool) -> None:
+@_TRUST_OWNER
+def verify_cmd(bundle_dir: str, as_json: bool, trust_owner: bool) -> None:
     """Check a bundle's files, checksums and compatibility with this node; exit 1 on a problem.
 
     One line per problem, naming the file: missing, extra, truncated / size mismatch,
     checksum mismatch, unreadable manifest or unknown format, or incompatible (a newer CRIU,
     CPU flags missing here). A different kernel is only a note. Nothing is changed.
+
+    Refused: a symbolic link, FIFO, device or socket anywhere in the bundle; a bundle of
+    another user, or one group or others may write (unless --trust-owner).
     """
     from dpmigrate.checkpoint import bundle
 
     with _progress(as_json, "verifying") as progress:
-        report = bundle.verify(bundle_dir, progress=progress)
+        report = bundle.verify(bundle_dir, progress=progress, trust_owner=trust_owner)
     if as_json:
         _print_json(report.as_dict())
     else:
@@ -302,15 +345,28 @@ def verify_cmd(bundle_dir: str, as_json: bool) -> None:
 @click.command("inspect")
 @click.argument("bundle_dir", metavar="DIR", type=click.Path(file_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print everything decoded as JSON.")
-def inspect_cmd(bundle_dir: str, as_json: bool) -> None:
-    """Show what a bundle holds: processes, memory by kind, files, sockets, state, rings."""
-    from dpmigrate.checkpoint.inspect import MEMORY_KINDS, inspect
+@_TRUST_OWNER
+def inspect_cmd(bundle_dir: str, as_json: bool, trust_owner: bool) -> None:
+    """Show what a bundle holds: processes, memory by kind, files, sockets, state, rings.
+
+    Exits 1 when the bundle fails verification (what could be decoded is still shown). A
+    bundle of another user, or one group or others may write, is refused before anything is
+    decoded unless --trust-owner.
+    """
+    from dpmigrate.checkpoint.inspect import inspect
 
     with _progress(as_json, "decoding images"):
-        data = inspect(bundle_dir)
+        data = inspect(bundle_dir, trust_owner=trust_owner)
     if as_json:
         _print_json(data)
-        return
+    else:
+        _render_inspect(data)
+    sys.exit(0 if data["verify"]["ok"] else 1)
+
+
+def _render_inspect(data: dict[str, Any]) -> None:
+    from dpmigrate.checkpoint.inspect import MEMORY_KINDS
+
     console = Console()
     m = data["manifest"]
     verdict = (

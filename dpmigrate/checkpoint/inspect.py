@@ -13,10 +13,12 @@ under ``errors`` instead of stopping the rest.
 from __future__ import annotations
 
 import bisect
+import fnmatch
 import ipaddress
 import json
 import os
 import quopri
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ import msgpack
 import pycriu.images
 
 from dpmigrate.checkpoint import bundle as _bundle
+from dpmigrate.errors import BundleError
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -50,37 +53,87 @@ MEMORY_KINDS = ("anon_private", "anon_shared", "file_private", "file_shared", "o
 
 
 class _Images:
-    """Loads images by name, remembering which ones failed to decode."""
+    """Loads images by name through the bundle's folder descriptor (never following a link,
+    never opening a special file), remembering which ones failed to decode."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: _bundle.BundleFolder) -> None:
         self.folder = folder
         self.errors: list[dict[str, str]] = []
 
+    def names(self, pattern: str) -> list[tuple[str, int]]:
+        """(name, size) of the regular files of ``images/`` matching ``pattern``, sorted."""
+        prefix = f"{_bundle.IMAGES}/"
+        return [
+            (rel[len(prefix) :], info.st_size)
+            for rel, info in self.folder.entries()
+            if rel.startswith(prefix)
+            and "/" not in rel[len(prefix) :]
+            and stat.S_ISREG(info.st_mode)
+            and fnmatch.fnmatchcase(rel[len(prefix) :], pattern)
+        ]
+
     def entries(self, name: str, *, required: bool = True) -> list[dict[str, Any]]:
-        path = self.folder / name
+        rel = f"{_bundle.IMAGES}/{name}"
+        if _bundle.name_problem(rel) is not None:
+            self.errors.append({"file": _bundle.shown(rel), "problem": "not a valid image name"})
+            return []
         try:
-            with open(path, "rb") as image:
+            fd = self.folder.open(rel)
+        except _bundle.FileProblem as err:
+            if required or not _absent(err):
+                self.errors.append({"file": err.problem.file, "problem": err.problem.problem})
+            return []
+        try:
+            with os.fdopen(fd, "rb") as image:
                 return list(pycriu.images.load(image)["entries"])
-        except FileNotFoundError:
-            if required:
-                self.errors.append({"file": f"images/{name}", "problem": "missing"})
         except Exception as err:  # pycriu raises many kinds on damaged input
-            self.errors.append({"file": f"images/{name}", "problem": f"cannot decode: {err}"})
+            problem = _bundle.shown(f"cannot decode: {err}")[:300]
+            self.errors.append({"file": rel, "problem": problem})
         return []
 
 
-def inspect(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
-    """Decode the bundle at ``path``: processes, memory, files, sockets, state, rings."""
+def _absent(err: _bundle.FileProblem) -> bool:
+    """The file is simply not there (not a link, a special file or unreadable)."""
+    return err.problem.kind == "missing" and err.problem.problem == "missing"
+
+
+def inspect(
+    path: str | os.PathLike[str], *, verify: bool = True, trust_owner: bool = False
+) -> dict[str, Any]:
+    """Decode the bundle at ``path``: processes, memory, files, sockets, state, rings.
+
+    A bundle of another user, or one group or others may write, is refused (BundleError)
+    before anything in it is decoded, unless ``trust_owner``: pycriu is no parser to feed
+    files a stranger chose. A symbolic link or special file inside is never read (listed under
+    ``errors``, and verification fails)."""
     root = Path(path).absolute()
-    images = _Images(root / _bundle.IMAGES)
+    try:
+        folder = _bundle.BundleFolder(root)
+    except OSError as err:
+        raise BundleError(f"bundle {root}: cannot open it ({err.strerror})") from None
+    with folder:
+        if not trust_owner:
+            problems = folder.trust_problems()
+            if problems:
+                raise _bundle.refusal(_bundle.VerifyReport(str(root), problems))
+        return _inspect(folder, verify, trust_owner)
+
+
+def _inspect(folder: _bundle.BundleFolder, verify: bool, trust_owner: bool) -> dict[str, Any]:
+    root = folder.path
+    images = _Images(folder)
     manifest: dict[str, Any] = {}
     try:
-        manifest = json.loads((root / _bundle.MANIFEST).read_text())
-    except (OSError, ValueError) as err:
-        images.errors.append({"file": _bundle.MANIFEST, "problem": f"unreadable: {err}"})
+        manifest = _bundle.decode_manifest(
+            folder.read(_bundle.MANIFEST, _bundle.MAX_MANIFEST_BYTES), str(root)
+        )
+    except _bundle.FileProblem as err:
+        images.errors.append({"file": err.problem.file, "problem": err.problem.problem})
+    except BundleError as err:
+        images.errors.append({"file": _bundle.MANIFEST, "problem": str(err)})
     out: dict[str, Any] = {"bundle": str(root)}
     if verify:
-        out["verify"] = _bundle.verify(root).as_dict()
+        out["verify"] = _bundle.verify(root, trust_owner=trust_owner).as_dict()
     out["manifest"] = {
         k: manifest.get(k)
         for k in ("format_version", "dpmigrate_version", "criu_version", "kernel", "arch",
@@ -128,14 +181,12 @@ def inspect(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, A
         "mapped_bytes": sum(memory[k]["mapped_bytes"] for k in MEMORY_KINDS),
         "dumped_bytes": sum(memory[k]["dumped_bytes"] for k in MEMORY_KINDS),
         "shmem_dumped_bytes": _shmem_bytes(images),
-        "pages_files_bytes": sum(
-            p.stat().st_size for p in (root / _bundle.IMAGES).glob("pages-*.img")
-        ),
+        "pages_files_bytes": sum(size for _, size in images.names("pages-*.img")),
     }
     out["files"] = files
     out["sockets"] = sockets
-    out["state"] = _state_summary(root / _bundle.STATE)
-    out["rings"] = _rings(root / _bundle.RINGS, images)
+    out["state"] = _state_summary(folder, images)
+    out["rings"] = _rings(folder, images)
     out["errors"] = images.errors
     return out
 
@@ -189,8 +240,8 @@ def _split(
 
 def _shmem_bytes(images: _Images) -> int:
     total = 0
-    for path in sorted(images.folder.glob("pagemap-shmem-*.img")):
-        for entry in images.entries(path.name, required=False):
+    for name, _size in images.names("pagemap-shmem-*.img"):
+        for entry in images.entries(name, required=False):
             if "vaddr" in entry and entry.get("flags", _PE_PRESENT) & _PE_PRESENT:
                 total += entry.get("nr_pages", 0) * PAGE_SIZE
     return total
@@ -252,11 +303,14 @@ def _describe_fd(fd: dict[str, Any], entry: dict[str, Any] | None) -> dict[str, 
     return out
 
 
-def _state_summary(path: Path) -> dict[str, Any] | None:
-    """Size of state.bin and, when it is msgpack ``[version, dict]``, its version and keys."""
+def _state_summary(folder: _bundle.BundleFolder, images: _Images) -> dict[str, Any] | None:
+    """Size of state.bin and, when it is msgpack ``[version, dict]``, its version and keys.
+    Read only as a regular file of the bundle: a link planted there is an error, not state."""
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+        raw = folder.read(_bundle.STATE)
+    except _bundle.FileProblem as err:
+        if not _absent(err):
+            images.errors.append({"file": err.problem.file, "problem": err.problem.problem})
         return None
     summary: dict[str, Any] = {"bytes": len(raw), "decodes": False}
     try:
@@ -268,11 +322,14 @@ def _state_summary(path: Path) -> dict[str, Any] | None:
     return summary
 
 
-def _rings(path: Path, images: _Images) -> dict[str, Any] | None:
+def _rings(folder: _bundle.BundleFolder, images: _Images) -> Any:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+        return json.loads(folder.read(_bundle.RINGS, _bundle.MAX_MANIFEST_BYTES).decode())
+    except _bundle.FileProblem as err:
+        if not _absent(err):
+            images.errors.append({"file": err.problem.file, "problem": err.problem.problem})
         return None
-    except (OSError, ValueError) as err:
-        images.errors.append({"file": _bundle.RINGS, "problem": f"unreadable: {err}"})
+    except (ValueError, RecursionError) as err:
+        problem = _bundle.shown(f"unreadable: {err}")[:300]
+        images.errors.append({"file": _bundle.RINGS, "problem": problem})
         return None

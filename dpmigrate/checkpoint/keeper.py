@@ -46,15 +46,19 @@ def restore_detached(
     netns: str | None = None,
     log_dir: str | os.PathLike[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
+    trust_owner: bool = False,
 ) -> criu_rpc.RestoreResult:
     """Verify and restore the bundle at ``path`` under a keeper; returns the restored root's
     host PID (``pid``) and the keeper's (``keeper_pid``). Raises the keeper's BundleError or
-    CheckpointError as is; nothing is restored then, nothing deleted."""
+    CheckpointError as is; nothing is restored then, nothing deleted. ``trust_owner``: as for
+    :func:`dpmigrate.checkpoint.bundle.load` (the keeper verifies again, so it is passed on)."""
     cmd = [sys.executable, "-m", "dpmigrate.checkpoint.keeper", os.fspath(path)]
     if netns is not None:
         cmd += ["--netns", netns]
     if log_dir is not None:
         cmd += ["--log-dir", os.fspath(log_dir)]
+    if trust_owner:
+        cmd.append("--trust-owner")
     keeper = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         close_fds=True, start_new_session=True, cwd="/",
@@ -122,12 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundle")
     parser.add_argument("--netns")
     parser.add_argument("--log-dir")
+    parser.add_argument("--trust-owner", action="store_true")
     args = parser.parse_args(argv)
     # The caller may be gone long before the restored tree ends: do not die with its terminal.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        result = _bundle.restore(args.bundle, netns=args.netns, log_dir=args.log_dir)
+        result = _bundle.restore(
+            args.bundle, netns=args.netns, log_dir=args.log_dir, trust_owner=args.trust_owner
+        )
     except DpmigrateError as err:
         _answer({"ok": False, "type": type(err).__name__, "error": str(err)})
         return 1

@@ -11,7 +11,8 @@ the downstream consumers drop as duplicates. Nothing lost, nothing duplicated.
 Files (in the stage's folder): ``snapshot`` (written to a temporary name, then renamed) and
 ``journal`` (append-only; records are ``u32 length, u32 crc32, msgpack body``). A torn last
 record (the process died inside a write) fails its checksum and is ignored: it was never
-acknowledged to anyone.
+acknowledged to anyone. Both are mode 0600 in a 0700 folder: they hold the stage's state,
+which may be as secret as the packets it was built from.
 """
 
 from __future__ import annotations
@@ -35,12 +36,21 @@ COMPACT_EVERY = 256
 Positions = dict[str, int]
 
 
+def _private(path: Path, mode: int) -> None:
+    """Give ``path`` (if it is there, and not a symbolic link) ``mode``."""
+    if not path.is_symlink() and path.exists():
+        os.chmod(path, mode)
+
+
 class StageJournal:
     """Persistent committed points of one stage instance."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private(self.folder, 0o700)
+        for path in (self.folder / "journal", self.folder / "snapshot"):
+            _private(path, 0o600)  # written by an older dpmigrate with the umask's mode
         self._journal_path = self.folder / "journal"
         self._snapshot_path = self.folder / "snapshot"
         self._fd: int | None = None
@@ -129,6 +139,7 @@ class StageJournal:
         self.close()
         tmp = self._snapshot_path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)  # a .tmp left by an older dpmigrate keeps its mode otherwise
         with os.fdopen(fd, "wb") as out:
             out.write(pack([state.version, state.snapshot(), inputs, outputs]))
             out.flush()
@@ -148,7 +159,10 @@ class StageJournal:
 
     def _compact(self, state: State, inputs: Positions, outputs: Positions) -> None:
         tmp = self._snapshot_path.with_suffix(".tmp")
-        tmp.write_bytes(pack([state.version, state.snapshot(), inputs, outputs]))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)  # a .tmp left by an older dpmigrate keeps its mode otherwise
+        with os.fdopen(fd, "wb") as out:
+            out.write(pack([state.version, state.snapshot(), inputs, outputs]))
         os.replace(tmp, self._snapshot_path)
         if self._fd is not None:
             os.ftruncate(self._fd, 0)

@@ -20,7 +20,11 @@
     transport = "auto"           # auto | mem | shm | tcp (auto: by deployment model)
 
 Every problem is one :class:`ConfigError` naming the file and the key (or, for TOML syntax,
-the line): unknown stage or port, duplicate ring, a cycle, a missing entry point, wrong types.
+the line): unknown stage or port, duplicate ring, a cycle, a missing entry point, wrong types,
+a file that is not UTF-8 or nested too deeply, a name that is not plain. Names (app, stages,
+ports, rings, nodes) become file names, socket names and table keys elsewhere, so they are
+held to a strict pattern here, once; values in a stage's ``config`` to what JSON can carry
+(a TOML date cannot reach a stage on another node).
 """
 
 from __future__ import annotations
@@ -38,8 +42,18 @@ from dpmigrate.runtime.stage import Service
 from dpmigrate.transports.base import DEFAULT_CAPACITY
 from dpmigrate.transports.resolver import NAME_RE
 
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+#: App, stage and port names: a strict subset of the project's NAME_RE (no '.' or ':', which
+#: separate a stage from its port and an app from its stage elsewhere).
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
+_ENTRY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 _TRANSPORT_HINTS = ("auto", "mem", "shm", "tcp")
+#: The largest manifest read: an app's manifest is a few KiB.
+MAX_MANIFEST_BYTES = 1 << 20
+#: Bounds of a ring's capacity and a batch: larger is a typo, and would fail far from here.
+MAX_CAPACITY = 1 << 30
+MAX_BATCH = 1 << 20
+#: How deep a stage's config may nest (it is sent to the stage as JSON).
+_MAX_CONFIG_DEPTH = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,32 +106,76 @@ class App:
         return resolve_entry(self.stage(stage).entry, self.path, f"stages.{stage}.entry")
 
 
+def _show(value: Any) -> str:
+    """``value`` for a one-line message: its repr, escaped to ASCII, cut short."""
+    text = ascii(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _text(err: BaseException) -> str:
+    """An error's message on one line (a decoder may quote the bad input)."""
+    return ascii(str(err))[1:-1][:200]
+
+
+def _key(name: str) -> str:
+    """A TOML key as it may appear in a message (a quoted key may hold anything)."""
+    return name if _NAME_RE.fullmatch(name) else _show(name)
+
+
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
     if (isinstance(value, bool) and kind is int) or not isinstance(value, kind):
-        raise ConfigError(f"{where}: must be {what}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: must be {what}, got {type(value).__name__} {_show(value)}")
     return value
 
 
-def _positive(value: Any, where: str) -> int:
+def _positive(value: Any, where: str, most: int) -> int:
     _expect(value, int, where, "a positive integer")
-    if value < 1:
-        raise ConfigError(f"{where}: must be a positive integer, got {value}")
+    if not 1 <= value <= most:
+        raise ConfigError(f"{where}: must be a positive integer up to {most}, got {_show(value)}")
+    return value
+
+
+def _name(value: Any, where: str, what: str, pattern: re.Pattern[str] = _NAME_RE) -> str:
+    """``value`` if it is a string matching ``pattern`` whole (a final newline included)."""
+    _expect(value, str, where, what)
+    if not pattern.fullmatch(value):
+        raise ConfigError(f"{where}: {_show(value)} is not {what} (it must match "
+                          f"{pattern.pattern})")  # fmt: skip
+    return value
+
+
+def _plain(value: Any, where: str, depth: int = 0) -> dict[str, Any]:
+    """A stage's config: tables, arrays, strings, numbers and booleans only, not too deep."""
+    if depth > _MAX_CONFIG_DEPTH:
+        raise ConfigError(f"{where}: nested more than {_MAX_CONFIG_DEPTH} deep")
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(item, dict | list):
+            _plain(item, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]",
+                   depth + 1)  # fmt: skip
+        elif not isinstance(item, str | int | float | bool):
+            raise ConfigError(
+                f"{where}: {_show(key)} is a {type(item).__name__}; a stage's config holds "
+                "strings, numbers, booleans, arrays and tables"
+            )
     return value
 
 
 def resolve_entry(entry: str, manifest: Path, where: str) -> type[Service]:
     """Import ``module:Class``; the manifest's folder is searched first."""
-    module_name, sep, class_name = entry.partition(":")
-    if not sep or not module_name or not class_name:
-        raise ConfigError(f"{manifest}: {where} = {entry!r} must look like 'module:Class'")
+    module_name, _, class_name = entry.partition(":")
+    if not _ENTRY_RE.fullmatch(entry):
+        raise ConfigError(f"{manifest}: {where} = {_show(entry)} must look like 'module:Class' "
+                          "(a dotted module name, then a class name)")  # fmt: skip
     folder = str(manifest.resolve().parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except Exception as err:  # the user's module may raise anything while it is imported
         raise ConfigError(
-            f"{manifest}: {where}: cannot import module {module_name!r}: {err}"
+            f"{manifest}: {where}: cannot import module {module_name!r}: "
+            f"{type(err).__name__}: {_show(str(err))}; fix the module or the entry"
         ) from err
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Service)):
@@ -129,6 +187,33 @@ def resolve_entry(entry: str, manifest: Path, where: str) -> type[Service]:
     return cls
 
 
+def _parse(path: Path) -> dict[str, Any]:
+    """The manifest's TOML as a dict; one ConfigError for a missing, unreadable, oversized,
+    non-UTF-8, too deeply nested or malformed file."""
+    try:
+        with open(path, "rb") as manifest:
+            data = manifest.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError as err:
+        raise ConfigError(f"app manifest {path} does not exist") from err
+    except OSError as err:
+        raise ConfigError(f"app manifest {path}: cannot read it ({err.strerror})") from err
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not an app manifest")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 (line {line}); save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {_text(err)}") from err
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be an app manifest") from None
+    except ValueError as err:  # an integer of too many digits
+        raise ConfigError(f"{path}: not valid TOML: {_text(err)}") from err
+
+
 def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
     """Read and validate a manifest; raise one ConfigError naming the problem's key or line.
 
@@ -136,12 +221,7 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
     the ring's ``capacity`` nor ``defaults.capacity``): the environment's setting
     (``DPMIGRATE_RING_CAPACITY``), which an entry point reads and passes in."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise ConfigError(f"app manifest {path} does not exist") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    raw = _parse(path)
     where = str(path)
     unknown = set(raw) - {"app", "defaults", "stages", "rings"}
     if unknown:
@@ -150,27 +230,23 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
             "expected app, defaults, stages, rings"
         )
     app = _expect(raw.get("app", {}), dict, f"{where}: [app]", "a table")
-    name = _expect(app.get("name"), str, f"{where}: app.name", "a string")
-    if not _NAME_RE.match(name):
-        raise ConfigError(
-            f"{where}: app.name {name!r} must be a letter then letters, digits, _ or -"
-        )
+    name = _name(app.get("name"), f"{where}: app.name",
+                 "an app name (a letter, then letters, digits, _ or -)")  # fmt: skip
     defaults = _expect(raw.get("defaults", {}), dict, f"{where}: [defaults]", "a table")
     default_capacity = _positive(
-        defaults.get("capacity", ring_capacity), f"{where}: defaults.capacity"
+        defaults.get("capacity", ring_capacity), f"{where}: defaults.capacity", MAX_CAPACITY
     )
-    default_batch = _positive(defaults.get("batch", 32), f"{where}: defaults.batch")
-    default_node = _expect(
-        defaults.get("node", "node1"), str, f"{where}: defaults.node", "a string"
-    )
+    default_batch = _positive(defaults.get("batch", 32), f"{where}: defaults.batch", MAX_BATCH)
+    default_node = _name(defaults.get("node", "node1"), f"{where}: defaults.node",
+                         "a node name", NAME_RE)  # fmt: skip
 
     stages_raw = _expect(raw.get("stages"), dict, f"{where}: [stages]", "a table of stages")
     if not stages_raw:
         raise ConfigError(f"{where}: [stages] is empty; an app needs at least one stage")
     stages: dict[str, StageSpec] = {}
     for sname, body in stages_raw.items():
-        key = f"{where}: stages.{sname}"
-        if not _NAME_RE.match(sname):
+        key = f"{where}: stages.{_key(sname)}"
+        if not _NAME_RE.fullmatch(sname):
             raise ConfigError(f"{key}: stage names are a letter then letters, digits, _ or -")
         _expect(body, dict, key, "a table")
         extra = set(body) - {"entry", "node", "config", "batch", "standby"}
@@ -181,13 +257,15 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
             )
         if "entry" not in body:
             raise ConfigError(f"{key}.entry is missing: name the stage class as 'module:Class'")
-        node = _expect(body.get("node", default_node), str, f"{key}.node", "a node name")
+        node = _name(body.get("node", default_node), f"{key}.node", "a node name", NAME_RE)
         stages[sname] = StageSpec(
             name=sname,
             entry=_expect(body["entry"], str, f"{key}.entry", "a 'module:Class' string"),
             node=node,
-            config=_expect(body.get("config", {}), dict, f"{key}.config", "a table"),
-            batch=_positive(body.get("batch", default_batch), f"{key}.batch"),
+            config=_plain(
+                _expect(body.get("config", {}), dict, f"{key}.config", "a table"), f"{key}.config"
+            ),
+            batch=_positive(body.get("batch", default_batch), f"{key}.batch", MAX_BATCH),
             standbys=_standbys(body.get("standby", []), node, f"{key}.standby"),
         )
 
@@ -208,8 +286,9 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
         for field in ("from", "to"):
             ref = _expect(body.get(field), str, f"{key}.{field}", "'stage.port'")
             stage, dot, port = ref.partition(".")
-            if not dot or not port:
-                raise ConfigError(f"{key}.{field} = {ref!r} must look like 'stage.port'")
+            if not dot or not _NAME_RE.fullmatch(stage) or not _NAME_RE.fullmatch(port):
+                raise ConfigError(f"{key}.{field} = {_show(ref)} must look like 'stage.port' "
+                                  "(each a letter, then letters, digits, _ or -)")  # fmt: skip
             if stage not in stages:
                 raise ConfigError(
                     f"{key}.{field} = {ref!r} names unknown stage {stage!r}; "
@@ -217,9 +296,8 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
                 )
             ends.append((stage, port))
         (src, sport), (dst, dport) = ends
-        rname = _expect(
-            body.get("name", f"{src}.{sport}-{dst}.{dport}"), str, f"{key}.name", "a string"
-        )
+        rname = _name(body.get("name", f"{src}.{sport}-{dst}.{dport}"), f"{key}.name",
+                      "a ring name", NAME_RE)  # fmt: skip
         if rname in rings:
             raise ConfigError(f"{key}.name: duplicate ring {rname!r}")
         for ref in (f"out:{src}.{sport}", f"in:{dst}.{dport}"):
@@ -232,9 +310,11 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
         transport = _expect(body.get("transport", "auto"), str, f"{key}.transport", "a string")
         if transport not in _TRANSPORT_HINTS:
             raise ConfigError(
-                f"{key}.transport = {transport!r}; choose one of {', '.join(_TRANSPORT_HINTS)}"
+                f"{key}.transport = {_show(transport)}; choose one of {', '.join(_TRANSPORT_HINTS)}"
             )
-        capacity = _positive(body.get("capacity", default_capacity), f"{key}.capacity")
+        capacity = _positive(
+            body.get("capacity", default_capacity), f"{key}.capacity", MAX_CAPACITY
+        )
         rings[rname] = RingSpec(rname, src, sport, dst, dport, capacity, transport)
 
     order = _topological(stages, rings.values(), where)
@@ -262,7 +342,7 @@ def _standbys(value: Any, node: str, where: str) -> tuple[str, ...]:
     for name in names:
         _expect(name, str, where, "a node name or a list of node names")
         if not NAME_RE.fullmatch(name):
-            raise ConfigError(f"{where}: {name!r} is not a valid node name")
+            raise ConfigError(f"{where}: {_show(name)} is not a valid node name")
         if name == node:
             raise ConfigError(
                 f"{where}: {name!r} is the node the stage runs on; a standby must be on "
