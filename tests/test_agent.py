@@ -20,9 +20,6 @@ from dpmigrate.runtime.control import (
     AgentClient,
     AuthError,
     RemoteError,
-    proof,
-    recv_frame,
-    send_frame,
 )
 from dpmigrate.runtime.registry import AgentResolver
 from dpmigrate.transports.resolver import Endpoint
@@ -192,24 +189,13 @@ def test_start_stage_with_a_traversing_name_is_refused_and_starts_nothing(
     path, proc = agent
     logs = tmp_path / "state" / "logs" / "t1"
     before = sorted(logs.iterdir()) if logs.exists() else []
-    raw = socket.socket(socket.AF_UNIX)
-    raw.connect(path)
-    raw.settimeout(10)
-    try:
-        hello = recv_frame(raw)
-        send_frame(raw, {"v": 1, "auth": proof(TOKEN, hello["nonce"])})
-        assert recv_frame(raw)["ok"] is True
+    with AgentClient(path, TOKEN, timeout=10) as client:
         for app, stage in (("../../../tmp/evil", "s"), ("a", "../s"), ("a", "s/../../x")):
             args = {"app": app, "stage": stage, "manifest": str(tmp_path / "app.toml"),
                     "run_dir": str(tmp_path / "run"), "model": "multi-node"}  # fmt: skip
-            send_frame(raw, {"v": 1, "id": 7, "op": "start_stage", "args": args})
-            reply = recv_frame(raw)
-            assert reply["id"] == 7 and reply["ok"] is False, reply
-            assert "is not a name" in reply["error"], reply
-        send_frame(raw, {"v": 1, "id": 8, "op": "status", "args": {}})
-        status = recv_frame(raw)
-    finally:
-        raw.close()
+            with pytest.raises(RemoteError, match="is not a name"):
+                client.call("start_stage", **args)
+        status = {"ok": True, "result": client.call("status")}
     assert status["ok"] is True and status["result"]["stages"] == [], status
     assert (sorted(logs.iterdir()) if logs.exists() else []) == before, "a stage log appeared"
     assert not (tmp_path / "run").exists()

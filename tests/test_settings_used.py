@@ -253,7 +253,7 @@ def test_the_library_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("DPMIGRATE_RING_CAPACITY", "not-a-number")  # any config.load() fails
     with pytest.raises(TypeError):
         AgentResolver("@x")  # type: ignore[call-arg]
-    assert AgentResolver("@x", TOKEN).token == TOKEN
+    assert AgentResolver("@x", TOKEN).credential == TOKEN
     app = App.load(EXAMPLE)
     with pytest.raises(TypeError, match="run_dir or the state_dir"):
         MultiProcessRun(app)

@@ -13,9 +13,12 @@ on:
 The ring registry and the placements live in the cluster store (etcd, DESIGN.md §7); the
 agent keeps its node's lease there and local copies that watches keep current
 (:class:`~dpmigrate.runtime.node_store.NodeStore`), so a lookup is answered locally, at once.
-Every connection must authenticate with the cluster token (DPMIGRATE_TOKEN, see
-:mod:`dpmigrate.runtime.control`). SIGTERM stops the node's stages (each finishes its batch)
-and the agent exits 0.
+Every connection must authenticate mutually — with the cluster token (DPMIGRATE_TOKEN), or a
+stage with its own key, which opens only :mod:`~dpmigrate.runtime.stage_access`'s operations
+— and every frame after that carries a MAC (:mod:`dpmigrate.runtime.control`); strangers get
+only the few pending slots of :mod:`~dpmigrate.runtime.admission`.
+
+SIGTERM stops the node's stages (each finishes its batch) and the agent exits 0.
 
 It serves only what is registered in its :class:`~dpmigrate.runtime.operations.OperationTable`
 (``Agent.operations``): its own operations, listed in :meth:`Agent._register_operations`, and
@@ -38,9 +41,11 @@ from typing import Any, Protocol
 from dpmigrate import atomic
 from dpmigrate.errors import ProtocolError
 from dpmigrate.eventlog import EventLog
-from dpmigrate.runtime import control, stagehost
+from dpmigrate.runtime import control, stage_access, stagehost
+from dpmigrate.runtime.admission import LOCAL_BUDGET, TCP_BUDGET, Admission
 from dpmigrate.runtime.node_store import NodeStore
 from dpmigrate.runtime.operations import AbsPath, Name, NoArgs, OperationTable, Request
+from dpmigrate.runtime.registry import STAGE_KEY_ENV
 from dpmigrate.runtime.supervisor import Supervisor, process_start_time
 from dpmigrate.transports.resolver import NAME_RE, Endpoint
 
@@ -50,7 +55,6 @@ STAGE_TABLE = "agent-stages.json"
 #: The models whose stages an agent runs (the in-process model has no agent).
 AGENT_MODELS = ("multi-process", "multi-node")
 _MAX_LOOKUP_WAIT_S = 30.0
-_MAX_CONNECTIONS = 64
 
 
 class AgentService(Protocol):
@@ -134,13 +138,15 @@ class Agent:
             run_dir / "logs",
             on_event=lambda m: self.log("stage", message=m),
             on_problem=lambda m: self.log("stage", level="warning", message=m),
+            stage_env=self._stage_env,
         )
         self.stage_args: dict[str, tuple[str, str, str]] = {}  # stage -> manifest, run dir, model
         #: stage -> "primary", or the replica role it was started in (until it takes over)
         self.roles: dict[str, str] = {}
         self.stopping = threading.Event()
         self.listeners: list[socket.socket] = []
-        self._connections = threading.BoundedSemaphore(_MAX_CONNECTIONS)
+        #: listener address -> its connection budgets (see :mod:`.admission`)
+        self.admissions: dict[str, Admission] = {}
         self.lock = threading.Lock()
         self._saved_table: dict[str, dict[str, Any]] = {}  # the stage table last written
         #: What this agent serves; services register theirs here before it starts listening.
@@ -161,6 +167,7 @@ class Agent:
         ops.register("unregister", UnregisterRing, self._unregister_ring)
         ops.register("lookup", Lookup, self._lookup)
         ops.register("placement", AppRef, self._placement)
+        ops.register("ring_key", RingRef, self._ring_key)
         # stages
         ops.register("start_stage", StartStage, self._start_stage)
         ops.register("stop_stage", StageRef, self._stop_stage)
@@ -189,56 +196,86 @@ class Agent:
         self.log("listening", address=address)
 
     def _accept_loop(self, sock: socket.socket, address: str) -> None:
+        tcp = sock.family == socket.AF_INET
+        admission = Admission(TCP_BUDGET if tcp else LOCAL_BUDGET, self.log, address)
+        self.admissions[address] = admission
         while not self.stopping.is_set():
             try:
-                conn, _ = sock.accept()
+                conn, peer = sock.accept()
             except OSError:
                 return
-            if not self._connections.acquire(blocking=False):
+            source = str(peer[0]) if tcp else "local"
+            if not admission.admit(source):
                 conn.close()
-                self.log("refused", level="warning", reason="too many connections",
-                         listener=address)  # fmt: skip
                 continue
-            threading.Thread(target=self._serve, args=(conn, address), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn, admission, source),
+                             daemon=True).start()  # fmt: skip
 
-    def _serve(self, conn: socket.socket, address: str) -> None:
+    def _stage_env(self, key: str) -> dict[str, str]:
+        """A stage's own key in its environment instead of the token (see stage_access)."""
+        app, _, stage = key.partition("/")
+        return {STAGE_KEY_ENV: control.stage_key(self.token, app, stage).hex()}
+
+    def _credential_key(self, principal: str) -> bytes | None:
+        """The key that proves ``principal``: the token, or a stage's key derived from it."""
+        if principal == control.CLUSTER:
+            return self.token.encode()
+        stage = control.stage_of(principal)
+        return None if stage is None else control.stage_key(self.token, *stage)
+
+    def _serve(self, conn: socket.socket, admission: Admission, source: str) -> None:
+        promoted = False
         try:
-            conn.settimeout(60)
-            control.server_handshake(conn, self.token, self.node)
+            conn.settimeout(control.HANDSHAKE_TIMEOUT_S)
+            session = control.server_handshake(conn, self._credential_key, self.node)
+            if not admission.promote(source):
+                session.send({"v": control.VERSION, "ok": False,
+                              "error": f"agent {self.node} has too many connections; retry"})
+                return  # fmt: skip
+            promoted = True
             conn.settimeout(None)
             while not self.stopping.is_set():
                 try:
-                    request = control.recv_frame(conn)
+                    request = session.recv()
                 except ProtocolError as err:
-                    control.send_frame(conn, {"v": control.VERSION, "ok": False, "error": str(err)})
-                    self.log("bad request", level="warning", listener=address, error=str(err))
+                    session.send({"v": control.VERSION, "ok": False, "error": str(err)})
+                    self.log("bad request", level="warning", principal=session.principal,
+                             error=str(err))  # fmt: skip
                     return  # the stream may be out of step: hang up
-                reply = self.operations.dispatch(request.get("op"), request.get("args", {}))
-                self._send_reply(conn, {"v": control.VERSION, "id": request.get("id"), **reply})
+                reply = self._dispatch(session, request)
+                self._send_reply(session, {"v": control.VERSION, "id": request.get("id"),
+                                           **reply})  # fmt: skip
         except control.AuthError:
-            self.log("refused", level="warning", reason="authentication failed",
-                     listener=address)  # fmt: skip
-        except ProtocolError as err:
-            self.log("refused", level="warning", reason=str(err), listener=address)
-            with contextlib.suppress(OSError):
-                control.send_frame(conn, {"v": control.VERSION, "ok": False, "error": str(err)})
+            admission.refused("authentication failed")
+        except ProtocolError:
+            admission.refused("malformed handshake")
         except (OSError, ConnectionError):
             pass
         finally:
             conn.close()
-            self._connections.release()
+            admission.release(source, promoted)
 
-    def _send_reply(self, conn: socket.socket, reply: dict[str, Any]) -> None:
+    def _dispatch(self, session: control.Session, request: dict[str, Any]) -> dict[str, Any]:
+        op, args = request.get("op"), request.get("args", {})
+        if session.stage is not None:
+            try:
+                stage_access.check(*session.stage, op, args)
+            except ProtocolError as err:
+                self.log("stage request refused", level="warning", principal=session.principal,
+                         op=str(op)[:64], error=str(err))  # fmt: skip
+                return {"ok": False, "error": str(err)}
+        return self.operations.dispatch(op, args)
+
+    def _send_reply(self, session: control.Session, reply: dict[str, Any]) -> None:
         """Send a reply; one that cannot be encoded (a handler's bug: not JSON, too large)
         becomes an error reply, so the client is answered and the connection stays usable."""
         try:
-            control.send_frame(conn, reply)
+            session.send(reply)
         except (TypeError, ValueError, ProtocolError) as err:  # raised before anything is sent
             error = f"internal error: the reply cannot be sent: {err}"
             self.log("internal error", level="error", id=reply.get("id"), error=error)
-            control.send_frame(
-                conn, {"v": control.VERSION, "id": reply.get("id"), "ok": False, "error": error}
-            )
+            session.send({"v": control.VERSION, "id": reply.get("id"), "ok": False,
+                          "error": error})  # fmt: skip
 
     # -- operations: the handlers registered above --------------------------------------
     def _ping(self, _: NoArgs) -> dict[str, Any]:
@@ -267,6 +304,10 @@ class Agent:
     def _lookup(self, req: Lookup) -> dict[str, Any] | None:
         wait = min(max(0.0, req.timeout), _MAX_LOOKUP_WAIT_S)
         return self.store.lookup(req.ring, wait, req.newer_than)
+
+    def _ring_key(self, req: RingRef) -> dict[str, str]:
+        """The credential of one ring, for its two ends (a stage asks for its own app's)."""
+        return {"key": control.ring_key(self.token, req.ring).hex()}
 
     def _placement(self, req: AppRef) -> dict[str, Any]:
         """Where the app's stages are and their epochs (fresh from etcd when it answers)."""

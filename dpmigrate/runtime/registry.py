@@ -12,21 +12,40 @@ import dataclasses
 import threading
 from typing import Any
 
-from dpmigrate.errors import RingTimeout
-from dpmigrate.runtime.control import AgentClient, RemoteError
+from dpmigrate.errors import ConfigError, RingTimeout
+from dpmigrate.runtime.control import AgentClient, Credential, RemoteError
 from dpmigrate.transports.resolver import Endpoint, check_ring_name
 
 LOCAL_AGENT = "@dpmigrate-agent"
+#: Where the agent that starts a stage puts the stage's own key (hex): the stage authenticates
+#: to its agent with it, never with the cluster token.
+STAGE_KEY_ENV = "DPMIGRATE_STAGE_KEY"
+
+
+def stage_credential(app: str, stage: str, raw: str) -> Credential:
+    """The credential of this stage process, from the key (hex) its agent gave it in
+    :data:`STAGE_KEY_ENV`, which the stage host's entry point read."""
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(
+            f"{STAGE_KEY_ENV} is {'malformed' if raw else 'not set'}: a stage that uses its "
+            "node's agent gets its key from the agent that starts it; start stages through "
+            "`dpmigrate run` or an agent, not by hand"
+        )
+    return Credential.stage(app, stage, key)
 
 
 class AgentResolver:
     """Resolver backed by the local agent (one authenticated connection, reopened if lost)."""
 
-    def __init__(self, address: str, token: str) -> None:
-        """``address``: the agent (:data:`LOCAL_AGENT` for a stage's own); ``token``: the
-        cluster token, which the entry point read (DPMIGRATE_TOKEN) and passes in."""
+    def __init__(self, address: str, credential: Credential | str) -> None:
+        """``address``: the agent (:data:`LOCAL_AGENT` for a stage's own); ``credential``: a
+        stage's own (:func:`stage_credential`), or the cluster token for tools."""
         self.address = address
-        self.token = token
+        self.credential = credential
         self._client: AgentClient | None = None
         self._lock = threading.Lock()
         #: ("app/stage", epoch) of the stage this resolver serves: stamped on its
@@ -36,7 +55,7 @@ class AgentResolver:
     def _call(self, op: str, **args: object) -> object:
         with self._lock:
             if self._client is None:
-                self._client = AgentClient(self.address, self.token, timeout=60)
+                self._client = AgentClient(self.address, self.credential, timeout=60)
             try:
                 return self._client.call(op, **args)
             except Exception:
@@ -89,6 +108,18 @@ class AgentResolver:
         epoch = self.owner[1] if self.owner is not None else 0
         self._call("mark_standby", app=app, stage=stage, node=node, in_sync=in_sync,
                    epoch=epoch)  # fmt: skip
+
+    def ring_key(self, ring: str) -> bytes:
+        """The credential of ``ring`` (or of a statesync channel), from the agent."""
+        found = self._call("ring_key", ring=check_ring_name(ring))
+        key = found.get("key") if isinstance(found, dict) else None
+        try:
+            raw = bytes.fromhex(key) if isinstance(key, str) else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise RemoteError(f"agent at {self.address} answered ring_key with {found!r}")
+        return raw
 
     def node_info(self) -> dict[str, object]:
         """The local agent's node name and the address this node's tcp rings listen on."""

@@ -32,7 +32,7 @@ from dpmigrate.eventlog import EventLog
 from dpmigrate.runtime import stagehost
 from dpmigrate.runtime.journal import StageJournal
 from dpmigrate.runtime.manifest import App
-from dpmigrate.runtime.registry import LOCAL_AGENT, AgentResolver
+from dpmigrate.runtime.registry import LOCAL_AGENT, AgentResolver, stage_credential
 from dpmigrate.statesync.point import Point
 from dpmigrate.statesync.receiver import StateReceiver
 from dpmigrate.statesync.state import Delta, State
@@ -71,13 +71,16 @@ class ReplicaHost:
         self.log = log
         self.status_path = status_path
         self.journal = journal
-        self.resolver = AgentResolver(LOCAL_AGENT, settings.token)
+        credential = stage_credential(self.app.name, self.spec.name, args.stage_key)
+        self.resolver = AgentResolver(LOCAL_AGENT, credential)
         info = self.resolver.node_info()
         self.node = str(info["node"])
         self.flags = {"stop": False, "wake": False}
         state, point = self._resume()
+        channel = stagehost.statesync_name(self.app.name, self.spec.name)
+        secret = self.resolver.ring_key(channel).hex()  # the channel's own, not the token
         self.receiver = StateReceiver(
-            self.key, settings.token, self.node, self._primary_address, role=self.role,
+            self.key, secret, self.node, self._primary_address, role=self.role,
             state=state, point=point, log=log, on_snapshot=self._journal_snapshot,
             on_point=self._journal_point,
         )  # fmt: skip

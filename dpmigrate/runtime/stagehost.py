@@ -42,9 +42,15 @@ from dpmigrate import atomic, config, transports
 from dpmigrate.config import Config
 from dpmigrate.errors import ConfigError, DpmigrateError
 from dpmigrate.eventlog import EventLog
+from dpmigrate.runtime.control import Credential
 from dpmigrate.runtime.journal import Positions, StageJournal
 from dpmigrate.runtime.manifest import App, RingSpec
-from dpmigrate.runtime.registry import LOCAL_AGENT, AgentResolver
+from dpmigrate.runtime.registry import (
+    LOCAL_AGENT,
+    STAGE_KEY_ENV,
+    AgentResolver,
+    stage_credential,
+)
 from dpmigrate.runtime.runner import StageRunner
 from dpmigrate.statesync.gate import StandbyGate
 from dpmigrate.statesync.point import Point, point_number
@@ -161,7 +167,8 @@ class StageHost:
 
     ``settings`` is what :func:`main` read from the environment: the capacity of a ring the
     manifest gives none (``ring_capacity``), how long a ring end waits for a lost peer
-    (``reconnect_timeout``), the cluster token (to reach the agent) and the log level.
+    (``reconnect_timeout``) and the log level. A stage under an agent reaches it with its
+    own key, never the cluster token.
     ``log`` is the stage's event stream (default: its ``--log`` file, else stdout, at
     ``settings.log_level``).
     """
@@ -197,6 +204,7 @@ class StageHost:
         self.sender: StateSender | None = None
         self.gate: StandbyGate | None = None
         self._marks: AgentResolver | None = None  # the gate's own connection to the agent
+        self.credential: Credential | None = None  # this stage's own, when it uses an agent
         self._next_fence_check = 0.0
         self.check_placement()  # before anything is read or written: a stale copy stops here
         if takeover is None:
@@ -274,7 +282,9 @@ class StageHost:
                 self.resolver = DirectoryResolver(self.run_dir / "registry")
             return
         if not isinstance(self.resolver, AgentResolver):
-            self.resolver = AgentResolver(LOCAL_AGENT, self.settings.token)
+            self.credential = stage_credential(self.app.name, self.spec.name,
+                                               self.args.stage_key)  # fmt: skip
+            self.resolver = AgentResolver(LOCAL_AGENT, self.credential)
         info = self.resolver.node_info()
         self.node, self.host = str(info["node"]), str(info["address"])
         stages = self.resolver.placement(self.app.name)
@@ -307,12 +317,13 @@ class StageHost:
         state = self.runner.state
         start = Point(state.version, None, in_pos, out_pos)
         key = f"{self.app.name}/{self.spec.name}"
-        self.sender = StateSender(key, self.settings.token, state, start, host=self.host,
+        name = statesync_name(self.app.name, self.spec.name)
+        secret = self.resolver.ring_key(name).hex()  # the channel's own, not the token
+        self.sender = StateSender(key, secret, state, start, host=self.host,
                                   log=self.log)  # fmt: skip
         host, port = self.sender.address
-        name = statesync_name(self.app.name, self.spec.name)
         self.resolver.register(name, Endpoint("statesync", f"{host}:{port}", time.time_ns()))
-        marks = AgentResolver(LOCAL_AGENT, self.settings.token)  # its own connection
+        marks = AgentResolver(LOCAL_AGENT, self.credential)  # its own connection
         marks.owner = self.resolver.owner
         self.gate = StandbyGate(self.app.name, self.spec.name, self.sender, self.resolver,
                                 STANDBY_DROP_S, self.log, marks=marks)  # fmt: skip
@@ -601,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run the stage, or a replica of it: a hot standby, a statesync migration's target",
     )
     args = parser.parse_args(argv)
+    # the stage's own key from its agent: read once, and not passed on to any child
+    args.stage_key = os.environ.pop(STAGE_KEY_ENV, "")
     try:  # the environment is read here, once (DESIGN.md §9), and passed down
         settings = config.load()
     except ConfigError as err:

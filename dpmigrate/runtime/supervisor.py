@@ -70,6 +70,11 @@ class StageProcess:
         return int(children[0]) if children else None
 
 
+#: What a stage process never inherits: the cluster's one credential must not be readable by
+#: an app's code, nor land in its CRIU images.
+SECRET_ENV = frozenset({"DPMIGRATE_TOKEN"})
+
+
 class Supervisor:
     """Owns the stage processes of one app on one host."""
 
@@ -80,12 +85,17 @@ class Supervisor:
         on_event: Callable[[str], None] | None = None,
         die_with_supervisor: bool = False,
         on_problem: Callable[[str], None] | None = None,
+        stage_env: Callable[[str], dict[str, str]] | None = None,
     ) -> None:
+        """``stage_env(name)``: what a stage's environment gets besides this process's own
+        (whose secrets it never gets, see :data:`SECRET_ENV`) — an agent passes a stage its
+        own key there."""
         for tool in ("unshare", "setsid"):
             if shutil.which(tool) is None:
                 raise EnvironmentProblem(f"`{tool}` is missing; apt-get install util-linux")
         self.log_dir = Path(log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.stage_env = stage_env
         self.max_restarts = max_restarts
         self.on_event = on_event or (lambda message: None)
         #: where a stage that died is reported (default: ``on_event``), for a log with levels
@@ -114,10 +124,16 @@ class Supervisor:
 
     def _spawn(self, stage: StageProcess, env: dict[str, str] | None = None) -> None:
         cmd = ["unshare", "--pid", "--fork", "--kill-child", "setsid", sys.executable, *stage.argv]
-        with open(stage.log, "ab") as log, open(os.devnull, "rb") as devnull:
+        stage_env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        if self.stage_env is not None:
+            stage_env.update(self.stage_env(stage.name))
+        stage_env.update(env or {})
+        # A stage's log says what its code did: for the node's operators only.
+        log_fd = os.open(stage.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        with os.fdopen(log_fd, "ab") as log, open(os.devnull, "rb") as devnull:
             stage.proc = subprocess.Popen(
                 cmd, stdin=devnull, stdout=log, stderr=log, close_fds=True,
-                env={**os.environ, **(env or {})}, preexec_fn=self._preexec,
+                env=stage_env, preexec_fn=self._preexec,
             )  # fmt: skip
         self.on_event(f"stage {stage.name} started (pid {stage.proc.pid})")
 
