@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpmigrate import config
-from dpmigrate.errors import ConfigError
+from dpmigrate.errors import ConfigError, EnvironmentProblem
 from dpmigrate.eventlog import EventLog
 
 if TYPE_CHECKING:
@@ -74,13 +74,20 @@ def main(argv: list[str] | None = None) -> int:
         help="see only this node's folder of the state dir (a local cluster's node)",
     )
     parser.add_argument(
+        "--isolated",
+        action="store_true",
+        help="as --isolate, in the view that this agent's keeper already made (the keeper "
+        "passes it to the agent)",
+    )
+    parser.add_argument(
         "--keep",
         action="store_true",
         help="run a keeper that starts the agent as its child and restarts it when it dies "
         "(a signal or a non-zero status; at most 5 times in 60 s)",
     )
     parser.add_argument("--keep-file", help="with --keep: where the keeper writes its state "
-                        "(its PID, the agent's PID, restarts)")  # fmt: skip
+                        "(its PID, the agent's PID, restarts; a name in the node's folder when "
+                        "--isolate)")  # fmt: skip
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw)
     try:
@@ -90,23 +97,40 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log = EventLog(cfg.log_level, node=args.node)
     if args.keep:
-        return _keep(raw, args.keep_file, log)
+        return _keep(args, raw, cfg, log)
     if args.keep_file:
         parser.error("--keep-file needs --keep")
     return _agent(args, cfg, log)
 
 
-def _keep(argv: Sequence[str], keep_file: str | None, log: EventLog) -> int:
+def _keep(args: argparse.Namespace, argv: Sequence[str], cfg: config.Config, log: EventLog) -> int:
     """The keeper (:mod:`dpmigrate.runtime.agent_keeper`): this program again, without the
-    keeper's options, as its child. Imports nothing of the agent: it stays small."""
+    keeper's options, as its child. Imports nothing of the agent: it stays small.
+
+    With ``--isolate`` the keeper makes the node's mount namespace itself, and every agent it
+    starts lives in that one (``--isolated``): the stages an agent leaves running when it dies
+    live there too, and CRIU, run by the next agent, must share their mount namespace to dump
+    them (DESIGN.md §4, dpmigrate.cluster.nodefs). A new namespace per agent would make every
+    re-adopted stage impossible to migrate ("doesn't have a proper root mount")."""
     from dpmigrate.runtime import agent_keeper
 
-    child = agent_keeper.agent_command(_without_keeper_options(argv))
+    keep_file = args.keep_file
+    if args.isolate:
+        from dpmigrate.cluster import nodefs
+
+        try:
+            base = nodefs.isolate(cfg.state_dir, args.node)  # one thread so far, as it needs
+        except EnvironmentProblem as err:
+            log("agent keeper failed", level="error", error=str(err))
+            return 2
+        keep_file = str(base / keep_file) if keep_file else None
+    child = agent_keeper.agent_command(_agent_options(argv))
     return agent_keeper.Keeper(child, keep_file, log).run()
 
 
-def _without_keeper_options(argv: Sequence[str]) -> list[str]:
-    """``argv`` without ``--keep`` and ``--keep-file [=]PATH``: the agent's own arguments."""
+def _agent_options(argv: Sequence[str]) -> list[str]:
+    """The keeper's ``argv`` for its agent: without ``--keep`` and ``--keep-file [=]PATH``,
+    and ``--isolate`` (done by the keeper) as ``--isolated``."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -114,6 +138,8 @@ def _without_keeper_options(argv: Sequence[str]) -> list[str]:
             skip = False
         elif arg == "--keep-file":
             skip = True
+        elif arg == "--isolate":
+            out.append("--isolated")
         elif arg != "--keep" and not arg.startswith("--keep-file="):
             out.append(arg)
     return out
@@ -131,7 +157,12 @@ def _agent(args: argparse.Namespace, cfg: config.Config, log: EventLog) -> int:
               "cluster token", file=sys.stderr)  # fmt: skip
         return 2
     # First, while this process has one thread: the node's own view of the filesystem.
-    base = nodefs.isolate(cfg.state_dir, args.node) if args.isolate else Path(cfg.state_dir)
+    if args.isolate:
+        base = nodefs.isolate(cfg.state_dir, args.node)
+    elif args.isolated:  # the keeper's view, inherited
+        base = nodefs.node_dir(cfg.state_dir)
+    else:
+        base = Path(cfg.state_dir)
     address = args.listen.rpartition(":")[0] if args.listen else "127.0.0.1"
     endpoints = args.etcd or cfg.etcd
     store = None
@@ -153,7 +184,7 @@ def _agent(args: argparse.Namespace, cfg: config.Config, log: EventLog) -> int:
         service.start()
     agent.listen(ABSTRACT_NAME)
     if args.socket:
-        agent.listen(str(base / args.socket) if args.isolate else args.socket)
+        agent.listen(str(base / args.socket) if args.isolate or args.isolated else args.socket)
     if args.listen:
         agent.listen(args.listen)
     log("agent started", pid=os.getpid(), operations=agent.operations.names())

@@ -19,6 +19,12 @@ exactly what that record lists and nothing found by a name pattern, so a cluster
 machine crashed half-way through ``up`` can still be removed completely. An agent's PID is
 recorded with its start time and the boot id, so a PID the kernel has since given to another
 process is never signalled.
+
+Each agent runs under a keeper (``dpmigrate.agentd --keep``, see
+:mod:`dpmigrate.runtime.agent_keeper`), which also holds the node's mount namespace: killed or
+crashed, the agent is started again within about a second, in the same view, and re-adopts the
+stages it left running, without the user. The record holds the keeper's PID; the keeper writes
+the current agent's PID (it changes with each restart) to ``keeper.json`` in the node's folder.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from dpmigrate.cluster import etcd, nodefs
 from dpmigrate.cluster.netns import NetnsExecutor
 from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
 from dpmigrate.errors import ConfigError, DpmigrateError, EnvironmentProblem
+from dpmigrate.runtime import agent_keeper
 from dpmigrate.runtime.control import AgentClient
 from dpmigrate.runtime.supervisor import process_start_time
 
@@ -51,10 +58,12 @@ SUBNET = "10.213.0"
 STORE_ADDRESS = f"{SUBNET}.254"  # the hub's bridge: where the embedded etcd listens
 AGENT_PORT = 7070
 AGENT_SOCKET = "agent.sock"  # in the node's own folder
+KEEPER_FILE = "keeper.json"  # in the node's own folder: the keeper's state (agent PID, restarts)
 RECORD_VERSION = 1
 NO_CLUSTER = "no cluster is up; run `dpmigrate cluster up`"
 
 _AGENT_START_TIMEOUT_S = 30.0
+_KEEPER_START_TIMEOUT_S = 10.0  # until a new keeper has started its agent (it imports little)
 _ETCD_START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 15.0
 _KILL_TIMEOUT_S = 5.0
@@ -73,6 +82,7 @@ class Node:
     agent_socket: str
     agent_pid: int | None
     log: str = ""
+    keeper_pid: int | None = None  # restarts the agent when it dies: kill it too to kill a node
 
     @property
     def agent_address(self) -> str:
@@ -176,6 +186,21 @@ def _same_process(pid: int, start_time: int | None, boot_id: str | None) -> bool
     return process_start_time(pid) == start_time
 
 
+def _current_agent(entry: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(PID, start time) of a node's agent now: the one its keeper says it started last (each
+    restart makes a new PID), else the one the record names."""
+    state = agent_keeper.read_state(entry["keeper_file"]) if entry.get("keeper_file") else None
+    if state is not None and isinstance(state.get("agent_pid"), int):
+        start = state.get("agent_start_time")
+        return state["agent_pid"], start if isinstance(start, int) else None
+    return entry.get("pid"), entry.get("start_time")
+
+
+def _keeper_alive(entry: dict[str, Any], boot_id: str | None = None) -> bool:
+    pid = entry.get("keeper_pid")
+    return isinstance(pid, int) and _same_process(pid, entry.get("keeper_start_time"), boot_id)
+
+
 def _stop_processes(procs: list[tuple[int, int]], label: dict[int, str]) -> list[str]:
     """SIGTERM each recorded (pid, start time), wait, SIGKILL what is left; say what went.
 
@@ -247,13 +272,26 @@ def _teardown(record_path: Path, record: dict[str, Any]) -> list[str]:
     """Remove exactly what ``record`` lists; safe to repeat, safe after a half-done up()."""
     removed: list[str] = []
     boot_id = record.get("boot_id", "")
-    agents = [a for a in record.get("agents", []) if isinstance(a.get("pid"), int)]
-    procs = [
-        (a["pid"], a.get("start_time"))
-        for a in agents
-        if _same_process(a["pid"], a.get("start_time"), boot_id)
+    entries = record.get("agents", [])
+    # Every agent that still runs: the recorded one and the keeper's latest (the same, unless
+    # the keeper restarted it since the record was written). Listed before the keepers stop.
+    procs: list[tuple[int, int]] = []
+    labels: dict[int, str] = {}
+    for a in entries:
+        for pid, start in {_current_agent(a), (a.get("pid"), a.get("start_time"))}:
+            if isinstance(pid, int) and isinstance(start, int):
+                labels[pid] = f"agent {a['node']} (pid {pid})"
+                if _same_process(pid, start, boot_id):
+                    procs.append((pid, start))
+    # The keepers first, or they would start the agents again: each forwards its SIGTERM to
+    # its agent and exits once the agent has (then the agent, too, is gone). An agent left
+    # behind (its keeper killed, or stuck) is stopped on its own after.
+    keepers = [
+        (a["keeper_pid"], a["keeper_start_time"]) for a in entries if _keeper_alive(a, boot_id)
     ]
-    labels = {a["pid"]: f"agent {a['node']} (pid {a['pid']})" for a in agents}
+    labels.update({a["keeper_pid"]: f"agent keeper {a['node']} (pid {a['keeper_pid']})"
+                   for a in entries if isinstance(a.get("keeper_pid"), int)})  # fmt: skip
+    removed += _stop_processes(keepers, labels)
     removed += _stop_processes(procs, labels)
     store = record.get("etcd") or {}
     if isinstance(store.get("pid"), int) and _same_process(
@@ -389,15 +427,16 @@ class LocalCluster:
     @property
     def nodes(self) -> list[Node]:
         record = self._require_record()
-        pids = {a["node"]: a.get("pid") for a in record.get("agents", [])}
+        agents = {a["node"]: a for a in record.get("agents", [])}
         return [
             Node(
                 name=n["name"],
                 netns=n["netns"],
                 address=n["address"],
                 agent_socket=n["agent_socket"],
-                agent_pid=pids.get(n["name"]),
+                agent_pid=_current_agent(agents.get(n["name"], {}))[0],
                 log=n.get("log", ""),
+                keeper_pid=agents.get(n["name"], {}).get("keeper_pid"),
             )
             for n in record.get("nodes", [])
         ]
@@ -737,7 +776,9 @@ class LocalCluster:
         self._spawn_agent(node, entry, nsenter)
 
     def _spawn_agent(self, node: dict[str, Any], entry: dict[str, Any], nsenter: str) -> None:
-        """Start ``node``'s agent process and record its PID and start time in ``entry``."""
+        """Start ``node``'s agent under its keeper (which restarts it when it dies); record the
+        keeper's PID and start time in ``entry``, and the agent's once the keeper names it
+        (bounded; :meth:`_wait_agent` records it from the agent's own answer otherwise)."""
         assert self._record is not None
         record = self._record
         env = {
@@ -745,9 +786,12 @@ class LocalCluster:
             "DPMIGRATE_TOKEN": record["token"],
             "DPMIGRATE_STATE_DIR": self.state_dir,
         }
+        keeper_file = Path(node["dir"]) / KEEPER_FILE
+        keeper_file.unlink(missing_ok=True)  # a keeper that gave up left it: it names no agent
         cmd = [
             nsenter, f"--net=/run/netns/{node['netns']}", sys.executable, "-m",
-            "dpmigrate.agentd", "--node", node["name"], "--isolate", "--socket", AGENT_SOCKET,
+            "dpmigrate.agentd", "--keep", "--keep-file", KEEPER_FILE,
+            "--node", node["name"], "--isolate", "--socket", AGENT_SOCKET,
             "--listen", f"{node['address']}:{AGENT_PORT}", "--etcd", record["etcd"]["endpoints"],
         ]  # fmt: skip
         fd = os.open(node["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -759,14 +803,27 @@ class LocalCluster:
         finally:
             os.close(fd)
         self._procs[proc.pid] = proc
-        entry["pid"] = proc.pid  # nsenter execs the agent: same PID, same start time
-        entry["start_time"] = process_start_time(proc.pid)
+        # nsenter execs the keeper: same PID, same start time
+        entry.update(keeper_pid=proc.pid, keeper_start_time=process_start_time(proc.pid),
+                     keeper_file=str(keeper_file), pid=None, start_time=None)  # fmt: skip
         self._save()
+        deadline = time.monotonic() + _KEEPER_START_TIMEOUT_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            pid, start = _current_agent(entry)
+            if pid is not None:
+                entry["pid"], entry["start_time"] = pid, start
+                self._save()
+                return
+            time.sleep(0.01)
 
     def restart_agent(self, name: str) -> bool:
-        """Start ``name``'s agent again if its process is gone (killed, crashed): the new one
-        takes over the stages the old one left running (their table is in the node's own
-        folder) and rejoins the store. False, and nothing done, if it still runs."""
+        """Make sure ``name``'s agent runs again after it died (killed, crashed): True once a
+        new agent answers, False (nothing done) if the recorded one still runs.
+
+        Its keeper normally restarts it by itself within about a second: then this only waits
+        (bounded) until the new agent answers. Without a live keeper (it gave up, or was
+        killed) a new keeper is started. Either way the new agent takes over the stages the old
+        one left running (their table is in the node's own folder) and rejoins the store."""
         _require_root("restart an agent")
         record = self._require_record()
         node = next((n for n in record["nodes"] if n["name"] == name), None)
@@ -776,27 +833,42 @@ class LocalCluster:
         pid = entry.get("pid")
         if isinstance(pid, int) and _same_process(pid, entry.get("start_time"), None):
             return False
-        self._spawn_agent(node, entry, _tool("nsenter", "util-linux"))
-        self._wait_agent(node)
-        return True
+        if not _keeper_alive(entry):
+            self._spawn_agent(node, entry, _tool("nsenter", "util-linux"))
+        self._wait_agent(node, first_start=False)
+        return entry.get("pid") != pid
 
-    def _wait_agent(self, node: dict[str, Any]) -> None:
-        """Bounded wait until the agent answers a ping on its socket file."""
+    def _wait_agent(self, node: dict[str, Any], first_start: bool = True) -> None:
+        """Bounded wait until the agent answers a ping on its socket file; records the PID
+        that answered (the agent's own, whichever restart it is).
+
+        ``first_start``: an agent that dies while starting is an error at once (its keeper
+        would retry, but a first start that fails, fails again: a bad port, no store). Else
+        (after a crash) the keeper's restarts are waited through, until it gives up."""
         assert self._record is not None
         entry = next(a for a in self._record["agents"] if a["node"] == node["name"])
-        proc = self._procs.get(entry["pid"])
+        keeper = self._procs.get(entry.get("keeper_pid") or entry["pid"])
         deadline = time.monotonic() + _AGENT_START_TIMEOUT_S
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
+            state = agent_keeper.read_state(entry.get("keeper_file") or "") or {}
+            gone = keeper.poll() is not None if keeper is not None else not _keeper_alive(entry)
+            if gone or (first_start and state.get("last_exit")):
+                how = state.get("last_exit") or (
+                    f"status {keeper.returncode}" if keeper is not None else "keeper gone"
+                )
                 raise EnvironmentProblem(
-                    f"the agent of {node['name']} exited with status {proc.returncode} while "
-                    f"starting: {_tail(node['log'])}"
+                    f"the agent of {node['name']} exited ({how}) while starting: "
+                    f"{_tail(node['log'])}"
                 )
             if os.path.exists(node["agent_socket"]):
                 try:
                     with AgentClient(node["agent_socket"], self._record["token"], 2) as c:
-                        c.call("ping")
+                        pong = c.call("ping")
+                    pid = pong.get("pid") if isinstance(pong, dict) else None
+                    if isinstance(pid, int) and pid != entry.get("pid"):
+                        entry["pid"], entry["start_time"] = pid, process_start_time(pid)
+                        self._save()
                     return
                 except DpmigrateError as err:
                     last = err
@@ -872,8 +944,9 @@ class LocalCluster:
         rows = []
         for node in self.nodes:
             entry = agents.get(node.name, {})
-            pid = entry.get("pid")
-            running = isinstance(pid, int) and _same_process(pid, entry.get("start_time"), boot_id)
+            pid, start = _current_agent(entry)
+            running = isinstance(pid, int) and _same_process(pid, start, boot_id)
+            keeper = agent_keeper.read_state(entry.get("keeper_file") or "") or {}
             answers = False
             error = ""
             if running:
@@ -893,6 +966,10 @@ class LocalCluster:
                     "agent_pid": pid,
                     "agent_running": running,
                     "alive": answers,
+                    "keeper_pid": entry.get("keeper_pid"),
+                    "keeper_running": _keeper_alive(entry, boot_id),
+                    "agent_restarts": keeper.get("restarts", 0),
+                    "agent_last_exit": keeper.get("last_exit", ""),
                     "error": error,
                     "log": node.log,
                 }
