@@ -9,14 +9,17 @@ what the hardware can lack (an RDMA device) may still skip there.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -181,3 +184,34 @@ def in_mount_ns(pid: int, *cmd: str) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` in the mount namespace of ``pid``: what that process sees (bounded)."""
     return subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", *cmd],
                           capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+
+
+T = TypeVar("T")
+
+
+def in_netns(pid: int, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a thread that entered ``pid``'s network namespace: the sockets it makes
+    live there (setns changes only the calling thread)."""
+    result: list[Any] = []
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                result.append(OSError(ctypes.get_errno(), "setns"))
+                return
+        finally:
+            os.close(fd)
+        try:
+            result.append(fn())
+        except BaseException as err:
+            result.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert result, "the namespace thread did not finish"
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]

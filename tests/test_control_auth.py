@@ -9,7 +9,6 @@ it no longer works.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -20,10 +19,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from support import require, wait_until
+from support import in_netns, require, wait_until
 
 from dpmigrate.errors import AuthError, RemoteError
 from dpmigrate.runtime import control
@@ -34,7 +33,6 @@ from dpmigrate.transports.resolver import Endpoint
 
 TOKEN = "test-token-0123456789-control"
 PORT = 7071
-T = TypeVar("T")
 
 
 @pytest.fixture
@@ -60,34 +58,6 @@ def agent(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], Path]]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-
-
-def in_netns(pid: int, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a thread that entered ``pid``'s network namespace: the sockets it makes
-    live there (setns changes only the calling thread)."""
-    result: list[Any] = []
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-        try:
-            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-                result.append(OSError(ctypes.get_errno(), "setns"))
-                return
-        finally:
-            os.close(fd)
-        try:
-            result.append(fn())
-        except BaseException as err:
-            result.append(err)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(60)
-    assert result, "the namespace thread did not finish"
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
 
 
 def _agent_pid(proc: subprocess.Popen[str]) -> int:

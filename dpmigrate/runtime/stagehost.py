@@ -240,7 +240,9 @@ class StageHost:
         for ring in app.rings:
             if ring.src_stage == self.spec.name:
                 transport = ring_transport(app, ring, args.model, placement)
-                extra = {"host": host} if transport == "tcp" and host else {}
+                extra = self._tcp_options(ring_name(app, ring)) if transport == "tcp" else {}
+                if transport == "tcp" and host:
+                    extra["host"] = host
                 tx = outputs[ring.src_port] = transports.open_sender(
                     transport, ring_name(app, ring), resolver=self.resolver,
                     capacity=ring.capacity, next_seq=out_pos.get(ring.src_port, 0),
@@ -250,7 +252,9 @@ class StageHost:
         for ring in app.rings:
             if ring.dst_stage == self.spec.name:
                 transport = ring_transport(app, ring, args.model, placement)
-                extra = {"before_reconnect": self._before_reconnect} if transport == "tcp" else {}
+                extra = self._tcp_options(ring_name(app, ring)) if transport == "tcp" else {}
+                if transport == "tcp":
+                    extra["before_reconnect"] = self._before_reconnect
                 rx = inputs[ring.dst_port] = transports.open_receiver(
                     transport, ring_name(app, ring),
                     resolver=self.resolver, auto_commit=False,
@@ -259,6 +263,13 @@ class StageHost:
                 )  # fmt: skip
                 self._ring_opened(rx, ring.dst_port, in_pos.get(ring.dst_port, 0))
         return inputs, outputs
+
+    def _tcp_options(self, name: str) -> dict[str, Any]:
+        """A tcp ring under an agent is authenticated: both ends fetch its credential from
+        their agents, so a stranger that reaches the port cannot take the consumer's place."""
+        if isinstance(self.resolver, AgentResolver):
+            return {"key": self.resolver.ring_key(name)}
+        return {}
 
     def _ring_opened(self, end: RingSender | RingReceiver, port: str, position: int) -> None:
         """A debug event per ring end opened, with what it got (a consumer learns the
