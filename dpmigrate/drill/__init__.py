@@ -122,7 +122,7 @@ def _repair(cluster: LocalCluster) -> list[str]:
 def run_one(name: str, cluster: LocalCluster, workdir: Path, options: Options,
             refs: _References) -> DrillResult:  # fmt: skip
     """One drill: inject, heal, finish the stream, check every invariant."""
-    d = Drill(name, cluster, workdir, options, write_app)
+    d = Drill(name, cluster, workdir, options, write_app, lambda d: _finish(d, refs))
     before = invariants.cluster_clean(cluster)
     t0 = time.monotonic()
     result = d.result
@@ -133,8 +133,10 @@ def run_one(name: str, cluster: LocalCluster, workdir: Path, options: Options,
     finally:
         d.faults.heal()
         result.failures += [f"heal failed: {f}" for f in d.faults.heal_failures]
-        if d.run is not None:
-            _finish(d, refs)
+        try:
+            d.end_traffic()
+        except DpmigrateError as err:
+            d.fail(f"could not finish the run: {err}")
     if d.fault_at is None:
         d.fail("no fault was injected")
     repairs = _repair(cluster)

@@ -132,14 +132,19 @@ def agent_env(pid: int) -> dict[str, str]:
 
 
 def restart_agent_with(cluster: LocalCluster, node: str, extra_env: dict[str, str]) -> int:
-    """SIGKILL ``node``'s agent and start it again with ``extra_env`` added to (or, for an
-    empty value, removed from) its environment; the new agent adopts the running stages.
-    Returns the new agent's PID. The criu it runs inherits that environment (CRIU_FAULT)."""
-    old = cluster.node(node).agent_pid
-    if old is None:
+    """SIGKILL ``node``'s keeper and agent and start a new keeper with ``extra_env`` added to
+    (or, for an empty value, removed from) its environment; returns the new agent's PID. The
+    keeper passes its environment to the agent, and the agent to its criu (CRIU_FAULT).
+    Only between runs: a new keeper makes a new mount namespace, in which a stage left
+    running by the old agent could not be dumped."""
+    entry = cluster.node(node)
+    doomed = [p for p in (entry.keeper_pid, entry.agent_pid) if p]
+    if not doomed:
         raise FaultError(f"the cluster records no agent PID for {node}")
-    kill(old)
-    wait_for(lambda: not alive(old), f"{node}'s agent {old} to die", 10)
+    for pid in doomed:  # the keeper first, or it would restart the agent
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(alive(p) for p in doomed), f"{node}'s keeper and agent to die", 10)
     saved = {k: os.environ.get(k) for k in extra_env}
     try:
         for key, value in extra_env.items():
@@ -147,7 +152,7 @@ def restart_agent_with(cluster: LocalCluster, node: str, extra_env: dict[str, st
                 os.environ[key] = value
             else:
                 os.environ.pop(key, None)
-        # restart_agent spawns with this process's environment plus the cluster's settings
+        # a new keeper is spawned with this process's environment plus the cluster's settings
         if not cluster.restart_agent(node):
             raise FaultError(f"{node}'s agent did not restart")
     finally:

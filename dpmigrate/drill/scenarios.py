@@ -71,7 +71,8 @@ class Drill:
     """The context a drill function works in: the cluster, its own run, faults, evidence."""
 
     def __init__(self, name: str, cluster: LocalCluster, workdir: Path, options: Options,
-                 app_factory: Callable[..., Any]) -> None:  # fmt: skip
+                 app_factory: Callable[..., Any],
+                 finisher: Callable[[Drill], None]) -> None:  # fmt: skip
         self.name = name
         self.cluster = cluster
         self.workdir = workdir
@@ -81,13 +82,16 @@ class Drill:
         self.run: MultiNodeRun | None = None
         self.fault_at: float | None = None  # wall clock of the first fault
         self._app_factory = app_factory
+        self._finisher = finisher
         self.total = 0
         #: the migration in progress (fault hooks read its folders)
         self.current: Migration | None = None
 
     # -- traffic --------------------------------------------------------------------------
     def traffic(self, seconds: float, standby: str | None = None) -> MultiNodeRun:
-        """Start this drill's flows run: ``seconds`` of stream at RATE packets/s."""
+        """Start this drill's flows run: ``seconds`` of stream at RATE packets/s (a drill
+        with several runs: the previous one is finished and checked first)."""
+        self.end_traffic()
         self.total = int(seconds * RATE)
         self.result.total = self.total
         app = self._app_factory(self.workdir / self.name, self.total, RATE, standby,
@@ -95,6 +99,12 @@ class Drill:
         self.run = MultiNodeRun(app, self.cluster)
         self.run.start()
         return self.run
+
+    def end_traffic(self) -> None:
+        """Finish the current run (bounded), check its invariants, stop and clean it up."""
+        if self.run is not None:
+            self._finisher(self)
+            self.run = None
 
     def stage(self, name: str = STAGE) -> dict[str, Any]:
         assert self.run is not None
@@ -265,9 +275,10 @@ def node_loss_with_standby(d: Drill) -> None:
     d.faults.on_heal(f"{veth} up", lambda: faults.run(["ip", "-n", hub, "link", "set", veth,
                                                          "up"]))  # fmt: skip
     assert node.agent_pid is not None
-    for pid in [node.agent_pid, *pids]:
+    doomed = [p for p in (node.keeper_pid, node.agent_pid, *pids) if p]  # keeper first
+    for pid in doomed:
         faults.kill(pid)
-    d.fault("killed_pids", [node.agent_pid, *pids])
+    d.fault("killed_pids", doomed)
     d.fault("link", faults.run(["ip", "-n", hub, "-o", "link", "show", veth]).stdout.split(
         "link/")[0].strip())  # fmt: skip
     t0 = time.monotonic()
@@ -428,8 +439,14 @@ def agent_restart(d: Drill) -> None:
     d.wait_input(3000)
     before = d.stage()
     old = d.cluster.node(SOURCE).agent_pid
-    new = faults.restart_agent_with(d.cluster, SOURCE, {})
+    assert old is not None
+    faults.kill(old)
+    wait_for(lambda: not faults.alive(old), f"agent {old} to die", 10)
+    d.cluster.restart_agent(SOURCE)  # waits for its keeper's restart (bounded)
+    new = d.cluster.node(SOURCE).agent_pid
     d.fault("agents", {"killed": old, "started": new})
+    if new in (None, old):
+        d.fail(f"{SOURCE}'s agent was not started again after {old} was killed")
     after = d.on_node(SOURCE)
     d.result.evidence["table_pid"] = [before.get("pid"), after.get("pid")]
     if after.get("pid") != before.get("pid"):
@@ -464,25 +481,29 @@ CRIU_RESTORE_FAULTS = {"2": "FI_RESTORE_ROOT_ONLY"}
 
 
 def criu_fault(d: Drill) -> None:
-    """CRIU_FAULT in the environment of the source's agent (dump points) and of the
-    destination's (restore point): each migration must roll back cleanly."""
-    d.traffic(8 + 6 * (len(CRIU_DUMP_FAULTS) + len(CRIU_RESTORE_FAULTS)))
-    d.wait_input(3000)
+    """CRIU_FAULT in the environment of the source's agent (dump points) or of the
+    destination's (restore point), one run each: each migration must roll back cleanly.
+    The node's keeper is restarted with the variable before the run starts (its agent, and
+    the criu it runs, inherit it; a stage adopted by a new keeper could not be dumped)."""
     points = [(SOURCE, k, v) for k, v in CRIU_DUMP_FAULTS.items()]
     points += [(SPARE, k, v) for k, v in CRIU_RESTORE_FAULTS.items()]
     for node, code, name in points:
+        d.end_traffic()
         pid = faults.restart_agent_with(d.cluster, node, {"CRIU_FAULT": code})
         d.faults.on_heal(f"{node}'s agent without CRIU_FAULT", _without_fault(d, node))
         seen = faults.agent_env(pid).get("CRIU_FAULT")
+        if seen != code:
+            raise FaultError(f"{node}'s agent {pid} runs without CRIU_FAULT={code} ({seen!r}): "
+                             "the fault cannot reach its criu")  # fmt: skip
+        d.traffic(7)
+        d.wait_input(3000)
         d.fault(f"{name} ({code}) on {node}", f"agent {pid} CRIU_FAULT={seen}")
         report = d.migrate(SPARE, may_roll_back=True)
-        d.result.evidence[f"{name} error"] = report.error
+        d.result.evidence[f"{name} error"] = (report.error or "")[:300]
         if not report.rolled_back:
             d.fail(f"CRIU_FAULT={code} ({name}) on {node}: the migration completed anyway")
-            d.faults.heal()
-            return
+        d.end_traffic()
         d.faults.heal()
-        d.wait_input(2000)
 
 
 def _without_fault(d: Drill, node: str) -> Callable[[], None]:
