@@ -113,7 +113,8 @@ def cluster_clean(cluster: LocalCluster) -> list[str]:
         link = _netns_cmd(node.netns, "ip", "-o", "link", "show", "eth0")
         if "state DOWN" in link:
             broken.append(f"{node.name}: eth0 is down")
-        strays = [p for p in _netns_pids(node.netns) if p != node.agent_pid]
+        own = {node.agent_pid, node.keeper_pid}
+        strays = [p for p in _netns_pids(node.netns) if p not in own]
         if strays:
             broken.append(f"{node.name}: processes left besides the agent: {strays}")
     return broken

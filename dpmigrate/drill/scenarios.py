@@ -247,8 +247,14 @@ def pause_stage(d: Drill) -> None:
     faults.pause(d.faults, [agent, int(old["pid"])])
     d.fault("stopped_pids", [agent, old["pid"]])
     wait_for(lambda: d.placed() == SPARE, "the standby's takeover", TAKEOVER_TIMEOUT_S)
-    wait_for(lambda: d.on_node(SPARE).get("phase") == "running", "the table on node4",
-             TAKEOVER_TIMEOUT_S)  # fmt: skip
+    try:
+        wait_for(lambda: d.on_node(SPARE).get("phase") == "running", "the table on node4",
+                 TAKEOVER_TIMEOUT_S)  # fmt: skip
+    except FaultError as err:
+        seen = {k: d.on_node(SPARE).get(k) for k in ("phase", "pid", "role", "restarts")}
+        replica = {k: d.on_node(SPARE, role="standby").get(k) for k in ("phase", "pid")}
+        raise FaultError(f"{err}: placed on {d.placed()}, node4 reports the table as {seen}, "
+                         f"its standby as {replica}") from err
     d.fault("placement_after_pause", d.placed())
     d.faults.heal()  # SIGCONT both
     d.fault("continued", True)
@@ -477,7 +483,8 @@ def etcd_restart(d: Drill) -> None:
 
 #: CRIU's own fault points (criu/include/fault-injection.h, as zdtm's --fault uses them)
 CRIU_DUMP_FAULTS = {"1": "FI_DUMP_EARLY", "3": "FI_DUMP_PAGES"}
-CRIU_RESTORE_FAULTS = {"2": "FI_RESTORE_ROOT_ONLY"}
+#: (FI_RESTORE_ROOT_ONLY, 2, does nothing to a stage: its tree is one process)
+CRIU_RESTORE_FAULTS = {"6": "FI_POST_RESTORE"}
 
 
 def criu_fault(d: Drill) -> None:
