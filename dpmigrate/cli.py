@@ -402,6 +402,7 @@ main.add_command(cluster)
 main.add_command(migrate_cmd)
 main.add_command(standby_cmd)
 main.add_command(demo_cmd)
+main.add_command(__import__("dpmigrate.cli_drill", fromlist=["drill_cmd"]).drill_cmd)
 for _command in CHECKPOINT_COMMANDS:
     main.add_command(_command)
 main.add_command(clean)
