@@ -8,6 +8,8 @@ every packet exactly once and no stage restarted.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import socket
 import struct
@@ -124,3 +126,43 @@ def test_the_token_stays_out_of_stages_and_strangers_at_ring_ports_change_nothin
             "received": 60000, "lost": 0, "duplicated": 0, "digest": expected["digest"],
         }  # fmt: skip
         run.cleanup()
+
+
+def test_the_store_answers_only_a_client_with_the_clusters_certificate(
+    cluster_state_dir: Path,
+) -> None:
+    """etcd can change every placement: the embedded member requires a client certificate
+    of the cluster's own CA (made by `cluster up`), which a stage's environment does not
+    even name."""
+    import requests
+
+    with LocalCluster(1) as cluster:
+        entry = cluster._require_record()["etcd"]
+        url, tls = entry["endpoints"], entry["tls"]
+        assert url.startswith("https://")
+        for path in (tls["ca"], tls["cert"], tls["key"], str(Path(tls["ca"]).parent)):
+            assert Path(path).stat().st_mode & 0o077 == 0, path
+        body = json.dumps({"key": base64.b64encode(b"/dpmigrate/").decode(),
+                           "range_end": base64.b64encode(b"/dpmigrate0").decode()})  # fmt: skip
+        plain = url.replace("https://", "http://")
+        agent_pid = cluster.node("node1").agent_pid
+        assert agent_pid is not None
+
+        def ask(target: str, **kw: object) -> str:
+            try:
+                resp = requests.post(f"{target}/v3/kv/range", data=body, timeout=5, **kw)
+            except requests.RequestException as err:
+                return type(err).__name__
+            return f"HTTP {resp.status_code} {len(resp.content)}"
+
+        def attempts() -> dict[str, str]:
+            return {
+                "no certificate": ask(url, verify=tls["ca"]),
+                "plain http": ask(plain),
+                "the cluster's": ask(url, verify=tls["ca"], cert=(tls["cert"], tls["key"])),
+            }
+
+        got = in_netns(agent_pid, attempts)  # from a node, where stages run
+        assert got["the cluster's"].startswith("HTTP 200"), got  # the check can succeed
+        assert not got["no certificate"].startswith("HTTP 200"), got
+        assert not got["plain http"].startswith("HTTP 200"), got

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from dpmigrate.cluster.pki import TlsFiles
 from dpmigrate.errors import EnvironmentProblem
 
 CLIENT_PORT = 2379
@@ -35,10 +36,22 @@ def binary(prefix: str) -> str:
 
 def command(
     etcd: str, data_dir: str, host: str, client_port: int = CLIENT_PORT,
-    peer_port: int = PEER_PORT, name: str = "dpmigrate",
+    peer_port: int = PEER_PORT, name: str = "dpmigrate", tls: TlsFiles | None = None,
 ) -> list[str]:  # fmt: skip
-    """The command line of a one-member cluster listening only on ``host``."""
-    client, peer = f"http://{host}:{client_port}", f"http://{host}:{peer_port}"
+    """The command line of a one-member cluster listening only on ``host``.
+
+    ``tls``: the server's files; clients must then present a certificate of the same CA
+    (mutual TLS). The peer port of a one-member cluster talks to nobody: loopback only."""
+    scheme = "https" if tls else "http"
+    client, peer = f"{scheme}://{host}:{client_port}", f"http://127.0.0.1:{peer_port}"
+    secured = [
+        "--cert-file", tls.cert, "--key-file", tls.key, "--trusted-ca-file", tls.ca,
+        "--client-cert-auth",
+    ] if tls else []  # fmt: skip
+    return [*_member(etcd, data_dir, name, client, peer), *secured]
+
+
+def _member(etcd: str, data_dir: str, name: str, client: str, peer: str) -> list[str]:
     return [
         etcd, "--name", name, "--data-dir", data_dir,
         "--listen-client-urls", client, "--advertise-client-urls", client,

@@ -45,7 +45,7 @@ from types import TracebackType
 from typing import Any
 
 from dpmigrate import atomic, config
-from dpmigrate.cluster import etcd, nodefs
+from dpmigrate.cluster import etcd, nodefs, pki
 from dpmigrate.cluster.netns import NetnsExecutor
 from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
 from dpmigrate.errors import ConfigError, DpmigrateError, EnvironmentProblem
@@ -710,12 +710,17 @@ class LocalCluster:
             return
         data = _cluster_dir(self.state_dir) / "etcd"
         log_path = _cluster_dir(self.state_dir) / "logs" / "etcd.log"
-        cmd = etcd.command(etcd.binary(cfg.prefix), str(data), STORE_ADDRESS)
-        record["trees"].append(str(data))
+        tls_dir = _cluster_dir(self.state_dir) / "tls"
+        record["trees"] += [str(data), str(tls_dir)]
         record["files"].append(str(log_path))
-        entry: dict[str, Any] = {"endpoints": f"http://{STORE_ADDRESS}:{etcd.CLIENT_PORT}",
+        self._save()  # before anything is made
+        # Mutual TLS with a CA of this cluster only: no certificate, no store (pki.py).
+        server, client = pki.make(tls_dir, (STORE_ADDRESS,))
+        cmd = etcd.command(etcd.binary(cfg.prefix), str(data), STORE_ADDRESS, tls=server)
+        entry: dict[str, Any] = {"endpoints": f"https://{STORE_ADDRESS}:{etcd.CLIENT_PORT}",
                                  "embedded": True, "netns": hub, "pid": None,
-                                 "start_time": None, "log": str(log_path)}  # fmt: skip
+                                 "start_time": None, "log": str(log_path), "cmd": cmd,
+                                 "tls": dataclasses.asdict(client)}  # fmt: skip
         record["etcd"] = entry
         self._save()  # before the spawn, as for the agents
         proc = etcd.spawn(cmd, str(log_path), prefix=[nsenter, f"--net=/run/netns/{hub}"])
@@ -753,8 +758,10 @@ class LocalCluster:
         if self._store is None:
             cfg = config.load()
             netns = NetnsExecutor(entry["netns"]) if entry.get("netns") else None
-            settings = EtcdSettings.parse(entry["endpoints"], cfg.etcd_ca, cfg.etcd_cert,
-                                          cfg.etcd_key)  # fmt: skip
+            tls = entry.get("tls") or {"ca": cfg.etcd_ca, "cert": cfg.etcd_cert,
+                                       "key": cfg.etcd_key}  # fmt: skip
+            settings = EtcdSettings.parse(entry["endpoints"], tls["ca"], tls["cert"],
+                                          tls["key"])  # fmt: skip
             self._store = Store(settings, netns=netns)
         return self._store
 
@@ -775,6 +782,18 @@ class LocalCluster:
         self._save()  # before the spawn: a crash now still names the files and netns
         self._spawn_agent(node, entry, nsenter)
 
+    def _agent_etcd_tls(self, node: dict[str, Any]) -> dict[str, str]:
+        """The embedded store's client files, copied into ``node``'s own folder (the only one
+        its agent sees), as the agent's settings name them inside its mount namespace."""
+        assert self._record is not None
+        tls = self._record["etcd"].get("tls")
+        if not tls:
+            return {}
+        pki.copy(pki.TlsFiles(**tls), Path(node["dir"]) / "etcd-tls")
+        seen = pki.TlsFiles(**tls).inside(nodefs.node_dir(self.state_dir) / "etcd-tls")
+        return {"DPMIGRATE_ETCD_CA": seen.ca, "DPMIGRATE_ETCD_CERT": seen.cert,
+                "DPMIGRATE_ETCD_KEY": seen.key}  # fmt: skip
+
     def _spawn_agent(self, node: dict[str, Any], entry: dict[str, Any], nsenter: str) -> None:
         """Start ``node``'s agent under its keeper (which restarts it when it dies); record the
         keeper's PID and start time in ``entry``, and the agent's once the keeper names it
@@ -785,6 +804,7 @@ class LocalCluster:
             **os.environ,
             "DPMIGRATE_TOKEN": record["token"],
             "DPMIGRATE_STATE_DIR": self.state_dir,
+            **self._agent_etcd_tls(node),
         }
         keeper_file = Path(node["dir"]) / KEEPER_FILE
         keeper_file.unlink(missing_ok=True)  # a keeper that gave up left it: it names no agent

@@ -71,8 +71,9 @@ class StageProcess:
 
 
 #: What a stage process never inherits: the cluster's one credential must not be readable by
-#: an app's code, nor land in its CRIU images.
-SECRET_ENV = frozenset({"DPMIGRATE_TOKEN"})
+#: an app's code, nor land in its CRIU images; nor where the store's client key is (a stage
+#: never talks to etcd).
+SECRET_ENV = frozenset({"DPMIGRATE_TOKEN", "DPMIGRATE_ETCD_CERT", "DPMIGRATE_ETCD_KEY"})
 
 
 class Supervisor:
