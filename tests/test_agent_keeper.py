@@ -303,3 +303,41 @@ def test_an_agent_killed_mid_migration_heals_and_the_next_migration_works(
             "received": TOTAL, "lost": 0, "duplicated": 0, "digest": expected["digest"],
         }  # fmt: skip
         run.cleanup()
+
+
+def test_a_stage_that_died_while_no_agent_watched_is_restarted_from_its_journal(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """The keeper paused (SIGSTOP) so the killed agent stays dead; the stage is killed then;
+    when the keeper goes on, the new agent finds the stage gone while it was working and
+    starts it from its journal: the stream loses and duplicates nothing."""
+    _cluster_gate()
+    app = App.load(paced_flows(tmp_path, TOTAL, rate=RATE))
+    expected = reference_checker(app)
+    with LocalCluster(3) as cluster:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        try:
+            wait_for_input(run, 3000)
+            keeper = cluster.node("node2").keeper_pid
+            old = cluster.node("node2").agent_pid
+            assert keeper is not None and old is not None
+            table = _stages_on(cluster, "node2")["table"]
+            os.kill(keeper, signal.SIGSTOP)
+            try:
+                os.kill(old, signal.SIGKILL)
+                wait_until(lambda: not alive(old), "the agent's death", 5, 0.005)
+                os.kill(table, signal.SIGKILL)
+                wait_until(lambda: not alive(table), "the stage's death", 5, 0.005)
+                assert _ping(cluster, "node2") is None  # nobody watches node2 now
+            finally:
+                os.kill(keeper, signal.SIGCONT)
+            _back(cluster, "node2", old)
+            wait_until(lambda: _stages_on(cluster, "node2").get("table") not in (None, table),
+                       "the table stage to be started again", 30, 0.05)  # fmt: skip
+            assert run.wait(duration=120), run.status()
+        finally:
+            run.stop()
+        assert checker_of(run.status()) == {
+            "received": TOTAL, "lost": 0, "duplicated": 0, "digest": expected["digest"],
+        }  # fmt: skip

@@ -443,8 +443,10 @@ class Agent:
 
     def readopt(self) -> list[str]:
         """Take over the stages an earlier agent of this node left running (it died): each
-        one named in its table whose PID still has the recorded start time. Their journals
-        and run folders are here; a crash of one later restarts it from its journal."""
+        one named in its table whose PID still has the recorded start time. One that died
+        meanwhile while it was working is started again from its journal (it checks its
+        placement first, so a copy that moved on meanwhile is fenced, not duplicated). Their
+        journals and run folders are here; a later crash restarts one as usual."""
         try:
             table = json.loads(self.stage_table_path.read_text())
         except FileNotFoundError:
@@ -470,11 +472,16 @@ class Agent:
             ):
                 self.log("stage table entry refused", level="warning", key=str(key))
                 continue
-            if process_start_time(pid) != start:
-                continue  # it ended meanwhile (or the PID is another process's now)
             argv = stagehost.command(manifest, stage, run_dir, model, "agent", role)
-            self.supervisor.adopt_orphan(key, pid, start, argv,
-                                         stagehost.status_path(run_dir, stage))  # fmt: skip
+            status = stagehost.status_path(run_dir, stage)
+            if process_start_time(pid) != start:  # it ended while no agent watched it
+                if not _died_working(status):
+                    continue  # finished, stopped or fenced: nothing to bring back
+                self.supervisor.start(key, argv)
+                self.log("stage restarted from its journal", level="warning", stage=key,
+                         reason="it died while no agent watched it")  # fmt: skip
+            else:
+                self.supervisor.adopt_orphan(key, pid, start, argv, status)
             self.stage_args[key] = (manifest, run_dir, model)
             self.roles[key] = role
             taken.append(key)
@@ -496,6 +503,20 @@ class Agent:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+
+#: The last phases of a stage (or replica) that was working when its process died.
+_WORKING_PHASES = frozenset({"starting", "running", "quiesced", "standby", "target"})
+
+
+def _died_working(status: Path) -> bool:
+    """Whether a stage whose process is gone was working (then it crashed or was killed)
+    rather than done: its status file's last phase says which."""
+    try:
+        phase = json.loads(status.read_text()).get("phase")
+    except (OSError, ValueError, AttributeError):
+        return True  # no word from it at all: it died before saying anything
+    return phase in _WORKING_PHASES
 
 
 def _rss_bytes(pid: int | None) -> int | None:
