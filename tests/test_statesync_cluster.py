@@ -129,14 +129,16 @@ def _kill_node(cluster: LocalCluster, name: str, run: MultiNodeRun) -> list[int]
     pids = [s["pid"] for s in run.status() if s.get("node") == name and s.get("pid")]
     assert pids, run.status()
     subprocess.run(["ip", "-n", hub, "link", "set", veth, "down"], check=True)
-    assert node.agent_pid is not None
-    for pid in [node.agent_pid, *pids]:
+    assert node.agent_pid is not None and node.keeper_pid is not None
+    agent = node.agent_pid
+    for pid in [node.keeper_pid, agent, *pids]:  # the keeper first: it restarts the agent
         os.kill(pid, signal.SIGKILL)
     # the fault happened: link down, every process gone
     shown = subprocess.run(["ip", "-n", hub, "-o", "link", "show", veth], check=True,
                            capture_output=True, text=True).stdout  # fmt: skip
     assert "state DOWN" in shown or "NO-CARRIER" in shown, shown
-    wait_until(lambda: not any(alive(p) for p in [node.agent_pid, *pids]), "the node's death")
+    wait_until(lambda: not any(alive(p) for p in [node.keeper_pid, agent, *pids]),
+               "the node's death")  # fmt: skip
     return pids
 
 

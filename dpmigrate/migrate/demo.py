@@ -212,11 +212,12 @@ class _Demo:
         pids = [s["pid"] for s in self.run.status() if s.get("node") == KILLED and s.get("pid")]
         if node.agent_pid is None or not pids:
             raise DpmigrateError(f"demo: no agent or stage process to kill on {KILLED}")
-        self.say(f"killing {KILLED}: link cut, its agent and table SIGKILLed (PIDs "
-                 f"{', '.join(map(str, [node.agent_pid, *pids]))})")  # fmt: skip
+        # the whole node: its agent's keeper first (it would start the agent again)
+        killed = [p for p in (node.keeper_pid, node.agent_pid) if p is not None] + pids
+        self.say(f"killing {KILLED}: link cut, its agent's keeper, agent and table SIGKILLed "
+                 f"(PIDs {', '.join(map(str, killed))})")  # fmt: skip
         hub = f"dpm{self.cluster.id}-hub"
         veth = f"veth{KILLED.removeprefix('node')}"
-        killed = [node.agent_pid, *pids]
         failover = self.failover = Failover(f"{self.run.app.name}/{STAGE}", KILLED, STANDBY,
                                             time.time(), killed_pids=killed)  # fmt: skip
         t0 = time.monotonic()
