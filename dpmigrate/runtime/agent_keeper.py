@@ -42,8 +42,7 @@ from typing import Any
 
 from dpmigrate import atomic
 from dpmigrate.eventlog import EventLog
-from dpmigrate.runtime.supervisor import _describe as describe_exit
-from dpmigrate.runtime.supervisor import process_start_time
+from dpmigrate.runtime.supervisor import describe_exit, process_start_time
 
 #: The signals the keeper takes synchronously (blocked, then waited for).
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})

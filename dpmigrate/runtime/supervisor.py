@@ -191,7 +191,8 @@ class Supervisor:
             stage.exit_codes.append(code)
             if stage.checkpointing:
                 stage.finished = stage.moved = True
-                self.on_event(f"stage {stage.name} left with its checkpoint ({_describe(code)})")
+                how = describe_exit(code)
+                self.on_event(f"stage {stage.name} left with its checkpoint ({how})")
                 continue
             if code == FENCED_EXIT:
                 stage.finished = stage.fenced = True
@@ -199,18 +200,18 @@ class Supervisor:
                 continue
             if code == 0 or self._stopping:
                 stage.finished = True
-                self.on_event(f"stage {stage.name} exited ({_describe(code)})")
+                self.on_event(f"stage {stage.name} exited ({describe_exit(code)})")
                 continue
             if stage.restarts >= self.max_restarts:
                 stage.finished = stage.failed = True
                 self.on_problem(
-                    f"stage {stage.name} died ({_describe(code)}) and was restarted "
+                    f"stage {stage.name} died ({describe_exit(code)}) and was restarted "
                     f"{stage.restarts} times already; giving up, see {stage.log}"
                 )
                 continue
             stage.restarts += 1
             self.on_problem(
-                f"stage {stage.name} died ({_describe(code)}); restarting from its journal"
+                f"stage {stage.name} died ({describe_exit(code)}); restarting from its journal"
             )
             stage.adopted_pid = stage.orphan_start = None  # restarts the ordinary way
             self._spawn(stage)
@@ -297,7 +298,8 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _describe(code: int) -> str:
+def describe_exit(code: int) -> str:
+    """An exit status as people say it: "status 3", "signal SIGKILL"."""
     if code < 0:
         return f"signal {signal.Signals(-code).name}"
     if code > 128 and code - 128 in signal.Signals._value2member_map_:
