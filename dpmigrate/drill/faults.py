@@ -194,7 +194,9 @@ def restart_etcd(cluster: LocalCluster, down_s: float) -> dict[str, Any]:
     data = str(Path(cluster.state_dir) / "cluster" / "etcd")
     from dpmigrate.runtime.cluster import STORE_ADDRESS
 
-    cmd = etcd.command(etcd.binary(config.load().prefix), data, STORE_ADDRESS)
+    # the record keeps the member's command line (with its TLS files) since mutual TLS
+    cmd = list(entry.get("cmd") or etcd.command(etcd.binary(config.load().prefix), data,
+                                                 STORE_ADDRESS))
     proc = etcd.spawn(cmd, entry["log"], prefix=["nsenter", f"--net=/run/netns/{entry['netns']}"])
     entry["pid"], entry["start_time"] = proc.pid, process_start_time(proc.pid)
     cluster._save()
