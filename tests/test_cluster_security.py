@@ -70,6 +70,12 @@ def test_the_token_stays_out_of_stages_and_strangers_at_ring_ports_change_nothin
                 memory = _readable_memory(pid)
                 assert len(memory) > 1 << 20, info["name"]  # we did read its heap
                 assert token not in memory, f"the cluster token is in {info['name']}'s memory"
+            # -- nor in a checkpoint's CRIU images (the stage goes on running)
+            bundle = tmp_path / "table.bundle"
+            cluster.checkpoint("table", bundle, leave_running=True)
+            images = [p for p in bundle.rglob("*.img") if p.is_file()]
+            assert any(p.name.startswith("pages-") for p in images), images  # its memory
+            assert not [p.name for p in images if token in p.read_bytes()]
             # -- files: logs and snapshots of the nodes not readable by others
             files = [p for p in Path(cluster_state_dir).rglob("*")
                      if p.is_file() and not p.is_symlink()]  # fmt: skip
