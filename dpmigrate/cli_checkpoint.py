@@ -19,7 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dpmigrate.errors import BundleError, CheckpointError, DpmigrateError
+from dpmigrate.errors import CheckpointError, DpmigrateError
 
 
 def _print_json(data: Any) -> None:
@@ -211,30 +211,26 @@ def restore_cmd(
     do not matter. Same refusals as a CRIU restore (a corrupt bundle, the stage running).
 
     A bundle of another user, or one group or others may write, is refused unless
-    --trust-owner (process bundles only: the cluster's agent checks stage bundles itself).
+    --trust-owner; a stage bundle's node agent, which loads it again, is told the same.
     """
     from dpmigrate.checkpoint import bundle, keeper
     from dpmigrate.checkpoint import cold as colds
 
-    untrusted = bundle.trust_problems(bundle_dir)
-    if untrusted and (cold or not trust_owner):
-        _refuse_untrusted(bundle_dir, untrusted, trust_owner)
     if cold:
         if netns is not None:
             raise click.UsageError("--netns is for CRIU restores; --cold restores a stage on "
                                    "its cluster node (--node)")  # fmt: skip
         with _progress(as_json, "verifying the state snapshot and ring positions"):
-            loaded = colds.read(bundle_dir)
-        _restore_stage(bundle_dir, loaded.key, node, as_json, cold=True)
+            loaded = colds.read(bundle_dir, trust_owner=trust_owner)
+        _restore_stage(bundle_dir, loaded.key, node, as_json, cold=True, trust_owner=trust_owner)
         return
     with _progress(as_json, "verifying the bundle") as progress:
         report = bundle.verify(bundle_dir, progress=progress, trust_owner=trust_owner)
         if not report.ok:
             raise bundle.refusal(report)
         if report.manifest and report.manifest.get("stage"):
-            if untrusted:
-                _refuse_untrusted(bundle_dir, untrusted, trust_owner)
-            _restore_stage(bundle_dir, str(report.manifest["stage"]), node, as_json)
+            _restore_stage(bundle_dir, str(report.manifest["stage"]), node, as_json,
+                           trust_owner=trust_owner)  # fmt: skip
             return
         progress("restoring with CRIU")
         result = keeper.restore_detached(bundle_dir, netns=netns, trust_owner=trust_owner)
@@ -253,28 +249,18 @@ def restore_cmd(
     click.echo(result.pid)
 
 
-def _refuse_untrusted(bundle_dir: str, problems: list[Any], trust_owner: bool) -> None:
-    """Refuse a bundle of another user (or writable by others). With --trust-owner this is a
-    stage bundle: the node's agent loads it again and applies its own check, which a flag of
-    this command cannot lift — say how to make the bundle ours instead."""
-    from dpmigrate.checkpoint import bundle
-
-    if not trust_owner:
-        raise bundle.refusal(bundle.VerifyReport(bundle_dir, problems))
-    listed = "; ".join(str(p) for p in problems)
-    raise BundleError(
-        f"bundle {bundle_dir} refused: {listed}. --trust-owner covers process bundles only: a "
-        "stage bundle is restored (CRIU or --cold) by the cluster's agent, which checks it "
-        f"again — make it yours first (`chown -R {os.geteuid()} {bundle_dir}; chmod -R go-w "
-        f"{bundle_dir}`). Nothing was restored and nothing deleted"
-    )
-
-
 def _restore_stage(
-    bundle_dir: str, stage: str, node: str | None, as_json: bool, cold: bool = False
+    bundle_dir: str,
+    stage: str,
+    node: str | None,
+    as_json: bool,
+    cold: bool = False,
+    trust_owner: bool = False,
 ) -> None:
     """A stage bundle goes back into the running cluster: its agent restores, adopts and wakes
-    it, and it reconnects its rings (``cold``: its agent starts it afresh from its state)."""
+    it, and it reconnects its rings (``cold``: its agent starts it afresh from its state).
+    ``trust_owner`` (--trust-owner) goes with it: the cluster and the agent check the bundle
+    again."""
     from dpmigrate.runtime.cluster import LocalCluster
 
     try:
@@ -285,7 +271,9 @@ def _restore_stage(
             f"(its agent wakes the stage and reconnects its rings): {err}"
         ) from err
     with _progress(as_json, f"restoring stage {stage}" + (" cold" if cold else "")):
-        result = cluster.restore(os.path.abspath(bundle_dir), node=node, cold=cold)
+        result = cluster.restore(
+            os.path.abspath(bundle_dir), node=node, cold=cold, trust_owner=trust_owner
+        )
     if as_json:
         _print_json(result)
         return

@@ -18,14 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import require, run_cli
+from support import (
+    checker_of,
+    paced_flows,
+    reference_checker,
+    require,
+    run_cli,
+    stage_status,
+    wait_for_input,
+)
 
-from dpmigrate.checkpoint import bundle
+from dpmigrate.checkpoint import bundle, cold
 from dpmigrate.checkpoint.inspect import inspect
-from dpmigrate.errors import BundleError, ConfigError
+from dpmigrate.errors import BundleError, ConfigError, RemoteError
 from dpmigrate.runtime import journal as journal_mod
+from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.journal import StageJournal
 from dpmigrate.runtime.manifest import App
+from dpmigrate.runtime.multinode import MultiNodeRun
 from dpmigrate.statesync.state import State
 
 HOST = bundle.HostFacts("4.2.1", ("fpu", "sse2"), "6.18.0", "x86_64")
@@ -302,6 +312,174 @@ def test_a_world_writable_bundle_is_refused_unless_trusted(tmp_path: Path) -> No
     )
     done = run_cli("restore", "--cold", str(root))
     assert done.returncode == 1 and "mode 0666" in _one_line(done.stderr)
+
+
+def _chown_all(root: Path, uid: int) -> None:
+    for folder, _dirs, names in os.walk(root):
+        os.chown(folder, uid, uid)
+        for name in names:
+            os.chown(os.path.join(folder, name), uid, uid)
+
+
+def test_a_stage_bundle_of_another_user_through_the_cluster(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """`restore BUNDLE --node` of a stage bundle chowned to another uid: refused in one line by
+    the CLI, and by the node's agent when asked directly (CRIU and cold: it loads the bundle
+    again, so the flag must reach it); with --trust-owner it restores, and the run is clean."""
+    app = App.load(paced_flows(tmp_path, 40000))
+    expected = reference_checker(app)
+    env = {"DPMIGRATE_STATE_DIR": str(cluster_state_dir)}
+    with LocalCluster(3) as cluster:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        try:
+            wait_for_input(run, 6000)
+            out = tmp_path / "table.bundle"
+            made = cluster.checkpoint("table", out)  # without --leave-running: it ends here
+            assert not stage_status(run), "the checkpointed stage still shows as running"
+            _chown_all(out, NOBODY)
+            owners = {p.lstat().st_uid for p in [out, *out.rglob("*")]}
+            assert owners == {NOBODY} and os.geteuid() != NOBODY  # the fault is in place
+            placed = cluster.store().placement("flows", "table")
+
+            done = run_cli("restore", str(out), "--node", "node1", env=env, timeout=120)
+            assert done.returncode == 1, done.stdout + done.stderr
+            line = _one_line(done.stderr)
+            assert f"owned by uid {NOBODY}" in line and "--trust-owner" in line, line
+            with cluster.client("node1", timeout=120) as agent:
+                for op, extra in (("restore_stage", {"wake": True}), ("cold_restore_stage", {})):
+                    with pytest.raises(RemoteError) as refused:
+                        agent.call(op, bundle=str(out), **extra)
+                    assert f"owned by uid {NOBODY}" in _one_line(str(refused.value)), op
+            assert cluster.store().placement("flows", "table") == placed
+            assert not stage_status(run), "a refused restore started something"
+
+            restored = run_cli("restore", str(out), "--node", "node1", "--trust-owner",
+                               "--json", env=env, timeout=120)  # fmt: skip
+            assert restored.returncode == 0, restored.stderr
+            info = json.loads(restored.stdout)
+            assert info["node"] == "node1" and info["state_version"] == made["state_version"]
+            assert {p.lstat().st_uid for p in [out, *out.rglob("*")]} == {NOBODY}  # unchanged
+            assert run.wait(duration=90), run.status()
+        finally:
+            run.stop()
+        stages = {s["name"]: s for s in run.status()}
+        assert stages["table"]["node"] == "node1" and stages["table"]["restarts"] == 0
+        assert checker_of(list(stages.values())) == {
+            "received": 40000, "lost": 0, "duplicated": 0, "digest": expected["digest"],
+        }  # fmt: skip
+        run.cleanup()
+
+
+# --------------------------------------------------------------------------- cold restore
+
+
+def _stage_bundle(tmp_path: Path) -> Path:
+    """A stage bundle a cold restore accepts (sealed without CRIU): state, positions, stage."""
+    root = tmp_path / "stage.bundle"
+    (root / bundle.IMAGES).mkdir(parents=True)
+    (root / bundle.IMAGES / "core-1.img").write_bytes(b"\0" * 64)
+    state = State({"flows": 3}, version=2)
+    context = {
+        "app": "flows", "stage": "table", "manifest": "/m.toml", "run_dir": "/r",
+        "model": "multi-node", "positions": {"inputs": {"in": 5}, "outputs": {"out": 5}},
+        "state_version": state.version, "state_digest": state.digest(),
+    }  # fmt: skip
+    bundle.seal(root, 42, dump={"frozen_time": 1}, state=state.snapshot(), rings=context,
+                stage="flows/table", node="node1", host=HOST)  # fmt: skip
+    assert cold.read(root).state.digest() == state.digest()  # the base case is restorable
+    return root
+
+
+def _cold_refused(root: Path, phrase: str) -> None:
+    """cold.read and `restore --cold` (which reads it before asking any cluster) refuse it in
+    one line holding ``phrase``; the bundle is as it was."""
+    before = sorted((str(p), p.lstat().st_mode, p.lstat().st_size) for p in root.rglob("*"))
+    line = _refused(lambda: cold.read(root))
+    assert phrase in line and "refused" in line and "Nothing was restored" in line, line
+    done = run_cli("restore", "--cold", "--node", "node1", str(root))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert phrase in _one_line(done.stderr), done.stderr
+    assert sorted((str(p), p.lstat().st_mode, p.lstat().st_size) for p in root.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("cpu_flags", [["fpu"]]),
+        ("root_pid", "42"),
+        ("stage", "../etc"),
+        ("node", "node1\nnode2"),
+        ("dump", {"frozen_time": "slow"}),
+        ("streamed", "images/pages-*.img"),
+    ],
+)
+def test_a_cold_restore_refuses_a_wrong_typed_field_in_one_line(
+    tmp_path: Path, field: str, value: Any
+) -> None:
+    root = _stage_bundle(tmp_path)
+    _rewrite(root, {**_manifest(root), field: value})
+    assert _manifest(root)[field] == value  # the fault is in place
+    _cold_refused(root, f"manifest.json: field {field!r} must be")
+
+
+def test_a_cold_restore_refuses_a_malformed_state_entry(tmp_path: Path) -> None:
+    root = _stage_bundle(tmp_path)
+    manifest = _manifest(root)
+    manifest["files"][bundle.STATE]["size"] = "9"
+    _rewrite(root, manifest)
+    _cold_refused(root, "field 'files' entry 'state.bin' must be an object")
+
+
+def test_a_cold_restore_refuses_a_symlinked_state_with_a_matching_manifest(
+    tmp_path: Path,
+) -> None:
+    root = _stage_bundle(tmp_path)
+    secret = tmp_path / "elsewhere.bin"  # a file outside the bundle, holding a valid snapshot
+    os.rename(root / bundle.STATE, secret)
+    os.symlink(secret, root / bundle.STATE)
+    data = (root / bundle.STATE).read_bytes()
+    manifest = _manifest(root)
+    assert manifest["files"][bundle.STATE]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (root / bundle.STATE).is_symlink()  # the fault is in place; the manifest matches
+    _cold_refused(root, "state.bin: a symbolic link, refused")
+
+
+@pytest.mark.parametrize("fault", ["images-link", "fifo"])
+def test_a_cold_restore_refuses_a_link_or_special_file_anywhere(tmp_path: Path, fault: str) -> None:
+    """The images are not used by a cold restore, but a bundle holding a link or a special
+    file is not one dpmigrate wrote: refused there as verify refuses it (without blocking)."""
+    root = _stage_bundle(tmp_path)
+    if fault == "images-link":
+        os.rename(root / bundle.IMAGES, tmp_path / "images-elsewhere")
+        os.symlink(tmp_path / "images-elsewhere", root / bundle.IMAGES)
+        assert (root / bundle.IMAGES).is_symlink()
+        phrase = "images: a symbolic link, refused"
+    else:
+        target = root / bundle.IMAGES / "core-1.img"
+        target.unlink()
+        os.mkfifo(target, 0o600)
+        assert stat.S_ISFIFO(os.lstat(target).st_mode)
+        phrase = "images/core-1.img: a FIFO, refused"
+    _cold_refused(root, phrase)
+
+
+def test_a_cold_restore_refuses_another_users_or_a_writable_bundle_unless_trusted(
+    tmp_path: Path,
+) -> None:
+    root = _stage_bundle(tmp_path)
+    os.chmod(root / bundle.RINGS, 0o666)
+    assert stat.S_IMODE(os.stat(root / bundle.RINGS).st_mode) == 0o666  # the fault is in place
+    _cold_refused(root, "rings.json is writable by group or others (mode 0666)")
+    assert cold.read(root, trust_owner=True).key == "flows/table"
+    os.chmod(root / bundle.RINGS, 0o600)
+    if os.geteuid() != 0:
+        return
+    _chown_all(root, NOBODY)
+    assert os.stat(root).st_uid == NOBODY  # the fault is in place
+    _cold_refused(root, f"owned by uid {NOBODY}")
+    assert cold.read(root, trust_owner=True).key == "flows/table"
 
 
 # --------------------------------------------------------------------------- modes we write

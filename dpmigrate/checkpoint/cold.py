@@ -5,11 +5,17 @@ A cold restore (DESIGN.md §5 (c)) starts a fresh instance of the stage from ``s
 stage, manifest, run folder, model and the ring positions of that point) — for when CRIU
 cannot restore the images: another kernel or CPU, no CRIU on the target. So it needs neither
 ``images/`` nor this machine's CRIU, CPU flags or kernel to match the manifest, and
-:func:`read` checks none of them. It checks everything it uses: the manifest's format, the
-size and sha256 of ``state.bin`` and ``rings.json`` as the manifest lists them, that the
-context is complete, and that the snapshot decodes to the version and digest the context
-recorded at the checkpoint. Anything wrong is one BundleError naming the file; nothing is
-changed or deleted.
+:func:`read` checks none of them. It checks everything it uses: the manifest, through the one
+reader of bundles (:func:`dpmigrate.checkpoint.bundle.decode_manifest`: format, version and
+every field of its type), the size and sha256 of ``state.bin`` and ``rings.json`` as the
+manifest lists them, that the context is complete, and that the snapshot decodes to the
+version and digest the context recorded at the checkpoint.
+
+It reads the folder as :func:`~dpmigrate.checkpoint.bundle.verify` does: through one
+:class:`~dpmigrate.checkpoint.bundle.BundleFolder`, never following a link; a symbolic link or
+special file anywhere in the bundle is refused, and so — before anything is read — is a
+bundle of another user or one group or others may write, unless ``trust_owner``. Anything
+wrong is one BundleError line naming the file or field; nothing is changed or deleted.
 
 The agent side of the restore is :mod:`dpmigrate.migrate.cold_restore`.
 """
@@ -65,25 +71,39 @@ class ColdBundle:
         return dict(self.context["positions"]["outputs"])
 
 
-def read(path: str | os.PathLike[str]) -> ColdBundle:
-    """Verify and read what a cold restore uses of the bundle at ``path`` (see the module)."""
+def read(path: str | os.PathLike[str], *, trust_owner: bool = False) -> ColdBundle:
+    """Verify and read what a cold restore uses of the bundle at ``path`` (see the module).
+    ``trust_owner``: accept a bundle of another user, or one group or others may write (as
+    for :func:`dpmigrate.checkpoint.bundle.load`)."""
     root = Path(path).absolute()
-    manifest = _manifest(root)
-    files = manifest["files"]
-    absent = [name for name in (bundles.STATE, bundles.RINGS) if name not in files]
-    if absent:
-        raise BundleError(
-            f"bundle {root} holds no {' and no '.join(absent)} (no state snapshot or ring "
-            "positions): it is a process checkpoint (`dpmigrate checkpoint --pid`), which only "
-            "CRIU can restore — use `dpmigrate restore DIR` without --cold on a host whose CRIU, "
-            "CPU and kernel fit its manifest; for a bundle that can be restored cold, checkpoint "
-            "the stage by name (`dpmigrate checkpoint APP/STAGE --out DIR`)"
-        )
-    snapshot, rings = (_checked(root, name, files[name]) for name in (bundles.STATE, bundles.RINGS))
     try:
-        context = json.loads(rings)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _refused(root, bundles.RINGS, f"not JSON ({err})") from err
+        folder = bundles.BundleFolder(root)
+    except OSError as err:
+        what = (
+            "not a folder (no bundle here)"
+            if isinstance(err, FileNotFoundError | NotADirectoryError)
+            else f"unreadable ({err.strerror})"
+        )
+        raise _refused(root, str(root), what) from None
+    with folder:
+        manifest = _manifest(root, folder, trust_owner)
+        files = manifest["files"]
+        absent = [name for name in (bundles.STATE, bundles.RINGS) if name not in files]
+        if absent:
+            raise BundleError(
+                f"bundle {root} holds no {' and no '.join(absent)} (no state snapshot or ring "
+                "positions): it is a process checkpoint (`dpmigrate checkpoint --pid`), which "
+                "only CRIU can restore — use `dpmigrate restore DIR` without --cold on a host "
+                "whose CRIU, CPU and kernel fit its manifest; for a bundle that can be restored "
+                "cold, checkpoint the stage by name (`dpmigrate checkpoint APP/STAGE --out DIR`)"
+            )
+        snapshot, rings = (
+            _checked(root, folder, name, files[name]) for name in (bundles.STATE, bundles.RINGS)
+        )
+    try:
+        context = json.loads(rings.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise _refused(root, bundles.RINGS, f"not JSON ({bundles.shown(str(err))[:200]})") from None
     _check_context(root, context)
     try:
         state = State.restore(snapshot)
@@ -93,14 +113,20 @@ def read(path: str | os.PathLike[str]) -> ColdBundle:
         if field in context and context[field] != value:
             raise _refused(
                 root, bundles.STATE,
-                f"its {field} {value!r} is not the {context[field]!r} that {bundles.RINGS} "
-                "recorded at the checkpoint",
+                f"its {field} {value!r} is not the {_shown(context[field])} that "
+                f"{bundles.RINGS} recorded at the checkpoint",
             )  # fmt: skip
     named = manifest.get("stage")
     if named and named != f"{context['app']}/{context['stage']}":
-        raise _refused(root, bundles.RINGS, f"names stage {context['app']}/{context['stage']}, "
-                       f"the manifest {named}")  # fmt: skip
+        raise _refused(root, bundles.RINGS, "names stage "
+                       f"{bundles.shown(context['app'] + '/' + context['stage'])[:200]}, the "
+                       f"manifest {named}")  # fmt: skip
     return ColdBundle(root, manifest, state, context)
+
+
+def _shown(value: object) -> str:
+    """``value`` (from a bundle: anything) as it may appear in a one-line message."""
+    return bundles.shown(repr(value)[:80])
 
 
 def _refused(root: Path, name: str, problem: str) -> BundleError:
@@ -110,48 +136,55 @@ def _refused(root: Path, name: str, problem: str) -> BundleError:
     )
 
 
-def _manifest(root: Path) -> dict[str, Any]:
-    name = bundles.MANIFEST
-    if not root.is_dir():
-        raise _refused(root, str(root), "not a folder (no bundle here)")
-    try:
-        manifest = json.loads((root / name).read_text())
-    except FileNotFoundError as err:
-        raise _refused(root, name, "missing (an incomplete or foreign folder)") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _refused(root, name, f"unreadable ({err})") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != bundles.FORMAT:
-        raise _refused(root, name, f"not a {bundles.FORMAT} manifest")
-    if manifest.get("format_version") != bundles.FORMAT_VERSION:
-        raise _refused(
-            root, name,
-            f"unknown format version {manifest.get('format_version')!r} (this dpmigrate reads "
-            f"version {bundles.FORMAT_VERSION}); use the dpmigrate that wrote it",
-        )  # fmt: skip
-    if not isinstance(manifest.get("files"), dict):
-        raise _refused(root, name, "has no valid file list")
-    return manifest
+def _refusal(root: Path, problems: list[bundles.Problem]) -> BundleError:
+    listed = "; ".join(str(p) for p in problems)
+    return BundleError(
+        f"bundle {root} refused for a cold restore: {listed}. Nothing was restored and "
+        "nothing deleted"
+    )
 
 
-def _checked(root: Path, name: str, entry: object) -> bytes:
-    """The bytes of ``name``: there, a regular file of the size and sha256 its manifest entry
-    says (read once: what is checked is what is used)."""
-    if not (
-        isinstance(entry, dict)
-        and type(entry.get("size")) is int
-        and isinstance(entry.get("sha256"), str)
-    ):
-        raise _refused(root, bundles.MANIFEST, f"its entry for {name} is malformed")
-    path = root / name
-    if path.is_symlink() or not path.is_file():
-        raise _refused(root, name, "missing (or not a regular file)")
+def _manifest(root: Path, folder: bundles.BundleFolder, trust_owner: bool) -> dict[str, Any]:
+    """The bundle's manifest, decoded and checked as verify does — after the folder's owner
+    and modes (unless ``trust_owner``) and the absence of any link or special file."""
+    if not trust_owner:
+        untrusted = folder.trust_problems()
+        if untrusted:
+            raise _refusal(root, untrusted)  # nothing of an untrusted bundle is read
+    unsafe = folder.unsafe_problems()
+    if unsafe:
+        raise _refusal(root, unsafe)
     try:
-        data = path.read_bytes()
+        data = folder.read(bundles.MANIFEST, bundles.MAX_MANIFEST_BYTES)
+    except bundles.FileProblem as err:
+        problem = err.problem
+        if problem.kind == "missing" and problem.problem == "missing":
+            problem = bundles.Problem(
+                bundles.MANIFEST, "missing (an incomplete or foreign folder, not a bundle)",
+                "missing",
+            )  # fmt: skip
+        raise _refusal(root, [problem]) from None
+    return bundles.decode_manifest(data, str(root))
+
+
+def _checked(root: Path, folder: bundles.BundleFolder, name: str, entry: dict[str, Any]) -> bytes:
+    """The bytes of ``name``: a regular file in ``folder`` (reached without following a link)
+    of the size and sha256 its manifest entry (checked by decode_manifest) says, read once:
+    what is checked is what is used."""
+    size = int(entry["size"])
+    try:
+        fd = folder.open(name)
+    except bundles.FileProblem as err:
+        raise _refusal(root, [err.problem]) from None
+    try:
+        with os.fdopen(fd, "rb") as source:
+            data = source.read(size + 1)
+            actual = max(os.fstat(source.fileno()).st_size, len(data))
     except OSError as err:
-        raise _refused(root, name, f"unreadable ({err.strerror})") from err
-    if len(data) != entry["size"]:
-        what = "truncated" if len(data) < entry["size"] else "size mismatch"
-        raise _refused(root, name, f"{what}: {len(data)} bytes, the manifest says {entry['size']}")
+        raise _refused(root, name, f"unreadable ({err.strerror})") from None
+    if len(data) != size:
+        what = "truncated" if len(data) < size else "size mismatch"
+        raise _refused(root, name, f"{what}: {actual} bytes, the manifest says {size}")
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise _refused(root, name, "checksum mismatch: the file was altered or corrupted")
     return data

@@ -37,6 +37,7 @@ class RestoreStage(Request):
     bundle: AbsPath
     wake: bool
     keep_newer_journal: bool = False  # the stage was placed here all along (see restore_stage)
+    trust_owner: bool = False  # --trust-owner: accept another user's or a writable bundle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ColdRestoreStage(Request):
     bundle: AbsPath
     keep_newer_journal: bool = False  # the stage was placed here all along
     point: dict[str, Any] | None = None  # a later point: journal_point's reply on its last node
+    trust_owner: bool = False  # --trust-owner: accept another user's or a writable bundle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,16 +149,17 @@ class MigrationService:
         """Restore a stage bundle on this node, adopt it and (unless told not to) wake it."""
         result = self._on_criu_thread(
             stage_checkpoint.restore_stage, self.agent, req.bundle, wake_it=req.wake,
-            keep_newer_journal=req.keep_newer_journal,
+            keep_newer_journal=req.keep_newer_journal, trust_owner=req.trust_owner,
         )  # fmt: skip
         self.agent.log("restored", stage=result["stage"], pid=result["pid"])
         return result
 
     def cold_restore_stage(self, req: ColdRestoreStage) -> dict[str, Any]:
         """Start a stage here from a bundle's state snapshot and positions (no CRIU)."""
-        self.agent.log("cold restore", bundle=req.bundle, with_point=req.point is not None)
+        self.agent.log("cold restore", bundle=req.bundle, with_point=req.point is not None,
+                       trust_owner=req.trust_owner)  # fmt: skip
         result = cold_restore.cold_restore_stage(
-            self.agent, req.bundle, req.keep_newer_journal, req.point
+            self.agent, req.bundle, req.keep_newer_journal, req.point, req.trust_owner
         )
         self.agent.log("restored cold", stage=result["stage"], pid=result["pid"],
                        started_from=result["started_from"])  # fmt: skip

@@ -6,7 +6,8 @@ positions. The cluster (:meth:`~dpmigrate.runtime.cluster.LocalCluster.restore` 
 ``cold=True``) has verified the bundle, refused it while the stage runs anywhere, placed the
 stage on this node with a new epoch and restarted the peers whose ring changes transport.
 Here, under the agent's lock: read and verify the bundle again (what this node uses is what
-is checked: :func:`dpmigrate.checkpoint.cold.read`), refuse while the stage runs here, make the
+is checked: :func:`dpmigrate.checkpoint.cold.read`, its owner and modes included unless the
+user passed ``--trust-owner``), refuse while the stage runs here, make the
 stage's journal on this node hold exactly one point (``StageJournal.start_at``), and start the
 stage process as any other — the stage host loads that point and opens its rings at its
 positions. The reply comes once the stage reports itself running.
@@ -45,12 +46,18 @@ Point = tuple[State, Positions, Positions]
 
 
 def cold_restore_stage(
-    agent: Agent, path: str, keep_newer_journal: bool = False, point: dict[str, Any] | None = None
+    agent: Agent,
+    path: str,
+    keep_newer_journal: bool = False,
+    point: dict[str, Any] | None = None,
+    trust_owner: bool = False,
 ) -> dict[str, Any]:
     """Start the stage of the bundle at ``path`` on this node from its state and positions
-    (or from a later committed point, see the module); returns where it started from."""
+    (or from a later committed point, see the module); returns where it started from.
+    ``trust_owner``: accept a bundle of another user or one group or others may write (the
+    user's ``--trust-owner``; refused otherwise, see :func:`dpmigrate.checkpoint.cold.read`)."""
     t0 = time.monotonic()
-    bundle = cold.read(path)
+    bundle = cold.read(path, trust_owner=trust_owner)
     key, context = bundle.key, bundle.context
     start: Point = (bundle.state, bundle.inputs, bundle.outputs)
     if point is not None:

@@ -283,13 +283,19 @@ def checkpoint_stage(agent: Agent, key: str, out: str, leave_running: bool) -> d
 
 
 def restore_stage(
-    agent: Agent, path: str, wake_it: bool = True, keep_newer_journal: bool = False
+    agent: Agent,
+    path: str,
+    wake_it: bool = True,
+    keep_newer_journal: bool = False,
+    trust_owner: bool = False,
 ) -> dict[str, Any]:
     """Restore a stage bundle here. Its committed state becomes this node's journal of the
     stage — unless ``keep_newer_journal`` (the stage was placed on this node all along, so
     its journal here is the authority) and that journal is at a later point: a bundle taken
-    with ``--leave-running`` then catches up with it when it wakes."""
-    bundle = bundles.load(path)
+    with ``--leave-running`` then catches up with it when it wakes. ``trust_owner``: accept
+    a bundle of another user or one group or others may write (the user's ``--trust-owner``;
+    :func:`~dpmigrate.checkpoint.bundle.load` refuses it otherwise)."""
+    bundle = bundles.load(path, trust_owner=trust_owner)
     context = bundle.rings or {}
     missing = [k for k in ("app", "stage", "manifest", "run_dir", "model") if k not in context]
     if missing:

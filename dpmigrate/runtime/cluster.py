@@ -494,7 +494,11 @@ class LocalCluster:
             )  # fmt: skip
 
     def restore(
-        self, bundle: str | os.PathLike[str], node: str | None = None, cold: bool = False
+        self,
+        bundle: str | os.PathLike[str],
+        node: str | None = None,
+        cold: bool = False,
+        trust_owner: bool = False,
     ) -> dict[str, Any]:
         """Restore a stage bundle on ``node`` (default: the node it was checkpointed on).
 
@@ -506,13 +510,20 @@ class LocalCluster:
         kernel, CPU or CRIU cannot restore the images; the images are neither read nor needed.
         It is always placed with a new epoch, and it starts from the stage's latest committed
         point: a bundle taken with ``--leave-running`` is older than the journal of the node
-        the stage ran on afterwards, which is read (:meth:`_later_point`)."""
+        the stage ran on afterwards, which is read (:meth:`_later_point`).
+
+        ``trust_owner``: accept a bundle of another user, or one group or others may write
+        (refused otherwise, here and again by the node's agent, which is told the same)."""
         from dpmigrate.checkpoint import bundle as bundles
         from dpmigrate.checkpoint import cold as colds
 
         t0 = time.monotonic()
         # refuse a bad bundle before asking any agent
-        loaded = colds.read(bundle) if cold else bundles.load(bundle)
+        loaded = (
+            colds.read(bundle, trust_owner=trust_owner)
+            if cold
+            else bundles.load(bundle, trust_owner=trust_owner)
+        )
         target = node or loaded.node
         if target is None:
             raise DpmigrateError(f"bundle {bundle} names no node; pass --node")
@@ -543,9 +554,11 @@ class LocalCluster:
         with self.client(target, timeout=300) as agent:
             if not cold:
                 return agent.call("restore_stage", bundle=str(Path(bundle).absolute()),
-                                  wake=True, keep_newer_journal=keep_newer)  # fmt: skip
+                                  wake=True, keep_newer_journal=keep_newer,
+                                  trust_owner=trust_owner)  # fmt: skip
             result = agent.call("cold_restore_stage", bundle=str(Path(bundle).absolute()),
-                                keep_newer_journal=keep_newer, point=point)  # fmt: skip
+                                keep_newer_journal=keep_newer, point=point,
+                                trust_owner=trust_owner)  # fmt: skip
         return {**result, "total_s": round(time.monotonic() - t0, 4)}
 
     def _later_point(self, loaded: Any, last_node: str) -> dict[str, Any] | None:
