@@ -282,12 +282,13 @@ def status_cmd(as_json: bool) -> None:
         table.add_row(n["name"], n["address"], str(n["agent_pid"]), "yes" if n["alive"] else "NO")
     out.print(table)
     table = Table(title="stages")
-    for col in ("app", "stage", "node", "pid", "version", "in", "out", "restarts", "metrics"):
+    for col in ("app", "stage", "node", "pid", "version", "in", "out", "restarts", "metrics",
+                "resources"):  # fmt: skip
         table.add_column(col, overflow="fold")
     for s in result["stages"]:
         table.add_row(str(s["app"]), s["name"], s["node"], str(s["pid"]), str(s["state_version"]),
                       f"{s['msgs_in']:,}", f"{s['msgs_out']:,}", str(s["restarts"]),
-                      json.dumps(s["metrics"]))  # fmt: skip
+                      json.dumps(s["metrics"]), _resources_cell(s["resources"]))  # fmt: skip
     out.print(table)
     if replicas:
         table = Table(title="replicas (hot standbys, statesync targets)")
@@ -331,7 +332,24 @@ def _stage_row(s: dict[str, Any]) -> dict[str, Any]:
         "msgs_out": s.get("msgs_out", 0), "restarts": s.get("restarts", 0),
         "finished": s.get("finished", False), "metrics": s.get("metrics", {}),
         "standbys": s.get("standbys", []),
+        # its control group: limits, applied, usage (cpu_seconds, memory_bytes,
+        # throttled_periods, oom_kills), oom deaths, last_exit; None: no limits
+        "resources": s.get("resources"),
     }  # fmt: skip
+
+
+def _resources_cell(resources: dict[str, Any] | None) -> str:
+    """A stage's limits and usage in a table cell ("-": it has no control group)."""
+    if not resources:
+        return "-"
+    usage, limits = resources.get("usage") or {}, resources.get("limits") or {}
+    memory = f"{usage.get('memory_bytes', 0) / 2**20:.0f}M"
+    if "memory" in limits:
+        memory += f"/{limits['memory'] / 2**20:.0f}M"
+    quota = f"/{limits['cpu_quota']}" if "cpu_quota" in limits else ""
+    throttled, oom = usage.get("throttled_periods", 0), resources.get("oom", 0)
+    cpu = f"{usage.get('cpu_seconds', 0):.1f}s{quota}"
+    return f"cpu {cpu} mem {memory} throttled {throttled} oom {oom}"
 
 
 @main.command("stop")

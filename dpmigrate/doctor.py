@@ -141,6 +141,22 @@ def _hugepages() -> Check:
     )
 
 
+def _cgroups() -> Check:
+    """Which control-group backend stage ``resources`` use here, and where groups go."""
+    from dpmigrate.runtime import cgroups
+
+    info = cgroups.describe()
+    if info["backend"] == "v1":
+        where = ", ".join(f"{c} {p}" for c, p in sorted(info["controllers"].items()))
+        return Check("cgroups", OK, f"cgroup v1 (separate hierarchies): stage groups under {where}")
+    if info["backend"] == "v2":
+        return Check("cgroups", OK, f"cgroup v2 (unified): stage groups under {info['root']}, "
+                     f"controllers {' '.join(info['controllers'])}")  # fmt: skip
+    return Check("cgroups", WARN, "no cgroup v1 cpu+memory hierarchies and no unified v2 "
+                 "hierarchy with memory: stages with `resources` cannot start; mount "
+                 "cgroups")  # fmt: skip
+
+
 def _pipe_max_size() -> Check:
     value = int(Path("/proc/sys/fs/pipe-max-size").read_text())
     if value >= PIPE_MAX_NEEDED:
@@ -267,6 +283,7 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> Report
     add("nftables", _nftables)
     add("netns", _netns)
     add("hugepages", _hugepages)
+    add("cgroups", _cgroups)
     add("pipe-max-size", _pipe_max_size)
     add("rdma", _rdma)
     add("pycriu", _pycriu)

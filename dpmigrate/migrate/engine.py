@@ -474,6 +474,10 @@ class Migration:
         me = self._on_destination()
         if me is None or me.get("node") != self.destination or me.get("phase") != "running":
             raise MigrationError(f"the restored stage does not run on {self.destination}: {me}")
+        limits = me.get("resources")  # what its control group there holds (None: no limits)
+        self.report.resources = None if limits is None else {
+            k: limits.get(k) for k in ("group", "limits", "applied", "unsupported")
+        }  # fmt: skip
         if (self.report.state_digest_after, self._woken_version) != (
             frozen["state_digest"],
             frozen["state_version"],

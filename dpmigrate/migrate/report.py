@@ -38,6 +38,10 @@ class MigrationReport:
     #: from the placement's compare-and-swap to the last ring of the stage reconnected (both
     #: ends), as the ring ends' clocks say: what the push of a move costs
     reconnect_after_placement_s: float | None = None
+    #: the control-group limits the destination applied before the stage ran there —
+    #: ``limits`` (the manifest's), ``applied`` (what the group holds), ``unsupported`` (not
+    #: applicable on that host, with why), ``group`` — or None: the stage has no resources
+    resources: dict[str, Any] | None = None
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     error: str | None = None
     started_at: float = 0.0  # wall clock, for timelines

@@ -20,6 +20,13 @@ only the few pending slots of :mod:`~dpmigrate.runtime.admission`.
 
 SIGTERM stops the node's stages (each finishes its batch) and the agent exits 0.
 
+A stage whose manifest gives it ``resources`` runs in a control group of its own,
+``<run>.<node>.<app>.<stage>`` (:mod:`dpmigrate.runtime.cgroups`), recorded in the node's
+folder (``cgroups.json``, which ``cluster down`` and ``clean`` read too). The agent reads the
+limits from the manifest's TOML (never importing the app's code) whenever the stage is
+started, restarted, re-adopted or restored here, so every path — a migration's restore, a
+statesync replica's start_stage — applies the same limits before the stage runs.
+
 It serves only what is registered in its :class:`~dpmigrate.runtime.operations.OperationTable`
 (``Agent.operations``): its own operations, listed in :meth:`Agent._register_operations`, and
 those of the services the agent program wires in (:mod:`dpmigrate.agentd`: checkpoint and
@@ -35,14 +42,16 @@ import os
 import shutil
 import socket
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from dpmigrate import atomic
-from dpmigrate.errors import ProtocolError
+from dpmigrate.errors import DpmigrateError, ProtocolError
 from dpmigrate.eventlog import EventLog
-from dpmigrate.runtime import control, stage_access, stagehost
+from dpmigrate.runtime import cgroups, control, stage_access, stagehost
 from dpmigrate.runtime.admission import LOCAL_BUDGET, TCP_BUDGET, Admission
+from dpmigrate.runtime.manifest import stage_resources
 from dpmigrate.runtime.node_store import NodeStore
 from dpmigrate.runtime.operations import AbsPath, Name, NoArgs, OperationTable, Request
 from dpmigrate.runtime.registry import STAGE_KEY_ENV
@@ -134,11 +143,15 @@ class Agent:
         #: this node's own folder: stage runs, logs, migrations (nothing of other nodes)
         self.run_dir = run_dir
         self.store = store or NodeStore(None, node, {}, 0, self.log)
+        #: the stages' control groups, recorded in the node's own folder
+        self.groups = cgroups.StageGroups(run_dir / cgroups.RECORD)
         self.supervisor = Supervisor(
             run_dir / "logs",
             on_event=lambda m: self.log("stage", message=m),
             on_problem=lambda m: self.log("stage", level="warning", message=m),
             stage_env=self._stage_env,
+            groups=self.groups,
+            group_for=self._group_for,
         )
         self.stage_args: dict[str, tuple[str, str, str]] = {}  # stage -> manifest, run dir, model
         #: stage -> "primary", or the replica role it was started in (until it takes over)
@@ -210,6 +223,23 @@ class Agent:
                 continue
             threading.Thread(target=self._serve, args=(conn, admission, source),
                              daemon=True).start()  # fmt: skip
+
+    def _group_for(self, key: str, argv: Sequence[str]) -> cgroups.Group | None:
+        """The control group of stage ``key`` as its manifest's ``resources`` say (None
+        when it has none), made or taken over (same name) before the stage runs. ``argv``
+        is the stage host's (:func:`stagehost.command`), which names manifest and run."""
+        manifest, run_dir = _flag(argv, "--manifest"), _flag(argv, "--run-dir")
+        if manifest is None or run_dir is None:
+            return None
+        limits = stage_resources(manifest, key.partition("/")[2])
+        if limits.empty:
+            return None
+        name = cgroups.group_name(f"{Path(run_dir).name}.{self.node}", key)
+        group = self.groups.create(name, limits)
+        level = "warning" if group.unsupported else "info"
+        self.log("stage group", level=level, stage=key, group=name, applied=group.applied,
+                 not_applied=group.unsupported)  # fmt: skip
+        return group
 
     def _stage_env(self, key: str) -> dict[str, str]:
         """A stage's own key in its environment instead of the token (see stage_access)."""
@@ -386,7 +416,8 @@ class Agent:
             info.update(role=self.roles.get(key, "primary"), rss_bytes=_rss_bytes(proc.stage_pid))
             info.update(pid=proc.stage_pid, restarts=proc.restarts, finished=proc.finished,
                         moved=proc.moved, fenced=proc.fenced, run_dir=run_dir, manifest=manifest,
-                        failed=proc.failed, log=str(proc.log))  # fmt: skip
+                        failed=proc.failed, log=str(proc.log),
+                        resources=proc.resources())  # fmt: skip
             stages.append(info)
         with self.store.changed:
             rings = dict(self.store.rings)
@@ -495,6 +526,10 @@ class Agent:
         self.log("stopping", stages=len(self.supervisor.stages))
         with self.lock:
             self.supervisor.stop()
+            try:  # what the supervisor could not remove, and the parents it made
+                self.groups.remove_all()
+            except DpmigrateError as err:
+                self.log("control groups left", level="warning", error=str(err))
         self.stopping.set()
         for service in self.services:
             service.stop()
@@ -517,6 +552,12 @@ def _died_working(status: Path) -> bool:
     except (OSError, ValueError, AttributeError):
         return True  # no word from it at all: it died before saying anything
     return phase in _WORKING_PHASES
+
+
+def _flag(argv: Sequence[str], flag: str) -> str | None:
+    """The value after ``flag`` in ``argv`` (None if absent)."""
+    args = list(argv)
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
 
 
 def _rss_bytes(pid: int | None) -> int | None:

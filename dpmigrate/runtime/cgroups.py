@@ -75,7 +75,7 @@ IO_WEIGHT_RANGE = (10, 1000)
 MAX_PIDS = 1 << 22
 #: The smallest memory limit: a Python stage needs ~20 MiB before its first batch.
 MIN_MEMORY = 8 << 20
-_SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)(i?B)?", re.IGNORECASE)
+_SIZE_RE = re.compile(r"([0-9]{1,20})([KMGT]?)(i?B)?", re.IGNORECASE)
 _CPUS_RE = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _KEYS = ("cpus", "cpu_quota", "memory", "io_weight", "pids")

@@ -49,7 +49,7 @@ from dpmigrate.cluster import etcd, nodefs, pki
 from dpmigrate.cluster.netns import NetnsExecutor
 from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
 from dpmigrate.errors import ConfigError, DpmigrateError, EnvironmentProblem
-from dpmigrate.runtime import agent_keeper
+from dpmigrate.runtime import agent_keeper, cgroups
 from dpmigrate.runtime.control import AgentClient
 from dpmigrate.runtime.supervisor import process_start_time
 
@@ -314,6 +314,14 @@ def _teardown(record_path: Path, record: dict[str, Any]) -> list[str]:
                 strays.append((pid, st))
                 labels[pid] = f"process {pid} in {ns}"
     removed += _stop_processes(strays, labels)
+    # The stages' control groups, as each node's agent recorded them (empty by now: their
+    # processes are gone); a group that will not go is reported like a recorded path.
+    cgroup_problems: list[str] = []
+    for node in record.get("nodes", []):
+        try:
+            removed += cgroups.remove_recorded(Path(str(node.get("dir"))) / cgroups.RECORD)
+        except DpmigrateError as err:
+            cgroup_problems.append(str(err))
 
     for ns in reversed(namespaces):
         if _netns_exists(ns):
@@ -345,6 +353,7 @@ def _teardown(record_path: Path, record: dict[str, Any]) -> list[str]:
     for name in reversed(record.get("dirs", [])):  # created by us, removed only if empty
         with contextlib.suppress(OSError):
             os.rmdir(name)
+    kept += cgroup_problems
     if kept:
         raise DpmigrateError(
             "the cluster is removed but these recorded paths could not be: "

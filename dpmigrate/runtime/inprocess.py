@@ -3,11 +3,15 @@
 Round robin over the stages, one batch each per round. When a whole round moved nothing the
 scheduler sleeps briefly (the rings are in-process, so there is nothing to block on), bounded
 by the run's duration.
+
+Stage ``resources`` (control groups) cannot apply here: every stage shares this one process,
+its CPU time, memory and I/O. A run with any says so once, as a RuntimeWarning, and goes on.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +25,16 @@ _IDLE_SLEEP_S = 0.0005
 
 def build(app: App) -> list[StageRunner]:
     """Create the mem rings and one runner per stage, sources first."""
+    limited = [f"{s.name} ({', '.join(s.resources.as_dict())})" for s in app.stages
+               if not s.resources.empty]  # fmt: skip
+    if limited:
+        warnings.warn(
+            f"app {app.name!r}: the in-process model runs every stage in this one process, so "
+            f"the resources of {', '.join(limited)} are ignored (CPU, memory, I/O and pids "
+            "limits need a process per stage: use --model multi-process or multi-node)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     resolver = MemoryResolver()
     senders, receivers = {}, {}
     for ring in app.rings:

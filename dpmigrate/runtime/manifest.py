@@ -12,6 +12,8 @@
     entry = "stages:Generator"   # module:Class, module found next to the manifest first
     node = "node1"
     config = { sources = 4, total = 20000 }
+    resources = { cpus = "0-1", cpu_quota = 0.5, memory = "256M", io_weight = 100, pids = 64 }
+                                 # optional: the stage's control group (runtime.cgroups)
 
     [[rings]]
     from = "gen.out"             # stage.port
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from dpmigrate.errors import ConfigError
+from dpmigrate.runtime.cgroups import Limits, parse_limits
 from dpmigrate.runtime.stage import Service
 from dpmigrate.transports.base import DEFAULT_CAPACITY
 from dpmigrate.transports.resolver import NAME_RE
@@ -47,6 +50,7 @@ from dpmigrate.transports.resolver import NAME_RE
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
 _ENTRY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 _TRANSPORT_HINTS = ("auto", "mem", "shm", "tcp")
+_STAGE_KEYS = frozenset({"entry", "node", "config", "batch", "standby", "resources"})
 #: The largest manifest read: an app's manifest is a few KiB.
 MAX_MANIFEST_BYTES = 1 << 20
 #: Bounds of a ring's capacity and a batch: larger is a typo, and would fail far from here.
@@ -65,6 +69,8 @@ class StageSpec:
     batch: int
     #: nodes that run a hot standby of the stage (DESIGN.md §5), in order of preference
     standbys: tuple[str, ...] = ()
+    #: its control group's limits (:mod:`dpmigrate.runtime.cgroups`); empty: no group
+    resources: Limits = dataclasses.field(default_factory=Limits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,11 +255,11 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
         if not _NAME_RE.fullmatch(sname):
             raise ConfigError(f"{key}: stage names are a letter then letters, digits, _ or -")
         _expect(body, dict, key, "a table")
-        extra = set(body) - {"entry", "node", "config", "batch", "standby"}
+        extra = set(body) - _STAGE_KEYS
         if extra:
             raise ConfigError(
                 f"{key}: unknown key(s) {sorted(extra)}; expected entry, node, config, batch, "
-                "standby"
+                "standby, resources"
             )
         if "entry" not in body:
             raise ConfigError(f"{key}.entry is missing: name the stage class as 'module:Class'")
@@ -267,6 +273,7 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
             ),
             batch=_positive(body.get("batch", default_batch), f"{key}.batch", MAX_BATCH),
             standbys=_standbys(body.get("standby", []), node, f"{key}.standby"),
+            resources=parse_limits(body.get("resources", {}), f"{key}.resources"),
         )
 
     rings: dict[str, RingSpec] = {}
@@ -333,6 +340,19 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
                     f"input port {ring.dst_port!r}; its inputs are {list(cls.inputs)}"
                 )
     return app_obj
+
+
+def stage_resources(path: str | Path, stage: str) -> Limits:
+    """The limits of one stage, from the manifest's TOML alone: for the node agent, which
+    must apply them before the stage runs but never imports an app's code (:func:`load`
+    imports every entry point). Validated as :func:`load` does; one ConfigError."""
+    path = Path(path)
+    raw = _parse(path)
+    stages = raw.get("stages")
+    body = stages.get(stage) if isinstance(stages, dict) else None
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: no stage {_show(stage)} in [stages]; is it the app's manifest?")
+    return parse_limits(body.get("resources", {}), f"{path}: stages.{_key(stage)}.resources")
 
 
 def _standbys(value: Any, node: str, where: str) -> tuple[str, ...]:

@@ -4,6 +4,10 @@ A run gets a folder (``DPMIGRATE_STATE_DIR/runs/<app>-<pid>-<time>``; the caller
 state dir) holding the ring registry, each stage's journal, status file and log. The
 supervisor restarts a crashed stage from its journal; its rings reconnect by name. The folder
 is removed after a clean run and kept (its path printed) after a failed one, for the logs.
+
+A stage with ``resources`` runs in a control group of its own (``<run>.local.<stage>``,
+:mod:`dpmigrate.runtime.cgroups`), entered before its code runs and recorded in the run
+folder's ``cgroups.json``; :meth:`MultiProcessRun.stop` removes exactly those groups.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dpmigrate.runtime import stagehost
+from dpmigrate.runtime import cgroups, stagehost
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.supervisor import Supervisor
 
@@ -44,17 +48,24 @@ class MultiProcessRun:
             run_dir = Path(state_dir) / "runs" / f"{app.name}-{os.getpid()}-{int(time.time())}"
         self.run_dir = run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.groups = cgroups.StageGroups(self.run_dir / cgroups.RECORD)
         self.supervisor = Supervisor(
-            self.run_dir / "logs", on_event=on_event, die_with_supervisor=True
-        )
+            self.run_dir / "logs", on_event=on_event, die_with_supervisor=True,
+            groups=self.groups,
+        )  # fmt: skip
 
     def start(self) -> None:
         for spec in self.app.stages:
+            group = None
+            if not spec.resources.empty:
+                name = cgroups.group_name(f"{self.run_dir.name}.local", spec.name)
+                group = self.groups.create(name, spec.resources)
             self.supervisor.start(
                 spec.name,
                 stagehost.command(
                     str(self.app.path.resolve()), spec.name, str(self.run_dir), self.model
                 ),
+                group=group,
             )
 
     def status(self) -> list[dict[str, Any]]:
@@ -63,7 +74,8 @@ class MultiProcessRun:
         for name, proc in self.supervisor.stages.items():
             data: dict[str, Any] = {"stage": name, **stagehost.read_status(self.run_dir, name)}
             data.update(name=name, pid=proc.stage_pid, restarts=proc.restarts,
-                        finished=proc.finished, failed=proc.failed, log=str(proc.log))  # fmt: skip
+                        finished=proc.finished, failed=proc.failed, log=str(proc.log),
+                        resources=proc.resources())  # fmt: skip
             out.append(data)
         return out
 
@@ -87,7 +99,12 @@ class MultiProcessRun:
         return True
 
     def stop(self) -> None:
-        self.supervisor.stop()
+        """Stop the stages, then remove every control group recorded for this run (the
+        supervisor removed each finished stage's already; this catches what it could not)."""
+        try:
+            self.supervisor.stop()
+        finally:
+            self.groups.remove_all()
 
     def cleanup(self) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -6,6 +6,15 @@ session (``setsid``), with no inherited descriptors and its output appended to a
 No mount namespace. ``--kill-child`` ties the stage's life to the ``unshare`` process, so
 ending that one (by PID) never leaves the stage behind.
 
+A stage with resource limits runs in its control group (:mod:`dpmigrate.runtime.cgroups`),
+which the caller creates and passes to :meth:`Supervisor.start`: the spawn moves the process
+into it between fork and exec (a ``sh`` that writes its own PID to the group's
+``cgroup.procs`` files, then execs ``unshare``), so the stage and everything it starts are in
+the group before it runs a line of its code. (A ``preexec_fn`` would do the same, but is not
+safe in the agent, which has threads.) A stage killed by the kernel's OOM killer (its group's
+OOM count went up) is restarted like any crashed stage, and the event says ``oom``. The group
+is removed once the stage is finished for good.
+
 A stage that exits 0 is finished. One that dies (signal or non-zero status) while the app runs
 is restarted, up to ``max_restarts`` times; it resumes from its journal
 (:mod:`dpmigrate.runtime.journal`) and its rings reconnect by name.
@@ -26,7 +35,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dpmigrate.errors import EnvironmentProblem
+from dpmigrate.errors import DpmigrateError, EnvironmentProblem
+from dpmigrate.runtime.cgroups import Group, StageGroups
 
 #: Exit status of a stage that found itself stale (stagehost.FENCED_EXIT; not imported, the
 #: supervisor runs any program).
@@ -54,6 +64,24 @@ class StageProcess:
     #: when its status file says it finished or stopped
     orphan_start: int | None = None
     orphan_status: Path | None = None
+    #: its control group (None: no limits); removed when the stage is finished for good
+    group: Group | None = None
+    #: the group's OOM kill count already accounted for, and the stage's OOM deaths
+    oom_seen: int = 0
+    ooms: int = 0
+    #: why it last died: "oom", or "crash" (None: it never died)
+    last_exit: str | None = None
+    #: :meth:`resources` as it was when the group was removed (for status)
+    last_usage: dict[str, object] | None = None
+
+    def resources(self) -> dict[str, object] | None:
+        """Limits and usage of its control group, for status (None: no limits)."""
+        group = self.group
+        if group is None:
+            return self.last_usage
+        return {"group": group.name, "limits": group.limits.as_dict(), "applied": group.applied,
+                "unsupported": group.unsupported, "usage": group.usage(), "oom": self.ooms,
+                "last_exit": self.last_exit}  # fmt: skip
 
     @property
     def stage_pid(self) -> int | None:
@@ -87,10 +115,15 @@ class Supervisor:
         die_with_supervisor: bool = False,
         on_problem: Callable[[str], None] | None = None,
         stage_env: Callable[[str], dict[str, str]] | None = None,
+        groups: StageGroups | None = None,
+        group_for: Callable[[str, Sequence[str]], Group | None] | None = None,
     ) -> None:
         """``stage_env(name)``: what a stage's environment gets besides this process's own
         (whose secrets it never gets, see :data:`SECRET_ENV`) — an agent passes a stage its
-        own key there."""
+        own key there. ``groups``: where the stages' control groups are recorded; each is
+        removed through it when its stage is finished for good. ``group_for(name, argv)``:
+        the control group of a stage started or adopted without one given (None: no
+        limits) — so every way a stage is (re)started gets its limits."""
         for tool in ("unshare", "setsid"):
             if shutil.which(tool) is None:
                 raise EnvironmentProblem(f"`{tool}` is missing; apt-get install util-linux")
@@ -102,6 +135,8 @@ class Supervisor:
         #: where a stage that died is reported (default: ``on_event``), for a log with levels
         self.on_problem = on_problem or self.on_event
         self.stages: dict[str, StageProcess] = {}
+        self.groups = groups
+        self.group_for = group_for
         self._stopping = False
         # A foreground run's stages must not outlive it (Ctrl-C, kill -9 of the CLI); an
         # agent's stages are the agent's business and are stopped by it.
@@ -113,18 +148,27 @@ class Supervisor:
         argv: Sequence[str],
         env: dict[str, str] | None = None,
         log_flag: str | None = "--log",
+        group: Group | None = None,
     ) -> StageProcess:
         """Start ``python ARGV`` as stage ``name``; ``log_flag`` passes it its log file (a
-        stage host appends its events there itself; its stdout only catches early failures)."""
+        stage host appends its events there itself; its stdout only catches early failures).
+        ``group``: its control group, entered before the stage's code runs."""
         log = self.log_path(name)
         argv = [*argv, log_flag, str(log)] if log_flag else list(argv)
-        stage = StageProcess(name, argv, log)
+        if group is None and self.group_for is not None:
+            group = self.group_for(name, argv)
+        stage = StageProcess(name, argv, log, group=group)
+        if group is not None:
+            stage.oom_seen = group.oom_kills()
         self.stages[name] = stage
         self._spawn(stage, env)
         return stage
 
     def _spawn(self, stage: StageProcess, env: dict[str, str] | None = None) -> None:
         cmd = ["unshare", "--pid", "--fork", "--kill-child", "setsid", sys.executable, *stage.argv]
+        if stage.group is not None:
+            files = stage.group.procs_files()
+            cmd = ["sh", "-c", _ENTER_GROUP, "sh", str(len(files)), *files, *cmd]
         stage_env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         if self.stage_env is not None:
             stage_env.update(self.stage_env(stage.name))
@@ -141,12 +185,21 @@ class Supervisor:
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name.replace('/', '.')}.log"
 
-    def adopt(self, name: str, pid: int, argv: Sequence[str]) -> StageProcess:
+    def adopt(
+        self, name: str, pid: int, argv: Sequence[str], group: Group | None = None
+    ) -> StageProcess:
         """Take over a stage restored by CRIU as a child of this process: watch it, and if it
         crashes, restart it from its journal with ``argv`` like any other stage. (The
-        restored stage itself keeps appending to the log file it had.)"""
+        restored stage itself keeps appending to the log file it had.) ``group``: the
+        control group the caller moved it into (a restart enters it again)."""
         log = self.log_path(name)
-        stage = StageProcess(name, [*argv, "--log", str(log)], log, adopted_pid=pid)
+        if group is None and self.group_for is not None:
+            group = self.group_for(name, argv)
+        if group is not None:  # before it is woken: it runs none of its code outside
+            group.add(pid)
+        stage = StageProcess(name, [*argv, "--log", str(log)], log, adopted_pid=pid, group=group)
+        if group is not None:
+            stage.oom_seen = group.oom_kills()
         self.stages[name] = stage
         self.on_event(f"stage {name} adopted (restored, pid {pid})")
         return stage
@@ -158,8 +211,13 @@ class Supervisor:
         (that agent died): watched by PID and start time; a crash restarts it from its
         journal with ``argv`` like any other stage."""
         log = self.log_path(name)
+        group = self.group_for(name, argv) if self.group_for is not None else None
         stage = StageProcess(name, [*argv, "--log", str(log)], log, adopted_pid=pid,
-                             orphan_start=start_time, orphan_status=status)  # fmt: skip
+                             orphan_start=start_time, orphan_status=status,
+                             group=group)  # fmt: skip
+        if group is not None:  # the earlier agent's group (same name): it is already in
+            group.add(pid)
+            stage.oom_seen = group.oom_kills()
         self.stages[name] = stage
         self.on_event(f"stage {name} re-adopted (pid {pid}, started by an earlier agent)")
         return stage
@@ -193,26 +251,34 @@ class Supervisor:
                 stage.finished = stage.moved = True
                 how = describe_exit(code)
                 self.on_event(f"stage {stage.name} left with its checkpoint ({how})")
+                self._release(stage)
                 continue
             if code == FENCED_EXIT:
                 stage.finished = stage.fenced = True
                 self.on_event(f"stage {stage.name} was fenced (a stale copy) and stopped")
+                self._release(stage)
                 continue
             if code == 0 or self._stopping:
                 stage.finished = True
                 self.on_event(f"stage {stage.name} exited ({describe_exit(code)})")
+                self._release(stage)
                 continue
+            how = describe_exit(code)
+            stage.last_exit = "crash"
+            if stage.group is not None and (kills := stage.group.oom_kills()) > stage.oom_seen:
+                stage.oom_seen, stage.last_exit = kills, "oom"
+                stage.ooms += 1
+                how = f"oom: killed for exceeding its memory limit, {how}"
             if stage.restarts >= self.max_restarts:
                 stage.finished = stage.failed = True
                 self.on_problem(
-                    f"stage {stage.name} died ({describe_exit(code)}) and was restarted "
+                    f"stage {stage.name} died ({how}) and was restarted "
                     f"{stage.restarts} times already; giving up, see {stage.log}"
                 )
+                self._release(stage)
                 continue
             stage.restarts += 1
-            self.on_problem(
-                f"stage {stage.name} died ({describe_exit(code)}); restarting from its journal"
-            )
+            self.on_problem(f"stage {stage.name} died ({how}); restarting from its journal")
             stage.adopted_pid = stage.orphan_start = None  # restarts the ordinary way
             self._spawn(stage)
 
@@ -248,6 +314,21 @@ class Supervisor:
                     stage.proc.kill()
                     stage.proc.wait(grace)
             stage.finished = True
+            self._release(stage)
+
+    def _release(self, stage: StageProcess) -> None:
+        """Remove the control group of a stage that is finished for good (its last usage is
+        kept for status). A group that will not go is reported, and stays recorded for
+        ``stop``, ``cluster down`` or ``clean`` to retry."""
+        group = stage.group
+        if group is None or self.groups is None:
+            return
+        stage.last_usage = {**(stage.resources() or {}), "group": None}
+        stage.group = None
+        try:
+            self.groups.remove(group)
+        except DpmigrateError as err:
+            self.on_problem(f"stage {stage.name}: its control group stays: {err}")
 
     @staticmethod
     def _wait_adopted(stage: StageProcess, deadline: float) -> None:
@@ -296,6 +377,12 @@ def _die_with_parent() -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+#: ``sh -c`` script: ``N FILE... CMD...``: write this shell's PID into the N files (a control
+#: group's cgroup.procs, one per hierarchy), then exec CMD in its place (same PID).
+_ENTER_GROUP = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done;'
+    ' exec "$@"'
+)
 
 
 def describe_exit(code: int) -> str:
