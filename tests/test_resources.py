@@ -1,0 +1,298 @@
+"""Per-stage resources in control groups (issue 15, first part): the manifest key, the v1 and
+v2 backends, a CPU quota that holds, an OOM kill that restarts the stage with nothing lost,
+the same limits on the destination of a migration — and no control group left behind, also
+when a test fails (every test removes what its records list, then checks it is gone)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import checker_of, paced_flows, reference_checker, require, stage_status
+
+from dpmigrate.errors import ConfigError
+from dpmigrate.runtime import cgroups
+from dpmigrate.runtime.manifest import App, stage_resources
+from dpmigrate.runtime.multiprocess import MultiProcessRun
+
+HOGS = Path(__file__).resolve().parent / "resources_app" / "hogs.py"
+
+
+class Groups:
+    """The cgroup records a test's runs keep: every folder they ever listed is remembered,
+    and at the end removed through the record and checked to be gone."""
+
+    def __init__(self) -> None:
+        self.records: list[Path] = []
+        self.seen: set[str] = set()
+
+    def watch(self, record: Path) -> None:
+        self.records.append(record)
+
+    def note(self) -> set[str]:
+        """Remember what the records list now; returns every folder seen so far."""
+        for record in self.records:
+            data = cgroups.load_record(record)
+            self.seen.update(d for g in data["groups"] for d in g)
+        return self.seen
+
+    def finish(self) -> None:
+        self.note()
+        for record in self.records:
+            cgroups.remove_recorded(record)
+        left = sorted(d for d in self.seen if Path(d).exists())
+        assert not left, f"control groups left behind: {left}"
+
+
+@pytest.fixture
+def groups() -> Iterator[Groups]:
+    tracker = Groups()
+    try:
+        yield tracker
+    finally:
+        tracker.finish()
+
+
+def _manifest(folder: Path, text: str) -> Path:
+    shutil.copy(HOGS, folder / "hogs.py")
+    path = folder / "app.toml"
+    path.write_text(text)
+    return path
+
+
+# -- the manifest and the backends (no root) -----------------------------------------------
+def test_resources_parse_like_docker_and_systemd(tmp_path: Path) -> None:
+    flows = paced_flows(tmp_path, 1000)
+    text = flows.read_text().replace(
+        'entry = "stages:FlowTable"',
+        'entry = "stages:FlowTable"\nresources = { cpus = "0-1", cpu_quota = 0.5, '
+        'memory = "256M", io_weight = 100, pids = 64 }',
+    )
+    flows.write_text(text)
+    spec = App.load(flows).stage("table")
+    assert spec.resources.as_dict() == {"cpus": "0-1", "cpu_quota": 0.5, "memory": 256 << 20,
+                                        "io_weight": 100, "pids": 64}  # fmt: skip
+    assert App.load(flows).stage("gen").resources.empty
+    assert stage_resources(flows, "table") == spec.resources  # the agent's read: no import
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ('{ memory = "lots" }', "memory: must be a size"),
+        ('{ memory = "1K" }', "out of range"),
+        ('{ memory = "9' + "9" * 30 + 'M" }', "memory: must be a size"),
+        ("{ cpu_quota = 0 }", "cpu_quota: 0 is out of range"),
+        ('{ cpu_quota = "half" }', "cpu_quota: must be a number"),
+        ("{ cpu_quota = true }", "cpu_quota: must be a number"),
+        ('{ cpus = "1-0" }', "runs backwards"),
+        ('{ cpus = "all" }', "cpus: must be a CPU list"),
+        ("{ io_weight = 5 }", "io_weight: must be an integer 10..1000"),
+        ("{ pids = 2.5 }", "pids: must be an integer"),
+        ("{ swap = 1 }", "unknown key(s) ['swap']"),
+        ('"256M"', "must be a table"),
+    ],
+)
+def test_a_bad_resource_is_one_config_error(tmp_path: Path, value: str, says: str) -> None:
+    flows = paced_flows(tmp_path, 1000)
+    flows.write_text(flows.read_text().replace(
+        'entry = "stages:FlowTable"', f'entry = "stages:FlowTable"\nresources = {value}'
+    ))  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        App.load(flows)
+    message = str(err.value)
+    assert says in message and "stages.table.resources" in message and "\n" not in message
+
+
+def test_v2_backend_writes_the_unified_files(tmp_path: Path) -> None:
+    """The v2 backend against a folder laid out like a unified hierarchy (this host has
+    only an empty one): one group with every limit, controllers enabled on the way down."""
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    backend = cgroups.V2(tmp_path)
+    limits = cgroups.parse_limits({"cpus": "0", "cpu_quota": 0.25, "memory": "64M",
+                                   "io_weight": 200, "pids": 32}, "t")  # fmt: skip
+    # the kernel makes the interface files of a new group; a plain folder needs them made
+    group_dir = tmp_path / "dpmigrate" / "r.node1.app.st"
+    group_dir.mkdir(parents=True)
+    (tmp_path / "dpmigrate" / "cgroup.subtree_control").write_text("")
+    for name in ("io.weight", "memory.swap.max"):
+        (group_dir / name).write_text("")
+    group = backend.create("r.node1.app.st", limits, cgroups.Record(tmp_path / "rec.json"))
+    files = {f: (group_dir / f).read_text() for f in ("cpuset.cpus", "cpu.max", "memory.max",
+                                                      "memory.swap.max", "io.weight", "pids.max")}
+    assert files == {"cpuset.cpus": "0", "cpu.max": "25000 100000", "memory.max": "67108864",
+                     "memory.swap.max": "0", "io.weight": "default 200", "pids.max": "32"}
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu +cpuset +io +memory +pids"
+    assert group.procs_files() == [str(group_dir / "cgroup.procs")]
+    assert group.unsupported == {}
+
+
+def test_in_process_model_warns_that_limits_are_ignored(tmp_path: Path) -> None:
+    from dpmigrate.runtime import inprocess
+
+    flows = paced_flows(tmp_path, 500)
+    flows.write_text(flows.read_text().replace(
+        'entry = "stages:FlowTable"', 'entry = "stages:FlowTable"\nresources = { cpu_quota = 0.5 }'
+    ))  # fmt: skip
+    with pytest.warns(RuntimeWarning, match=r"table \(cpu_quota\) are ignored") as caught:
+        inprocess.run(App.load(flows))
+    assert len(caught) == 1
+
+
+# -- real control groups -------------------------------------------------------------------
+def _usage(run: MultiProcessRun, stage: str) -> dict:
+    return (stage_status(run, stage).get("resources") or {}).get("usage") or {}
+
+
+def test_cpu_quota_holds_next_to_an_unlimited_stage(tmp_path: Path, groups: Groups) -> None:
+    """Two burners side by side: one with cpu_quota 0.2, one with no quota (a cpuset only,
+    so that it has a group to be measured in). Over 3 s the quota'd one uses about 0.2 of a
+    CPU and far less than the other, whatever else the machine does."""
+    require("root")
+    manifest = _manifest(tmp_path, """
+[app]
+name = "burn"
+[stages.slow]
+entry = "hogs:Burner"
+resources = { cpu_quota = 0.2 }
+[stages.free]
+entry = "hogs:Burner"
+resources = { cpus = "0-1" }
+""")  # fmt: skip
+    shutil.copy(Path(__file__).resolve().parent.parent / "examples" / "flows" / "stages.py",
+                tmp_path / "stages.py")  # fmt: skip
+    run = MultiProcessRun(App.load(manifest), run_dir=tmp_path / "run")
+    groups.watch(run.groups.record.path)
+    with run:
+        deadline = time.monotonic() + 30
+        while not all(_usage(run, s).get("cpu_seconds") for s in ("slow", "free")):
+            assert time.monotonic() < deadline, run.status()
+            time.sleep(0.1)
+        assert len(groups.note()) == 2 * 4 + 1  # cpu, cpuacct, memory, pids; + cpuset
+        before = {s: _usage(run, s)["cpu_seconds"] for s in ("slow", "free")}
+        t0 = time.monotonic()
+        time.sleep(3.0)
+        after = {s: _usage(run, s) for s in ("slow", "free")}
+        wall = time.monotonic() - t0
+        status = {s["name"]: s for s in run.status()}
+    used = {s: (after[s]["cpu_seconds"] - before[s]) / wall for s in before}
+    print(f"CPU used over {wall:.1f} s: {used}; throttled periods "
+          f"{after['slow']['throttled_periods']}")  # fmt: skip
+    assert used["slow"] < 0.3, used
+    assert used["free"] > 2 * used["slow"], used
+    assert after["slow"]["throttled_periods"] > 0 and after["free"]["throttled_periods"] == 0
+    assert status["slow"]["resources"]["limits"] == {"cpu_quota": 0.2}
+    assert status["slow"]["resources"]["applied"] == {"cpu_quota": 0.2}
+    assert not list((tmp_path / "run").glob(cgroups.RECORD)), "stop removes the record"
+    for d in groups.note():
+        assert not Path(d).exists(), d
+
+
+def test_a_stage_over_its_memory_limit_is_oom_killed_and_restarts_losslessly(
+    tmp_path: Path, groups: Groups
+) -> None:
+    require("root")
+    flows = paced_flows(tmp_path, 30000, rate=20000)
+    marker = tmp_path / "hogged"
+    text = flows.read_text().replace(
+        'entry = "stages:FlowTable"',
+        'entry = "hogs:MemoryHog"\nresources = { memory = "96M" }\n'
+        f'config = {{ hog_at = 8000, hog_mb = 400, marker = "{marker}" }}',
+    )
+    app = App.load(_manifest(tmp_path, text))
+    (tmp_path / "ref").mkdir()
+    expected = reference_checker(App.load(paced_flows(tmp_path / "ref", 30000, rate=20000)))
+    events: list[str] = []
+    run = MultiProcessRun(app, run_dir=tmp_path / "run", on_event=events.append)
+    groups.watch(run.groups.record.path)
+    with run:
+        assert run.wait(duration=90), run.status()
+        status = {s["name"]: s for s in run.status()}
+        groups.note()
+    table = status["table"]
+    assert marker.exists(), "the hog never allocated: the test did not test"
+    assert table["restarts"] == 1, table
+    assert table["resources"]["oom"] == 1 and table["resources"]["last_exit"] == "oom", table
+    assert table["resources"]["limits"] == {"memory": 96 << 20}
+    assert table["resources"]["usage"]["oom_kills"] >= 1
+    died = [e for e in events if e.startswith("stage table died")]
+    assert len(died) == 1 and "(oom: killed for exceeding its memory limit" in died[0], events
+    assert checker_of(list(status.values())) == {
+        "received": 30000, "lost": 0, "duplicated": 0, "digest": expected["digest"],
+    }  # fmt: skip
+
+
+# -- a migration carries the limits ------------------------------------------------------
+TABLE_LIMITS = {"cpu_quota": 0.5, "memory": 256 << 20, "pids": 64}
+
+
+def _in_group(pid: int, name: str) -> dict[str, bool]:
+    """Per v1 hierarchy (or the unified one): whether ``pid`` is in group ``name``."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    out = {}
+    for line in lines:
+        _id, controllers, path = line.split(":", 2)
+        if controllers in ("cpu", "cpuacct", "memory", "pids", ""):
+            out[controllers or "unified"] = path.endswith("/" + name)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "post-copy"])
+def test_limits_are_the_same_on_the_destination(
+    cluster_state_dir: Path, tmp_path: Path, strategy: str
+) -> None:
+    from support import wait_for_input
+
+    from dpmigrate.cluster import nodefs
+    from dpmigrate.migrate import LocalCluster
+    from dpmigrate.runtime.multinode import MultiNodeRun
+
+    flows = paced_flows(tmp_path, 40000)
+    flows.write_text(flows.read_text().replace(
+        'entry = "stages:FlowTable"',
+        'entry = "stages:FlowTable"\nresources = { cpu_quota = 0.5, memory = "256M", pids = 64 }',
+    ))  # fmt: skip
+    app = App.load(flows)
+    expected = reference_checker(app)
+    seen: set[str] = set()
+    with LocalCluster(3) as cluster:
+        records = [nodefs.host_dir(cluster.state_dir, n.name) / cgroups.RECORD
+                   for n in cluster.nodes]  # fmt: skip
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        try:
+            wait_for_input(run, 5000)
+            source = stage_status(run)
+            assert source["resources"]["applied"] == TABLE_LIMITS, source["resources"]
+            report = cluster.migrate("table", to="node1", strategy=strategy)
+            assert not report.rolled_back, report.error
+            moved = stage_status(run)
+            for record in records:
+                seen.update(d for g in cgroups.load_record(record)["groups"] for d in g)
+            assert moved["node"] == "node1"
+            assert moved["resources"]["limits"] == TABLE_LIMITS
+            assert moved["resources"]["applied"] == TABLE_LIMITS
+            name = moved["resources"]["group"]
+            assert ".node1.flows.table" in name, name
+            assert all(_in_group(moved["pid"], name).values()), _in_group(moved["pid"], name)
+            assert report.resources is not None
+            assert report.resources["limits"] == TABLE_LIMITS, report.resources
+            assert report.resources["applied"] == TABLE_LIMITS
+            # the source's group went with the stage
+            assert not any(Path(d).exists() for d in seen if ".node2.flows.table" in d)
+            assert run.wait(duration=90), run.status()
+        finally:
+            run.stop()
+        assert report.lost == 0 and report.duplicated == 0
+        assert checker_of(run.status())["digest"] == expected["digest"]
+        json.dumps(report.as_dict())
+        run.cleanup()
+    for record in records:  # `down` removed every group its agents recorded
+        assert not record.exists() or not cgroups.load_record(record)["groups"]
+    left = sorted(d for d in seen if Path(d).exists())
+    assert not left, f"control groups left behind: {left}"
