@@ -244,8 +244,8 @@ def pause_stage(d: Drill) -> None:
     old = d.stage()
     agent = d.cluster.node(SOURCE).agent_pid
     assert agent is not None
+    d.fault("stopped_pids", [agent, old["pid"]])  # first: it asks the agents for the counts
     faults.pause(d.faults, [agent, int(old["pid"])])
-    d.fault("stopped_pids", [agent, old["pid"]])
     wait_for(lambda: d.placed() == SPARE, "the standby's takeover", TAKEOVER_TIMEOUT_S)
     try:
         wait_for(lambda: d.on_node(SPARE).get("phase") == "running", "the table on node4",

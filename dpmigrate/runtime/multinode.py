@@ -26,6 +26,10 @@ from dpmigrate.runtime.manifest import App
 _POLL_S = 0.2
 
 
+#: How long one agent may take to answer a status request before it counts as unreachable.
+STATUS_TIMEOUT_S = 5.0
+
+
 class MultiNodeRun:
     """One app on the nodes of a running cluster."""
 
@@ -82,7 +86,11 @@ class MultiNodeRun:
         statesync targets instead)."""
         stages = []
         for node in self.cluster.nodes:
-            with contextlib.suppress(DpmigrateError), self.cluster.client(node.name) as agent:
+            # a paused or dying agent must not hold up the report of the others
+            with (
+                contextlib.suppress(DpmigrateError),
+                self.cluster.client(node.name, timeout=STATUS_TIMEOUT_S) as agent,
+            ):
                 for info in agent.call("status")["stages"]:
                     # a stage that left this node by checkpoint shows up where it was restored
                     live = not info.get("moved") and not info.get("fenced")
