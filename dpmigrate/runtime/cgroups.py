@@ -41,6 +41,22 @@ file *before* it is created; :func:`remove_recorded` removes exactly what a reco
 never a group found by name — first killing what still runs in it (the stage's own group:
 nothing else is ever put there).
 
+A stage restored by CRIU is moved into its group by the agent (``Supervisor.adopt``), before
+it is woken: it runs none of its code outside. CRIU's own cgroup handling
+(``--manage-cgroups``) is not used to place it: CRIU records the *source's* group paths in the
+images and, in its default ``soft`` mode, restores the task into those paths (measured here:
+"cgroup dir pids/dpmigrate/... already exist, Skip restoring properties", and the restored
+pages charged to the source's group) — on one host that is the frozen source's group, on
+another it would create that path, a group nobody recorded; ``--cgroup-root`` only moves the
+prefix, and the node is part of a group's name, so it cannot name the destination's group.
+The cost of the agent's move: the pages CRIU restored before the move stay charged where they
+were (v1 cannot move charges on this kernel: ``memory.move_charge_at_immigrate`` is refused),
+so after stop-and-copy the group's memory usage starts low and the limit applies to what the
+stage allocates afterwards; after post-copy the pages arrive after the move and are charged to
+the group. The sound end state — restore with ``manage_cgroups_mode`` IGNORE and the
+``criu swrk`` itself placed in the destination's group, so every page is charged there from
+the start — needs a hook in ``checkpoint.criu_rpc``, which this module does not own.
+
 Backends are chosen by what the host has (:func:`detect`): v2 when the unified hierarchy has
 the memory controller, else v1 when the memory and cpu hierarchies are mounted.
 """
@@ -501,8 +517,12 @@ class V1:
             else:
                 group.unsupported["memory_swap"] = "no memsw accounting (swapaccount=0)"
         if lim.io_weight is not None:
+            # blkio.bfq.weight exists whether or not a device uses bfq; it acts only where one does
+            bfq = _bfq_devices()
             for fname, value in (("blkio.weight", str(lim.io_weight)),
                                  ("blkio.bfq.weight", str(lim.io_weight))):  # fmt: skip
+                if fname == "blkio.bfq.weight" and not bfq:
+                    continue
                 if (p["blkio"] / fname).exists():
                     _write(p["blkio"] / fname, value)
                     group.applied["io_weight"] = lim.io_weight
@@ -515,6 +535,12 @@ class V1:
         if lim.pids is not None:
             _write(p["pids"] / "pids.max", str(lim.pids))
             group.applied["pids"] = lim.pids
+
+
+def _bfq_devices() -> list[str]:
+    """Block devices whose I/O scheduler is bfq (the only ones a bfq weight acts on)."""
+    return [d.name for d in Path("/sys/block").glob("*")
+            if "[bfq]" in _read(d / "queue" / "scheduler")]  # fmt: skip
 
 
 def _inherit_cpuset(path: Path, root: Path) -> None:
