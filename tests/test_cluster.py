@@ -202,7 +202,8 @@ def test_context_manager_removes_the_cluster_on_exceptions(state_dir: Path) -> N
 def test_failed_up_removes_what_it_made(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     before = _snapshot(state_dir)
     monkeypatch.setattr(cluster_mod, "AGENT_PORT", 70000)  # every agent fails to listen
-    with pytest.raises(EnvironmentProblem, match="agent of node1 exited"):
+    # whichever node's agent is seen failing first (each runs under its own keeper)
+    with pytest.raises(EnvironmentProblem, match=r"agent of node[12] exited"):
         LocalCluster(2).up()
     _assert_gone(before, state_dir, [])
 

@@ -221,7 +221,7 @@ def test_sigint_during_a_migration_rolls_back_and_exits_1(
             assert cli.poll() is None, "the migration ended before it could be interrupted"
             cli.send_signal(signal.SIGINT)
             out, err = cli.communicate(timeout=120)
-            assert cli.returncode == 1, (cli.returncode, err)
+            assert cli.returncode == 1, (cli.returncode, err, out)
             report = json.loads(out)
             assert report["rolled_back"] and "interrupted by SIGINT" in report["error"], report
             assert report["rollback_failures"] == []
