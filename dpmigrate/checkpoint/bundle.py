@@ -488,6 +488,15 @@ def _unsafe(rel: str, mode: int) -> Problem:
     )
 
 
+def _first_named(found: list[tuple[str, os.stat_result]]) -> tuple[str, os.stat_result]:
+    """The first of ``found`` (relative path, stat) as a message names it, with how many
+    more there are, and its stat."""
+    rel, info = found[0]
+    what = "the bundle folder" if not rel else shown(rel)
+    more = f" (and {len(found) - 1} more of its entries)" if len(found) > 1 else ""
+    return what + more, info
+
+
 def _user(uid: int) -> str:
     try:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
@@ -562,24 +571,20 @@ class BundleFolder:
         problems = []
         foreign = [(r, i) for r, i in entries if i.st_uid != me]
         if foreign:
-            rel, info = foreign[0]
-            what = "the bundle folder" if not rel else shown(rel)
-            more = f" (and {len(foreign) - 1} more of its entries)" if len(foreign) > 1 else ""
+            what, info = _first_named(foreign)
             problems.append(Problem(
                 "(owner)",
-                f"{what}{more} is owned by {_user(info.st_uid)}, not by you ({_user(me)}): "
+                f"{what} is owned by {_user(info.st_uid)}, not by you ({_user(me)}): "
                 "another user could have chosen what its restore runs. If you trust where it "
                 f"came from, `chown -R {me} {shown(str(self.path))}` or {_TRUST_HINT}",
                 "untrusted",
             ))  # fmt: skip
         writable = [(r, i) for r, i in entries if i.st_mode & (stat.S_IWGRP | stat.S_IWOTH)]
         if writable:
-            rel, info = writable[0]
-            what = "the bundle folder" if not rel else shown(rel)
-            more = f" (and {len(writable) - 1} more of its entries)" if len(writable) > 1 else ""
+            what, info = _first_named(writable)
             problems.append(Problem(
                 "(mode)",
-                f"{what}{more} is writable by group or others (mode "
+                f"{what} is writable by group or others (mode "
                 f"{stat.S_IMODE(info.st_mode):04o}): anyone could have changed it. If you "
                 f"trust its content, `chmod -R go-w {shown(str(self.path))}` or {_TRUST_HINT}",
                 "untrusted",

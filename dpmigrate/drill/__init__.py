@@ -10,9 +10,6 @@ that the next drill finds a whole cluster (said in the failed drill's detail).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +19,7 @@ from dpmigrate.drill import invariants
 from dpmigrate.drill.faults import FaultError
 from dpmigrate.drill.scenarios import DRILLS, NODES, Drill, DrillResult, Options, describe
 from dpmigrate.errors import DpmigrateError
-from dpmigrate.runtime.cluster import LocalCluster
+from dpmigrate.runtime.cluster import LocalCluster, private_state_dir
 from dpmigrate.runtime.manifest import App
 
 __all__ = ["DRILLS", "DrillResult", "Options", "describe", "run_drills"]
@@ -191,11 +188,8 @@ def run_drills(
     if unknown:
         raise DpmigrateError(f"unknown drill(s) {', '.join(unknown)}; `dpmigrate drill --list`")
     options = options or Options()
-    state = Path(tempfile.mkdtemp(prefix="dpm-drill-"))
-    previous = os.environ.get("DPMIGRATE_STATE_DIR")
-    os.environ["DPMIGRATE_STATE_DIR"] = str(state / "s")  # a private cluster
     results: list[DrillResult] = []
-    try:
+    with private_state_dir("dpm-drill-", "s") as state:  # a private cluster
         refs = _References(state / "refs")
         say(f"bringing up a local cluster of {NODES} nodes")
         with LocalCluster(NODES) as cluster:
@@ -205,10 +199,4 @@ def run_drills(
                     result = run_one(name, cluster, state / "work" / f"{i}", options, refs)
                     say(f"drill {name}: {'PASS' if result.passed else 'FAIL'} {result.detail}")
                     results.append(result)
-        return results
-    finally:
-        if previous is None:
-            os.environ.pop("DPMIGRATE_STATE_DIR", None)
-        else:
-            os.environ["DPMIGRATE_STATE_DIR"] = previous
-        shutil.rmtree(state, ignore_errors=True)
+    return results

@@ -38,6 +38,7 @@ from rich.table import Table
 from dpmigrate.errors import DpmigrateError
 from dpmigrate.migrate import LocalCluster, MigrationReport
 from dpmigrate.runtime import inprocess, stagehost
+from dpmigrate.runtime.cluster import private_state_dir
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
 
@@ -262,10 +263,7 @@ class _Demo:
 def run_demo(
     plot: str | None, say: Callable[[str], None], on_phase: Callable[[str], None] | None = None
 ) -> DemoResult:
-    state = Path(tempfile.mkdtemp(prefix="dpm-demo-"))
-    previous = os.environ.get("DPMIGRATE_STATE_DIR")
-    os.environ["DPMIGRATE_STATE_DIR"] = str(state / "state")  # a private cluster
-    try:
+    with private_state_dir("dpm-demo-", "state") as state:  # a private cluster
         # beside the state dir, not in it: the nodes see only their own folder of that
         app = _write_app(Path(tempfile.mkdtemp(prefix="app-", dir=state)))
         say("computing the reference digest (the same stream, in-process, unpaced)")
@@ -314,12 +312,6 @@ def run_demo(
         if plot:
             result.plot = draw(result, plot)
         return result
-    finally:
-        if previous is None:
-            os.environ.pop("DPMIGRATE_STATE_DIR", None)
-        else:
-            os.environ["DPMIGRATE_STATE_DIR"] = previous
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def _ms(seconds: float | None) -> str:

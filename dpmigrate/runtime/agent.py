@@ -504,15 +504,15 @@ class Agent:
                 self.log("stage table entry refused", level="warning", key=str(key))
                 continue
             argv = stagehost.command(manifest, stage, run_dir, model, "agent", role)
-            status = stagehost.status_path(run_dir, stage)
             if process_start_time(pid) != start:  # it ended while no agent watched it
-                if not _died_working(status):
+                if not _died_working(run_dir, stage):
                     continue  # finished, stopped or fenced: nothing to bring back
                 self.supervisor.start(key, argv)
                 self.log("stage restarted from its journal", level="warning", stage=key,
                          reason="it died while no agent watched it")  # fmt: skip
             else:
-                self.supervisor.adopt_orphan(key, pid, start, argv, status)
+                self.supervisor.adopt_orphan(key, pid, start, argv,
+                                             stagehost.status_path(run_dir, stage))  # fmt: skip
             self.stage_args[key] = (manifest, run_dir, model)
             self.roles[key] = role
             taken.append(key)
@@ -544,14 +544,13 @@ class Agent:
 _WORKING_PHASES = frozenset({"starting", "running", "quiesced", "standby", "target"})
 
 
-def _died_working(status: Path) -> bool:
+def _died_working(run_dir: str, stage: str) -> bool:
     """Whether a stage whose process is gone was working (then it crashed or was killed)
-    rather than done: its status file's last phase says which."""
-    try:
-        phase = json.loads(status.read_text()).get("phase")
-    except (OSError, ValueError, AttributeError):
-        return True  # no word from it at all: it died before saying anything
-    return phase in _WORKING_PHASES
+    rather than done: its status file's last phase says which; no status at all means it
+    died before saying anything."""
+    status = stagehost.read_status(run_dir, stage)
+    phase = status.get("phase") if isinstance(status, dict) else None
+    return phase is None or phase in _WORKING_PHASES
 
 
 def _flag(argv: Sequence[str], flag: str) -> str | None:

@@ -39,7 +39,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -361,6 +363,25 @@ def _teardown(record_path: Path, record: dict[str, Any]) -> list[str]:
             + "; remove them by hand"
         )
     return removed
+
+
+@contextlib.contextmanager
+def private_state_dir(prefix: str, name: str) -> Iterator[Path]:
+    """A fresh folder for a cluster of this process's own (the demo's, the drills'):
+    DPMIGRATE_STATE_DIR names ``FOLDER/name`` while it lasts (the rest of the folder is the
+    caller's, out of the nodes' sight); afterwards the variable is as it was and the folder
+    is gone."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    previous = os.environ.get("DPMIGRATE_STATE_DIR")
+    os.environ["DPMIGRATE_STATE_DIR"] = str(folder / name)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop("DPMIGRATE_STATE_DIR", None)
+        else:
+            os.environ["DPMIGRATE_STATE_DIR"] = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def clean(state_dir: str | None = None) -> list[str]:

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dpmigrate.errors import AgentUnreachable, AuthError, ProtocolError, RemoteError
+from dpmigrate.transports.resolver import NAME_RE
 
 VERSION = 2
 MAX_FRAME = 1 << 20
@@ -63,9 +64,6 @@ _LEN = struct.Struct("!I")
 _SEQ = struct.Struct("!Q")
 _MAC_SIZE = 32
 _NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
-_STAGE_PRINCIPAL_RE = re.compile(
-    r"^stage:([A-Za-z0-9][A-Za-z0-9_.:\-]{0,127})/([A-Za-z0-9][A-Za-z0-9_.:\-]{0,127})$"
-)
 _TO_AGENT, _TO_CLIENT = b"c", b"a"
 
 
@@ -104,8 +102,11 @@ class Credential:
 
 def stage_of(principal: str) -> tuple[str, str] | None:
     """(app, stage) of a stage principal; None for the cluster principal."""
-    found = _STAGE_PRINCIPAL_RE.fullmatch(principal)
-    return (found.group(1), found.group(2)) if found else None
+    kind, _, ref = principal.partition(":")
+    app, _, stage = ref.partition("/")
+    if kind != "stage" or not (NAME_RE.fullmatch(app) and NAME_RE.fullmatch(stage)):
+        return None
+    return app, stage
 
 
 # -- frames ---------------------------------------------------------------------------------
