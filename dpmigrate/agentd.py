@@ -5,7 +5,7 @@ It is the composition root (DESIGN.md §2, §7): it builds the runtime's agent c
 runtime — checkpoint and migration (:mod:`dpmigrate.migrate.agent_service`) — so that the
 runtime never imports them and the agent stays the only process of its node that runs CRIU.
 The environment is read here, once, and passed on as values: the log level (its event
-stream), the token, the state dir, etcd's settings, the criu binary.
+stream), the token, the state dir, etcd's settings, the criu binary, the metrics port.
 
 With ``--keep`` the program is instead the agent's keeper
 (:mod:`dpmigrate.runtime.agent_keeper`): it runs the agent, with the same arguments, as its
@@ -46,17 +46,21 @@ def build(
     *,
     log: EventLog | None = None,
     criu: str | None = None,
+    metrics_port: int = 0,
 ) -> Agent:
     """An agent with every service registered, not yet listening. ``log``: its event stream
     (default: stdout at info); ``criu``: the criu binary (default: where scripts/setup puts
-    it — :func:`main` passes ``DPMIGRATE_CRIU``)."""
+    it — :func:`main` passes ``DPMIGRATE_CRIU``); ``metrics_port``: where it serves its
+    Prometheus metrics, on ``address`` (0: not served — :func:`main` passes
+    ``DPMIGRATE_METRICS_PORT``)."""
     from dpmigrate.migrate import agent_service
-    from dpmigrate.runtime import failover
+    from dpmigrate.runtime import failover, metrics
     from dpmigrate.runtime.agent import Agent
 
     agent = Agent(node, token, run_dir, address, store, log)
     agent_service.register(agent, criu or config.Config.from_env({}).criu)
     agent.services.append(failover.register(agent))
+    agent.services.append(metrics.register(agent, metrics_port))
     return agent
 
 
@@ -171,7 +175,8 @@ def _agent(args: argparse.Namespace, cfg: config.Config, log: EventLog) -> int:
         member = {"node": args.node, "address": address, "agent": args.listen or "",
                   "pid": os.getpid(), "since": time.time()}  # fmt: skip
         store = NodeStore(Store(settings), args.node, member, cfg.node_ttl, log)
-    agent = build(args.node, cfg.token, base, address, store, log=log, criu=cfg.criu)
+    agent = build(args.node, cfg.token, base, address, store, log=log, criu=cfg.criu,
+                  metrics_port=cfg.metrics_port)  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=agent.shutdown).start())
     signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=agent.shutdown).start())
     try:

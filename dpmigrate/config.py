@@ -94,6 +94,13 @@ def _optional_path(text: str) -> str:
     return _absolute_path(text) if text else ""
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port from 1 to 65535, or 0 for off")
+    return value
+
+
 def _ttl(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 300:
@@ -170,6 +177,14 @@ SETTINGS: tuple[Setting, ...] = (
         "stages' standbys take over)",
     ),
     Setting(
+        "metrics_port",
+        "DPMIGRATE_METRICS_PORT",
+        "7071",
+        _port,
+        "TCP port on which each agent serves its Prometheus metrics (GET /metrics, on the "
+        "node's own address; 0: off)",
+    ),
+    Setting(
         "strict",
         "DPMIGRATE_STRICT",
         "0",
@@ -194,6 +209,7 @@ class Config:
     etcd_cert: str
     etcd_key: str
     node_ttl: int
+    metrics_port: int
     strict: bool
 
     @classmethod

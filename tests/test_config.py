@@ -33,6 +33,7 @@ def test_environment_overrides_every_setting() -> None:
         "DPMIGRATE_ETCD_CERT": "/etc/dpm/client.pem",
         "DPMIGRATE_ETCD_KEY": "/etc/dpm/client.key",
         "DPMIGRATE_NODE_TTL": "7",
+        "DPMIGRATE_METRICS_PORT": "9464",
     }
     assert {s.env for s in SETTINGS} == set(env), "a setting was added without a test"
     cfg = Config.from_env(env)
@@ -51,6 +52,7 @@ def test_environment_overrides_every_setting() -> None:
         "/etc/dpm/ca.pem", "/etc/dpm/client.pem", "/etc/dpm/client.key",
     )  # fmt: skip
     assert cfg.node_ttl == 7
+    assert cfg.metrics_port == 9464
 
 
 @pytest.mark.parametrize(
@@ -67,6 +69,8 @@ def test_environment_overrides_every_setting() -> None:
         ("DPMIGRATE_ETCD_CA", "ca.pem", "absolute path"),
         ("DPMIGRATE_NODE_TTL", "0", "from 1 to 300"),
         ("DPMIGRATE_NODE_TTL", "soon", "is not a number"),
+        ("DPMIGRATE_METRICS_PORT", "65536", "0 for off"),
+        ("DPMIGRATE_METRICS_PORT", "http", "is not a number"),
         ("DPMIGRATE_LOG_LEVEL", "loud", "debug, info, warning or error"),
         ("DPMIGRATE_STATE_DIR", "relative/dir", "absolute path"),
         ("DPMIGRATE_CRIU", "criu", "absolute path"),

@@ -246,7 +246,26 @@ class Migration:
         report.total_time_s = round(time.monotonic() - t0, 4)
         report.ended_at = time.time()
         self._measure(before)
+        self._record()
         return report
+
+    def _record(self) -> None:
+        """Hand the finished migration's numbers to the destination's agent, which keeps the
+        last one per stage for its metrics (dpmigrate.runtime.migration_record): nothing else
+        keeps a report. Best effort — the migration is over either way; a failure is logged."""
+        r = self.report
+        try:
+            with self.cluster.client(self.destination, timeout=5) as agent:
+                agent.call("record_migration", app=self.app_name, stage=self.stage,
+                           strategy=r.strategy, source=self.source,
+                           outcome="rolled_back" if r.rolled_back else "moved",
+                           phases=dict(r.phases), total_time_s=r.total_time_s,
+                           downtime_s=r.downtime_s, frozen_time_s=r.frozen_time_s,
+                           transferred_bytes=r.transferred_bytes,
+                           ended_at=r.ended_at)  # fmt: skip
+        except DpmigrateError as err:
+            log.warning("migration %s: not recorded for %s's metrics: %s", r.stage,
+                        self.destination, err)  # fmt: skip
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
