@@ -7,6 +7,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 
 from dpmigrate.migrate import STRATEGIES, MigrationReport
@@ -73,6 +74,39 @@ def migrations_table(reports: list[MigrationReport]) -> Table:
     return table
 
 
+class PhaseProgress:
+    """The progress line of one migration: its label, then each phase as it starts. On a
+    terminal it is a live status line, redrawn in place; :meth:`line` is the same text for
+    a log or a summary (``dpmigrate drain`` prints it once per stage). A context manager."""
+
+    def __init__(self, console: Console, label: str, live: bool = True) -> None:
+        self.console = console
+        self.label = label
+        self.phases: list[str] = []
+        self._status: Status | None = None
+        self._live = live and console.is_terminal
+
+    def __enter__(self) -> PhaseProgress:
+        if self._live:
+            self._status = self.console.status(self.line())
+            self._status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def on_phase(self, phase: str) -> None:
+        """The engine's ``on_phase`` callback."""
+        self.phases.append(phase)
+        if self._status is not None:
+            self._status.update(self.line())
+
+    def line(self) -> str:
+        return f"{self.label}: {', '.join(self.phases) or 'starting'}"
+
+
 def exit_status(report: MigrationReport) -> int:
     """0: moved; 1: rolled back, everything undone; 2: something could not be undone."""
     if not report.rolled_back:
@@ -94,18 +128,16 @@ def migrate_cmd(stage: str, destination: str, strategy: str, as_json: bool) -> N
     moved, 1 when it rolled back cleanly, 2 when something could not be undone (listed, with
     what is left to do).
     """
+    from dpmigrate.cluster import cordon
     from dpmigrate.migrate import LocalCluster
 
     cluster = LocalCluster.current()
+    # One line, before anything starts (the engine's preflight refuses it too, for the API).
+    cordon.refuse_if_cordoned(cluster.store(), destination, f"migrating {stage} there")
     console = Console(stderr=True)
-    if as_json or not console.is_terminal:
-        report = cluster.migrate(stage, to=destination, strategy=strategy)
-    else:
-        with console.status(f"migrating {stage} to {destination}") as status:
-            report = cluster.migrate(
-                stage, to=destination, strategy=strategy,
-                on_phase=lambda phase: status.update(f"{stage} → {destination}: {phase}"),
-            )  # fmt: skip
+    with PhaseProgress(console, f"{stage} → {destination}", live=not as_json) as progress:
+        report = cluster.migrate(stage, to=destination, strategy=strategy,
+                                 on_phase=progress.on_phase)  # fmt: skip
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:

@@ -25,6 +25,8 @@ one line and exits non-zero, never with a traceback.
     │   └── RemoteError             the agent refused or failed a request (its words)
     │       └── AgentUnreachable    nothing answers at the agent's address
     ├── MigrationError              a migration failed and was rolled back
+    ├── PlacementRefused            no node may take a stage (cordoned, dead, no room), or the
+    │                               node named is cordoned: nothing was moved
     └── NativeError                 a syscall in the C core failed (errno and syscall named)
 
 The split between RingClosed and RingBroken follows trio: "Closed" is a bug in the caller,
@@ -132,6 +134,11 @@ class AgentUnreachable(RemoteError):
 
 class MigrationError(DpmigrateError):
     """A migration failed (and was rolled back: the message says so and why)."""
+
+
+class PlacementRefused(DpmigrateError):
+    """A placement was refused before anything moved: the node named is cordoned, or (drain)
+    some stage has nowhere to go. The message names the stage or node and the way out."""
 
 
 class NativeError(DpmigrateError, OSError):

@@ -7,6 +7,7 @@ nodes. Keys, all under ``/dpmigrate/``::
     apps/<app>                   {"manifest", "started"}
     placement/<app>/<stage>      {"node", "epoch"}     changed only by compare-and-swap
     rings/<ring>                 {"transport", "address", "generation", "epoch", "stage"}
+    cordon/<node>                {"node", "since", "reason"}  unschedulable (cluster/cordon.py)
 
 The client speaks etcd's v3 JSON gateway (built into etcd 3.4) through ``requests``. Why not a
 client library: python-etcd3 is unmaintained and ships generated gRPC/protobuf code that breaks

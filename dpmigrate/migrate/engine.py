@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
+from dpmigrate.cluster import cordon
 from dpmigrate.cluster.store import Placement
 from dpmigrate.errors import AgentUnreachable, DpmigrateError, MigrationError
 from dpmigrate.migrate.report import MigrationReport

@@ -390,4 +390,17 @@ def node_facts(agent: Agent, criu_path: str) -> dict[str, Any]:
         "node": agent.node, "criu_version": criu.version_text,
         "lazy_pages": criu.check("uffd-noncoop").ok, "cpu_flags": sorted(facts.cpu_flags),
         "kernel": facts.kernel, "free_bytes": usage.free, "page_size": os.sysconf("SC_PAGE_SIZE"),
+        # what a drain's plan checks a stage's resources against (cpus, memory limits)
+        "cpus": sorted(os.sched_getaffinity(0)), "mem_available_bytes": _mem_available(),
     }  # fmt: skip
+
+
+def _mem_available() -> int | None:
+    """The kernel's estimate of memory available for new work (MemAvailable), in bytes."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -13,11 +13,13 @@ on it — so a standby found in sync holds every point the primary ever acknowle
 Each agent watches the nodes' membership keys (``nodes/<name>``, on their leases). When the
 node of a stage's primary is gone — its lease expired: the agent died, or was cut off or
 paused for longer than the TTL — every agent with a standby of that stage that is in sync
-and complete tries the takeover: a compare-and-swap of the placement from (dead node, epoch)
-to (itself, epoch + 1). Exactly one wins; it takes itself out of the record (it is the
-primary now; the other standbys must catch up with it before they gate again) and wakes its
-standby, which opens the rings at its point and runs. The old primary, if it comes back, is
-fenced by the epoch. This is Patroni's leader lease with the placement as the leader key.
+and complete, on a node that is not cordoned (:mod:`dpmigrate.cluster.cordon`: a takeover is
+a placement decision too), tries the takeover: a compare-and-swap of the placement from
+(dead node, epoch) to (itself, epoch + 1). Exactly one wins; it takes itself out of the
+record (it is the primary now; the other standbys must catch up with it before they gate
+again) and wakes its standby, which opens the rings at its point and runs. The old primary,
+if it comes back, is fenced by the epoch. This is Patroni's leader lease with the placement
+as the leader key.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from dpmigrate.cluster import cordon
 from dpmigrate.cluster.store import PlacementConflict, Store, StoreUnavailable, Watch
 from dpmigrate.errors import DpmigrateError, ProtocolError
 from dpmigrate.runtime import stagehost
@@ -209,6 +212,9 @@ class StandbyService:
         self._wake_replica(key, pid, now.epoch, started)
 
     def _not_ready(self, key: str, app: str, stage: str, record: dict[str, Any]) -> str | None:
+        if cordon.is_cordoned(self.store, self.agent.node):  # read fresh: it decides a takeover
+            return (f"its node is cordoned (unschedulable); `dpmigrate uncordon "
+                    f"{self.agent.node}` lets it take over")  # fmt: skip
         if self.agent.node not in record.get("in_sync", []):
             return "it is not in sync (its primary did not gate on it)"
         _manifest, run_dir, _model = self.agent.stage_args[key]

@@ -37,7 +37,8 @@ class Strategy:
     def __init__(self, migration: Migration) -> None:
         self.m = migration
 
-    def space_needed(self, stage_memory: int) -> int:
+    @classmethod
+    def space_needed(cls, stage_memory: int) -> int:
         """Bytes the destination's folder must have free for a stage using that memory."""
         return SPACE_MARGIN
 

@@ -27,7 +27,8 @@ class StateSync(Strategy):
     prepares = True
     uses_criu = False
 
-    def space_needed(self, stage_memory: int) -> int:
+    @classmethod
+    def space_needed(cls, stage_memory: int) -> int:
         return stage_memory + SPACE_MARGIN  # the target's journal holds the state
 
     def prepare(self) -> None:

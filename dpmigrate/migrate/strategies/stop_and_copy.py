@@ -12,7 +12,8 @@ from dpmigrate.migrate.strategies.base import SPACE_MARGIN, Strategy
 class StopAndCopy(Strategy):
     name = "stop-and-copy"
 
-    def space_needed(self, stage_memory: int) -> int:
+    @classmethod
+    def space_needed(cls, stage_memory: int) -> int:
         return stage_memory + stage_memory // 10 + SPACE_MARGIN  # the pages land on disk
 
     def cutover(self, frozen: dict[str, Any]) -> None:
