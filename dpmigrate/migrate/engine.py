@@ -332,6 +332,8 @@ class Migration:
         if self.destination == self.source:
             raise MigrationError(f"stage {self.report.stage} already runs on {self.source}")
         self.cluster.store().health()  # placement changes need the store: fail here if away
+        cordon.refuse_if_cordoned(self.cluster.store(), self.destination,
+                                  f"migrating {self.report.stage} there")  # fmt: skip
         stages = self._stages()
         me = stages.get(self.stage)
         if me is None or me.get("phase") != "running" or not me.get("pid"):
