@@ -24,6 +24,8 @@ one line and exits non-zero, never with a traceback.
     │   ├── AuthError               the peer does not know the cluster token
     │   └── RemoteError             the agent refused or failed a request (its words)
     │       └── AgentUnreachable    nothing answers at the agent's address
+    ├── SshError                    an SSH node failed at one step (connect, host key, auth,
+    │                               remote doctor, agent start, tunnel): host and step named
     ├── MigrationError              a migration failed and was rolled back
     ├── PlacementRefused            no node may take a stage (cordoned, dead, no room), or the
     │                               node named is cordoned: nothing was moved
@@ -130,6 +132,16 @@ class RemoteError(ControlError):
 
 class AgentUnreachable(RemoteError):
     """Nothing answers at the agent's address (the agent is not running there)."""
+
+
+class SshError(DpmigrateError):
+    """One step of reaching or running an SSH node failed. ``host`` and ``step`` are named
+    in the message (``HOST: STEP: what happened; what to do``) and kept as attributes."""
+
+    def __init__(self, host: str, step: str, message: str) -> None:
+        super().__init__(f"{host}: {step}: {message}")
+        self.host = host
+        self.step = step
 
 
 class MigrationError(DpmigrateError):
