@@ -24,6 +24,7 @@ from dpmigrate.cli_drain import COMMANDS as DRAIN_COMMANDS
 from dpmigrate.cli_drill import drill_cmd
 from dpmigrate.cli_migrate import demo_cmd, migrate_cmd
 from dpmigrate.cli_standby import standby_cmd
+from dpmigrate.cli_status import status_cmd
 from dpmigrate.errors import ConfigError, DpmigrateError
 
 _STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
@@ -245,115 +246,6 @@ def _run_multi_node(
             cluster.down()
 
 
-@main.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status_cmd(as_json: bool) -> None:
-    """Nodes, stages and rings of the running cluster."""
-    from dpmigrate.runtime.cluster import LocalCluster
-
-    cluster = LocalCluster.current()
-    nodes, stages = [], []
-    for node in cluster.nodes:
-        entry: dict[str, Any] = {"name": node.name, "address": node.address,
-                                 "agent_pid": node.agent_pid, "alive": False}  # fmt: skip
-        try:
-            with cluster.client(node.name) as agent:
-                report = agent.call("status")
-            entry["alive"] = True
-            stages.extend(report["stages"])
-        except DpmigrateError as err:
-            entry["error"] = str(err)
-        nodes.append(entry)
-    rings = [
-        {"stage": s["name"], "app": s.get("app"), "ring": r["name"], "role": r["role"],
-         "transport": r["transport"], "occupancy": r["occupancy"], "messages": r["messages"]}
-        for s in stages for r in s.get("rings", [])
-    ]  # fmt: skip
-    primaries = [s for s in stages if s.get("role", "primary") == "primary"]
-    replicas = [_replica_row(s, primaries) for s in stages if s not in primaries]
-    result = {"nodes": nodes, "stages": [_stage_row(s) for s in primaries], "rings": rings,
-              "replicas": replicas}  # fmt: skip
-    if as_json:
-        _print_json(result)
-        return
-    out = Console()
-    table = Table(title="nodes")
-    for col in ("node", "address", "agent pid", "alive"):
-        table.add_column(col)
-    for n in nodes:
-        table.add_row(n["name"], n["address"], str(n["agent_pid"]), "yes" if n["alive"] else "NO")
-    out.print(table)
-    table = Table(title="stages")
-    for col in ("app", "stage", "node", "pid", "version", "in", "out", "restarts", "metrics",
-                "resources"):  # fmt: skip
-        table.add_column(col, overflow="fold")
-    for s in result["stages"]:
-        table.add_row(str(s["app"]), s["name"], s["node"], str(s["pid"]), str(s["state_version"]),
-                      f"{s['msgs_in']:,}", f"{s['msgs_out']:,}", str(s["restarts"]),
-                      json.dumps(s["metrics"]), _resources_cell(s["resources"]))  # fmt: skip
-    out.print(table)
-    if replicas:
-        table = Table(title="replicas (hot standbys, statesync targets)")
-        for col in ("app", "stage", "node", "role", "synced", "gating", "lag", "behind"):
-            table.add_column(col)
-        for r in replicas:
-            lag = "-" if r["lag_s"] is None else f"{r['lag_s'] * 1000:.0f} ms"
-            behind = "-" if r["lag_points"] is None else f"{r['lag_points']:,} points"
-            table.add_row(str(r["app"]), r["name"], r["node"], r["role"],
-                          "yes" if r["synced"] else "no", "yes" if r["in_sync"] else "no", lag,
-                          behind)  # fmt: skip
-        out.print(table)
-    table = Table(title="rings")
-    for col in ("ring", "stage", "role", "transport", "occupancy", "messages"):
-        table.add_column(col)
-    for r in rings:
-        table.add_row(r["ring"], r["stage"], r["role"], r["transport"], str(r["occupancy"]),
-                      f"{r['messages']:,}")  # fmt: skip
-    out.print(table)
-
-
-def _replica_row(s: dict[str, Any], primaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """A replica as its own status says (synced, lag) and as its primary sees it: whether
-    the primary gates on it (``in_sync``: it can take over), its lag in points and seconds."""
-    primary = next((p for p in primaries if (p.get("app"), p["name"]) == (s.get("app"), s["name"])),
-                   {})  # fmt: skip
-    seen = next((x for x in primary.get("standbys", []) if x.get("node") == s.get("node")), {})
-    lag = s.get("lag") or {}
-    return {
-        "app": s.get("app"), "name": s["name"], "node": s.get("node"), "role": s.get("role"),
-        "pid": s.get("pid"), "synced": bool(s.get("synced")), "in_sync": bool(seen.get("in_sync")),
-        "lag_points": seen.get("lag_points", lag.get("lag_points")),
-        "lag_s": seen.get("lag_s", lag.get("lag_s")), "finished": s.get("finished", False),
-    }  # fmt: skip
-
-
-def _stage_row(s: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "app": s.get("app"), "name": s["name"], "node": s.get("node"), "pid": s.get("pid"),
-        "state_version": s.get("state_version", 0), "msgs_in": s.get("msgs_in", 0),
-        "msgs_out": s.get("msgs_out", 0), "restarts": s.get("restarts", 0),
-        "finished": s.get("finished", False), "metrics": s.get("metrics", {}),
-        "standbys": s.get("standbys", []),
-        # its control group: limits, applied, usage (cpu_seconds, memory_bytes,
-        # throttled_periods, oom_kills), oom deaths, last_exit; None: no limits
-        "resources": s.get("resources"),
-    }  # fmt: skip
-
-
-def _resources_cell(resources: dict[str, Any] | None) -> str:
-    """A stage's limits and usage in a table cell ("-": it has no control group)."""
-    if not resources:
-        return "-"
-    usage, limits = resources.get("usage") or {}, resources.get("limits") or {}
-    memory = f"{usage.get('memory_bytes', 0) / 2**20:.0f}M"
-    if "memory" in limits:
-        memory += f"/{limits['memory'] / 2**20:.0f}M"
-    quota = f"/{limits['cpu_quota']}" if "cpu_quota" in limits else ""
-    throttled, oom = usage.get("throttled_periods", 0), resources.get("oom", 0)
-    cpu = f"{usage.get('cpu_seconds', 0):.1f}s{quota}"
-    return f"cpu {cpu} mem {memory} throttled {throttled} oom {oom}"
-
-
 @main.command("stop")
 @click.argument("app")
 @click.option("--json", "as_json", is_flag=True)
@@ -419,6 +311,7 @@ class _RateView:
 
 
 main.add_command(cluster)
+main.add_command(status_cmd)
 main.add_command(migrate_cmd)
 main.add_command(standby_cmd)
 main.add_command(demo_cmd)
