@@ -76,11 +76,12 @@ class StageView:
 
 def stage_views(agent: Agent) -> list[StageView]:
     """The stages the agent lists now, except those that left this node (checkpointed away
-    or migrated: their status file here is only their past)."""
+    or migrated: their status file here is only their past) and stale copies that stopped
+    themselves (fenced: the stage runs elsewhere) — as ``dpmigrate status`` lists them."""
     views = []
     for key, proc in list(agent.supervisor.stages.items()):
         args = agent.stage_args.get(key)
-        if proc.moved or args is None:
+        if proc.moved or proc.fenced or args is None:
             continue
         app, _, name = key.partition("/")
         status = stagehost.read_status(args[1], name)

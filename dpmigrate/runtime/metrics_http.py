@@ -4,11 +4,12 @@ It listens on the node's own address (the one its agent's ``--listen`` gives, in
 node's network namespace for a local node) on ``DPMIGRATE_METRICS_PORT``. It serves one
 thing, and nothing it receives changes anything: ``GET /metrics`` answers the scrape; any
 other path is 404, any other method 405 (with ``Allow: GET``), a request larger than
-:data:`MAX_REQUEST_BYTES` 431. Each request gets :data:`TIMEOUT_S` to arrive whole; at most
-:data:`MAX_CLIENTS` are served at once and any beyond are hung up on at once — so a slow or
-flooding client costs a few threads and sockets, never the agent's control port or its
-stages. It runs in daemon threads, and a failure in it (the port taken, a scrape that
-raises) is logged and answered with 500, never raised into the agent.
+:data:`MAX_REQUEST_BYTES` 414 (its request line) or 431 (its headers). Each request gets
+:data:`TIMEOUT_S` to arrive whole; at most :data:`MAX_CLIENTS` are served at once and any
+beyond are hung up on at once — so a slow or flooding client costs a few threads and
+sockets, never the agent's control port or its stages. It runs in daemon threads, and a
+failure in it (the port taken, a scrape that raises) is logged (and answered with 500),
+never raised into the agent.
 
 Why no authentication: what it shows is names and counts (apps, stages, rings, nodes,
 messages, bytes, times) — no token, key, message content or state — and it accepts no
@@ -38,6 +39,11 @@ MAX_REQUEST_BYTES = 8192
 TIMEOUT_S = 5.0
 #: Requests served at once; a connection beyond them is closed without a word.
 MAX_CLIENTS = 4
+#: After answering, what is left of a request (a body, an oversized header) is read and
+#: dropped, up to this much, so that closing does not reset the connection before the client
+#: read the answer (a close with unread input sends an RST).
+MAX_DRAIN_BYTES = 256 * 1024
+_DRAIN_TIMEOUT_S = 1.0
 #: How long stop() waits for the serving thread to end.
 _STOP_WAIT_S = 2.0
 
@@ -84,6 +90,28 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self.bounded = _BoundedReader(self.rfile, MAX_REQUEST_BYTES)
         self.rfile = self.bounded  # type: ignore[assignment]
+
+    def finish(self) -> None:
+        super().finish()
+        try:
+            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete
+            self.connection.settimeout(_DRAIN_TIMEOUT_S)
+            drained = 0
+            while drained < MAX_DRAIN_BYTES:
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass  # the client left first: nothing to drain
+
+    def parse_request(self) -> bool:
+        if self.bounded.exceeded:  # the request line alone is longer than the bound
+            self.command, self.requestline = None, ""
+            self.request_version, self.close_connection = "HTTP/1.0", True
+            self.send_error(414, "Request line too long")
+            return False
+        return super().parse_request()
 
     def __getattr__(self, name: str) -> Any:
         """Every method other than GET — the handler looks up ``do_<METHOD>`` — is refused

@@ -5,7 +5,7 @@ agent, and nothing else keeps it. So that an operator sees phase durations and d
 they look for metrics — each agent's ``/metrics`` (:mod:`dpmigrate.runtime.metrics`) — the
 engine hands the finished migration's numbers to the destination's agent
 (``record_migration``), which keeps them here, in its node's own folder
-(``migrations.json``): it survives a restart of the agent and is nobody else's to read.
+(``migration-record.json``): it survives a restart of the agent and is nobody else's to read.
 
 What is kept is bounded: the last migration of each stage to this node (at most
 :data:`MAX_STAGES` stages, the oldest forgotten first), and how many migrations came here, by
@@ -27,7 +27,7 @@ from dpmigrate.errors import ProtocolError
 from dpmigrate.runtime.operations import Name, Request
 
 #: In the node's folder.
-RECORD = "migrations.json"
+RECORD = "migration-record.json"
 #: Stages whose last migration is kept; beyond it the oldest record is dropped.
 MAX_STAGES = 256
 #: Phases one migration may name (the engine has eight, plus rollback).
