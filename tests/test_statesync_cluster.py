@@ -25,6 +25,7 @@ from support import (
     wait_until,
 )
 
+from dpmigrate.drill.faults import Faults, partition, partition_counters
 from dpmigrate.migrate import LocalCluster
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
@@ -80,20 +81,8 @@ def _summary(stages: list[dict], state_dir: str = "") -> str:
     } for s in stages], indent=1)  # fmt: skip
 
 
-def _await_check_caught_up(run: MultiNodeRun) -> None:
-    """KNOWN BUG (session 4, not fixed): a standby takes over from the newest point it holds,
-    whose outputs may include messages the old primary produced but its consumer never
-    received (its outbox, in flight: one batch was enough in a CI run); the new producer
-    cannot resend those, refuses the consumer's position and the stream stalls. It shows
-    when `check` lags the table (a loaded machine). Until the takeover starts from the point
-    upstream still retains, the takeover tests fault the primary only once `check` has
-    nearly caught up, so that they check what they say they check."""
-    wait_until(lambda: _output_lag(run) <= 32, "check to catch up", 30, 0.002)
-
-
 def _output_lag(run: MultiNodeRun) -> int:
-    """Messages the table sent that its consumer has not acknowledged yet: what a takeover
-    now could lose (see the known bug in the standby-follows test)."""
+    """Messages the table sent that its consumer has not acknowledged yet."""
     rings = [r for r in stage_status(run).get("rings", []) if r.get("role") == "producer"]
     return sum(int(r["next_seq"]) - int(r["acked"]) for r in rings)
 
@@ -155,7 +144,6 @@ def test_statesync_migration_under_traffic(cluster_state_dir: Path, tmp_path: Pa
 
 def _kill_node(cluster: LocalCluster, name: str, run: MultiNodeRun) -> list[int]:
     """Cut the node's link, then SIGKILL its agent and its stages: a node that died."""
-    _await_check_caught_up(run)
     node = cluster.node(name)
     hub = f"dpm{cluster.id}-hub"
     veth = f"veth{name.removeprefix('node')}"
@@ -217,6 +205,55 @@ def test_standby_takes_over_when_the_primary_node_dies(
             run.stop()
 
 
+def test_a_standby_takes_over_from_what_the_consumer_holds(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """The primary dies while a window of its outputs is in flight to a consumer that never
+    gets them (`check`'s node partitioned: the packets are dropped). The standby received
+    every point, but applied only those whose outputs `check` acknowledged (the safe mark);
+    it takes over from a point `check` holds, produces the rest again from inputs `gen`
+    still retains, and `check`, healed, gets every message once. (Before the safe mark the
+    standby took over from its newest point: the new table numbered its outputs past what
+    `check` held, refused it, and the stream stalled — a CI run saw it with one batch.)"""
+    app = App.load(_with_standby(tmp_path, 100000))
+    expected = reference_checker(app)
+    faults = Faults()
+    with LocalCluster(4) as cluster:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        try:
+            wait_until(lambda: _standby_in_sync(run, "node4"), "the standby in sync", 60, 0.1)
+            wait_for_input(run, 15000)
+            assert stage_status(run, "check")["node"] == "node3"
+            window = sum(int(r["capacity"]) for r in _on(cluster, "node2")["rings"]
+                         if r["role"] == "producer")  # fmt: skip
+            partition(faults, cluster.node("node3").netns)
+
+            def unacked() -> int:  # node3's agent cannot answer now: ask node2's alone
+                rings = [r for r in _on(cluster, "node2")["rings"] if r["role"] == "producer"]
+                return sum(int(r["next_seq"]) - int(r["acked"]) for r in rings)
+
+            wait_until(lambda: unacked() >= window, "the table's window to fill", 30, 0.01)
+
+            def received_all() -> dict:  # every point the blocked table published
+                found = _replica(cluster, "node4")
+                return found if found["sync"]["received_n"] == found["lag"]["head_n"] else {}
+
+            wait_until(received_all, "the standby to receive every point", 30, 0.01)
+            replica = received_all()
+            _kill_node(cluster, "node2", run)
+            assert "packets" in partition_counters(cluster.node("node3").netns)
+            faults.heal()
+            assert faults.heal_failures == []
+            # the fault: the standby holds points past what check acknowledged, unapplied
+            assert replica["sync"]["held_points"] > 0, replica
+            wait_until(lambda: _placed(cluster) == "node4", "the takeover", 30, 0.05)
+            _finish_and_check(run, expected)
+        finally:
+            faults.heal()
+            run.stop()
+
+
 def test_paused_primary_is_fenced_when_it_comes_back(
     cluster_state_dir: Path, tmp_path: Path
 ) -> None:
@@ -234,7 +271,6 @@ def test_paused_primary_is_fenced_when_it_comes_back(
             agent_pid = cluster.node("node2").agent_pid
             assert agent_pid is not None
             journal = cluster.host_path("node2", f"{old['run_dir']}/stages/table/journal")
-            _await_check_caught_up(run)
             for pid in (agent_pid, old["pid"]):
                 os.kill(pid, signal.SIGSTOP)
             wait_until(lambda: process_state(old["pid"]) == process_state(agent_pid) == "T",

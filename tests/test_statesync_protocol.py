@@ -454,7 +454,8 @@ class Impostor:
         if self.mode == "bad_proof":
             proof = wire.primary_proof("not-the-token", STAGE, m["node"], nonce, m["nonce"])
             welcome = {"proof": proof, "mode": "snapshot", "head_n": 1, "head_seq": 0,
-                       "head_at": 1.0, "seq": None, "window": 1 << 20, "max_frame": wire.MAX_FRAME}  # fmt: skip
+                       "head_at": 1.0, "seq": None, "window": 1 << 20, "max_frame": wire.MAX_FRAME,
+                       "safe": None}  # fmt: skip
             frames += wire.encode_bytes(wire.WELCOME, welcome)
         items = pack({"evil": b"bad"})
         frames += wire.encode_bytes(wire.SNAP_BEGIN, {"id": 7, "version": 1, "seq": 0, "at": 1.0,
@@ -501,15 +502,16 @@ def test_wire_round_trip_and_checks() -> None:
         reader.next()
     assert reader.next() is not None, "the frame after a damaged body must still be read"
     for bad, match in [
-        ({"n": -1, "seq": 0, "at": 0.0}, "bad value"),
-        ({"n": True, "seq": 0, "at": 0.0}, "bad value"),
-        ({"n": 1, "seq": 0}, "missing"),
-        ({"n": 1, "seq": 0, "at": 0.0, "x": 1}, "unknown"),
+        ({"n": -1, "seq": 0, "at": 0.0, "safe": None}, "bad value"),
+        ({"n": True, "seq": 0, "at": 0.0, "safe": None}, "bad value"),
+        ({"n": 1, "seq": 0, "at": 0.0, "safe": -1}, "bad value"),
+        ({"n": 1, "seq": 0, "safe": 1}, "missing"),
+        ({"n": 1, "seq": 0, "at": 0.0, "safe": 1, "x": 1}, "unknown"),
     ]:
         with pytest.raises(wire.WireError, match=match):
             wire.check_meta(wire.HEAD, bad)
     with pytest.raises(wire.WireError, match="carry no payload"):
-        wire.encode(wire.HEAD, {"n": 1, "seq": 0, "at": 0.0}, [b"x"])
+        wire.encode(wire.HEAD, {"n": 1, "seq": 0, "at": 0.0, "safe": None}, [b"x"])
     r = wire.FrameReader(frozenset({wire.HELLO}), max_meta=100, max_payload=0)
     r.feed(raw_frame(wire.HELLO, b"", meta_len=101))
     with pytest.raises(wire.FramingError, match="above the limit"):
@@ -710,7 +712,7 @@ def test_malformed_input_is_refused_and_the_sender_keeps_serving(closers: Closer
         "wrong types": (lambda nonce: raw_frame(wire.HELLO, wrong_types(nonce)), "protocol"),
         "unknown type": (lambda nonce: raw_frame(99, good_meta(nonce)), "protocol"),
         "wrong version": (
-            lambda nonce: raw_frame(wire.HELLO, good_meta(nonce), version=2),
+            lambda nonce: raw_frame(wire.HELLO, good_meta(nonce), version=wire.VERSION + 1),
             "protocol",
         ),
         "ack first": (lambda nonce: raw_frame(wire.ACK, pack({"bytes": 0})), "protocol"),
@@ -1018,3 +1020,62 @@ def test_the_chunker_never_packs_far_more_than_a_chunk(monkeypatch: pytest.Monke
         items += chunk[0]
     assert items == len(data)
     assert max(packed) <= (1 << 20) + len(big), max(packed)
+
+
+def test_a_marking_primary_has_nothing_applied_past_its_safe_mark(closers: Closers) -> None:
+    """With ``marks_safe`` (a primary whose outputs go to rings) the replica holds a snapshot
+    and later points back, unapplied and unacknowledged, until the primary marks them safe;
+    what it held back goes with the connection and is sent again. So a replica that takes
+    over is never at a point whose outputs the consumers may not have."""
+    primary = Primary(closers, keys=50, marks_safe=True)
+    start = primary.point.n
+    primary.commit(3)  # the snapshot's point: not safe yet
+    replica = make_replica(closers, lambda: primary.sender.address)
+    drive(primary, replica, lambda: replica.stats()["held_snapshot"], seconds=10)
+    assert not replica.synced and replica.point is None
+    assert primary.sender.acked("replica-1") is None  # nothing applied, nothing acked
+    assert replica.stats()["safe_n"] == start
+
+    primary.sender.mark_safe(primary.published[0])  # older than the snapshot: still held
+    for _ in range(20):
+        replica.step(0.005)
+    assert not replica.synced and replica.stats()["held_snapshot"]
+
+    primary.sender.mark_safe(primary.published[2])  # the snapshot's point
+    drive(primary, replica, lambda: replica.synced)
+    snapshot_n = primary.published[2]
+    assert replica.point is not None and replica.point.n == snapshot_n
+    assert primary.sender.wait_acked("replica-1", snapshot_n, 5)
+
+    primary.commit(5)
+    drive(primary, replica, lambda: replica.stats()["held_points"] == 5)
+    assert replica.point.n == snapshot_n  # received, held back
+    primary.sender.mark_safe(primary.published[5])
+    drive(
+        primary,
+        replica,
+        lambda: replica.point is not None and replica.point.n == primary.published[5],
+    )
+    assert replica.stats()["held_points"] == 2
+    assert primary.sender.wait_acked("replica-1", primary.published[5], 5)
+    assert primary.sender.acked("replica-1") == primary.published[5]  # never past the mark
+
+    # A cut: the held-back points are dropped, and sent again after the reconnection.
+    before = replica.stats()["connections"]
+    assert replica._sock is not None
+    replica._sock.shutdown(socket.SHUT_RDWR)
+    drive(primary, replica, lambda: replica.stats()["connections"] > before)
+    assert replica.point.n == primary.published[5]
+    primary.sender.mark_safe(primary.point.n)
+    sync(primary, replica)
+    assert replica.stats()["held_points"] == 0 and replica.stats()["snapshots"] == 1
+    assert replica.state.digest() == primary.state.digest()
+
+
+def test_a_primary_that_marks_nothing_has_every_point_applied_at_once(closers: Closers) -> None:
+    primary = Primary(closers, keys=20)
+    replica = make_replica(closers, lambda: primary.sender.address)
+    sync(primary, replica)
+    primary.commit(4)
+    sync(primary, replica)
+    assert replica.stats()["safe_n"] is None and replica.stats()["held_points"] == 0

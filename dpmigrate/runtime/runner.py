@@ -23,7 +23,9 @@ With a hot standby (DESIGN.md §5) each point also goes to the state-synchroniza
 it is committed (``on_commit``), and a point is persisted only once the standby has applied it
 too (``gate``: the point number every gating replica has acknowledged). Upstream therefore
 retains every input after the standby's point, and a standby promoted after the primary's node
-died replays from there.
+died replays from there. The standby applies a point only once downstream acknowledged its
+outputs (``on_outputs_acked`` tells the sender, which marks it safe), so the new primary never
+starts numbering its outputs past what its consumers hold.
 """
 
 from __future__ import annotations
@@ -91,10 +93,13 @@ class StageRunner:
         journal: StageJournal | None = None,
         on_commit: Callable[[Point], None] | None = None,
         gate: Callable[[], int | None] | None = None,
+        on_outputs_acked: Callable[[int], None] | None = None,
     ) -> None:
         """``on_commit(point)``: called at every batch boundary with what it committed.
         ``gate()``: the highest point number that may be persisted (None: no limit); either
-        way a point is persisted only once downstream acknowledged its outputs."""
+        way a point is persisted only once downstream acknowledged its outputs.
+        ``on_outputs_acked(n)``: called when downstream has acknowledged every output of the
+        points up to number ``n`` (each n once, increasing), whatever the gate says."""
         self.name = name
         self.service = service
         self.inputs = dict(inputs)
@@ -105,6 +110,7 @@ class StageRunner:
         self.journal = journal
         self.on_commit = on_commit
         self.gate = gate
+        self.on_outputs_acked = on_outputs_acked
         self._outbox: dict[str, list[bytes]] = {port: [] for port in self.outputs}
         #: Points reached but not yet persisted, oldest first.
         self._points: list[Point] = []
@@ -114,6 +120,8 @@ class StageRunner:
             {port: rx.next_expected for port, rx in self.inputs.items()},
             {port: tx.next_seq for port, tx in self.outputs.items()},
         )
+        #: How many of the oldest unpersisted points have all their outputs acknowledged.
+        self._acked_points = 0
         self._finished_inputs: set[str] = set()
         self._source_done = False
         self._rr = 0
@@ -161,21 +169,29 @@ class StageRunner:
     def persist(self) -> None:
         """Persist the latest point whose outputs downstream has acknowledged, then
         acknowledge the inputs up to it."""
-        if not self._points:
+        points = self._points
+        if not points:
             return
         acked = {port: tx.acked for port, tx in self.outputs.items()}
+        covered = self._acked_points  # output positions never decrease: resume the scan
+        while covered < len(points) and all(
+            points[covered].outputs[port] <= acked[port] for port in points[covered].outputs
+        ):
+            covered += 1
+        if covered > self._acked_points:
+            self._acked_points = covered
+            if self.on_outputs_acked is not None:
+                self.on_outputs_acked(points[covered - 1].n)
         allowed = self.gate() if self.gate is not None else None
-        ready = 0
-        for i, point in enumerate(self._points):
-            if allowed is not None and point.n > allowed:
-                break
-            if all(point.outputs[port] <= acked[port] for port in point.outputs):
-                ready = i + 1
-            else:
-                break
+        ready = covered
+        if allowed is not None:
+            ready = 0
+            while ready < covered and points[ready].n <= allowed:
+                ready += 1
         if not ready:
             return
-        done, self._points = self._points[:ready], self._points[ready:]
+        self._acked_points -= ready
+        done, self._points = points[:ready], points[ready:]
         last = done[-1]
         self.persisted_n = max(self.persisted_n, last.n)
         if self.journal is not None:

@@ -330,8 +330,11 @@ class StageHost:
         key = f"{self.app.name}/{self.spec.name}"
         name = statesync_name(self.app.name, self.spec.name)
         secret = self.resolver.ring_key(name).hex()  # the channel's own, not the token
-        self.sender = StateSender(key, secret, state, start, host=self.host,
-                                  log=self.log)  # fmt: skip
+        # The start point's outputs are acknowledged (a persisted point, a replica's safe one
+        # or a drained quiesce); later points are marked safe as downstream acknowledges them.
+        self.sender = StateSender(key, secret, state, start, host=self.host, log=self.log,
+                                  marks_safe=True)  # fmt: skip
+        self.runner.on_outputs_acked = self.sender.mark_safe
         host, port = self.sender.address
         self.resolver.register(name, Endpoint("statesync", f"{host}:{port}", time.time_ns()))
         marks = AgentResolver(LOCAL_AGENT, self.credential)  # its own connection
@@ -366,6 +369,7 @@ class StageHost:
         self.sender = None
         self.gate = None
         self.runner.gate = None
+        self.runner.on_outputs_acked = None
 
     def _publish(self, point: Point) -> None:
         if self.sender is not None:

@@ -7,7 +7,12 @@ attempt, with a bounded back-off), reads what arrived, applies it and acknowledg
 What it holds is always a complete state at some point, or nothing yet: a snapshot is
 gathered into a separate dict and swapped in as a fresh :class:`State` only once its last
 chunk arrived and every count matched; a point is applied only if its delta follows the
-state's version. Everything else is refused without being applied:
+state's version. A primary that marks safe points (its outputs go to rings) has a point (or a
+snapshot) applied only once the point is marked — every output up to it acknowledged
+downstream — and held back, unapplied, until then; so a replica that takes over never
+starts past what its consumers hold (the dead primary's unacknowledged outputs are produced
+again, from inputs upstream still retains). What is held back is dropped with the connection
+and sent again. Everything else is refused without being applied:
 
 * a point already held is ignored (idempotent);
 * a delta that does not follow (a *gap*: the histories differ) is counted and NACKed, and the
@@ -31,6 +36,7 @@ import secrets
 import select
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -135,6 +141,12 @@ class StateReceiver:
         self._synced = point is not None
         self._seq: int | None = None  # the applied point's seq at the current primary
         self._partial: _Partial | None = None
+        #: The primary's newest safe point (None: it marks none; apply every point at once).
+        self._safe: int | None = None
+        #: Received but not yet safe, in stream order: a completed snapshot (state, point,
+        #: seq), and points with their seq. Never applied, never acknowledged, until safe.
+        self._held: tuple[State, Point, int] | None = None
+        self._pending: deque[tuple[Point, int]] = deque()
 
         self._sock: socket.socket | None = None
         self._poller: select.poll | None = None
@@ -260,6 +272,10 @@ class StateReceiver:
         out["connected"] = self.connected
         out["synced"] = self._synced
         out["buffer_peak"] = self._reader.peak
+        out["held_points"] = len(self._pending)  # received, waiting for their safe mark
+        out["held_snapshot"] = self._held is not None
+        out["safe_n"] = self._safe
+        out["received_n"] = self._tail()[0] if self._synced or self._held else None
         partial = self._partial
         out["snapshot_in_progress"] = (
             None
@@ -355,6 +371,11 @@ class StateReceiver:
         self._poller = None
         self._phase = "idle"
         self._out = wire.OutQueue()
+        self._forget_unsafe()  # the next primary sends again from what we applied
+
+    def _forget_unsafe(self) -> None:
+        self._held = None
+        self._pending.clear()
 
     def _refuse(self, err: wire.WireError) -> NoReturn:
         """Tell the primary why we hang up (best effort), then drop."""
@@ -542,6 +563,8 @@ class StateReceiver:
         self._stats["reconnects"] = max(0, self._stats["connections"] - 1)
         self._head = (meta["head_n"], meta["head_seq"], meta["head_at"])
         self._seq = meta["seq"]
+        self._safe = meta["safe"]
+        self._forget_unsafe()
         if meta["mode"] == "stream":
             self._partial = None
         self._log(
@@ -573,7 +596,10 @@ class StateReceiver:
             return False
         if t == wire.HEAD:
             self._head = (meta["n"], meta["seq"], meta["at"])
-            return False
+            safe = meta["safe"]
+            if safe is None or self._safe is None or safe > self._safe:
+                self._safe = safe
+            return self._apply_safe()
         if t == wire.SNAP_BEGIN:
             self._on_begin(meta)
             return False
@@ -592,17 +618,16 @@ class StateReceiver:
         if self._awaiting is not None:
             self._stats["discarded"] += 1
             return False
-        if not self._synced or self._partial is not None:
+        if (not self._synced and self._held is None) or self._partial is not None:
             raise wire.WireError("POINT while no complete state is held (a snapshot is due)")
         n = point_number(meta["version"], meta["inputs"], meta["outputs"])
         if meta["seq"] > self._head[1] or n > self._head[0]:
             self._head = (n, meta["seq"], meta["at"])
-        current = self.point
-        assert current is not None
-        if n <= current.n:
+        tail_n, tail_version = self._tail()
+        if n <= tail_n:
             self._stats["duplicates"] += 1
             return False
-        expected = self.state.version + 1 if meta["delta"] else self.state.version
+        expected = tail_version + 1 if meta["delta"] else tail_version
         if meta["version"] != expected:
             self._stats["gaps"] += 1
             self._log(
@@ -612,19 +637,47 @@ class StateReceiver:
                 node=self.node,
                 n=n,
                 version=meta["version"],
-                have=self.state.version,
+                have=tail_version,
             )
             self._nack("gap")
             return False
-        point = wire.decode_point(meta, payload)
-        if self._point_callback is not None:
-            self._deliver(self._point_callback, point)
-        if point.delta is not None:
-            self.state.apply(point.delta)
-        self.point = point
-        self._seq = meta["seq"]
-        self._stats["points_applied"] += 1
-        return True
+        self._pending.append((wire.decode_point(meta, payload), meta["seq"]))
+        return self._apply_safe()
+
+    def _tail(self) -> tuple[int, int]:
+        """(n, version) of the newest point received, applied or held back."""
+        if self._pending:
+            point = self._pending[-1][0]
+            return point.n, point.version
+        if self._held is not None:
+            return self._held[1].n, self._held[1].version
+        assert self.point is not None
+        return self.point.n, self.state.version
+
+    def _is_safe(self, point: Point) -> bool:
+        return self._safe is None or point.n <= self._safe
+
+    def _apply_safe(self) -> bool:
+        """Apply, in order, what is held back and now safe; True if anything was."""
+        applied = False
+        if self._held is not None:
+            state, point, seq = self._held
+            if not self._is_safe(point):
+                return False
+            self._held = None
+            self._install(state, point, seq)
+            applied = True
+        while self._pending and self._is_safe(self._pending[0][0]):
+            point, seq = self._pending.popleft()
+            if self._point_callback is not None:
+                self._deliver(self._point_callback, point)
+            if point.delta is not None:
+                self.state.apply(point.delta)
+            self.point = point
+            self._seq = seq
+            self._stats["points_applied"] += 1
+            applied = True
+        return applied
 
     def _on_begin(self, meta: dict[str, Any]) -> None:
         if self._awaiting is not None:
@@ -636,6 +689,7 @@ class StateReceiver:
                 raise wire.WireError("SNAP_BEGIN at item 0 must start at chunk 0")
             if self._synced:
                 self._stats["resyncs"] += 1
+            self._forget_unsafe()  # the snapshot is newer than anything held back
             self._partial = _Partial(meta, self._requested_at)
             return
         if (
@@ -700,13 +754,9 @@ class StateReceiver:
             )
         state = State.adopt(partial.data, partial.version)
         point = Point(partial.version, None, partial.inputs, partial.outputs, partial.at)
-        if self._snapshot_callback is not None:
-            self._deliver(self._snapshot_callback, state, point)
-        self.state = state
-        self.point = point
-        self._seq = partial.seq
         self._partial = None
-        self._synced = True
+        self._forget_unsafe()
+        self._held = (state, point, partial.seq)
         seconds = max(time.monotonic() - partial.requested_at, 1e-9)
         st = self._stats
         st["snapshots"] += 1
@@ -720,12 +770,22 @@ class StateReceiver:
             level="info",
             stage=self.stage,
             node=self.node,
-            n=self.point.n,
+            n=point.n,
             items=partial.items,
             bytes=partial.bytes,
             seconds=round(seconds, 4),
+            safe=self._is_safe(point),
         )
-        return True
+        return self._apply_safe()
+
+    def _install(self, state: State, point: Point, seq: int) -> None:
+        """A completed snapshot, now safe, becomes the state (after the caller's journal)."""
+        if self._snapshot_callback is not None:
+            self._deliver(self._snapshot_callback, state, point)
+        self.state = state
+        self.point = point
+        self._seq = seq
+        self._synced = True
 
     def _deliver(self, callback: Callable[..., object], *args: Any) -> None:
         """Hand a point or a completed snapshot to the caller (its journal) before applying
@@ -773,6 +833,7 @@ class StateReceiver:
         self._awaiting = self._nacks
         self._stats["nacks"] += 1
         self._requested_at = time.monotonic()
+        self._forget_unsafe()  # the primary answers from what we applied
         meta = {"k": self._nacks, "reason": reason, "bytes": self._consumed, **self._progress()}
         self._send(wire.encode(wire.NACK, meta))
         self._acked = self._consumed

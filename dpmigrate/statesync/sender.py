@@ -60,6 +60,7 @@ _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 _FIRST_GUESS = 16  # items in the first chunk of a snapshot (then adapted to the sizes seen)
 _JOIN_TIMEOUT = 10.0
 _HEAD_EVERY = 0.05  # at most this often a HEAD frame while the replica is behind
+_SAFE_EVERY = 0.002  # at most this often a HEAD frame that only moves the safe mark
 _HEAD_SIZE = 512  # room that a small control frame (HEAD, SNAP_BEGIN) needs at most
 _ZERO_COPY_MIN = 4096  # bytes values at least this large are sent without being copied
 
@@ -255,7 +256,11 @@ class StateSender:
         max_pending: int = 8,
         heartbeat_s: float = 1.0,
         dead_after_s: float = 10.0,
+        marks_safe: bool = False,
     ) -> None:
+        """``marks_safe``: this primary's outputs go to rings, and it calls :meth:`mark_safe`
+        as downstream acknowledges them; its replicas then apply a point only once it is
+        marked (the module docstring of :mod:`~dpmigrate.statesync.wire` says why)."""
         try:
             wire.check_name("stage", stage)
         except ProtocolError as err:
@@ -293,6 +298,10 @@ class StateSender:
         self._acked_cond = threading.Condition(self._lock)
         self._head = start
         self._head_seq = 0
+        #: The newest point whose outputs downstream acknowledged (None: points are not
+        #: marked, a replica applies each at once). The start point's outputs are: a primary
+        #: starts from a persisted point, or a replica's safe one.
+        self._safe_n: int | None = start.n if marks_safe else None
         self._entries: list[_Entry | None] = []
         self._ns: list[int] = []
         self._first = 0  # index of the oldest retained entry
@@ -393,6 +402,17 @@ class StateSender:
             self._trim()
             if data is not None:
                 self._install_snapshot(data)
+            for link in self._links:
+                if link.sleeping:
+                    link.wake()
+
+    def mark_safe(self, n: int) -> None:
+        """Called by the stage's thread: every output of the points up to ``n`` has been
+        acknowledged downstream. Ignored unless the sender was made with ``marks_safe``."""
+        with self._lock:
+            if self._safe_n is None or n <= self._safe_n or self._closing:
+                return
+            self._safe_n = n
             for link in self._links:
                 if link.sleeping:
                     link.wake()
@@ -755,6 +775,8 @@ class _Link:
         self.last_tx = time.monotonic()
         self.announced_seq = -1
         self.announced_at = 0.0
+        self.announced_safe: int | None = None  # set by the WELCOME
+        self.safe_at = 0.0
         # snapshot transfer
         self.snap: _Snapshot | None = None
         self.chunker: _Chunker | None = None
@@ -890,8 +912,10 @@ class _Link:
             "seq": seq,
             "window": s.window_bytes,
             "max_frame": wire.MAX_FRAME,
+            "safe": s._safe_n,
         }
         self._send_now(wire.encode(wire.WELCOME, welcome), deadline)
+        self.announced_safe = welcome["safe"]
         s._log(
             "statesync.replica_connected",
             level="info",
@@ -1040,6 +1064,8 @@ class _Link:
                 self.sleeping = True
                 if self._can_fill():
                     wait = 0
+                elif self._safe_waiting():  # marked meanwhile (mark_safe saw us awake)
+                    wait = min(wait, max(0.0, self.safe_at + _SAFE_EVERY - time.monotonic()))
             try:
                 events = poller.poll(_poll_ms(wait))
             finally:
@@ -1082,7 +1108,10 @@ class _Link:
             return self.s.heartbeat_s
         if self._can_fill():
             return 0
-        due = self.last_tx + self.s.heartbeat_s - time.monotonic()
+        now = time.monotonic()
+        due = self.last_tx + self.s.heartbeat_s - now
+        if self._safe_waiting():
+            due = min(due, self.safe_at + _SAFE_EVERY - now)
         if due > 0:
             return due
         return 0 if self._room(_HEAD_SIZE) else self.s.heartbeat_s
@@ -1101,6 +1130,14 @@ class _Link:
         if self.mode == "stream":
             return self.s._head_seq > self.seen_seq and self._room(self.blocked or 1)
         return False
+
+    def _safe_waiting(self) -> bool:
+        """A newer safe mark than the replica was told, and room in the window for it."""
+        return self.s._safe_n != self.announced_safe and self._room(_HEAD_SIZE)
+
+    def _safe_news(self, now: float) -> bool:
+        """A newer safe mark than the replica was told, and _SAFE_EVERY since the last."""
+        return self.s._safe_n != self.announced_safe and now - self.safe_at >= _SAFE_EVERY
 
     def _fill(self) -> None:
         """Queue what the window allows: pending RESTARTs, then snapshot frames or points."""
@@ -1127,7 +1164,8 @@ class _Link:
     def _announce(self) -> None:
         """A HEAD frame: the primary's newest point when the replica cannot learn it from the
         points themselves (during a snapshot, behind a full window), at most every
-        _HEAD_EVERY; and as the heartbeat of an idle link."""
+        _HEAD_EVERY; a newer safe mark, at most every _SAFE_EVERY (a replica applies
+        nothing beyond it); and as the heartbeat of an idle link."""
         s = self.s
         now = time.monotonic()
         head_seq = s._head_seq
@@ -1137,16 +1175,24 @@ class _Link:
             and not (self.mode == "stream" and self.seen_seq == head_seq)
         )
         idle = not self.out and now - self.last_tx >= s.heartbeat_s
-        if not (news or idle):
+        safe = self._safe_news(now)
+        if not (news or idle or safe):
             return
         with s._lock:
-            head = {"n": s._head.n, "seq": s._head_seq, "at": float(s._head.at)}
+            head = {
+                "n": s._head.n,
+                "seq": s._head_seq,
+                "at": float(s._head.at),
+                "safe": s._safe_n,
+            }
         parts = wire.encode(wire.HEAD, head)
         size = wire.frame_size(parts)
         if self._room(size):
             self._queue(parts, size)
             self.announced_seq = head["seq"]
             self.announced_at = now
+            self.announced_safe = head["safe"]
+            self.safe_at = now
             self.last_tx = now
 
     def _fill_snapshot(self) -> None:

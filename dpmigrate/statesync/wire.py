@@ -7,7 +7,7 @@ integers are big-endian::
 
     offset  size  field
     0       2     magic b"DS"
-    2       1     protocol version (1)
+    2       1     protocol version (2)
     3       1     frame type (see the table)
     4       4     meta length     (<= MAX_META; a msgpack map with str keys)
     8       4     payload length  (<= MAX_PAYLOAD; 0 unless CHUNK or POINT)
@@ -29,7 +29,8 @@ HELLO       r->p   stage, node, role, nonce (16 bytes), proof (32 bytes), and wh
                    chunks (a snapshot in progress: its id and how far it got)
 WELCOME     p->r   proof (32 bytes), mode ("stream" | "snapshot" | "resume"),
                    head_n, head_seq, head_at, seq (of the replica's point here, or
-                   None), window, max_frame
+                   None), window, max_frame, safe (None: this primary marks no
+                   points, apply each at once; else as in HEAD)
 ERROR       both   code, error (why; the sender of ERROR then hangs up)
 SNAP_BEGIN  p->r   id, version, seq, at, inputs, outputs (the snapshot's point),
                    items (total), first (item offset it starts at), chunk (index)
@@ -37,13 +38,21 @@ CHUNK       p->r   id, i, first, count  (payload: msgpack map of ``count`` items
 SNAP_END    p->r   id, chunks, items
 POINT       p->r   version, seq, at, inputs, outputs, delta (bool)
                    (payload: Delta.encode() when delta is true, else empty)
-HEAD        p->r   n, seq, at (the primary's newest point; also the heartbeat)
+HEAD        p->r   n, seq, at (the primary's newest point; also the heartbeat),
+                   safe (None, or the newest point whose outputs downstream
+                   acknowledged: a replica applies no point beyond it)
 ACK         r->p   bytes (frame bytes consumed since WELCOME), n, version, snap,
                    items, chunks
 NACK        r->p   k (1, 2, ...), reason ("crc" | "gap"), and the fields of ACK
 RESTART     p->r   k (the NACK answered), mode; everything between the NACK and
                    this frame is discarded by the replica
 ==========  =====  ===============================================================
+
+A primary whose outputs go to rings marks its points *safe* as downstream acknowledges their
+outputs: a replica holds a later point (or snapshot) back, unapplied, until it is marked. A
+replica's state is then always at a point that a new primary can take over from — its outputs
+are all acknowledged downstream, so no consumer expects a message the replica cannot
+regenerate — and its ACK's ``n`` means "applied and persisted", never more (DESIGN.md §5).
 
 ``seq`` counts the points one primary instance published (its start point is 0); ``n`` is
 :attr:`Point.n`, stable across restarts of the primary. Metadata fields are all required,
@@ -83,7 +92,7 @@ from dpmigrate.statesync.point import Point
 from dpmigrate.statesync.state import Delta, pack
 
 MAGIC = 0x4453  # b"DS"
-VERSION = 1
+VERSION = 2  # 2: the safe mark (WELCOME, HEAD)
 
 CHALLENGE = 1
 HELLO = 2
@@ -275,6 +284,7 @@ SCHEMAS: dict[int, dict[str, Callable[[object], bool]]] = {
         "seq": _opt_count,
         "window": _count,
         "max_frame": _count,
+        "safe": _opt_count,
     },
     ERROR: {"code": _matching(_CODE_RE), "error": _text(MAX_ERROR_TEXT)},
     SNAP_BEGIN: {
@@ -298,7 +308,7 @@ SCHEMAS: dict[int, dict[str, Callable[[object], bool]]] = {
         "outputs": _positions,
         "delta": _flag,
     },
-    HEAD: {"n": _count, "seq": _count, "at": _time},
+    HEAD: {"n": _count, "seq": _count, "at": _time, "safe": _opt_count},
     ACK: {"bytes": _count, **_PROGRESS},
     NACK: {"k": _count, "reason": _choice(NACK_REASONS), "bytes": _count, **_PROGRESS},
     RESTART: {"k": _count, "mode": _choice(MODES)},
