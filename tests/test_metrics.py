@@ -247,6 +247,50 @@ def test_the_agents_metrics_follow_rings_stages_restarts_and_a_migration(
         assert socket_holders(inode) == [], name
 
 
+def test_a_standbys_lag_is_served_by_its_node_and_its_gating_by_the_primarys(
+    cluster_state_dir: Path, tmp_path: Path, metrics_port: int
+) -> None:
+    from dpmigrate.migrate import LocalCluster
+    from dpmigrate.runtime.manifest import App
+    from dpmigrate.runtime.multinode import MultiNodeRun
+
+    path = paced_flows(tmp_path, 2_000_000, rate=5000)
+    text = path.read_text().replace('entry = "stages:FlowTable"\nnode = "node2"',
+                                    'entry = "stages:FlowTable"\nnode = "node2"\n'
+                                    'standby = "node3"')  # fmt: skip
+    assert 'standby = "node3"' in text
+    path.write_text(text)
+    with LocalCluster(3) as cluster:
+        run = MultiNodeRun(app := App.load(path), cluster)
+        run.start()
+        try:
+
+            def in_sync() -> bool:
+                return any(s.get("node") == "node3" and s.get("in_sync")
+                           for s in stage_status(run).get("standbys", []))  # fmt: skip
+
+            wait_until(in_sync, "the standby in sync", timeout=60, interval=0.1)
+            wait_for_input(run, 4000)
+            on_primary = scrape_node(cluster, "node2")
+            assert value(on_primary, "dpmigrate_standby_in_sync", stage="table",
+                         standby="node3") == 1  # fmt: skip
+            assert value(on_primary, "dpmigrate_standby_lag_points") is None  # not a replica
+            replica = next(r for r in run.status(replicas=True) if r["name"] == "table")
+            assert replica["lag"]["lag_points"] is not None, replica
+            on_standby = scrape_node(cluster, "node3")
+            standby = {"app": app.name, "stage": "table", "role": "standby"}
+            points = value(on_standby, "dpmigrate_standby_lag_points", **standby)
+            seconds = value(on_standby, "dpmigrate_standby_lag_seconds", **standby)
+            assert points is not None and points >= 0 and seconds is not None and seconds >= 0
+            assert value(on_standby, "dpmigrate_stage_state_version", **standby) > 0
+            assert value(on_standby, "dpmigrate_stage_running", **standby) == 1
+            assert value(on_standby, "dpmigrate_stage_running", stage="table",
+                         role="primary") is None  # fmt: skip
+        finally:
+            run.stop()
+            run.cleanup()
+
+
 # -- the collector, on status files written by hand ----------------------------------------------
 @pytest.fixture
 def agent(tmp_path: Path) -> Agent:
