@@ -140,6 +140,13 @@ def test_the_agents_metrics_follow_rings_stages_restarts_and_a_migration(
             assert value(samples, "dpmigrate_stage_running", stage=stage) == 1, (node, stage)
             assert {s.labels["stage"] for s in samples if "stage" in s.labels} == {stage}
 
+        # and across the cluster's bridge, from the hub, as a Prometheus there would
+        etcd_pid = cluster.status()["store"]["pid"]  # the embedded etcd runs in the hub
+        node2 = cluster.node("node2").address
+        status, body = in_netns(etcd_pid, lambda: request(node2, PORT))
+        assert status == 200 and value(parse(body.decode()), "dpmigrate_agent_info",
+                                       node="node2") == 1  # fmt: skip
+
         # ring counters grow between two scrapes under traffic
         first = scrape_node(cluster, "node2")
         before = value(first, "dpmigrate_ring_messages_total", stage="table", ring=table_in,
