@@ -177,6 +177,8 @@ def test_a_fault_in_each_phase_rolls_back_and_the_pipeline_runs_on(
                 node = "node4" if "destination" in kind else "node2"
                 assert f"ok: restarted the agent of {node}" in report.rollback_steps, report
             assert report.rollback_failures == [], report.rollback_failures
+            if kind == "quiesce: stage killed":  # noticed at once, not after the phase timeout
+                assert "exited before it was quiesced" in report.error, report.error
             if phase == "verify":
                 handed = [x for x in report.rollback_steps if "committed point back" in x]
                 assert handed and handed[0].startswith("ok: "), report.rollback_steps

@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,15 +42,32 @@ if TYPE_CHECKING:
 
 #: Bound on how long a stage may take to reach its quiesced point or to wake.
 PHASE_TIMEOUT_S = 30.0
+#: How often a wait for a stage's phase looks whether the stage still lives.
+_LIVENESS_EVERY_S = 0.05
 
 
 def wait_phase(
-    run_dir: str, stage: str, phase: str, since: float, timeout: float = PHASE_TIMEOUT_S
+    run_dir: str,
+    stage: str,
+    phase: str,
+    since: float,
+    timeout: float = PHASE_TIMEOUT_S,
+    running: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Wait until the stage's status file, written after ``since``, says ``phase`` (for
-    "running": until it reports a wake after ``since``)."""
+    "running": until it reports a wake after ``since``). ``running()``: whether the process
+    asked is still the stage's; once it is not, waiting on is pointless (it died: its
+    agent restarts it from its journal) and the caller hears so at once."""
     deadline = time.monotonic() + timeout
+    next_look = 0.0
     while time.monotonic() < deadline:
+        if running is not None and time.monotonic() >= next_look:
+            next_look = time.monotonic() + _LIVENESS_EVERY_S
+            if not running():
+                raise CheckpointError(
+                    f"stage {stage!r} exited before it was {phase}; its agent restarts it "
+                    "from its journal where it ran"
+                )
         status = stagehost.read_status(run_dir, stage)
         if status.get("phase") == "fenced" and status.get("time", 0) >= since:
             fenced = status.get("stale") or {}
@@ -86,12 +104,13 @@ def running_stage(agent: Agent, key: str) -> tuple[Any, int]:
 def quiesce_stage(agent: Agent, key: str) -> dict[str, Any]:
     """SIGUSR2, then wait for the stage's quiesced status (positions, digest)."""
     _app, _, stage = key.partition("/")
-    _proc, pid = running_stage(agent, key)
+    proc, pid = running_stage(agent, key)
     _manifest, run_dir, _model = agent.stage_args[key]
     t0 = time.monotonic()
     since = time.time()
     os.kill(pid, signal.SIGUSR2)
-    status = wait_phase(run_dir, stage, "quiesced", since)
+    status = wait_phase(run_dir, stage, "quiesced", since,
+                        running=lambda: proc.stage_pid == pid)  # fmt: skip
     return {"stage": key, "node": agent.node, "pid": pid, "quiesce_s": time.monotonic() - t0,
             "positions": status["quiesced"], "state_version": status["state_version"],
             "state_digest": status["state_digest"]}  # fmt: skip
