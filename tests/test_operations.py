@@ -301,10 +301,11 @@ def test_a_name_is_registered_once() -> None:
 
 
 def test_the_agent_serves_exactly_its_table(tmp_path: Path) -> None:
-    """The core's operations plus the migration and standby services', and nothing else."""
+    """The core's operations plus the migration, standby and metrics services', and nothing
+    else."""
     from dpmigrate import agentd
     from dpmigrate.migrate import agent_service
-    from dpmigrate.runtime import failover
+    from dpmigrate.runtime import failover, metrics
     from dpmigrate.runtime.agent import Agent
 
     bare = Agent("n0", "token", tmp_path / "bare")
@@ -314,12 +315,14 @@ def test_the_agent_serves_exactly_its_table(tmp_path: Path) -> None:
     agent = agentd.build("n1", "token", tmp_path)
     added = set(agent.operations.names()) - core
     assert {"checkpoint_stage", "restore_stage", "quiesce_stage", "wake_stage", "facts"} <= added
-    assert {"standbys", "mark_standby"} <= added
+    assert {"standbys", "mark_standby", "record_migration"} <= added
     for name in added:  # every other operation is one that a known service registered
         handler = agent.operations.get(name).handler
         module = handler.__module__
-        assert module.startswith(agent_service.__name__.rpartition(".")[0]) or (
-            module == failover.__name__ and name in ("standbys", "mark_standby")
+        assert (
+            module.startswith(agent_service.__name__.rpartition(".")[0])
+            or (module == failover.__name__ and name in ("standbys", "mark_standby"))
+            or (module == metrics.__name__ and name == "record_migration")
         ), name
     args = {"app": "../../../tmp/evil", "stage": "s", "manifest": str(tmp_path / "m.toml"),
             "run_dir": str(tmp_path / "run"), "model": "multi-node"}  # fmt: skip
