@@ -19,7 +19,7 @@ from rich.table import Table
 
 from dpmigrate import __version__, config, doctor
 from dpmigrate.cli_checkpoint import COMMANDS as CHECKPOINT_COMMANDS
-from dpmigrate.cli_cluster import clean, cluster
+from dpmigrate.cli_cluster import clean, cluster, logs_cmd
 from dpmigrate.cli_drain import COMMANDS as DRAIN_COMMANDS
 from dpmigrate.cli_drill import drill_cmd
 from dpmigrate.cli_migrate import demo_cmd, migrate_cmd
@@ -319,6 +319,7 @@ main.add_command(drill_cmd)
 for _command in (*CHECKPOINT_COMMANDS, *DRAIN_COMMANDS):
     main.add_command(_command)
 main.add_command(clean)
+main.add_command(logs_cmd)
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""`dpmigrate cluster up|status|down` and `dpmigrate clean`: the local cluster from the shell.
+"""`dpmigrate cluster up|status|down`, `dpmigrate clean` and `dpmigrate logs`: the cluster from
+the shell — local nodes (network namespaces here) and, from a cluster file, nodes over SSH.
 
 Kept apart from :mod:`dpmigrate.cli` so the two can grow independently; ``cli.main``
 registers :data:`cluster` and :data:`clean` with ``add_command``. Errors are raised as
@@ -14,7 +15,16 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from dpmigrate.cluster import clusterfile
+from dpmigrate.errors import ConfigError
 from dpmigrate.runtime import cluster as local
+
+_FILE_HELP = "Cluster file (TOML): local nodes, SSH nodes, the store (see README)."
+
+
+def _state_dir(path: str | None) -> str | None:
+    """The state dir a cluster file names (None: DPMIGRATE_STATE_DIR's)."""
+    return clusterfile.load(path).state_dir if path else None
 
 
 def _print_json(data: Any) -> None:
@@ -23,7 +33,7 @@ def _print_json(data: Any) -> None:
 
 def _print_status(status: dict[str, Any], title: str) -> None:
     table = Table(title=title)
-    for col in ("node", "netns", "address", "agent pid", "agent", "socket"):
+    for col in ("node", "kind", "address", "agent pid", "agent", "reached at"):
         table.add_column(col, overflow="fold")
     for n in status["nodes"]:
         if n["alive"]:
@@ -32,11 +42,16 @@ def _print_status(status: dict[str, Any], title: str) -> None:
             state = "[yellow]running, not answering[/yellow]"
         else:
             state = "[bold red]down[/bold red]"
+        ssh = n.get("kind") == "ssh"
         table.add_row(
-            n["name"], n["netns"], n["address"], str(n["agent_pid"] or "-"), state,
-            n["agent_socket"],
+            n["name"], "ssh" if ssh else f"netns {n['netns']}", n["address"],
+            str(n["agent_pid"] or "-"), state,
+            f"{n['ssh']} (tunnel)" if ssh else n["agent_socket"],
         )  # fmt: skip
     Console().print(table)
+    for n in status["nodes"]:
+        if n.get("error"):
+            Console().print(f"[bold red]{n['name']}[/bold red]: {n['error']}", soft_wrap=True)
     store = status.get("store") or {}
     if store.get("reachable"):
         kind = "embedded member" if store.get("embedded") else "DPMIGRATE_ETCD"
@@ -76,42 +91,67 @@ def cluster() -> None:
 @click.option(
     "--nodes",
     type=int,
-    default=3,
-    show_default=True,
-    help=f"Number of nodes (1-{local.MAX_NODES}).",
+    default=None,
+    help=f"Number of local nodes (1-{local.MAX_NODES}; default 3).",
+)
+@click.option("--file", "path", type=click.Path(dir_okay=False), help=_FILE_HELP)
+@click.option(
+    "--accept-host-key",
+    "accept",
+    multiple=True,
+    metavar="SHA256:...",
+    help="Accept an SSH host whose key known_hosts does not know yet, if its fingerprint is "
+    "this one (repeatable); it is then added to known_hosts.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the cluster as JSON.")
-def up_cmd(nodes: int, as_json: bool) -> None:
-    """Create N nodes joined by veth pairs, each with an agent; return while they run."""
-    lc = local.LocalCluster(nodes)
+def up_cmd(nodes: int | None, path: str | None, accept: tuple[str, ...], as_json: bool) -> None:
+    """Create the nodes, each with an agent; return while they run.
+
+    Without --file: N local nodes (network namespaces joined by veth pairs). With --file: the
+    nodes the cluster file lists, local ones and SSH ones."""
+    for fp in accept:
+        if not clusterfile.FINGERPRINT_RE.fullmatch(fp):
+            raise ConfigError(
+                f"--accept-host-key {fp!r} is not an SSH fingerprint like SHA256:<43 base64 "
+                "characters> (as a refusal prints it, or ssh-keygen -lf KEY.pub)"
+            )
+    if path is not None:
+        if nodes is not None:
+            raise ConfigError("give --nodes or --file, not both (the file says local.nodes)")
+        lc = local.LocalCluster.from_file(path, accept_host_keys=accept)
+    else:
+        lc = local.LocalCluster(3 if nodes is None else nodes)
     lc.up()
     status = lc.status()
     if as_json:
         _print_json(status)
     else:
-        _print_status(status, f"local cluster {status['id']} is up ({nodes} nodes)")
+        _print_status(status, f"cluster {status['id']} is up ({len(status['nodes'])} nodes)")
 
 
 @cluster.command("status")
+@click.option("--file", "path", type=click.Path(dir_okay=False), help=_FILE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status_cmd(as_json: bool) -> None:
+def status_cmd(path: str | None, as_json: bool) -> None:
     """Show the nodes, their addresses and whether each agent answers."""
-    status = local.LocalCluster.current().status()
+    status = local.LocalCluster.current(_state_dir(path)).status()
     if as_json:
         _print_json(status)
     else:
-        _print_status(status, f"local cluster {status['id']} ({len(status['nodes'])} nodes)")
+        _print_status(status, f"cluster {status['id']} ({len(status['nodes'])} nodes)")
 
 
 @cluster.command("down")
+@click.option("--file", "path", type=click.Path(dir_okay=False), help=_FILE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
-def down_cmd(as_json: bool) -> None:
-    """Stop the agents and remove every namespace, link and file the cluster recorded."""
-    removed = local.LocalCluster(state_dir=None).down()
+def down_cmd(path: str | None, as_json: bool) -> None:
+    """Stop the agents and remove every namespace, link and file the cluster recorded (on an
+    SSH node: its agent, its stages and its folder there)."""
+    removed = local.LocalCluster(state_dir=_state_dir(path)).down()
     if as_json:
         _print_json({"removed": removed})
     else:
-        _print_removed(removed, "local cluster removed")
+        _print_removed(removed, "cluster removed")
 
 
 @click.command("clean")
@@ -123,3 +163,14 @@ def clean(as_json: bool) -> None:
         _print_json({"removed": removed})
     else:
         _print_removed(removed, "cleaned up")
+
+
+@click.command("logs")
+@click.argument("node")
+@click.option("--lines", "-n", type=click.IntRange(min=1), help="Only the last N lines.")
+@click.option("--file", "path", type=click.Path(dir_okay=False), help=_FILE_HELP)
+def logs_cmd(node: str, lines: int | None, path: str | None) -> None:
+    """Print a node's agent log: read here for a local node, over SFTP from its host for an
+    SSH node (where it is kept)."""
+    text = local.LocalCluster.current(_state_dir(path)).agent_log(node, lines)
+    click.echo(text.rstrip("\n"))

@@ -41,19 +41,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpmigrate import atomic, config
-from dpmigrate.cluster import etcd, nodefs, pki
+from dpmigrate.cluster import clusterfile, etcd, nodefs, pki
+from dpmigrate.cluster.clusterfile import ClusterFile
 from dpmigrate.cluster.netns import NetnsExecutor
 from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
 from dpmigrate.errors import ConfigError, DpmigrateError, EnvironmentProblem
 from dpmigrate.runtime import agent_keeper, cgroups
 from dpmigrate.runtime.control import AgentClient
 from dpmigrate.runtime.supervisor import process_start_time
+
+if TYPE_CHECKING:
+    from dpmigrate.runtime.ssh_cluster import SshNodes
 
 MAX_NODES = 16
 SUBNET = "10.213.0"
@@ -85,6 +89,8 @@ class Node:
     agent_pid: int | None
     log: str = ""
     keeper_pid: int | None = None  # restarts the agent when it dies: kill it too to kill a node
+    kind: str = "local"  # "local" (a network namespace here) or "ssh" (reached over SSH)
+    ssh: str = ""  # ssh://user@host:port of an SSH node
 
     @property
     def agent_address(self) -> str:
@@ -273,6 +279,11 @@ def _netns_pids(name: str) -> list[int]:
 def _teardown(record_path: Path, record: dict[str, Any]) -> list[str]:
     """Remove exactly what ``record`` lists; safe to repeat, safe after a half-done up()."""
     removed: list[str] = []
+    ssh_problems: list[str] = []
+    if record.get("ssh"):  # first: a lab host is reached through the hub, which goes below
+        from dpmigrate.runtime import ssh_cluster
+
+        removed, ssh_problems = ssh_cluster.teardown(record, str(record.get("state_dir")))
     boot_id = record.get("boot_id", "")
     entries = record.get("agents", [])
     # Every agent that still runs: the recorded one and the keeper's latest (the same, unless
@@ -355,7 +366,7 @@ def _teardown(record_path: Path, record: dict[str, Any]) -> list[str]:
     for name in reversed(record.get("dirs", [])):  # created by us, removed only if empty
         with contextlib.suppress(OSError):
             os.rmdir(name)
-    kept += cgroup_problems
+    kept += cgroup_problems + ssh_problems
     if kept:
         raise DpmigrateError(
             "the cluster is removed but these recorded paths could not be: "
@@ -412,13 +423,45 @@ def _require_root(action: str) -> None:
 class LocalCluster:
     """N nodes on this host; a context manager (up on enter, down on exit, whatever happens)."""
 
-    def __init__(self, nodes: int = 3, state_dir: str | None = None) -> None:
-        self.state_dir = state_dir or config.load().state_dir
+    def __init__(
+        self,
+        nodes: int = 3,
+        state_dir: str | None = None,
+        spec: ClusterFile | None = None,
+        accept_host_keys: Iterable[str] = (),
+    ) -> None:
+        self.state_dir = state_dir or (spec and spec.state_dir) or config.load().state_dir
         self.size = nodes
+        self.spec = spec  # a cluster file: also SSH nodes, and where the store is
+        self.accept_host_keys = frozenset(accept_host_keys)
         self.record_path = _record_path(self.state_dir)
         self._record: dict[str, Any] | None = None
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._store: Store | None = None
+        self._ssh: SshNodes | None = None
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike[str], accept_host_keys: Iterable[str] = ()
+    ) -> LocalCluster:
+        """The cluster a cluster file describes (:mod:`dpmigrate.cluster.clusterfile`): its
+        local nodes, its SSH nodes and its store; not up yet (``up()`` or ``with``).
+        ``accept_host_keys``: SHA256 fingerprints the user accepts for SSH hosts that
+        known_hosts does not know yet."""
+        spec = clusterfile.load(path)
+        return cls(spec.local_nodes, spec.state_dir, spec=spec, accept_host_keys=accept_host_keys)
+
+    def _ssh_nodes(self) -> SshNodes:
+        """This process's connections to the cluster's SSH nodes (made on first use)."""
+        from dpmigrate.runtime.ssh_cluster import SshNodes
+
+        record = self._require_record()
+        if self._ssh is None or self._ssh.record is not record:
+            self._ssh = SshNodes(record, self.state_dir, self._save, self.accept_host_keys)
+        return self._ssh
+
+    def _is_ssh(self, name: str) -> bool:
+        return any(e["name"] == name for e in self._require_record().get("ssh", []))
 
     @classmethod
     def current(cls, state_dir: str | None = None) -> LocalCluster:
@@ -458,7 +501,7 @@ class LocalCluster:
     def nodes(self) -> list[Node]:
         record = self._require_record()
         agents = {a["node"]: a for a in record.get("agents", [])}
-        return [
+        local = [
             Node(
                 name=n["name"],
                 netns=n["netns"],
@@ -470,6 +513,13 @@ class LocalCluster:
             )
             for n in record.get("nodes", [])
         ]
+        remote = [
+            Node(name=e["name"], netns=e.get("netns", ""), address=e["address"], agent_socket="",
+                 agent_pid=e.get("agent_pid"), log=e.get("log", ""), keeper_pid=e.get("keeper_pid"),
+                 kind="ssh", ssh=e.get("url", ""))
+            for e in record.get("ssh", [])
+        ]  # fmt: skip
+        return local + remote
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -479,8 +529,12 @@ class LocalCluster:
         raise ConfigError(f"no node {name!r} in the local cluster (nodes: {known})")
 
     def client(self, node_name: str, timeout: float = 30.0) -> AgentClient:
-        """An authenticated connection to ``node_name``'s agent (through its socket file)."""
-        return AgentClient(self.node(node_name).agent_socket, self.token, timeout=timeout)
+        """An authenticated connection to ``node_name``'s agent (through its socket file, or
+        for an SSH node through the SSH connection's tunnel)."""
+        node = self.node(node_name)
+        if node.kind == "ssh":
+            return self._ssh_nodes().client(node_name, timeout)
+        return AgentClient(node.agent_socket, self.token, timeout=timeout)
 
     # -- stages -----------------------------------------------------------------------------
     def find_stage(self, stage: str) -> tuple[str, str, str]:
@@ -636,7 +690,9 @@ class LocalCluster:
     def up(self) -> None:
         """Build the namespaces, links and agents; on any failure remove what was made."""
         _require_root("build a local cluster")
-        if not 1 <= self.size <= MAX_NODES:
+        if not (self.spec is not None and self.spec.ssh_nodes and self.size == 0) and not (
+            1 <= self.size <= MAX_NODES
+        ):
             raise ConfigError(
                 f"--nodes {self.size} is out of range: a local cluster has 1 to {MAX_NODES} nodes"
             )
@@ -687,6 +743,12 @@ class LocalCluster:
             "etcd": {},
             "dirs": [str(d) for d in dirs],
         }
+        if self.spec is not None:
+            from dpmigrate.runtime.ssh_cluster import entry_of
+
+            record["file"] = self.spec.path
+            record["ssh"] = [entry_of(n, self.spec.known_hosts, hub) for n in self.spec.ssh_nodes]
+            self._check_labs(record)
         _claim(self.record_path, record)  # refuses when a cluster is already recorded
         self._record = record
         try:
@@ -739,15 +801,67 @@ class LocalCluster:
         for node in nodes:
             self._wait_agent(node)
         self._check_links(nodes)
+        for i, entry in enumerate(record.get("ssh", []), start=1):
+            if entry.get("netns"):
+                self._attach_lab(hub, entry, i)
+        for entry in record.get("ssh", []):
+            report = self._ssh_nodes().start(entry["name"], *self._ssh_agent_settings())
+            entry["doctor_warnings"] = report["warnings"]
         record["status"] = "up"
         self._save()
+
+    def _ssh_agent_settings(self) -> tuple[str, pki.TlsFiles | None, dict[str, str]]:
+        """What an SSH node's agent is started with: the store's endpoints, its client TLS
+        files (copied to the host), and this process's settings (the host-specific ones and
+        the secrets are left out by :mod:`dpmigrate.runtime.ssh_node`)."""
+        store = self._require_record()["etcd"]
+        tls = store.get("tls")
+        return store["endpoints"], pki.TlsFiles(**tls) if tls else None, dict(os.environ)
+
+    def _check_labs(self, record: dict[str, Any]) -> None:
+        """A lab host (``netns`` in the cluster file) must exist, and its address must be on
+        the cluster's bridge and free."""
+        assert self.spec is not None
+        for entry in record["ssh"]:
+            if not entry.get("netns"):
+                continue
+            field = f"{self.spec.path}: nodes.{entry['name']}"
+            if not _netns_exists(entry["netns"]):
+                raise ConfigError(
+                    f"{field}.netns: network namespace {entry['netns']} does not exist (ip "
+                    "netns list); create it, with the SSH server in it"
+                )
+            prefix, _, last = entry["address"].rpartition(".")
+            if prefix != SUBNET or not last.isdigit() or not self.size < int(last) < 254:
+                raise ConfigError(f"{field}.ssh: a lab host's address must be {SUBNET}.N with "
+                                  f"{self.size} < N < 254 (the local nodes have .1-.{self.size}, "
+                                  f"the hub .254), not {entry['address']}")  # fmt: skip
+
+    def _attach_lab(self, hub: str, entry: dict[str, Any], index: int) -> None:
+        """Link a lab host's namespace to the bridge at its address. Not recorded as ours: the
+        namespace is the user's; its end of the link goes when the hub's does."""
+        assert self._record is not None
+        link = f"dpm{self._record['id']}"
+        _ip("-n", hub, "link", "add", f"vssh{index}", "type", "veth", "peer", "name", link,
+            "netns", entry["netns"])  # fmt: skip
+        _ip("-n", hub, "link", "set", f"vssh{index}", "master", "br0", "up")
+        _ip("-n", entry["netns"], "link", "set", "lo", "up")
+        _ip("-n", entry["netns"], "addr", "add", f"{entry['address']}/24", "dev", link)
+        _ip("-n", entry["netns"], "link", "set", link, "up")
 
     def _start_etcd(self, hub: str, nsenter: str) -> None:
         """The cluster store, unless DPMIGRATE_ETCD names an existing one: one etcd member in
         the hub's namespace, on the bridge's address only, its data in the cluster folder."""
         assert self._record is not None
         record, cfg = self._record, config.load()
-        if cfg.etcd:
+        if self.spec is not None and not self.spec.etcd.embedded:
+            e = self.spec.etcd
+            record["etcd"] = {"endpoints": ",".join(e.endpoints), "embedded": False}
+            if e.ca:
+                record["etcd"]["tls"] = {"ca": e.ca, "cert": e.cert, "key": e.key}
+            self._save()
+            return
+        if cfg.etcd and self.spec is None:
             record["etcd"] = {"endpoints": cfg.etcd, "embedded": False}
             self._save()
             return
@@ -889,6 +1003,8 @@ class LocalCluster:
         one left running (their table is in the node's own folder) and rejoins the store."""
         _require_root("restart an agent")
         record = self._require_record()
+        if self._is_ssh(name):
+            return self._ssh_nodes().restart(name, *self._ssh_agent_settings())
         node = next((n for n in record["nodes"] if n["name"] == name), None)
         entry = next((a for a in record["agents"] if a["node"] == name), None)
         if node is None or entry is None:
@@ -991,6 +1107,9 @@ class LocalCluster:
         if record is None:
             return []
         _require_root("remove the local cluster")
+        if self._ssh is not None:  # teardown connects afresh, from the record alone
+            self._ssh.close()
+            self._ssh = None
         removed = _teardown(self.record_path, record)
         for proc in self._procs.values():  # reap our own children (no zombies, no warnings)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -1006,6 +1125,9 @@ class LocalCluster:
         agents = {a["node"]: a for a in record.get("agents", [])}
         rows = []
         for node in self.nodes:
+            if node.kind == "ssh":
+                rows.append(self._ssh_nodes().status_row(node.name, timeout))
+                continue
             entry = agents.get(node.name, {})
             pid, start = _current_agent(entry)
             running = isinstance(pid, int) and _same_process(pid, start, boot_id)
@@ -1022,6 +1144,7 @@ class LocalCluster:
             rows.append(
                 {
                     "name": node.name,
+                    "kind": "local",
                     "netns": node.netns,
                     "netns_present": _netns_exists(node.netns),
                     "address": node.address,
@@ -1067,6 +1190,18 @@ class LocalCluster:
             "nodes": rows,
             "store": store,
         }
+
+    def agent_log(self, name: str, lines: int | None = None) -> str:
+        """A node's agent log (its last ``lines``): read here for a local node, over SFTP
+        from its host for an SSH node, where it is kept."""
+        node = self.node(name)
+        if node.kind == "ssh":
+            return self._ssh_nodes().node(name).log_text(lines)
+        try:
+            text = Path(node.log).read_text(errors="replace")
+        except OSError as err:
+            raise DpmigrateError(f"node {name}: no log at {node.log} ({err.strerror})") from err
+        return text if lines is None else "\n".join(text.splitlines()[-lines:])
 
     def host_path(self, node: str, path: str) -> Path:
         """Where a path that ``node``'s agent reports (in its own view) lies on this host."""
