@@ -178,7 +178,9 @@ def test_a_fault_in_each_phase_rolls_back_and_the_pipeline_runs_on(
                 assert f"ok: restarted the agent of {node}" in report.rollback_steps, report
             assert report.rollback_failures == [], report.rollback_failures
             if kind == "quiesce: stage killed":  # noticed at once, not after the phase timeout
-                assert "exited before it was quiesced" in report.error, report.error
+                # (killed as the phase starts: dead before the request, or while it waits)
+                noticed = ("exited before it was quiesced", "is not running on node")
+                assert any(x in report.error for x in noticed), report.error
             if phase == "verify":
                 handed = [x for x in report.rollback_steps if "committed point back" in x]
                 assert handed and handed[0].startswith("ok: "), report.rollback_steps
