@@ -51,6 +51,21 @@ def value(samples: list[Sample], name: str, **labels: str) -> float | None:
     return found[0] if found else None
 
 
+def bucket_of(samples: list[Sample], name: str, **labels: str) -> float:
+    """The ``le`` of the lowest bucket of histogram ``name`` that counts anything (one
+    observation: the bucket it fell in)."""
+    counted = [float(s.labels["le"]) for s in samples if s.name == f"{name}_bucket"
+               and s.value > 0 and all(s.labels.get(k) == v for k, v in labels.items())]  # fmt: skip
+    assert counted, (name, labels)
+    return min(counted)
+
+
+def smallest_bound_above(seconds: float) -> float:
+    from dpmigrate.runtime.migration_record import BUCKETS
+
+    return next((b for b in BUCKETS if seconds <= b), float("inf"))
+
+
 def request(host: str, port: int, method: str = "GET", path: str = "/metrics",
             body: bytes | None = None) -> tuple[int, bytes]:  # fmt: skip
     conn = http.client.HTTPConnection(host, port, timeout=10)
@@ -205,16 +220,28 @@ def test_the_agents_metrics_follow_rings_stages_restarts_and_a_migration(
         who = {"app": "flows", "stage": "table", "strategy": "stop-and-copy",
                "source": "node2", "outcome": "moved"}  # fmt: skip
         phases = {s.labels["phase"]: s.value for s in on_dest
-                  if s.name == "dpmigrate_migration_phase_seconds"}  # fmt: skip
+                  if s.name == "dpmigrate_last_migration_phase_seconds"}  # fmt: skip
         assert phases == report.phases and set(phases) >= {"quiesce", "transfer", "restore"}
         assert report.downtime_s is not None
-        assert value(on_dest, "dpmigrate_migration_downtime_seconds", **who) == report.downtime_s
-        duration = value(on_dest, "dpmigrate_migration_duration_seconds", **who)
+        downtime = value(on_dest, "dpmigrate_last_migration_downtime_seconds", **who)
+        assert downtime == report.downtime_s
+        duration = value(on_dest, "dpmigrate_last_migration_duration_seconds", **who)
         assert duration == report.total_time_s
-        frozen = value(on_dest, "dpmigrate_migration_frozen_seconds", **who)
+        frozen = value(on_dest, "dpmigrate_last_migration_frozen_seconds", **who)
         assert frozen == report.frozen_time_s
         assert value(on_dest, "dpmigrate_migrations_total", strategy="stop-and-copy",
                      outcome="moved") == 1  # fmt: skip
+        # and the histograms over every migration here: this one, in its buckets
+        sac = {"strategy": "stop-and-copy"}
+        assert value(on_dest, "dpmigrate_migration_downtime_seconds_count", **sac) == 1
+        assert value(on_dest, "dpmigrate_migration_downtime_seconds_sum", **sac) == downtime
+        assert bucket_of(on_dest, "dpmigrate_migration_downtime_seconds", **sac) == (
+            smallest_bound_above(downtime))  # fmt: skip
+        for phase, seconds in report.phases.items():
+            assert value(on_dest, "dpmigrate_migration_phase_seconds_sum", phase=phase,
+                         **sac) == pytest.approx(seconds)  # fmt: skip
+            assert bucket_of(on_dest, "dpmigrate_migration_phase_seconds", phase=phase,
+                             **sac) == smallest_bound_above(seconds)  # fmt: skip
         # the stage's own series moved with it
         assert value(on_dest, "dpmigrate_stage_running", stage="table") == 1
         on_source = scrape_node(cluster, "node2")
@@ -435,20 +462,39 @@ def test_migrations_recorded_here_are_exported_and_kept_across_agents(agent: Age
     service = metrics.register(agent, 0)
     ops = agent.operations
     assert ops.dispatch("record_migration", _done())["ok"] is True
+    assert ops.dispatch("record_migration", _done(stage="gen", downtime_s=3.0,
+                                                  phases={"quiesce": 0.07}))["ok"]  # fmt: skip
     assert ops.dispatch("record_migration", _done(outcome="rolled_back", downtime_s=None,
                                                   phases={"rollback": 0.5}))["ok"]  # fmt: skip
     samples = _scrape(service)
     last = {"stage": "table", "strategy": "post-copy", "outcome": "rolled_back"}
-    assert value(samples, "dpmigrate_migration_phase_seconds", phase="rollback", **last) == 0.5
-    assert value(samples, "dpmigrate_migration_phase_seconds", phase="quiesce") is None
-    assert value(samples, "dpmigrate_migration_downtime_seconds", **last) is None  # unknown
-    assert value(samples, "dpmigrate_migration_duration_seconds", **last) == 1.1
-    assert value(samples, "dpmigrate_migrations_total", outcome="moved") == 1
+    name = "dpmigrate_last_migration_phase_seconds"
+    assert value(samples, name, phase="rollback", **last) == 0.5
+    assert value(samples, name, stage="table", phase="quiesce") is None  # the last one only
+    assert value(samples, name, stage="gen", phase="quiesce") == 0.07
+    assert value(samples, "dpmigrate_last_migration_downtime_seconds", **last) is None
+    assert value(samples, "dpmigrate_last_migration_duration_seconds", **last) == 1.1
+    assert value(samples, "dpmigrate_migrations_total", outcome="moved") == 2
     assert value(samples, "dpmigrate_migrations_total", outcome="rolled_back") == 1
+    # the histograms: both moves, not the rollback
+    pc = {"strategy": "post-copy"}
+    assert value(samples, "dpmigrate_migration_downtime_seconds_count", **pc) == 2
+    assert value(samples, "dpmigrate_migration_downtime_seconds_sum", **pc) == 3.4
+    downtime = {s.labels["le"]: s.value for s in samples
+                if s.name == "dpmigrate_migration_downtime_seconds_bucket"}  # fmt: skip
+    assert (downtime["0.25"], downtime["0.5"], downtime["2.5"], downtime["5.0"],
+            downtime["+Inf"]) == (0, 1, 1, 2, 2)  # fmt: skip
+    assert value(samples, "dpmigrate_migration_phase_seconds_count", phase="quiesce") == 2
+    assert value(samples, "dpmigrate_migration_phase_seconds_sum",
+                 phase="quiesce") == pytest.approx(0.1)  # fmt: skip
+    assert value(samples, "dpmigrate_migration_phase_seconds_count", phase="transfer") == 1
+    assert value(samples, "dpmigrate_migration_phase_seconds_count", phase="rollback") is None
+    assert value(samples, "dpmigrate_migration_duration_seconds_count", **pc) == 2
     # the next agent of this node reads the same record
-    again = metrics.register(Agent("n1", TOKEN, agent.run_dir), 0)
-    assert _scrape(again) and value(_scrape(again), "dpmigrate_migrations_total",
-                                    outcome="moved") == 1  # fmt: skip
+    again = _scrape(metrics.register(Agent("n1", TOKEN, agent.run_dir), 0))
+    assert value(again, "dpmigrate_migrations_total", outcome="moved") == 2
+    assert value(again, "dpmigrate_migration_downtime_seconds_count", **pc) == 2
+    assert value(again, name, stage="gen", phase="quiesce") == 0.07
     assert (agent.run_dir / RECORD).exists()
 
 
@@ -472,6 +518,7 @@ def test_a_bad_migration_record_is_refused_and_changes_nothing(
     reply = agent.operations.dispatch("record_migration", _done(**change))
     assert reply["ok"] is False and phrase in reply["error"], reply
     assert service.record.last() == [] and service.record.counts() == {}
+    assert service.record.histograms() == {}
     assert not (agent.run_dir / RECORD).exists()
 
 
@@ -479,7 +526,17 @@ def test_a_damaged_record_file_starts_afresh(tmp_path: Path) -> None:
     path = tmp_path / RECORD
     path.write_text("{not json")
     record = MigrationRecord(path)
-    assert record.last() == [] and record.counts() == {}
+    assert record.last() == [] and record.counts() == {} and record.histograms() == {}
+    path.write_text(
+        json.dumps(
+            {
+                "last": {},
+                "counts": {},
+                "histograms": {"downtime post-copy": {"buckets": [1, 2], "sum": 0.5}},
+            }
+        )
+    )  # other buckets: unusable
+    assert MigrationRecord(path).histograms() == {}
 
 
 def test_the_record_keeps_one_migration_per_stage_and_a_bounded_number(
@@ -489,6 +546,7 @@ def test_the_record_keeps_one_migration_per_stage_and_a_bounded_number(
     from dpmigrate.runtime.migration_record import MigrationDone
 
     monkeypatch.setattr(migration_record, "MAX_STAGES", 3)
+    monkeypatch.setattr(migration_record, "MAX_KEYS", 4)
     record = MigrationRecord(tmp_path / RECORD)
     for i in range(5):
         record.add(MigrationDone(**_done(stage=f"s{i}", ended_at=1000.0 + i)))
@@ -496,6 +554,10 @@ def test_the_record_keeps_one_migration_per_stage_and_a_bounded_number(
     kept = {m["stage"]: m["strategy"] for m in record.last()}
     assert kept == {"s2": "post-copy", "s3": "post-copy", "s4": "statesync"}
     assert record.counts() == {("post-copy", "moved"): 5, ("statesync", "moved"): 1}
+    # four histograms at most: post-copy's two phases, downtime and duration
+    assert sorted(record.histograms()) == [("downtime", "post-copy"), ("duration", "post-copy"),
+                                           ("phase", "post-copy", "quiesce"),
+                                           ("phase", "post-copy", "transfer")]  # fmt: skip
 
 
 # -- the endpoint -----------------------------------------------------------------------------------

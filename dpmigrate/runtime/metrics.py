@@ -37,6 +37,7 @@ from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -182,11 +183,14 @@ class AgentCollector:
                 self._stage(fams, view)
             except Exception as err:
                 self._problem(f"{view.app}/{view.stage}", err)
+        histograms: list[Metric] = []
         try:
             self._migrations(fams)
+            histograms = list(self._histograms())
         except Exception as err:
             self._problem("migrations", err)
         yield from fams
+        yield from histograms
         errors = CounterMetricFamily("dpmigrate_metrics_collect_errors",
                                      "Problems met while collecting these metrics (each is "
                                      "logged by the agent).")  # fmt: skip
@@ -312,26 +316,44 @@ class AgentCollector:
         for m in self.record.last():
             labels = tuple(str(m[k]) for k in ("app", "stage", "strategy", "source", "outcome"))
             for phase, seconds in sorted(m["phases"].items()):
-                fams.add("gauge", "dpmigrate_migration_phase_seconds",
+                fams.add("gauge", "dpmigrate_last_migration_phase_seconds",
                          "Duration of each phase of the stage's last migration to this node.",
                          (*_MIGRATION, "phase"), (*labels, phase), seconds)  # fmt: skip
-            fams.add("gauge", "dpmigrate_migration_downtime_seconds",
+            fams.add("gauge", "dpmigrate_last_migration_downtime_seconds",
                      "Downtime of the stage's last migration to this node: the longest gap "
                      "in its output as its downstream saw it.", _MIGRATION, labels,
                      m.get("downtime_s"))  # fmt: skip
-            fams.add("gauge", "dpmigrate_migration_duration_seconds",
+            fams.add("gauge", "dpmigrate_last_migration_duration_seconds",
                      "Total time of the stage's last migration to this node.", _MIGRATION,
                      labels, m.get("total_time_s"))  # fmt: skip
-            fams.add("gauge", "dpmigrate_migration_frozen_seconds",
+            fams.add("gauge", "dpmigrate_last_migration_frozen_seconds",
                      "CRIU's frozen time in the stage's last migration to this node (0 for "
                      "statesync, which does not freeze it).", _MIGRATION, labels,
                      m.get("frozen_time_s"))  # fmt: skip
-            fams.add("gauge", "dpmigrate_migration_transferred_bytes",
+            fams.add("gauge", "dpmigrate_last_migration_transferred_bytes",
                      "Bytes moved by the stage's last migration to this node.", _MIGRATION,
                      labels, m.get("transferred_bytes"))  # fmt: skip
-            fams.add("gauge", "dpmigrate_migration_end_timestamp_seconds",
+            fams.add("gauge", "dpmigrate_last_migration_end_timestamp_seconds",
                      "When the stage's last migration to this node ended (Unix time).",
                      _MIGRATION, labels, m.get("ended_at"))  # fmt: skip
+
+    def _histograms(self) -> Iterator[Metric]:
+        """Over every migration that moved a stage to this node, by strategy."""
+        docs = {
+            "phase": ("dpmigrate_migration_phase_seconds", ("strategy", "phase"),
+                      "Phase durations of the migrations that moved a stage to this node."),
+            "downtime": ("dpmigrate_migration_downtime_seconds", ("strategy",),
+                         "Downtimes of the migrations that moved a stage to this node."),
+            "duration": ("dpmigrate_migration_duration_seconds", ("strategy",),
+                         "Total times of the migrations that moved a stage to this node."),
+        }  # fmt: skip
+        made: dict[str, HistogramMetricFamily] = {}
+        for key, (buckets, total) in sorted(self.record.histograms().items()):
+            name, labels, doc = docs[key[0]]
+            if key[0] not in made:
+                made[key[0]] = HistogramMetricFamily(name, doc, labels=list(labels))
+            made[key[0]].add_metric(list(key[1:]), buckets, total)
+        yield from made.values()
 
 
 def registry_for(collector: AgentCollector) -> CollectorRegistry:
