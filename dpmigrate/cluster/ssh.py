@@ -304,7 +304,7 @@ class Connection:
                 self._sftp.close()
             self._sftp = None
         if self._transport is not None:
-            self._transport.close()
+            _close_gracefully(self._transport)
             self._transport = None
 
     def __enter__(self) -> Connection:
@@ -368,6 +368,20 @@ class Tunnel:
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _close_gracefully(transport: paramiko.Transport, timeout: float = 2.0) -> None:
+    """Close so that the server surely sees it: half-close our side, wait (bounded) until the
+    server answers with its own close, then drop the transport. A plain close can lose its
+    FIN when the link to the host is removed right after (a lab host at ``cluster down``),
+    and sshd would then keep that session for hours."""
+    if transport.is_active():
+        with contextlib.suppress(OSError):
+            transport.sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        while transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    transport.close()
 
 
 def _pump(local: socket.socket, chan: paramiko.Channel, closed: threading.Event) -> None:

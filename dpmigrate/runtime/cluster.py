@@ -284,6 +284,15 @@ def _teardown(record_path: Path, record: dict[str, Any]) -> list[str]:
         from dpmigrate.runtime import ssh_cluster
 
         removed, ssh_problems = ssh_cluster.teardown(record, str(record.get("state_dir")))
+        for entry in record["ssh"]:  # the lab hosts' ends of their links, before the hub's go
+            lab, link = entry.get("netns"), entry.get("lab_link")
+            if lab and link and _netns_exists(lab):
+                try:
+                    _ip("-n", lab, "link", "del", link)
+                    removed.append(f"link {link} in {lab}")
+                except EnvironmentProblem as err:
+                    if "Cannot find device" not in str(err):
+                        ssh_problems.append(str(err))
     boot_id = record.get("boot_id", "")
     entries = record.get("agents", [])
     # Every agent that still runs: the recorded one and the keeper's latest (the same, unless
@@ -842,6 +851,8 @@ class LocalCluster:
         namespace is the user's; its end of the link goes when the hub's does."""
         assert self._record is not None
         link = f"dpm{self._record['id']}"
+        entry["lab_link"] = link
+        self._save()  # before the link exists: down() removes it
         _ip("-n", hub, "link", "add", f"vssh{index}", "type", "veth", "peer", "name", link,
             "netns", entry["netns"])  # fmt: skip
         _ip("-n", hub, "link", "set", f"vssh{index}", "master", "br0", "up")

@@ -1,0 +1,353 @@
+"""A node reached over SSH: a real OpenSSH server in a network namespace of this machine (a
+"lab host" that the cluster file links to the cluster's bridge), real paramiko, real etcd.
+
+The server gets its own host key and accepts one user key, both generated here; it is started
+and killed by PID by the fixture, which also removes its namespace and files, whatever the
+test did. Each test checks that its fault really happened (the server logged the refused key,
+known_hosts lacks the host, ...), not only the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+from support import (
+    alive,
+    checker_of,
+    paced_flows,
+    reference_checker,
+    require,
+    run_cli,
+    stage_status,
+    wait_for_input,
+    wait_until,
+)
+
+from dpmigrate.cluster.ssh import fingerprint
+from dpmigrate.migrate import LocalCluster
+from dpmigrate.runtime.manifest import App
+from dpmigrate.runtime.multinode import MultiNodeRun
+
+pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.criu, pytest.mark.nftables]
+
+SSHD = "/usr/sbin/sshd"
+ADDRESS = "10.213.0.3"  # the lab host's address on the cluster's bridge (local nodes: .1, .2)
+PYTHON = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python")
+
+
+@dataclasses.dataclass
+class LabHost:
+    netns: str
+    folder: Path
+    sshd_pid: int
+    sshd_log: Path
+    user_key: Path  # authorized
+    wrong_key: Path  # not authorized
+    host_key_fp: str
+
+    def log(self) -> str:
+        return self.sshd_log.read_text(errors="replace")
+
+    def processes(self) -> list[int]:
+        """PIDs in the lab host's namespace other than the SSH server's listener."""
+        out = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True,
+                             text=True, timeout=10, check=True).stdout  # fmt: skip
+        return [int(p) for p in out.split() if int(p) != self.sshd_pid]
+
+    def links(self) -> list[str]:
+        out = subprocess.run(["ip", "-n", self.netns, "-o", "link", "show"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout  # fmt: skip
+        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dpmigrate-test",
+                    "-f", str(path)], check=True, timeout=30)  # fmt: skip
+
+
+def _kill(pid: int) -> None:
+    """SIGTERM, then SIGKILL, one PID we started; reaped if it is our child."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                if not alive(pid):
+                    return
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[LabHost]:
+    """An OpenSSH server in a network namespace of its own, listening on ADDRESS:22 (which
+    exists once a cluster links the namespace to its bridge: ip_nonlocal_bind lets it bind
+    first), with a generated host key and one authorized user key."""
+    require("root", "netns")
+    if not os.access(SSHD, os.X_OK):
+        pytest.fail(f"{SSHD} is missing; scripts/setup installs openssh-server")
+    folder = Path(tempfile.mkdtemp(prefix="dpm-sshd-"))
+    netns = f"dpmt{secrets.token_hex(3)}-ssh"
+    made_run_dir = not os.path.isdir("/run/sshd")  # sshd's privilege separation folder
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        _keygen(folder / "host_key")
+        _keygen(folder / "user_key")
+        _keygen(folder / "wrong_key")
+        shutil.copyfile(folder / "user_key.pub", folder / "authorized_keys")
+        config = folder / "sshd_config"
+        config.write_text(
+            f"ListenAddress {ADDRESS}:22\nHostKey {folder}/host_key\n"
+            f"PidFile {folder}/sshd.pid\nAuthorizedKeysFile {folder}/authorized_keys\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "Subsystem sftp internal-sftp\nAllowTcpForwarding yes\nLogLevel VERBOSE\n"
+        )
+        subprocess.run(["ip", "netns", "add", netns], check=True, timeout=10)
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=10)
+        subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "sysctl", "-q", "-w",
+                        "net.ipv4.ip_nonlocal_bind=1"], check=True, timeout=10)  # fmt: skip
+        if made_run_dir:
+            os.mkdir("/run/sshd", 0o755)
+        log = folder / "sshd.log"
+        with open(log, "wb") as out:  # nsenter execs sshd: the same PID
+            proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", SSHD, "-D", "-e",
+                                     "-f", str(config)], stdout=out, stderr=out)  # fmt: skip
+        wait_until(lambda: "Server listening" in log.read_text() or proc.poll() is not None,
+                   "sshd to listen", timeout=15)  # fmt: skip
+        assert proc.poll() is None, log.read_text()
+        host_key = paramiko.PKey.from_path(folder / "host_key")
+        yield LabHost(netns, folder, proc.pid, log, folder / "user_key", folder / "wrong_key",
+                      fingerprint(host_key))  # fmt: skip
+    finally:
+        if proc is not None:
+            _kill(proc.pid)
+        if os.path.exists(f"/run/netns/{netns}"):
+            out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
+                                 timeout=10, check=False).stdout  # fmt: skip
+            for pid in (int(p) for p in out.split()):  # sshd's sessions: our server's children
+                _kill(pid)
+            subprocess.run(["ip", "netns", "del", netns], timeout=10, check=False)
+        if made_run_dir:
+            shutil.rmtree("/run/sshd", ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def cluster_file(folder: Path, lab: LabHost, *, local: int = 1, identity: Path | None = None,
+                 python: str = PYTHON, host_key: str = "") -> Path:  # fmt: skip
+    """A cluster file: ``local`` netns nodes and node``local+1``, the lab host over SSH."""
+    name = f"node{local + 1}"
+    text = (
+        f'[cluster]\nknown_hosts = "known_hosts"\n\n[local]\nnodes = {local}\n\n'
+        f'[nodes.{name}]\nssh = "ssh://root@{ADDRESS}:22"\n'
+        f'identity = "{identity or lab.user_key}"\npython = "{python}"\nnetns = "{lab.netns}"\n'
+    )
+    if host_key:
+        text += f'host_key = "{host_key}"\n'
+    path = folder / "cluster.toml"
+    path.write_text(text)
+    return path
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpmigrate: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def wait_for_no_processes(lab: LabHost) -> None:
+    """Until nothing but the SSH server's listener runs in the lab host (its sessions end a
+    moment after their client closed them); the survivors' command lines if not."""
+    deadline = time.monotonic() + 15
+    while (left := lab.processes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        ps = subprocess.run(["ps", "-o", "pid,ppid,args", "-p", ",".join(map(str, left))],
+                            capture_output=True, text=True, timeout=10, check=False).stdout  # fmt: skip
+        ss = subprocess.run(["nsenter", f"--net=/run/netns/{lab.netns}", "ss", "-tnpa"],
+                            capture_output=True, text=True, timeout=10, check=False).stdout  # fmt: skip
+        raise AssertionError(f"left in the lab host: {ps} {ss}")
+
+
+def assert_nothing_left(lab: LabHost, state_dir: Path, pids: list[int]) -> None:
+    """No process of the SSH node (by PID, and none in its namespace but sshd's listener and
+    its sessions ending), no folder of it, no link into the cluster."""
+    for pid in pids:
+        assert not alive(pid), f"process {pid} of the SSH node still runs"
+    wait_for_no_processes(lab)
+    assert not (state_dir / "nodes").exists() or not list((state_dir / "nodes").iterdir())
+    assert not (state_dir / "cluster" / "cluster.json").exists()
+    assert lab.links() == ["lo"], lab.links()
+
+
+def test_flows_on_an_ssh_node_migrate_to_it_and_back_then_down_leaves_nothing(
+    lab: LabHost, cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """Python API, from the cluster file (host key pinned in it): gen and table on node1,
+    check on node2 over SSH; table moves to node2 (stop-and-copy), back (post-copy) and there
+    again (statesync) under traffic; lost = dup = 0 and the digest of an uninterrupted run."""
+    text = paced_flows(tmp_path, 90000, rate=10000).read_text()
+    text = text.replace('node = "node2"', 'node = "node1"').replace(
+        'node = "node3"', 'node = "node2"'
+    )
+    (tmp_path / "app.toml").write_text(text)
+    app = App.load(tmp_path / "app.toml")
+    expected = reference_checker(app)
+    path = cluster_file(tmp_path, lab, host_key=lab.host_key_fp)
+    remote_pids: list[int] = []
+    reports = []
+    with LocalCluster.from_file(path) as cluster:
+        node2 = cluster.node("node2")
+        assert node2.kind == "ssh" and node2.address == ADDRESS
+        # the token reached the agent through stdin: in its environment, on no command line
+        # and in no command run over SSH, nor in any file of the node's folder
+        keeper, agent = node2.keeper_pid, node2.agent_pid
+        assert keeper and agent and alive(keeper) and alive(agent)
+        remote_pids += [keeper, agent]
+        token = cluster.token.encode()
+        for pid in (keeper, agent):
+            assert token not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"DPMIGRATE_TOKEN=" + token in Path(f"/proc/{pid}/environ").read_bytes()
+        commands = cluster._ssh_nodes().node("node2").conn.commands
+        assert any("agent --keep" in c for c in commands) and all(
+            cluster.token not in c for c in commands
+        )
+        folder = cluster_state_dir / "nodes" / "node2"
+        for file in (f for f in folder.rglob("*") if f.is_file()):
+            assert token not in file.read_bytes(), file
+        assert (folder.stat().st_mode & 0o777) == 0o700
+        # its agent runs in the lab host's namespace, reached only through the tunnel
+        assert os.readlink(f"/proc/{agent}/ns/net") == os.readlink(f"/proc/{lab.sshd_pid}/ns/net")
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        try:
+            wait_for_input(run, 5000)
+            check_pid = stage_status(run, "check")["pid"]
+            assert stage_status(run, "check")["node"] == "node2" and check_pid
+            remote_pids.append(check_pid)
+            for to, strategy in (("node2", "stop-and-copy"), ("node1", "post-copy"),
+                                 ("node2", "statesync")):  # fmt: skip
+                report = cluster.migrate("table", to=to, strategy=strategy)
+                assert not report.rolled_back, report.error
+                assert stage_status(run)["node"] == to
+                if to == "node2":
+                    remote_pids.append(stage_status(run)["pid"])
+                reports.append(report.as_dict())
+                wait_for_input(run, stage_status(run)["msgs_in"] + 3000)
+            assert run.wait(duration=120), run.status()
+            final = run.status()
+        finally:
+            run.stop()
+        logs = cluster.agent_log("node2")
+        assert '"event": "agent started"' in logs and '"node": "node2"' in logs
+        run.cleanup()
+    for report in reports:
+        assert report["lost"] == 0 and report["duplicated"] == 0, report
+        assert report["state_digest_before"] == report["state_digest_after"], report
+    assert checker_of(final) == {"received": 90000, "lost": 0, "duplicated": 0,
+                                 "digest": expected["digest"]}  # fmt: skip
+    assert "Accepted publickey for root" in lab.log()
+    assert_nothing_left(lab, cluster_state_dir, remote_pids)
+
+
+def test_cli_up_accepts_the_fingerprint_then_status_logs_and_down(
+    lab: LabHost, cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """`cluster up --file F --accept-host-key FP` adds the key to known_hosts; `cluster
+    status` shows the SSH node answering through its tunnel; `dpmigrate logs NODE` reads its
+    log from the host; `cluster down` removes its agent and folder."""
+    env = {"DPMIGRATE_STATE_DIR": str(cluster_state_dir)}
+    path = cluster_file(tmp_path, lab, local=0)
+    up = run_cli("cluster", "up", "--file", str(path), "--accept-host-key", lab.host_key_fp,
+                 "--json", env=env, timeout=120)  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    known = (tmp_path / "known_hosts").read_text()
+    assert known.startswith(f"{ADDRESS} ssh-ed25519 ")
+    status = run_cli("cluster", "status", "--json", env=env, timeout=60)
+    assert status.returncode == 0, status.stderr
+    row = json.loads(status.stdout)["nodes"][0]
+    assert row["kind"] == "ssh" and row["alive"] and row["member"], row
+    assert row["host_key"] == lab.host_key_fp
+    pids = [row["keeper_pid"], row["agent_pid"]]
+    assert all(alive(p) for p in pids)
+    logs = run_cli("logs", "node1", "--lines", "50", env=env, timeout=60)
+    assert logs.returncode == 0 and '"event": "agent started"' in logs.stdout, logs.stderr
+    down = run_cli("cluster", "down", "--json", env=env, timeout=120)
+    assert down.returncode == 0, down.stderr
+    removed = json.loads(down.stdout)["removed"]
+    assert f"directory {ADDRESS}:{cluster_state_dir}/nodes/node1" in removed, removed
+    assert_nothing_left(lab, cluster_state_dir, pids)
+
+
+@pytest.mark.parametrize("fault", ["wrong user key", "unknown host key", "changed host key",
+                                   "no dpmigrate on the host"])  # fmt: skip
+def test_an_ssh_node_that_cannot_join_is_one_line_naming_host_and_step(
+    lab: LabHost, cluster_state_dir: Path, tmp_path: Path, fault: str
+) -> None:
+    env = {"DPMIGRATE_STATE_DIR": str(cluster_state_dir)}
+    known = tmp_path / "known_hosts"
+    before = lab.log()
+    accept = ["--accept-host-key", lab.host_key_fp]
+    if fault == "wrong user key":
+        path = cluster_file(tmp_path, lab, local=0, identity=lab.wrong_key)
+        assert (
+            lab.wrong_key.with_suffix(".pub").read_text().split()[1]
+            not in (lab.folder / "authorized_keys").read_text()
+        )
+    elif fault == "unknown host key":
+        path, accept = cluster_file(tmp_path, lab, local=0), []
+    elif fault == "changed host key":
+        other = paramiko.PKey.from_path(lab.wrong_key)  # a key the host does not have
+        known.write_text(f"{ADDRESS} {other.get_name()} {other.get_base64()}\n")
+        path = cluster_file(tmp_path, lab, local=0)  # the real key accepted: still refused
+    else:
+        path = cluster_file(tmp_path, lab, local=0, python="/nonexistent/bin/python3")
+    result = run_cli("cluster", "up", "--file", str(path), *accept, env=env, timeout=120)
+    line = one_line_error(result)
+    assert f"node node1 (root@{ADDRESS}:22)" in line, line
+    session = lab.log()[len(before) :]
+    if fault == "wrong user key":
+        assert ": auth: the server refused the key" in line and str(lab.wrong_key) in line, line
+        assert "authorized_keys" in line
+        assert (
+            "Failed publickey for root" in session
+            or "Connection closed by authenticating" in session
+        ), session
+        assert "Accepted publickey" not in session
+    elif fault == "unknown host key":
+        assert ": host key: " in line and lab.host_key_fp in line and "--accept-host-key" in line
+        assert not known.exists() or ADDRESS not in known.read_text()
+        assert "Accepted publickey" not in session and "Failed publickey" not in session, session
+    elif fault == "changed host key":
+        assert ": host key: the host key has CHANGED" in line, line
+        assert lab.host_key_fp in line and fingerprint(other) in line
+        assert known.read_text().count("\n") == 1  # nothing added
+        assert "Accepted publickey" not in session and "Failed publickey" not in session, session
+    else:
+        assert ": remote doctor: " in line and "/nonexistent/bin/python3" in line, line
+        assert "is dpmigrate 0.1.0 installed there" in line
+        assert "Accepted publickey for root" in session  # it got in: the doctor found nothing
+    # the cluster was removed again, and nothing was made on the host
+    assert not (cluster_state_dir / "cluster" / "cluster.json").exists()
+    assert not (cluster_state_dir / "nodes" / "node1").exists()
+    wait_for_no_processes(lab)
+    assert lab.links() == ["lo"], lab.links()
