@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -40,10 +41,17 @@ from dpmigrate.migrate import LocalCluster
 from dpmigrate.runtime.manifest import App
 from dpmigrate.runtime.multinode import MultiNodeRun
 
-pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.criu, pytest.mark.nftables]
+
+def live(fn: Any) -> Any:
+    """The markers of a test on a live cluster with an SSH server."""
+    for mark in (pytest.mark.root, pytest.mark.netns, pytest.mark.criu, pytest.mark.nftables):
+        fn = mark(fn)
+    return fn
+
 
 SSHD = "/usr/sbin/sshd"
 ADDRESS = "10.213.0.3"  # the lab host's address on the cluster's bridge (local nodes: .1, .2)
+NO_FORWARDING_PORT = 2222  # a second server there, with AllowTcpForwarding no
 PYTHON = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python")
 
 
@@ -51,7 +59,8 @@ PYTHON = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
 class LabHost:
     netns: str
     folder: Path
-    sshd_pid: int
+    sshd_pid: int  # the server on port 22
+    listeners: list[int]  # it and the one on NO_FORWARDING_PORT
     sshd_log: Path
     user_key: Path  # authorized
     wrong_key: Path  # not authorized
@@ -64,7 +73,7 @@ class LabHost:
         """PIDs in the lab host's namespace other than the SSH server's listener."""
         out = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True,
                              text=True, timeout=10, check=True).stdout  # fmt: skip
-        return [int(p) for p in out.split() if int(p) != self.sshd_pid]
+        return [int(p) for p in out.split() if int(p) not in self.listeners]
 
     def links(self) -> list[str]:
         out = subprocess.run(["ip", "-n", self.netns, "-o", "link", "show"], capture_output=True,
@@ -95,6 +104,29 @@ def _kill(pid: int) -> None:
             time.sleep(0.02)
 
 
+def _start_sshd(
+    netns: str, folder: Path, port: int, forwarding: str, log: Path
+) -> subprocess.Popen[bytes]:
+    """sshd -D in ``netns`` on ADDRESS:``port``, its events appended to ``log``; returned
+    once it listens."""
+    config = folder / f"sshd_config.{port}"
+    config.write_text(
+        f"ListenAddress {ADDRESS}:{port}\nHostKey {folder}/host_key\n"
+        f"PidFile {folder}/sshd.{port}.pid\nAuthorizedKeysFile {folder}/authorized_keys\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        f"Subsystem sftp internal-sftp\nAllowTcpForwarding {forwarding}\nLogLevel VERBOSE\n"
+    )
+    before = log.read_text().count("Server listening") if log.exists() else 0
+    with open(log, "ab") as out:  # nsenter execs sshd: the same PID
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", SSHD, "-D", "-e",
+                                 "-f", str(config)], stdout=out, stderr=out)  # fmt: skip
+    wait_until(lambda: log.read_text().count("Server listening") > before
+               or proc.poll() is not None, f"sshd to listen on {port}", timeout=15)  # fmt: skip
+    assert proc.poll() is None, log.read_text()
+    return proc
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabHost]:
     """An OpenSSH server in a network namespace of its own, listening on ADDRESS:22 (which
@@ -106,20 +138,12 @@ def lab() -> Iterator[LabHost]:
     folder = Path(tempfile.mkdtemp(prefix="dpm-sshd-"))
     netns = f"dpmt{secrets.token_hex(3)}-ssh"
     made_run_dir = not os.path.isdir("/run/sshd")  # sshd's privilege separation folder
-    proc: subprocess.Popen[bytes] | None = None
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         _keygen(folder / "host_key")
         _keygen(folder / "user_key")
         _keygen(folder / "wrong_key")
         shutil.copyfile(folder / "user_key.pub", folder / "authorized_keys")
-        config = folder / "sshd_config"
-        config.write_text(
-            f"ListenAddress {ADDRESS}:22\nHostKey {folder}/host_key\n"
-            f"PidFile {folder}/sshd.pid\nAuthorizedKeysFile {folder}/authorized_keys\n"
-            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-            "Subsystem sftp internal-sftp\nAllowTcpForwarding yes\nLogLevel VERBOSE\n"
-        )
         subprocess.run(["ip", "netns", "add", netns], check=True, timeout=10)
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=10)
         subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "sysctl", "-q", "-w",
@@ -127,17 +151,13 @@ def lab() -> Iterator[LabHost]:
         if made_run_dir:
             os.mkdir("/run/sshd", 0o755)
         log = folder / "sshd.log"
-        with open(log, "wb") as out:  # nsenter execs sshd: the same PID
-            proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", SSHD, "-D", "-e",
-                                     "-f", str(config)], stdout=out, stderr=out)  # fmt: skip
-        wait_until(lambda: "Server listening" in log.read_text() or proc.poll() is not None,
-                   "sshd to listen", timeout=15)  # fmt: skip
-        assert proc.poll() is None, log.read_text()
+        for port, forwarding in ((22, "yes"), (NO_FORWARDING_PORT, "no")):
+            procs.append(_start_sshd(netns, folder, port, forwarding, log))
         host_key = paramiko.PKey.from_path(folder / "host_key")
-        yield LabHost(netns, folder, proc.pid, log, folder / "user_key", folder / "wrong_key",
-                      fingerprint(host_key))  # fmt: skip
+        yield LabHost(netns, folder, procs[0].pid, [p.pid for p in procs], log,
+                      folder / "user_key", folder / "wrong_key", fingerprint(host_key))  # fmt: skip
     finally:
-        if proc is not None:
+        for proc in procs:
             _kill(proc.pid)
         if os.path.exists(f"/run/netns/{netns}"):
             out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
@@ -151,12 +171,12 @@ def lab() -> Iterator[LabHost]:
 
 
 def cluster_file(folder: Path, lab: LabHost, *, local: int = 1, identity: Path | None = None,
-                 python: str = PYTHON, host_key: str = "") -> Path:  # fmt: skip
+                 python: str = PYTHON, host_key: str = "", port: int = 22) -> Path:  # fmt: skip
     """A cluster file: ``local`` netns nodes and node``local+1``, the lab host over SSH."""
     name = f"node{local + 1}"
     text = (
         f'[cluster]\nknown_hosts = "known_hosts"\n\n[local]\nnodes = {local}\n\n'
-        f'[nodes.{name}]\nssh = "ssh://root@{ADDRESS}:22"\n'
+        f'[nodes.{name}]\nssh = "ssh://root@{ADDRESS}:{port}"\n'
         f'identity = "{identity or lab.user_key}"\npython = "{python}"\nnetns = "{lab.netns}"\n'
     )
     if host_key:
@@ -199,6 +219,7 @@ def assert_nothing_left(lab: LabHost, state_dir: Path, pids: list[int]) -> None:
     assert lab.links() == ["lo"], lab.links()
 
 
+@live
 def test_flows_on_an_ssh_node_migrate_to_it_and_back_then_down_leaves_nothing(
     lab: LabHost, cluster_state_dir: Path, tmp_path: Path
 ) -> None:
@@ -260,6 +281,17 @@ def test_flows_on_an_ssh_node_migrate_to_it_and_back_then_down_leaves_nothing(
         logs = cluster.agent_log("node2")
         assert '"event": "agent started"' in logs and '"node": "node2"' in logs
         run.cleanup()
+        # an SSH node's agent that is not running is started again, one that runs is kept
+        assert cluster.restart_agent("node2") is False
+        for pid in (keeper, agent):  # the keeper first, or it would start the agent again
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda pid=pid: not alive(pid), f"process {pid} to die")  # type: ignore[misc]
+        assert cluster.restart_agent("node2") is True
+        again = cluster.node("node2")
+        assert again.keeper_pid not in (None, keeper) and again.agent_pid not in (None, agent)
+        remote_pids += [again.keeper_pid, again.agent_pid]  # type: ignore[list-item]
+        with cluster.client("node2") as client:
+            assert client.call("ping")["pid"] == again.agent_pid
     for report in reports:
         assert report["lost"] == 0 and report["duplicated"] == 0, report
         assert report["state_digest_before"] == report["state_digest_after"], report
@@ -269,6 +301,7 @@ def test_flows_on_an_ssh_node_migrate_to_it_and_back_then_down_leaves_nothing(
     assert_nothing_left(lab, cluster_state_dir, remote_pids)
 
 
+@live
 def test_cli_up_accepts_the_fingerprint_then_status_logs_and_down(
     lab: LabHost, cluster_state_dir: Path, tmp_path: Path
 ) -> None:
@@ -298,8 +331,9 @@ def test_cli_up_accepts_the_fingerprint_then_status_logs_and_down(
     assert_nothing_left(lab, cluster_state_dir, pids)
 
 
+@live
 @pytest.mark.parametrize("fault", ["wrong user key", "unknown host key", "changed host key",
-                                   "no dpmigrate on the host"])  # fmt: skip
+                                   "no dpmigrate on the host", "no forwarding"])  # fmt: skip
 def test_an_ssh_node_that_cannot_join_is_one_line_naming_host_and_step(
     lab: LabHost, cluster_state_dir: Path, tmp_path: Path, fault: str
 ) -> None:
@@ -319,11 +353,14 @@ def test_an_ssh_node_that_cannot_join_is_one_line_naming_host_and_step(
         other = paramiko.PKey.from_path(lab.wrong_key)  # a key the host does not have
         known.write_text(f"{ADDRESS} {other.get_name()} {other.get_base64()}\n")
         path = cluster_file(tmp_path, lab, local=0)  # the real key accepted: still refused
+    elif fault == "no forwarding":  # the agent starts; its tunnel cannot be opened
+        path = cluster_file(tmp_path, lab, local=0, port=NO_FORWARDING_PORT)
     else:
         path = cluster_file(tmp_path, lab, local=0, python="/nonexistent/bin/python3")
     result = run_cli("cluster", "up", "--file", str(path), *accept, env=env, timeout=120)
     line = one_line_error(result)
-    assert f"node node1 (root@{ADDRESS}:22)" in line, line
+    port = NO_FORWARDING_PORT if fault == "no forwarding" else 22
+    assert f"node node1 (root@{ADDRESS}:{port})" in line, line
     session = lab.log()[len(before) :]
     if fault == "wrong user key":
         assert ": auth: the server refused the key" in line and str(lab.wrong_key) in line, line
@@ -342,6 +379,9 @@ def test_an_ssh_node_that_cannot_join_is_one_line_naming_host_and_step(
         assert lab.host_key_fp in line and fingerprint(other) in line
         assert known.read_text().count("\n") == 1  # nothing added
         assert "Accepted publickey" not in session and "Failed publickey" not in session, session
+    elif fault == "no forwarding":
+        assert ": tunnel: " in line and "AllowTcpForwarding yes" in line, line
+        assert "refused local port forward" in session, session
     else:
         assert ": remote doctor: " in line and "/nonexistent/bin/python3" in line, line
         assert "is dpmigrate 0.1.0 installed there" in line
@@ -351,3 +391,95 @@ def test_an_ssh_node_that_cannot_join_is_one_line_naming_host_and_step(
     assert not (cluster_state_dir / "nodes" / "node1").exists()
     wait_for_no_processes(lab)
     assert lab.links() == ["lo"], lab.links()
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "what"),
+    [
+        ("[local]\nnodes = 17\n", "local.nodes", "from 0 to 16"),
+        ("[local]\nnodez = 1\n", "local.nodez", "unknown field"),
+        ("[nodes.n1]\nssh = 1\n", "nodes.n1.ssh", "non-empty string"),
+        ('[nodes.n1]\nssh = "http://root@h"\n', "nodes.n1.ssh", "not an ssh:// URL"),
+        ('[nodes.n1]\nssh = "ssh://h"\n', "nodes.n1.ssh", "names no user"),
+        ('[nodes.n1]\nssh = "ssh://root:pw@h"\n', "nodes.n1.ssh", "holds a password"),
+        ('[nodes.n1]\nssh = "ssh://root@h:99999"\n', "nodes.n1.ssh", "bad port"),
+        (
+            '[nodes.n1]\nssh = "ssh://root@h"\nidentity = "missing"\n',
+            "nodes.n1.identity",
+            "does not exist",
+        ),
+        (
+            '[nodes.n1]\nssh = "ssh://root@h"\nidentity = "id"\n',
+            "nodes.n1",
+            "exactly one of python",
+        ),
+        (
+            '[nodes.n1]\nssh = "ssh://root@h"\nidentity = "id"\npython = "py"\n',
+            "nodes.n1.python",
+            "absolute path",
+        ),
+        (
+            '[nodes.n1]\nssh = "ssh://root@h"\nidentity = "id"\npython = "/py"\n',
+            "nodes.n1.address",
+            "not an IP address",
+        ),
+        (
+            '[nodes.n1]\nssh = "ssh://root@10.0.0.1"\nidentity = "id"\npython = "/py"\n'
+            'host_key = "MD5:ab"\n',
+            "nodes.n1.host_key",
+            "not an SSH fingerprint",
+        ),
+        (
+            '[cluster]\nknown_hosts = "kh"\n[nodes.n1]\nssh = "ssh://root@10.0.0.1"\n'
+            'identity = "id"\npython = "/py"\n',
+            "nodes.n1",
+            "cannot reach the embedded etcd member",
+        ),
+        (
+            '[local]\nnodes = 2\n[nodes.node2]\nssh = "ssh://root@10.0.0.1"\n',
+            "nodes.node2",
+            "one of the local nodes",
+        ),
+        ('[etcd]\nmember = "node3"\n', "etcd.member", 'only "hub"'),
+        ('[etcd]\nendpoints = ["ftp://x"]\n', "etcd.endpoints", "not an http(s)"),
+        ("[local]\nnodes = 0\n", "local.nodes", "has no node"),
+        ("[local\n", "not valid TOML", ""),
+    ],
+)
+def test_a_cluster_file_mistake_is_one_line_naming_file_and_field(
+    tmp_path: Path, text: str, field: str, what: str
+) -> None:
+    """No root needed: the file is checked before anything is made."""
+    from dpmigrate.cluster import clusterfile
+    from dpmigrate.errors import ConfigError
+
+    (tmp_path / "id").write_text("not read here")
+    path = tmp_path / "cluster.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        clusterfile.load(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {field}") and what in message, message
+    assert "\n" not in message
+
+
+def test_a_cluster_file_is_read_with_its_paths_made_absolute(tmp_path: Path) -> None:
+    from dpmigrate.cluster import clusterfile
+
+    (tmp_path / "id").write_text("key")
+    path = tmp_path / "cluster.toml"
+    path.write_text(
+        '[cluster]\nknown_hosts = "kh"\nstate_dir = "/var/lib/dpm"\n[local]\nnodes = 2\n'
+        '[etcd]\nendpoints = ["https://10.0.0.9:2379"]\n'
+        '[nodes.edge]\nssh = "ssh://ops@10.0.0.5:2200"\nidentity = "id"\n'
+        'dpmigrate = "/usr/local/bin/dpmigrate"\n'
+    )
+    spec = clusterfile.load(path)
+    assert spec.local_nodes == 2 and spec.state_dir == "/var/lib/dpm"
+    assert spec.known_hosts == str(tmp_path / "kh")
+    assert spec.etcd.endpoints == ("https://10.0.0.9:2379",)
+    (edge,) = spec.ssh_nodes
+    assert (edge.name, edge.user, edge.host, edge.port) == ("edge", "ops", "10.0.0.5", 2200)
+    assert edge.identity == str(tmp_path / "id") and edge.address == "10.0.0.5"
+    assert edge.launcher == ("/usr/local/bin/dpmigrate",)
+    assert spec.node_names == ["node1", "node2", "edge"]

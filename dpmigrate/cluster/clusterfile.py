@@ -202,6 +202,13 @@ def parse(data: dict[str, Any], path: Path) -> ClusterFile:
         )
     seen: dict[str, str] = {}
     for node in ssh_nodes:
+        if not node.netns and etcd.embedded:
+            raise r.fail(
+                f"nodes.{node.name}",
+                "a host reached over the network cannot reach the embedded etcd member (it "
+                "listens only on this machine's cluster bridge): give [etcd] endpoints that "
+                "every node reaches (or netns, for a lab host on this machine)",
+            )
         if node.netns and etcd.endpoints:
             raise r.fail(
                 f"nodes.{node.name}.netns",

@@ -29,6 +29,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import selectors
 import shutil
@@ -44,8 +45,13 @@ import paramiko
 
 from dpmigrate.errors import SshError
 
+# paramiko logs a refused channel or a failed auth at ERROR; unconfigured, Python would print
+# that to stderr beside our one-line error, which already says it.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
 CONNECT, HOST_KEY, AUTH, TUNNEL = "connect", "host key", "auth", "tunnel"
 _CHUNK = 65536
+_ADMINISTRATIVELY_PROHIBITED = 1  # RFC 4254 channel open failure reason code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +242,10 @@ class Connection:
 
     # -- use ------------------------------------------------------------------------------
     @property
+    def active(self) -> bool:
+        return self._transport is not None and self._transport.is_active()
+
+    @property
     def transport(self) -> paramiko.Transport:
         if self._transport is None or not self._transport.is_active():
             raise self.fail(CONNECT, "the SSH connection is closed; run the command again")
@@ -327,6 +337,8 @@ class Tunnel:
         self.conn = conn
         self.host, self.port = host, port
         self.last_error = ""
+        #: the server refuses forwarding itself (not: nothing listens there yet)
+        self.prohibited = False
         self._dir = tempfile.mkdtemp(prefix="dpm-ssh-")
         self.path = str(Path(self._dir) / "agent.sock")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -350,12 +362,14 @@ class Tunnel:
             )
         except (paramiko.SSHException, OSError, EOFError, SshError) as err:
             reason = getattr(err, "text", "") or str(err) or type(err).__name__
+            self.prohibited = getattr(err, "code", None) == _ADMINISTRATIVELY_PROHIBITED
             self.last_error = (
                 f"the host would not open a channel to {self.host}:{self.port} ({reason})"
             )
             local.close()
             return
         self.last_error = ""
+        self.prohibited = False
         try:
             _pump(local, chan, self._closed)
         finally:

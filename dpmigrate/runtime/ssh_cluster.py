@@ -91,11 +91,7 @@ class SshNodes:
     def node(self, name: str) -> SshNode:
         """The node, connected (host key verified, authenticated)."""
         node = self._nodes.get(name)
-        if (
-            node is not None
-            and node.conn._transport is not None
-            and node.conn._transport.is_active()
-        ):
+        if node is not None and node.conn.active:
             return node
         entry = self.entry(name)
         if entry is None:

@@ -23,6 +23,7 @@ Connection`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import time
@@ -33,11 +34,13 @@ from dpmigrate import __version__
 from dpmigrate.cluster import ssh
 from dpmigrate.cluster.pki import TlsFiles
 from dpmigrate.errors import DpmigrateError, SshError
+from dpmigrate.runtime.agent import STAGE_TABLE
 from dpmigrate.runtime.control import AgentClient
 
 DOCTOR, AGENT_START = "remote doctor", "agent start"
 AGENT_PORT = 7070
 KEEPER_FILE = "keeper.json"
+
 LOG_FILE = "agent.log"
 SOCKET = "agent.sock"
 #: The doctor's checks an agent cannot work without (the rest are reported, not required).
@@ -59,8 +62,12 @@ _HOST_SETTINGS = frozenset(
 _START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 15.0
 _KILL_TIMEOUT_S = 5.0
-#: A shell function printing the start time (field 22 of /proc/PID/stat) of PID $1.
-_START_OF = "st() { sed 's/.*) //' /proc/$1/stat 2>/dev/null | cut -d' ' -f20; }; "
+#: A shell function printing the start time (field 22 of /proc/PID/stat) of PID $1, nothing
+#: when it is gone or a zombie (dead, its PID not yet reaped).
+_START_OF = (
+    "st() { s=$(sed 's/.*) //' /proc/$1/stat 2>/dev/null); case \"$s\" in ''|Z*|X*) return;; "
+    "esac; echo \"$s\" | cut -d' ' -f20; }; "
+)
 
 
 def target(entry: dict[str, Any], accept: frozenset[str], connector: Any = None) -> ssh.Target:
@@ -301,6 +308,8 @@ class SshNode:
             endpoints,
         ]
         log = shlex.quote(f"{self.node_dir}/{LOG_FILE}")
+        with contextlib.suppress(FileNotFoundError):  # a dead keeper's: names no agent now
+            self.conn.sftp().remove(f"{self.node_dir}/{KEEPER_FILE}")
         script = (
             "umask 077; IFS= read -r DPMIGRATE_TOKEN || exit 97; export DPMIGRATE_TOKEN; "
             # not `cd / && cmd &`: that would background a subshell holding the channel open
@@ -348,11 +357,15 @@ class SshNode:
                 try:
                     with self.client(token, timeout=5) as agent:
                         pong = agent.call("ping")
-                    self.entry.update(
-                        agent_pid=pong.get("pid"), agent_start_time=state.get("agent_start_time")
-                    )
+                    pid = pong.get("pid") if isinstance(pong, dict) else None
+                    start = self._start_time(pid) if isinstance(pid, int) else None
+                    self.entry.update(agent_pid=pid, agent_start_time=start)
                     self.save()
                     return dict(pong)
+                except SshError as err:
+                    if self.tunnel().prohibited:
+                        raise  # no retry makes the host forward
+                    last = str(err)
                 except DpmigrateError as err:
                     last = str(err)
             time.sleep(0.1)
@@ -379,12 +392,18 @@ class SshNode:
         try:
             return AgentClient(tunnel.path, token, timeout=timeout)
         except DpmigrateError as err:
+            if tunnel.prohibited:
+                raise self.fail(
+                    ssh.TUNNEL,
+                    f"{tunnel.last_error}: its sshd forbids forwarding; set AllowTcpForwarding "
+                    "yes (or local) in its sshd_config — the control traffic to the agent "
+                    "goes only through the SSH connection",
+                ) from err
             if tunnel.last_error:
                 raise self.fail(
                     ssh.TUNNEL,
-                    f"{tunnel.last_error}; is the agent running there "
-                    f"(`dpmigrate cluster status`), and does sshd allow "
-                    "AllowTcpForwarding?",
+                    f"{tunnel.last_error}: nothing answers there; is the agent running "
+                    f"(`dpmigrate cluster status`, `dpmigrate logs {self.name}`)?",
                 ) from err
             raise
 
@@ -407,22 +426,26 @@ class SshNode:
         if isinstance(agent_pid, int) and isinstance(agent_start, int):
             procs.append((agent_pid, agent_start))
             labels[agent_pid] = f"agent {self.name} on {where} (pid {agent_pid})"
+        try:  # the stages, as the agent records them for its successor (PID, start time)
+            table = json.loads(self._read(STAGE_TABLE) or "{}")
+        except ValueError:
+            table = {}
+        for key, info in table.items() if isinstance(table, dict) else ():
+            pid, start = info.get("pid"), info.get("start_time")
+            if isinstance(pid, int) and isinstance(start, int):
+                procs.append((pid, start))
+                labels[pid] = f"stage {key} on {where} (pid {pid})"
+        asked = False
         if keeper is not None:
-            try:
+            try:  # it stops its stages and removes their control groups, then exits
                 with self.client(token, timeout=10) as agent:
-                    for info in agent.call("status")["stages"]:
-                        pid = info.get("pid")
-                        start = self._start_time(pid) if isinstance(pid, int) else None
-                        if isinstance(pid, int) and start is not None:
-                            procs.append((pid, start))
-                            labels[pid] = (
-                                f"stage {info.get('app')}/{info.get('name')} on {where} (pid {pid})"
-                            )
                     agent.call("shutdown")
+                asked = True
             except DpmigrateError:
                 pass  # not answering: the signals below end it
         alive = self.alive(procs)
-        steps = (("", _STOP_TIMEOUT_S), ("TERM", _STOP_TIMEOUT_S), ("KILL", _KILL_TIMEOUT_S))
+        steps = (("", _STOP_TIMEOUT_S if asked else 0.0), ("TERM", _STOP_TIMEOUT_S),
+                 ("KILL", _KILL_TIMEOUT_S))  # fmt: skip
         for sig, wait_s in steps:  # after the shutdown: nothing, then SIGTERM, then SIGKILL
             if not alive:
                 break
