@@ -61,6 +61,7 @@ def _cert(
     ca: bool = False,
     server_ips: tuple[str, ...] = (),
     client: bool = False,
+    server: bool = False,
 ) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = datetime.datetime.now(datetime.UTC)
@@ -78,7 +79,7 @@ def _cert(
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))
                                          for ip in server_ips]), critical=False)  # fmt: skip
-    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server_ips else []) + (
+    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server_ips or server else []) + (
         [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
     )
     if usages:
@@ -87,7 +88,8 @@ def _cert(
 
 
 def make(folder: Path, server_ips: tuple[str, ...]) -> tuple[TlsFiles, TlsFiles]:
-    """A new CA in ``folder`` (created 0700), the server's files and the clients' files."""
+    """A new CA in ``folder`` (created 0700), the server's files and the clients' files, and
+    the rings' (:func:`ring_files`: both ends of a TLS ring show it)."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -97,15 +99,21 @@ def make(folder: Path, server_ips: tuple[str, ...]) -> tuple[TlsFiles, TlsFiles]
     made = []
     # etcd's JSON gateway dials the member's own gRPC port with the server certificate as
     # its client certificate: the server's must allow client authentication too.
-    for who, ips, client in (("server", server_ips, True), ("client", (), True)):
+    for who, ips, client in (("server", server_ips, True), ("client", (), True),
+                             ("ring", (), True)):  # fmt: skip
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _cert(f"dpmigrate etcd {who}", key, ca.subject, ca_key, server_ips=ips,
-                     client=client)  # fmt: skip
+        cert = _cert(f"dpmigrate {'ring' if who == 'ring' else 'etcd ' + who}", key, ca.subject,
+                     ca_key, server_ips=ips, client=client, server=who == "ring")  # fmt: skip
         _write(folder / f"{who}.pem", cert.public_bytes(pem))
         _write(folder / f"{who}.key", _key_pem(key))
         made.append(TlsFiles(str(folder / "ca.pem"), str(folder / f"{who}.pem"),
                              str(folder / f"{who}.key")))  # fmt: skip
     return made[0], made[1]
+
+
+def ring_files(folder: Path | str) -> TlsFiles:
+    """Where :func:`make` wrote the rings' TLS files in ``folder``."""
+    return TlsFiles(*(str(Path(folder) / name) for name in ("ca.pem", "ring.pem", "ring.key")))
 
 
 def copy(files: TlsFiles, folder: Path) -> TlsFiles:

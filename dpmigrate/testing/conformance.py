@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from dpmigrate import transports
+from dpmigrate.cluster.pki import ring_files
 from dpmigrate.errors import (
     EndOfRing,
     MessageTooLarge,
@@ -43,6 +44,7 @@ from dpmigrate.errors import (
 from dpmigrate.testing.peer import message
 from dpmigrate.transports.base import MAX_MESSAGE, RingReceiver, RingSender
 from dpmigrate.transports.resolver import DirectoryResolver, MemoryResolver
+from dpmigrate.transports.tcp import tls_context
 
 #: Upper bound for any single wait in a check; far above what a healthy ring needs.
 BOUND_S = 30.0
@@ -56,8 +58,12 @@ _names = itertools.count()
 class Harness:
     """Opens ring ends of one transport for the checks, and cleans them up."""
 
-    def __init__(self, transport: str, workdir: Path) -> None:
+    def __init__(self, transport: str, workdir: Path, tls_dir: Path | None = None) -> None:
+        """``tls_dir``: for tcp, run every check over TLS with the ring files that
+        :func:`dpmigrate.cluster.pki.make` wrote there (its peer processes too)."""
         self.transport = transport
+        self.tls_dir = tls_dir
+        self._tls: dict[bool, object] = {}
         self.crosses_processes = transport != "mem"
         self.workdir = Path(workdir)
         self.notes: list[str] = []
@@ -65,6 +71,22 @@ class Harness:
         self._procs: list[subprocess.Popen[str]] = []
         self.last_resolver = MemoryResolver()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"ring-{transport}")
+
+    def tx_opts(self) -> dict[str, object]:
+        """Transport options of every producer end a check opens."""
+        return self._tls_opts(server_side=True)
+
+    def rx_opts(self) -> dict[str, object]:
+        return self._tls_opts(server_side=False)
+
+    def _tls_opts(self, server_side: bool) -> dict[str, object]:
+        if self.tls_dir is None:
+            return {}
+        if server_side not in self._tls:
+            files = ring_files(self.tls_dir)
+            self._tls[server_side] = tls_context(files.ca, files.cert, files.key,
+                                                 server_side=server_side)  # fmt: skip
+        return {"tls": self._tls[server_side]}
 
     def ring_name(self) -> str:
         return f"conf-{self.transport}-{os.getpid()}-{next(_names)}"
@@ -77,15 +99,30 @@ class Harness:
         resolver = self.last_resolver = MemoryResolver()
         tx = transports.open_sender(
             self.transport, name, resolver=resolver, capacity=capacity,
-            reconnect_timeout=reconnect_timeout,
+            reconnect_timeout=reconnect_timeout, **self.tx_opts(),
         )  # fmt: skip
         self._ends.append(tx)
         rx = transports.open_receiver(
             self.transport, name, resolver=resolver, auto_commit=auto_commit,
-            reconnect_timeout=reconnect_timeout, connect_timeout=BOUND_S,
+            reconnect_timeout=reconnect_timeout, connect_timeout=BOUND_S, **self.rx_opts(),
         )  # fmt: skip
         self._ends.append(rx)
+        if self.tls_dir is not None:
+            self.settle(tx, rx)
         return tx, rx, name
+
+    def settle(self, tx: RingSender, rx: RingReceiver) -> None:
+        """Drive both ends through the TLS handshake before a check starts. A keyless plain
+        link is adopted by the producer's very first call, so the checks may leave the
+        producer idle while a consumer reads in another thread; a TLS handshake needs a few
+        round trips with both ends at work."""
+        deadline = time.monotonic() + BOUND_S
+        while time.monotonic() < deadline:
+            tx.service(0.002)
+            assert rx.recv_burst(1, timeout=0.002) == [], "a message before the check began"
+            if tx.statistics().extra.get("connected") and rx.statistics().extra.get("connected"):
+                return
+        raise AssertionError(f"the TLS handshake did not complete within {BOUND_S} s")
 
     def background(self, fn: Callable[[], object]) -> Future[object]:
         """Run ``fn`` in a worker thread (the other end of a ring usually needs one)."""
@@ -100,6 +137,8 @@ class Harness:
             sys.executable, "-m", "dpmigrate.testing.peer", role, "--transport", self.transport,
             "--ring", ring, "--registry", str(self.registry().directory), *args,
         ]  # fmt: skip
+        if self.tls_dir is not None:
+            cmd += ["--tls-dir", str(self.tls_dir)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._procs.append(proc)
         return proc
@@ -354,7 +393,7 @@ def check_producer_death(h: Harness) -> None:
                         "--reconnect-timeout", str(RECONNECT_S))  # fmt: skip
     rx = transports.open_receiver(
         h.transport, ring, resolver=h.registry(), reconnect_timeout=RECONNECT_S,
-        connect_timeout=BOUND_S,
+        connect_timeout=BOUND_S, **h.rx_opts(),
     )  # fmt: skip
     h._ends.append(rx)
     assert _drain(rx, 10) == [message(5, i) for i in range(10)]
@@ -373,7 +412,12 @@ def check_consumer_death(h: Harness) -> None:
         return
     ring = h.ring_name()
     tx = transports.open_sender(
-        h.transport, ring, resolver=h.registry(), capacity=8, reconnect_timeout=RECONNECT_S
+        h.transport,
+        ring,
+        resolver=h.registry(),
+        capacity=8,
+        reconnect_timeout=RECONNECT_S,
+        **h.tx_opts(),
     )
     h._ends.append(tx)
     proc = h.spawn_peer("consumer", ring, "--count", "4", "--seed", "9", "--then", "hang",
@@ -423,7 +467,7 @@ def check_partial_commit_and_restart(h: Harness) -> None:
     _expect(RingClosed, lambda: rx.recv(timeout=0.1), "using a detached consumer")
     rx2 = transports.open_receiver(
         h.transport, name, resolver=h.last_resolver, auto_commit=True, next_expected=3,
-        connect_timeout=BOUND_S,
+        connect_timeout=BOUND_S, **h.rx_opts(),
     )  # fmt: skip
     h._ends.append(rx2)
     got = _pump(tx, h.background(lambda: _drain(rx2, capacity)))
@@ -445,7 +489,8 @@ def check_producer_restarted_behind(h: Harness) -> None:
     tx.detach()
     _expect(RingClosed, lambda: tx.send(b"x", timeout=0.1), "using a detached producer")
     tx2 = transports.open_sender(h.transport, name, resolver=h.last_resolver, capacity=16,
-                                 next_seq=6, reconnect_timeout=BOUND_S)  # fmt: skip
+                                 next_seq=6, reconnect_timeout=BOUND_S,
+                                 **h.tx_opts())  # fmt: skip
     h._ends.append(tx2)
     job = h.background(lambda: _drain(rx, 5))
     regenerated = [b"old%d" % i for i in range(6, 10)] + [b"new%d" % i for i in range(10, 15)]
@@ -517,7 +562,8 @@ def check_exactly_once_across_processes(h: Harness) -> None:
     ring, count, seed = h.ring_name(), 4000, 31
     proc = h.spawn_peer("producer", ring, "--count", str(count), "--seed", str(seed),
                         "--break-prob", "0.02", "--then", "close", "--capacity", "64")  # fmt: skip
-    rx = transports.open_receiver(h.transport, ring, resolver=h.registry(), connect_timeout=BOUND_S)
+    rx = transports.open_receiver(h.transport, ring, resolver=h.registry(), connect_timeout=BOUND_S,
+                                  **h.rx_opts())  # fmt: skip
     h._ends.append(rx)
     rng = random.Random(seed)
     got: list[bytes] = []

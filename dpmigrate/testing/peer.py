@@ -24,8 +24,10 @@ import sys
 import time
 
 from dpmigrate import transports
+from dpmigrate.cluster.pki import ring_files
 from dpmigrate.errors import DpmigrateError
 from dpmigrate.transports.resolver import DirectoryResolver
+from dpmigrate.transports.tcp import tls_context
 
 #: Bound on how long a peer process may run: it must never outlive a test.
 MAX_RUNTIME_S = 120.0
@@ -61,11 +63,19 @@ def _then(action: str, end: transports.RingSender | transports.RingReceiver) -> 
                 time.sleep(0.1)
 
 
+def _tls(args: argparse.Namespace, server_side: bool) -> dict[str, object]:
+    if args.tls_dir is None:
+        return {}
+    files = ring_files(args.tls_dir)
+    return {"tls": tls_context(files.ca, files.cert, files.key, server_side=server_side)}
+
+
 def _producer(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(args.seed)
     tx = transports.open_sender(
         args.transport, args.ring, resolver=DirectoryResolver(args.registry),
         capacity=args.capacity, reconnect_timeout=args.reconnect_timeout,
+        **_tls(args, server_side=True),
     )  # fmt: skip
     deadline = time.monotonic() + MAX_RUNTIME_S
     seq = 0
@@ -88,6 +98,7 @@ def _consumer(args: argparse.Namespace) -> dict[str, object]:
     rx = transports.open_receiver(
         args.transport, args.ring, resolver=DirectoryResolver(args.registry),
         reconnect_timeout=args.reconnect_timeout, connect_timeout=30.0,
+        **_tls(args, server_side=False),
     )  # fmt: skip
     deadline = time.monotonic() + MAX_RUNTIME_S
     received = bad = 0
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reconnect-timeout", type=float, default=5.0)
     parser.add_argument("--break-prob", type=float, default=0.0)
     parser.add_argument("--then", choices=["close", "exit", "hang"], default="close")
+    parser.add_argument("--tls-dir", help="tcp over TLS with the ring files here (pki.make)")
     args = parser.parse_args(argv)
     signal.alarm(int(MAX_RUNTIME_S) + 10)
     try:

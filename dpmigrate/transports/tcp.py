@@ -38,6 +38,7 @@ import math
 import os
 import select
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -101,6 +102,10 @@ _HANDSHAKE_ALLOWED = frozenset({fr.WELCOME, fr.ERROR, fr.PING})
 _CONSUMER_ALLOWED = frozenset({fr.DATA, fr.CLOSE, fr.PING, fr.ERROR})
 
 _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+#: What a non-blocking socket raises when it must wait (a TLS one for records too).
+_AGAIN = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_TLS_WRITE = 256 << 10  # bytes joined for one TLS write (TLS cannot gather: one copy)
+_TLS_READS = 64  # reads after one poll while TLS holds decrypted bytes the kernel does not
 
 
 def _poll_ms(wait: float | None) -> int | None:
@@ -162,6 +167,40 @@ def _check_key(ring: str, key: object) -> bytes | None:
     return key
 
 
+def _check_tls(ring: str, tls: object, server_side: bool) -> ssl.SSLContext | None:
+    """A ring's TLS is None (plain TCP) or a context that verifies its peer: both ends show
+    a certificate of the cluster's CA (mutual), so neither talks to a stranger's TLS."""
+    if tls is None:
+        return None
+    if not isinstance(tls, ssl.SSLContext):
+        raise ConfigError(
+            f"ring {ring!r}: tls must be an ssl.SSLContext or None, got {type(tls).__name__}"
+        )
+    if tls.verify_mode != ssl.CERT_REQUIRED:
+        side = "producer" if server_side else "consumer"
+        raise ConfigError(
+            f"ring {ring!r}: the {side}'s TLS context does not verify its peer; set "
+            "verify_mode = ssl.CERT_REQUIRED and load the cluster CA (tls_context() does)"
+        )
+    return tls
+
+
+def _wrap_tls(sock: socket.socket, tls: ssl.SSLContext, server_side: bool) -> ssl.SSLSocket:
+    """The TLS layer over a connected non-blocking socket; its handshake is driven by the
+    ring's own loop (:func:`_tls_handshake`), never blocking it."""
+    return tls.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+
+
+def _tls_handshake(sock: ssl.SSLSocket) -> bool:
+    """One step of the TLS handshake: True once done, False while it waits for the peer.
+    Raises ssl.SSLError (a failed handshake: wrong CA, not TLS) or OSError."""
+    try:
+        sock.do_handshake()
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return False
+    return True
+
+
 def _split_opts(ring: str, opts: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
     unknown = set(opts) - set(known)
     if unknown:
@@ -177,11 +216,12 @@ class _OutQueue:
     gathering sendmsg() per call: headers and payloads are never copied into a joined buffer
     (the kernel gathers them), and only a partial write leaves a memoryview behind."""
 
-    __slots__ = ("bufs", "nbytes")
+    __slots__ = ("bufs", "nbytes", "tls_retry")
 
     def __init__(self) -> None:
         self.bufs: deque[bytes | memoryview] = deque()
         self.nbytes = 0
+        self.tls_retry = 0  # a TLS write that must be retried with exactly this many bytes
 
     def __bool__(self) -> bool:
         return self.nbytes > 0
@@ -199,9 +239,13 @@ class _OutQueue:
     def clear(self) -> None:
         self.bufs.clear()
         self.nbytes = 0
+        self.tls_retry = 0
 
     def write(self, sock: socket.socket) -> None:
         """Write as much as the socket takes now. Raises OSError other than EAGAIN/EINTR."""
+        if isinstance(sock, ssl.SSLSocket):
+            self._write_tls(sock)
+            return
         bufs = self.bufs
         while bufs:
             try:
@@ -215,23 +259,60 @@ class _OutQueue:
                 bufs.clear()
                 self.nbytes = 0
                 return
-            self.nbytes -= n
-            popleft = bufs.popleft
-            while n:
-                size = len(bufs[0])
-                if n >= size:
-                    n -= size
-                    popleft()
-                else:
-                    bufs[0] = memoryview(bufs[0])[n:]
-                    return  # the kernel took less than offered: it is full for now
+            if not self._consumed(n):
+                return  # the kernel took less than offered: it is full for now
+
+    def _consumed(self, n: int) -> bool:
+        """Drop the first ``n`` bytes written; False when a buffer was cut (the socket took
+        less than offered)."""
+        self.nbytes -= n
+        bufs = self.bufs
+        while n:
+            size = len(bufs[0])
+            if n >= size:
+                n -= size
+                bufs.popleft()
+            else:
+                bufs[0] = memoryview(bufs[0])[n:]
+                return False
+        return True
+
+    def _write_tls(self, sock: ssl.SSLSocket) -> None:
+        """TLS takes one buffer per write, and a write that had to wait must be offered
+        again with the same bytes (OpenSSL's rule): join up to _TLS_WRITE, remember the
+        length while it waits."""
+        while self.bufs:
+            size = self.tls_retry or min(self.nbytes, _TLS_WRITE)
+            data = self._head(size)
+            try:
+                n = sock.send(data)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                self.tls_retry = size
+                return
+            self.tls_retry = 0
+            self._consumed(n)  # (a cut buffer here only means it was larger than one write)
+            if n < size:
+                return
+
+    def _head(self, size: int) -> bytes | memoryview:
+        first = self.bufs[0]
+        if len(first) >= size:
+            return memoryview(first)[:size]
+        parts, got = [], 0
+        for buf in self.bufs:
+            take = min(len(buf), size - got)
+            parts.append(buf if take == len(buf) else memoryview(buf)[:take])
+            got += take
+            if got == size:
+                break
+        return b"".join(parts)
 
 
 class _Pending:
     """An accepted connection that has not yet sent a complete, valid HELLO; ``nonce`` is the
     producer's CHALLENGE to it (fresh per connection: a recorded HELLO answers no other)."""
 
-    __slots__ = ("nonce", "peer", "reader", "since", "sock")
+    __slots__ = ("challenged", "nonce", "peer", "reader", "since", "sock")
 
     def __init__(self, sock: socket.socket, peer: str, since: float) -> None:
         self.sock = sock
@@ -239,6 +320,7 @@ class _Pending:
         self.since = since
         self.nonce = os.urandom(fr.NONCE_SIZE)
         self.reader = fr.FrameReader(_HELLO_ALLOWED, 0, size=4096)
+        self.challenged = False  # with TLS: once its handshake is done
 
 
 class TcpSender(RingSender):
@@ -260,9 +342,11 @@ class TcpSender(RingSender):
         next_seq: int = 0,
         *,
         key: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         check_ring_name(name)
         self._key = _check_key(name, key)
+        self._tls = _check_tls(name, tls, server_side=True)
         if not 1 <= capacity < 1 << 32:
             raise ConfigError(f"ring {name!r}: capacity {capacity} must be 1 .. 2**32-1 messages")
         if not 0 <= max_message <= fr.MAX_ANNOUNCED_MESSAGE:
@@ -429,6 +513,7 @@ class TcpSender(RingSender):
                 "refused_consumers": self._refused_consumers,
                 "last_refusal": self._last_refusal,
                 "authenticated": self._key is not None,
+                "tls": self._tls is not None,
                 "unwritten_bytes": self._out.nbytes,
                 "consumer_closed": self._consumer_closed,
             },
@@ -586,14 +671,17 @@ class TcpSender(RingSender):
                 return
             except OSError:
                 return  # e.g. ECONNABORTED, EMFILE: the client retries
-            pending = _Pending(sock, f"{addr[0]}:{addr[1]}", time.monotonic())
-            challenge = fr.encode_challenge(pending.nonce)
+            peer = f"{addr[0]}:{addr[1]}"
             try:
                 _tune(sock, self._sockbuf, self.reconnect_timeout)
-                sent = sock.send(challenge)
-            except OSError:
-                sent = -1
-            if sent != len(challenge):  # a fresh socket takes 32 bytes, or the peer is gone
+                if self._tls is not None:  # the CHALLENGE waits for the TLS handshake
+                    sock = _wrap_tls(sock, self._tls, server_side=True)
+            except (OSError, ValueError):
+                self._rejected += 1
+                sock.close()
+                continue
+            pending = _Pending(sock, peer, time.monotonic())
+            if self._tls is None and not self._challenge(pending):
                 self._rejected += 1
                 sock.close()
                 continue
@@ -608,6 +696,16 @@ class TcpSender(RingSender):
             # key the HELLO answers the CHALLENGE just sent: a later call serves it.)
             if self._key is None and pending.sock.fileno() in self._pending:
                 self._read_pending(pending)
+
+    def _challenge(self, p: _Pending) -> bool:
+        """Send the CHALLENGE (a fresh socket takes 32 bytes at once, or the peer is gone)."""
+        challenge = fr.encode_challenge(p.nonce)
+        try:
+            sent = p.sock.send(challenge)
+        except OSError:
+            sent = -1
+        p.challenged = sent == len(challenge)
+        return p.challenged
 
     def _expire_pending(self) -> None:
         """Close pending connections past the handshake timeout, without a word: an honest
@@ -648,10 +746,23 @@ class TcpSender(RingSender):
 
     def _read_pending(self, p: _Pending) -> None:
         """Read a pending connection's HELLO; adopt it only after the key (if any) is proved,
-        and only then look at its generation and window."""
+        and only then look at its generation and window. With TLS, first its handshake
+        (a peer without a certificate of the cluster's CA ends here), then the CHALLENGE."""
+        if not p.challenged:
+            try:
+                if not _tls_handshake(p.sock):  # type: ignore[arg-type]
+                    return
+            except OSError:  # ssl.SSLError too: not TLS, or not the cluster's CA
+                self._rejected += 1
+                self._drop_pending(p)
+                return
+            if not self._challenge(p):
+                self._rejected += 1
+                self._drop_pending(p)
+                return
         try:
             n = p.reader.recv_from(p.sock)
-        except (BlockingIOError, InterruptedError):
+        except _AGAIN:
             return
         except OSError:
             self._rejected += 1
@@ -777,17 +888,21 @@ class TcpSender(RingSender):
         conn, reader = self._conn, self._reader
         if conn is None or reader is None:
             return
-        try:
-            n = reader.recv_from(conn)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as err:
-            self._lose(f"consumer link {self._conn_peer} failed: {err.strerror or err}")
-            return
-        if n == 0:
-            self._lose(f"consumer {self._conn_peer} closed the connection without CLOSE")
-            return
-        self._parse_conn()
+        for _ in range(_TLS_READS):
+            try:
+                n = reader.recv_from(conn)
+            except _AGAIN:
+                return
+            except OSError as err:
+                self._lose(f"consumer link {self._conn_peer} failed: {err.strerror or err}")
+                return
+            if n == 0:
+                self._lose(f"consumer {self._conn_peer} closed the connection without CLOSE")
+                return
+            self._parse_conn()
+            # TLS may hold decrypted bytes the kernel no longer shows poll(): read them now
+            if self._conn is not conn or not isinstance(conn, ssl.SSLSocket) or not conn.pending():
+                return
 
     def _parse_conn(self) -> None:
         reader = self._reader
@@ -896,9 +1011,12 @@ class TcpReceiver(RingReceiver):
         sockbuf: int | None,
         *,
         key: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         check_ring_name(name)
         self._key = _check_key(name, key)
+        self._tls = _check_tls(name, tls, server_side=False)
+        self._tls_done = True  # this connection's TLS handshake (True: none to do)
         if next_expected < 0:
             raise ConfigError(f"ring {name!r}: next_expected must be >= 0, got {next_expected}")
         self.name = name
@@ -1052,6 +1170,7 @@ class TcpReceiver(RingReceiver):
                 "producer_generation": self._producer_generation,
                 "acked_to_producer": self._ack_sent,
                 "ended": self._ended,
+                "tls": self._tls is not None,
             },
         )
 
@@ -1156,20 +1275,44 @@ class TcpReceiver(RingReceiver):
         sock = self._sock
         if sock is None:
             return False
+        if not self._tls_done and not self._advance_tls(sock):
+            return False
+        for _ in range(_TLS_READS):
+            try:
+                n = self._reader.recv_from(sock)
+            except _AGAIN:
+                return False
+            except OSError as err:
+                self._lose(f"link to producer {self._peer} failed: {err.strerror or err}")
+                return False
+            if n == 0:
+                torn = " in the middle of a frame" if self._reader.pending else ""
+                self._lose(f"producer {self._peer} closed the connection{torn} without CLOSE")
+                return False
+            self._heard_at = time.monotonic()
+            self._parse()
+            if self._qhead < len(self._queue) or self._ended:
+                return True
+            # TLS may hold decrypted bytes the kernel no longer shows poll(): read them now
+            if self._sock is not sock or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                return False
+        return False
+
+    def _advance_tls(self, sock: socket.socket) -> bool:
+        """One step of this connection's TLS handshake; True once done (then, keyless, the
+        HELLO goes out: see _connect)."""
         try:
-            n = self._reader.recv_from(sock)
-        except (BlockingIOError, InterruptedError):
+            done = _tls_handshake(sock)  # type: ignore[arg-type]
+        except OSError as err:  # ssl.SSLError too
+            self._lose(f"TLS with producer {self._peer} failed: {err}")
             return False
-        except OSError as err:
-            self._lose(f"link to producer {self._peer} failed: {err.strerror or err}")
+        if not done:
             return False
-        if n == 0:
-            torn = " in the middle of a frame" if self._reader.pending else ""
-            self._lose(f"producer {self._peer} closed the connection{torn} without CLOSE")
-            return False
-        self._heard_at = time.monotonic()
-        self._parse()
-        return self._qhead < len(self._queue) or self._ended
+        self._tls_done = True
+        if self._key is None:
+            self._out.append(fr.encode_hello(self.name, self._cursor, self.generation))
+            self._write_out()
+        return self._sock is sock
 
     def _parse(self) -> None:
         reader = self._reader
@@ -1363,9 +1506,14 @@ class TcpReceiver(RingReceiver):
             host, port = _parse_address(self.name, endpoint.address)
             wait = max(0.05, min(1.0, self.reconnect_timeout))
             sock = socket.create_connection((host, port), timeout=wait)
-            if self._key is None:  # unauthenticated: HELLO at once (see _on_challenge)
+            if self._key is None and self._tls is None:  # HELLO at once (see _on_challenge)
                 sock.sendall(fr.encode_hello(self.name, self._cursor, self.generation))
             _tune(sock, self._sockbuf, self.reconnect_timeout)
+            if self._tls is not None:  # handshake driven by the receive loop (_advance_tls)
+                sock = _wrap_tls(sock, self._tls, server_side=False)
+                self._tls_done = False
+                with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    sock.do_handshake()  # the ClientHello leaves now
         except (RingTimeout, ConfigError, OSError) as err:
             if sock is not None:
                 sock.close()
@@ -1406,6 +1554,28 @@ class TcpReceiver(RingReceiver):
         self._next_attempt = 0.0
 
 
+def tls_context(ca: str, cert: str, key: str, *, server_side: bool) -> ssl.SSLContext:
+    """A ring end's TLS context: TLS 1.3 only, the peer's certificate verified against the
+    cluster's CA on both sides (mutual). Host names are not checked: ring addresses move
+    with their stages, and a certificate of the cluster's CA is what a member proves; the
+    ring key then proves it is this ring's end."""
+    purpose = ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if not server_side:
+        ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=ca)
+        ctx.load_cert_chain(certfile=cert, keyfile=key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(
+            f"ring TLS: cannot load the CA {ca}, certificate {cert} or key {key}: {err}; "
+            "`dpmigrate cluster up` writes them (ring_tls setting)"
+        ) from err
+    return ctx
+
+
 def open_sender(
     name: str,
     *,
@@ -1423,13 +1593,15 @@ def open_sender(
     ``key`` (``bytes | None``: the ring credential, at least 32 bytes; a consumer is adopted
     only after it proves the same key, see :mod:`~dpmigrate.transports.frames`; None, the
     default, leaves the ring unauthenticated, for library use only: the runtime always
-    passes the key the agents derived for the ring). Does not wait for a consumer.
+    passes the key the agents derived for the ring), ``tls`` (``ssl.SSLContext | None``:
+    TLS on the link, for networks you do not trust; the context must verify the peer, see
+    :func:`tls_context`). Does not wait for a consumer.
     """
     o = _split_opts(
         name,
         opts,
         {"host": "127.0.0.1", "port": 0, "generation": None, "sockbuf": None, "next_seq": 0,
-         "key": None},
+         "key": None, "tls": None},
     )  # fmt: skip
     return TcpSender(
         name,
@@ -1443,6 +1615,7 @@ def open_sender(
         o["sockbuf"],
         int(o["next_seq"]),
         key=o["key"],
+        tls=o["tls"],
     )
 
 
@@ -1463,12 +1636,13 @@ def open_receiver(
     ``before_reconnect`` (called before each new connection after the first: an owner that
     may have been replaced while it was paused checks here, and raises, before it connects),
     ``key`` (``bytes | None``: the ring credential; with it, DATA is taken only from a
-    producer that proves the same key; None: unauthenticated, library use only).
+    producer that proves the same key; None: unauthenticated, library use only), ``tls``
+    (as for the producer; both ends must use it).
     Does not wait for the producer's CHALLENGE and WELCOME: the handshake completes inside
     the first recv call.
     """
     known = {"max_message": MAX_MESSAGE, "generation": 0, "sockbuf": None,
-             "before_reconnect": None, "key": None}  # fmt: skip
+             "before_reconnect": None, "key": None, "tls": None}  # fmt: skip
     o = _split_opts(name, opts, known)
     receiver = TcpReceiver(
         name,
@@ -1481,9 +1655,10 @@ def open_receiver(
         o["generation"],
         o["sockbuf"],
         key=o["key"],
+        tls=o["tls"],
     )
     receiver.before_reconnect = o["before_reconnect"]
     return receiver
 
 
-__all__ = ["TRANSPORT", "TcpReceiver", "TcpSender", "open_receiver", "open_sender"]
+__all__ = ["TRANSPORT", "TcpReceiver", "TcpSender", "open_receiver", "open_sender", "tls_context"]

@@ -1,0 +1,173 @@
+"""TLS on tcp rings (the ``tls`` option; ``ring_tls`` in a cluster): every conformance check
+passes over TLS, with peer processes too; a peer without a certificate of the cluster's CA —
+plain TCP, or TLS from another CA — ends only its own connection; and the ring key still
+proves which ring an end belongs to."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dpmigrate.cluster import pki
+from dpmigrate.errors import ConfigError
+from dpmigrate.testing.conformance import BOUND_S, CHECKS, Harness
+from dpmigrate.transports import tcp
+from dpmigrate.transports.resolver import MemoryResolver
+
+KEY = b"k" * 32
+
+
+@pytest.fixture(scope="module")
+def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ring-tls") / "pki"
+    pki.make(folder, ("127.0.0.1",))
+    return folder
+
+
+def _contexts(folder: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    files = pki.ring_files(folder)
+    return (tcp.tls_context(files.ca, files.cert, files.key, server_side=True),
+            tcp.tls_context(files.ca, files.cert, files.key, server_side=False))  # fmt: skip
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("check_") for c in CHECKS])
+def test_conformance_over_tls(tls_dir: Path, tmp_path: Path, check) -> None:
+    harness = Harness("tcp", tmp_path, tls_dir=tls_dir)
+    try:
+        check(harness)
+    finally:
+        harness.close()
+
+
+def _pair(folder: Path, resolver: MemoryResolver, name: str, **rx: object):
+    server, client = _contexts(folder)
+    tx = tcp.open_sender(name, resolver=resolver, capacity=256, key=KEY, tls=server)
+    box: dict[str, object] = {}
+
+    def connect() -> None:
+        box["rx"] = tcp.open_receiver(name, resolver=resolver, key=KEY, tls=client,
+                                      connect_timeout=BOUND_S, **rx)  # fmt: skip
+
+    thread = threading.Thread(target=connect)
+    thread.start()
+    while thread.is_alive():
+        tx.service(0.01)
+    return tx, box["rx"]
+
+
+def _serve_until_done(tx: tcp.TcpSender, reader: threading.Thread) -> None:
+    """The producer's loop, as a stage runs it, while the consumer reads (bounded)."""
+    deadline = time.monotonic() + BOUND_S
+    while reader.is_alive() and time.monotonic() < deadline:
+        tx.service(0.01)
+    reader.join(1.0)
+
+
+def test_large_messages_cross_tls_exactly_once(tls_dir: Path) -> None:
+    """1 MiB messages: TLS writes that wait and are offered again, records that TLS holds
+    decrypted while poll() sees nothing."""
+    tx, rx = _pair(tls_dir, MemoryResolver(), "tls-large")
+    try:
+        sent = [bytes([i % 251]) * (1 << 20) for i in range(40)]
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.extend(
+            m for _ in range(400) if len(got) < 40 for m in rx.recv_burst(8, timeout=0.5)))  # fmt: skip
+        reader.start()
+        i = 0
+        while i < len(sent):
+            i += tx.send_burst(sent[i:], timeout=0.5)
+        _serve_until_done(tx, reader)
+        assert got == sent
+        assert isinstance(tx._conn, ssl.SSLSocket) and tx._conn.version() == "TLSv1.3"
+    finally:
+        rx.close()
+        tx.close()
+
+
+def test_strangers_without_the_cluster_ca_end_only_their_own_connection(
+    tls_dir: Path, tmp_path: Path
+) -> None:
+    """Plain TCP speaking the ring protocol, TLS from another CA, and TLS that presents no
+    certificate: each is dropped before any CHALLENGE, counted, and the real consumer, then
+    connected, gets every message once."""
+    resolver = MemoryResolver()
+    server, _ = _contexts(tls_dir)
+    tx = tcp.open_sender("tls-strangers", resolver=resolver, capacity=64, key=KEY, tls=server)
+    host, port = tx.address.rsplit(":", 1)
+    other = tmp_path / "other-ca"
+    pki.make(other, ("127.0.0.1",))
+    foreign = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    foreign.check_hostname = False
+    foreign.verify_mode = ssl.CERT_NONE  # a stranger trusts anything, and shows its own cert
+    theirs = pki.ring_files(other)
+    foreign.load_cert_chain(theirs.cert, theirs.key)
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.check_hostname = False
+    anonymous.verify_mode = ssl.CERT_NONE
+    seen: list[str] = []
+    try:
+        for who, ctx in (("plain", None), ("foreign", foreign), ("anonymous", anonymous)):
+            raw = socket.create_connection((host, int(port)), timeout=5)
+            sock = raw if ctx is None else ctx.wrap_socket(raw, do_handshake_on_connect=False)
+            sock.setblocking(False)
+            if ctx is None:
+                sock.sendall(b"\x00" * 64)  # not a TLS ClientHello
+            data = b""
+            for _ in range(500):  # bounded: the producer answers within its handshake time
+                tx.service(0.01)
+                try:
+                    if ctx is not None:
+                        sock.do_handshake()
+                    chunk = sock.recv(4096)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    continue
+                except (ssl.SSLError, OSError) as err:
+                    seen.append(f"{who}: {type(err).__name__}")
+                    break
+                if not chunk:
+                    seen.append(f"{who}: closed")
+                    break
+                data += chunk
+            sock.close()
+            assert b"DPM" not in data and len(data) < 16, (who, data)  # no CHALLENGE reached it
+        assert len(seen) == 3, seen
+        assert tx.statistics().extra["rejected_connections"] >= 3
+        _, client = _contexts(tls_dir)
+        box: dict[str, object] = {}
+        thread = threading.Thread(target=lambda: box.update(rx=tcp.open_receiver(
+            "tls-strangers", resolver=resolver, key=KEY, tls=client, connect_timeout=BOUND_S)))  # fmt: skip
+        thread.start()
+        while thread.is_alive():
+            tx.service(0.01)
+        rx = box["rx"]
+        try:
+            msgs = [b"m%d" % i for i in range(500)]
+            got: list[bytes] = []
+            reader = threading.Thread(target=lambda: got.extend(
+                m for _ in range(400) if len(got) < 500 for m in rx.recv_burst(64, timeout=0.2)))  # fmt: skip
+            reader.start()
+            i = 0
+            while i < len(msgs):
+                i += tx.send_burst(msgs[i:], timeout=0.5)
+            _serve_until_done(tx, reader)
+            assert got == msgs
+        finally:
+            rx.close()
+    finally:
+        tx.close()
+
+
+def test_a_context_that_does_not_verify_its_peer_is_refused(tls_dir: Path) -> None:
+    lax = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    lax.verify_mode = ssl.CERT_NONE
+    with pytest.raises(ConfigError, match="does not verify its peer"):
+        tcp.open_sender("tls-lax", resolver=MemoryResolver(), tls=lax)
+    with pytest.raises(ConfigError, match=r"ssl\.SSLContext"):
+        tcp.open_sender("tls-lax", resolver=MemoryResolver(), tls="yes")
+    with pytest.raises(ConfigError, match="cannot load"):
+        tcp.tls_context("/nonexistent/ca.pem", "/x", "/y", server_side=True)
