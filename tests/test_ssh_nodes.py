@@ -307,7 +307,8 @@ def test_cli_up_accepts_the_fingerprint_then_status_logs_and_down(
 ) -> None:
     """`cluster up --file F --accept-host-key FP` adds the key to known_hosts; `cluster
     status` shows the SSH node answering through its tunnel; `dpmigrate logs NODE` reads its
-    log from the host; `cluster down` removes its agent and folder."""
+    log from the host; `cluster down` removes its agent, the stages of an app it runs and its
+    folder."""
     env = {"DPMIGRATE_STATE_DIR": str(cluster_state_dir)}
     path = cluster_file(tmp_path, lab, local=0)
     up = run_cli("cluster", "up", "--file", str(path), "--accept-host-key", lab.host_key_fp,
@@ -324,10 +325,27 @@ def test_cli_up_accepts_the_fingerprint_then_status_logs_and_down(
     assert all(alive(p) for p in pids)
     logs = run_cli("logs", "node1", "--lines", "50", env=env, timeout=60)
     assert logs.returncode == 0 and '"event": "agent started"' in logs.stdout, logs.stderr
+    # an app left running on the SSH node: down stops its stages too
+    text = paced_flows(tmp_path, 10**6, rate=2000).read_text()
+    (tmp_path / "app.toml").write_text(text.replace('node = "node2"', 'node = "node1"')
+                                       .replace('node = "node3"', 'node = "node1"'))  # fmt: skip
+    started = run_cli("run", str(tmp_path / "app.toml"), "--model", "multi-node", "--detach",
+                      env=env, timeout=120)  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    here = LocalCluster.current(str(cluster_state_dir))
+    try:
+        with here.client("node1") as agent:
+            stages = [s for s in agent.call("status")["stages"] if s.get("pid")]
+    finally:
+        here.close()  # this process's SSH connection, before down removes the link
+    assert {s["name"] for s in stages} == {"gen", "table", "check"}, stages
+    pids += [s["pid"] for s in stages]
+    assert all(alive(p) for p in pids)
     down = run_cli("cluster", "down", "--json", env=env, timeout=120)
     assert down.returncode == 0, down.stderr
     removed = json.loads(down.stdout)["removed"]
     assert f"directory {ADDRESS}:{cluster_state_dir}/nodes/node1" in removed, removed
+    assert any(line.startswith("stage flows/table on ") for line in removed), removed
     assert_nothing_left(lab, cluster_state_dir, pids)
 
 

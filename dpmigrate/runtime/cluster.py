@@ -469,6 +469,13 @@ class LocalCluster:
             self._ssh = SshNodes(record, self.state_dir, self._save, self.accept_host_keys)
         return self._ssh
 
+    def close(self) -> None:
+        """Close this process's SSH connections to the cluster's nodes (``down`` does it too;
+        the next use opens them again). The cluster itself is untouched."""
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+
     def _is_ssh(self, name: str) -> bool:
         return any(e["name"] == name for e in self._require_record().get("ssh", []))
 
@@ -1118,9 +1125,7 @@ class LocalCluster:
         if record is None:
             return []
         _require_root("remove the local cluster")
-        if self._ssh is not None:  # teardown connects afresh, from the record alone
-            self._ssh.close()
-            self._ssh = None
+        self.close()  # teardown connects afresh, from the record alone
         removed = _teardown(self.record_path, record)
         for proc in self._procs.values():  # reap our own children (no zombies, no warnings)
             with contextlib.suppress(subprocess.TimeoutExpired):
