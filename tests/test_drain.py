@@ -15,7 +15,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import checker_of, paced_flows, reference_checker, run_cli, wait_for_input
+from support import (
+    checker_of,
+    paced_flows,
+    reference_checker,
+    run_cli,
+    stage_status,
+    wait_for_input,
+    wait_until,
+)
 
 from dpmigrate.errors import PlacementRefused
 from dpmigrate.migrate import LocalCluster
@@ -254,3 +262,58 @@ def test_drain_refused_when_no_node_can_take_a_stage(
         finally:
             run.stop()
         run.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.criu
+@pytest.mark.netns
+@pytest.mark.nftables
+def test_a_standby_on_a_cordoned_node_does_not_take_over_until_uncordoned(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """table on node2 with its standby on node4; node4 cordoned, then node2 dies: node4's
+    agent refuses the takeover (its log says why), the placement stays on the dead node; a
+    new standby on a cordoned node is refused too. Uncordoned, the standby takes over and the
+    stream ends with nothing lost or duplicated and the reference digest."""
+    from test_statesync_cluster import _kill_node, _placed, _summary, _with_standby
+
+    path = _with_standby(tmp_path, 30000)  # 30 s at 1,000/s: it still flows at the kill
+    path.write_text(path.read_text().replace("rate = 20000", "rate = 1000"))
+    app = App.load(path)
+    assert app.stage("gen").config["rate"] == 1000
+    expected = reference_checker(app)
+    with LocalCluster(4) as cluster:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        try:
+            wait_until(lambda: any(s.get("node") == "node4" and s.get("in_sync") for s in
+                                   stage_status(run).get("standbys", [])),
+                       "the standby in sync", 60, 0.1)  # fmt: skip
+            wait_for_input(run, 3000)
+            assert _cli(cluster_state_dir, "cordon", "node4").returncode == 0
+            assert _cli(cluster_state_dir, "cordon", "node3").returncode == 0
+            refused = _cli(cluster_state_dir, "standby", "flows/table", "--on", "node3")
+            assert refused.returncode == 1, refused
+            assert "`dpmigrate uncordon node3`" in refused.stderr, refused.stderr
+            assert _cli(cluster_state_dir, "uncordon", "node3").returncode == 0
+            _kill_node(cluster, "node2", run)
+            log = Path(cluster.node("node4").log)
+
+            def refusal_logged() -> bool:
+                return any("standby cannot take over" in line and "cordoned" in line
+                           for line in log.read_text().splitlines())  # fmt: skip
+
+            wait_until(refusal_logged, "node4's agent to refuse the takeover", 30, 0.05)
+            assert _placed(cluster) == "node2"  # still the dead node: nobody took over
+            assert _cli(cluster_state_dir, "uncordon", "node4").returncode == 0
+            wait_until(lambda: _placed(cluster) == "node4", "the takeover", 30, 0.05)
+            if not run.wait(duration=120):
+                pytest.fail(f"the stream stalled: {_summary(run.status(), str(cluster_state_dir))}")
+        finally:
+            run.stop()
+        assert checker_of(run.status()) == {
+            "received": 30000,
+            "lost": 0,
+            "duplicated": 0,
+            "digest": expected["digest"],
+        }

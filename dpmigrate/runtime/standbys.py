@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dpmigrate.cluster import cordon
 from dpmigrate.errors import DpmigrateError
 from dpmigrate.runtime.cluster import LocalCluster
 from dpmigrate.runtime.failover import update_record
@@ -50,6 +51,8 @@ def add_standby(
         raise DpmigrateError(
             f"stage {app_name}/{name} runs on {node}; its standby must be on another node"
         )
+    # A standby on a cordoned node would never take over (runtime/failover.py): say so now.
+    cordon.refuse_if_cordoned(cluster.store(), node, f"a standby of {app_name}/{name} there")
     app = App.load(primary["manifest"])
     placed = {n: p.node for n, p in cluster.store().placements(app_name).items()}
     mine = [r for r in app.rings if name in (r.src_stage, r.dst_stage)]
