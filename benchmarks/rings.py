@@ -111,8 +111,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TRANSPORTS = ("shm", "tcp", "mp.Queue", "mp.Pipe", "socketpair", "zmq-ipc")
-RING_TRANSPORTS = ("shm", "tcp")
+TRANSPORTS = ("shm", "tcp", "tcp+tls", "mp.Queue", "mp.Pipe", "socketpair", "zmq-ipc")
+RING_TRANSPORTS = ("shm", "tcp", "tcp+tls")
+#: tcp+tls is the tcp ring with its ``tls`` option (ring_tls in a cluster): the same code,
+#: with the cost of TLS 1.3 (AES-GCM) on every byte and one join per write.
+_BASE = {"tcp+tls": "tcp"}
 SIZES = (64, 4096)
 BURSTS = (1, 32)
 CAPACITY = 1024  # ring window and mp.Queue bound, in messages
@@ -192,19 +195,38 @@ class RingLink(Link):
         out_name, in_name = (
             ("bench.fwd", "bench.rev") if role == "A" else ("bench.rev", "bench.fwd")
         )
+        tx_opts, rx_opts = _tls_opts(transport, registry)
+        base = _BASE.get(transport, transport)
         self.tx = transports.open_sender(
-            transport, out_name, resolver=resolver, capacity=CAPACITY,
-            reconnect_timeout=RING_RECONNECT,
+            base, out_name, resolver=resolver, capacity=CAPACITY,
+            reconnect_timeout=RING_RECONNECT, **tx_opts,
         )  # fmt: skip
         try:
             self.rx = transports.open_receiver(
-                transport, in_name, resolver=resolver, reconnect_timeout=RING_RECONNECT,
-                connect_timeout=CALL_TIMEOUT,
+                base, in_name, resolver=resolver, reconnect_timeout=RING_RECONNECT,
+                connect_timeout=CALL_TIMEOUT, **rx_opts,
             )  # fmt: skip
         except BaseException:
             with contextlib.suppress(Exception):
                 self.tx.close()
             raise
+        self.early: list[bytes] = []  # what arrived while the link settled
+        if tx_opts:
+            self._settle()
+
+    def _settle(self) -> None:
+        """TLS: drive both ends through their handshakes before anything is timed. A process
+        blocked in one ring's recv does not serve its other ring's producer, and a TLS
+        handshake takes that producer a few calls (a plain keyless link: one)."""
+        deadline = time.monotonic() + CALL_TIMEOUT
+        while time.monotonic() < deadline:
+            self.tx.service(0.001)
+            self.early += self.rx.recv_burst(CAPACITY, timeout=0.001)
+            if self.tx.statistics().extra.get("connected") and self.rx.statistics().extra.get(
+                "connected"
+            ):
+                return
+        raise BenchError(f"the TLS rings did not connect within {CALL_TIMEOUT} s")
 
     def send_one(self, msg: bytes) -> None:
         self.tx.send(msg, CALL_TIMEOUT)
@@ -218,9 +240,14 @@ class RingLink(Link):
             sent += more
 
     def recv_one(self) -> bytes:
+        if self.early:
+            return self.early.pop(0)
         return self.rx.recv(CALL_TIMEOUT)
 
     def recv_many(self, max_n: int) -> list[bytes]:
+        if self.early:
+            msgs, self.early = self.early[:max_n], self.early[max_n:]
+            return msgs
         msgs = self.rx.recv_burst(max_n, CALL_TIMEOUT)
         if not msgs:
             raise BenchError(f"ring recv_burst got nothing within {CALL_TIMEOUT} s")
@@ -375,6 +402,18 @@ class ZmqLink(Link):
             self.ctx.term()
 
 
+def _tls_opts(transport: str, folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The producer's and the consumer's TLS options (the ring files _prepare made)."""
+    if transport != "tcp+tls":
+        return {}, {}
+    from dpmigrate.cluster.pki import ring_files
+    from dpmigrate.transports.tcp import tls_context
+
+    f = ring_files(Path(folder) / "pki")
+    return ({"tls": tls_context(f.ca, f.cert, f.key, server_side=True)},
+            {"tls": tls_context(f.ca, f.cert, f.key, server_side=False)})  # fmt: skip
+
+
 def _make_link(transport: str, role: str, res: dict[str, Any]) -> Link:
     for obj in res.get("close", ()):  # the peer's ends: close them so a dead peer means EOF
         obj.close()
@@ -394,6 +433,10 @@ def _make_link(transport: str, role: str, res: dict[str, Any]) -> Link:
 def _prepare(transport: str, burst: int, tmp: str) -> tuple[dict[str, Any], dict[str, Any], list]:
     """The channel of one case: what A gets, what B gets, what the parent closes after fork."""
     ctx = mp.get_context("fork")
+    if transport == "tcp+tls":
+        from dpmigrate.cluster.pki import make
+
+        make(Path(tmp) / "pki", ("127.0.0.1",))
     if transport in RING_TRANSPORTS or transport == "zmq-ipc":
         return {"dir": tmp}, {"dir": tmp}, []
     if transport == "mp.Queue":
@@ -804,7 +847,7 @@ def run_case(transport: str, size: int, burst: int, plan: Plan) -> dict[str, Any
         if transport in RING_TRANSPORTS:
             from dpmigrate import transports
 
-            transports.module(transport)  # import errors are reported once, here
+            transports.module(_BASE.get(transport, transport))  # import errors: once, here
         res_a, res_b, closes = _prepare(transport, burst, tmp)
         a, b = run_pair(
             (_case_child, ("A", transport, size, burst, res_a, plan)),
