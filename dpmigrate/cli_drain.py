@@ -42,7 +42,7 @@ def drain_cmd(node: str, strategy: str, as_json: bool) -> None:
     `dpmigrate uncordon NODE` makes it schedulable again.
     """
     from dpmigrate.migrate import LocalCluster
-    from dpmigrate.migrate.drain import Drain, Move, MoveResult
+    from dpmigrate.migrate.drain import Drain, DrainPlan, Move, MoveResult
 
     cluster = LocalCluster.current()
     console = Console(stderr=True, highlight=False)
@@ -62,7 +62,17 @@ def drain_cmd(node: str, strategy: str, as_json: bool) -> None:
             line = progress.line() if progress else f"{outcome.move.stage}: not tried"
             console.print(f"{line} — {_result_text(outcome)}")
 
-    result = Drain(cluster, node, strategy, on_move=on_move, on_done=on_done).run()
+    def on_plan(plan: DrainPlan) -> None:
+        if as_json:
+            return
+        console.print(f"plan: {len(plan.moves)} move(s) off {node}, sinks first")
+        for move in plan.moves:
+            console.print(f"  {move.stage} → {move.destination} ({move.why})")
+        for note in plan.notes:
+            console.print(f"note: {note}")
+
+    result = Drain(cluster, node, strategy, on_move=on_move, on_done=on_done,
+                   on_plan=on_plan).run()  # fmt: skip
     if as_json:
         _echo_json(result.as_dict())
         sys.exit(result.exit_status)
@@ -70,8 +80,6 @@ def drain_cmd(node: str, strategy: str, as_json: bool) -> None:
         click.echo(f"dpmigrate: {result.error}", err=True)
         sys.exit(2)
     out = Console(highlight=False)
-    for note in result.plan.notes if result.plan else ():
-        out.print(f"note: {note}")
     if result.moves:
         out.print(summary_table(result.moves))
     moved = sum(m.result == "moved" for m in result.moves)

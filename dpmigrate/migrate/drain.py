@@ -265,8 +265,9 @@ class DrainResult:
 class Drain:
     """``Drain(cluster, node, strategy).run()``: the drain of one node (see the module).
 
-    ``on_move(move)`` is called as each move starts and returns that move's ``on_phase``
-    callback (for a progress line); ``on_done(result)`` as each ends."""
+    ``on_plan(plan)`` is called once the plan is made, before the first move; ``on_move(move)``
+    as each move starts, returning that move's ``on_phase`` callback (for a progress line);
+    ``on_done(result)`` as each ends."""
 
     def __init__(
         self,
@@ -276,6 +277,7 @@ class Drain:
         on_move: Callable[[Move], Callable[[str], None]] | None = None,
         on_done: Callable[[MoveResult], None] | None = None,
         flow_timeout: float = FLOW_TIMEOUT_S,
+        on_plan: Callable[[DrainPlan], None] | None = None,
     ) -> None:
         _check_strategy(strategy)
         cluster.node(node)  # one clear error for an unknown node
@@ -284,6 +286,7 @@ class Drain:
         self.strategy = strategy
         self.on_move = on_move or (lambda move: lambda phase: None)
         self.on_done = on_done or (lambda result: None)
+        self.on_plan = on_plan or (lambda plan: None)
         self.flow_timeout = flow_timeout
 
     def survey(self) -> tuple[list[StageView], list[NodeView], tuple[str, ...]]:
@@ -374,6 +377,7 @@ class Drain:
             return DrainResult(self.node, self.strategy, "refused", None, [], was, was,
                                round(time.monotonic() - t0, 4), str(err))  # fmt: skip
         plan = dataclasses.replace(plan, notes=notes)
+        self.on_plan(plan)
         results: list[MoveResult] = []
         stop: str | None = None
         for move in plan.moves:
