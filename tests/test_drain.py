@@ -259,6 +259,12 @@ def test_drain_refused_when_no_node_can_take_a_stage(
             assert all(len(line) <= 80 for line in one_lines), one.stdout
             for metric in ("received", "lost", "duplicated", "digest"):
                 assert any(line.split()[:2] == ["metric", metric] for line in one_lines), one_lines
+            one = json.loads(_cli(cluster_state_dir, "status", "check", "--json").stdout)
+            assert (one["stage"]["name"], one["stage"]["node"], one["replicas"]) == (
+                "check", "node2", []), one  # fmt: skip
+            assert {"lost", "duplicated"} <= set(one["stage"]["metrics"]), one
+            missing = _cli(cluster_state_dir, "status", "flows/nosuch")
+            assert missing.returncode == 1 and "running: flows/check" in missing.stderr, missing
         finally:
             run.stop()
         run.cleanup()
