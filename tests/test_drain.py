@@ -323,3 +323,56 @@ def test_a_standby_on_a_cordoned_node_does_not_take_over_until_uncordoned(
             "duplicated": 0,
             "digest": expected["digest"],
         }
+
+
+@pytest.mark.root
+@pytest.mark.criu
+@pytest.mark.netns
+@pytest.mark.nftables
+def test_a_stage_that_cannot_move_stays_and_the_others_go_on(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """The first move's destination is cordoned after the plan was made (another operator,
+    at the worst moment): that migration's preflight refuses it and rolls back, the stage
+    runs on where it was; the next move still runs; the drain is partial (exit status 1) and
+    the stream ends with nothing lost or duplicated."""
+    from dpmigrate.cluster import cordon
+    from dpmigrate.migrate.drain import Drain, DrainPlan
+
+    text = paced_flows(tmp_path, 40000, rate=4000).read_text()
+    (tmp_path / "app.toml").write_text(text.replace('node = "node3"', 'node = "node2"'))
+    app = App.load(tmp_path / "app.toml")
+    expected = reference_checker(app)
+    with LocalCluster(3) as cluster:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        try:
+            wait_for_input(run, 2000, "check")
+            check_pid = stage_status(run, "check")["pid"]
+            cordoned: list[str] = []
+
+            def meanwhile(plan: DrainPlan) -> None:
+                cordon.cordon(cluster.store(), plan.moves[0].destination)
+                cordoned.append(plan.moves[0].destination)
+
+            result = Drain(cluster, "node2", on_plan=meanwhile).run()
+            assert cordoned == ["node3"], result.plan  # the fault happened, where planned
+            assert (result.result, result.exit_status) == ("partial", 1), result.as_dict()
+            first, second = result.moves
+            assert (first.move.stage, first.result) == ("flows/check", "rolled back"), first
+            assert first.report is not None and first.report.undone, first.report
+            assert "node3 is cordoned" in (first.error or ""), first.error
+            assert (second.move.stage, second.move.destination, second.result) == (
+                "flows/table", "node1", "moved"), second  # fmt: skip
+            check = stage_status(run, "check")
+            assert (check["node"], check["pid"]) == ("node2", check_pid), check
+            assert run.wait(duration=120), run.status()
+        finally:
+            run.stop()
+        assert checker_of(run.status()) == {
+            "received": 40000,
+            "lost": 0,
+            "duplicated": 0,
+            "digest": expected["digest"],
+        }
+        run.cleanup()
