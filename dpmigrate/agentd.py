@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpmigrate import config
+from dpmigrate.cluster import pki
 from dpmigrate.errors import ConfigError, EnvironmentProblem
 from dpmigrate.eventlog import EventLog
 
@@ -47,6 +48,7 @@ def build(
     log: EventLog | None = None,
     criu: str | None = None,
     metrics_port: int = 0,
+    ring_tls: pki.TlsFiles | None = None,
 ) -> Agent:
     """An agent with every service registered, not yet listening. ``log``: its event stream
     (default: stdout at info); ``criu``: the criu binary (default: where scripts/setup puts
@@ -58,6 +60,7 @@ def build(
     from dpmigrate.runtime.agent import Agent
 
     agent = Agent(node, token, run_dir, address, store, log)
+    agent.ring_tls = ring_tls  # handed to this node's stages when the rings run over TLS
     agent_service.register(agent, criu or config.Config.from_env({}).criu)
     agent.services.append(failover.register(agent))
     agent.services.append(metrics.register(agent, metrics_port))
@@ -175,8 +178,15 @@ def _agent(args: argparse.Namespace, cfg: config.Config, log: EventLog) -> int:
         member = {"node": args.node, "address": address, "agent": args.listen or "",
                   "pid": os.getpid(), "since": time.time()}  # fmt: skip
         store = NodeStore(Store(settings), args.node, member, cfg.node_ttl, log)
+    ring_tls = None
+    if cfg.ring_tls:
+        if not cfg.etcd_ca:
+            print("dpmigrate agent: DPMIGRATE_RING_TLS=1 needs the cluster's CA "
+                  "(DPMIGRATE_ETCD_CA; `cluster up` sets it)", file=sys.stderr)  # fmt: skip
+            return 2
+        ring_tls = pki.ring_files(Path(cfg.etcd_ca).parent)
     agent = build(args.node, cfg.token, base, address, store, log=log, criu=cfg.criu,
-                  metrics_port=cfg.metrics_port)  # fmt: skip
+                  metrics_port=cfg.metrics_port, ring_tls=ring_tls)  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=agent.shutdown).start())
     signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=agent.shutdown).start())
     try:

@@ -185,6 +185,14 @@ SETTINGS: tuple[Setting, ...] = (
         "node's own address; 0: off)",
     ),
     Setting(
+        "ring_tls",
+        "DPMIGRATE_RING_TLS",
+        "0",
+        _bool,
+        "TLS 1.3 on tcp rings between nodes, with the cluster CA's ring certificate (for "
+        "networks you do not trust; costs throughput, see the rings benchmark)",
+    ),
+    Setting(
         "strict",
         "DPMIGRATE_STRICT",
         "0",
@@ -210,6 +218,7 @@ class Config:
     etcd_key: str
     node_ttl: int
     metrics_port: int
+    ring_tls: bool
     strict: bool
 
     @classmethod

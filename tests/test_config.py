@@ -34,6 +34,7 @@ def test_environment_overrides_every_setting() -> None:
         "DPMIGRATE_ETCD_KEY": "/etc/dpm/client.key",
         "DPMIGRATE_NODE_TTL": "7",
         "DPMIGRATE_METRICS_PORT": "9464",
+        "DPMIGRATE_RING_TLS": "1",
     }
     assert {s.env for s in SETTINGS} == set(env), "a setting was added without a test"
     cfg = Config.from_env(env)
@@ -53,6 +54,7 @@ def test_environment_overrides_every_setting() -> None:
     )  # fmt: skip
     assert cfg.node_ttl == 7
     assert cfg.metrics_port == 9464
+    assert cfg.ring_tls is True
 
 
 @pytest.mark.parametrize(

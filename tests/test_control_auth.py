@@ -32,7 +32,7 @@ from dpmigrate.runtime.registry import AgentResolver
 from dpmigrate.transports.resolver import Endpoint
 
 TOKEN = "test-token-0123456789-control"
-PORT = 7071
+PORT = 7090  # not 7070 (agents) nor 7071 (their metrics)
 
 
 @pytest.fixture

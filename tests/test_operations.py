@@ -310,7 +310,7 @@ def test_the_agent_serves_exactly_its_table(tmp_path: Path) -> None:
 
     bare = Agent("n0", "token", tmp_path / "bare")
     core = {"ping", "status", "shutdown", "register", "unregister", "lookup", "placement", "ring_key",
-            "start_stage", "stop_stage", "stop_app", "forget_app"}  # fmt: skip
+            "ring_tls", "start_stage", "stop_stage", "stop_app", "forget_app"}  # fmt: skip
     assert set(bare.operations.names()) == core
     agent = agentd.build("n1", "token", tmp_path)
     added = set(agent.operations.names()) - core

@@ -12,9 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
+from support import (
+    checker_of,
+    in_netns,
+    paced_flows,
+    reference_checker,
+    stage_status,
+    wait_for_input,
+)
 
 from dpmigrate.cluster import pki
 from dpmigrate.errors import ConfigError
+from dpmigrate.migrate import LocalCluster
+from dpmigrate.runtime.manifest import App
+from dpmigrate.runtime.multinode import MultiNodeRun
 from dpmigrate.testing.conformance import BOUND_S, CHECKS, Harness
 from dpmigrate.transports import tcp
 from dpmigrate.transports.resolver import MemoryResolver
@@ -171,3 +182,51 @@ def test_a_context_that_does_not_verify_its_peer_is_refused(tls_dir: Path) -> No
         tcp.open_sender("tls-lax", resolver=MemoryResolver(), tls="yes")
     with pytest.raises(ConfigError, match="cannot load"):
         tcp.tls_context("/nonexistent/ca.pem", "/x", "/y", server_side=True)
+
+
+def test_a_cluster_with_ring_tls_runs_and_migrates_over_tls_only(
+    cluster_state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DPMIGRATE_RING_TLS=1 for `cluster up`: every tcp ring between nodes is TLS, a stage
+    gets the rings' certificate from its agent (never from a file), a plain-TCP stranger at
+    a ring's port gets nothing, and a stop-and-copy migration (CRIU) reconnects over TLS;
+    lost = dup = 0 and the digest of an uninterrupted run."""
+    monkeypatch.setenv("DPMIGRATE_RING_TLS", "1")
+    app = App.load(paced_flows(tmp_path, 60000, rate=8000))
+    expected = reference_checker(app)
+    with LocalCluster(3) as cluster:
+        run = MultiNodeRun(app, cluster)
+        run.start()
+        try:
+            wait_for_input(run, 5000)
+            rings = [r for s in run.status() for r in s.get("rings", [])]
+            assert len(rings) == 4 and all(r["transport"] == "tcp" for r in rings), rings
+            assert all(r["extra"]["tls"] for r in rings), rings
+            with cluster.client("node1") as agent:
+                endpoint = agent.call("lookup", ring="flows.table.out-check.in", timeout=5)
+            host, _, port = endpoint["address"].rpartition(":")
+
+            def plain_stranger() -> bytes:
+                with socket.create_connection((host, int(port)), timeout=5) as s:
+                    s.sendall(b"\x00" * 64)
+                    s.settimeout(3)
+                    try:
+                        return s.recv(4096)
+                    except OSError:
+                        return b""
+
+            answer = in_netns(cluster.node("node3").agent_pid, plain_stranger)
+            assert b"DPM" not in answer and b"flows" not in answer, answer
+            report = cluster.migrate("table", to="node3", strategy="stop-and-copy")
+            assert not report.rolled_back, report.error
+            assert stage_status(run)["node"] == "node3"
+            moved = [r for s in run.status() for r in s.get("rings", []) if r["transport"] == "tcp"]
+            assert moved and all(r["extra"]["tls"] for r in moved), moved
+            assert run.wait(duration=120), run.status()
+        finally:
+            run.stop()
+        final = run.status()
+        assert checker_of(final) == {
+            "received": 60000, "lost": 0, "duplicated": 0, "digest": expected["digest"],
+        }  # fmt: skip
+        run.cleanup()

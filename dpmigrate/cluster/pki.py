@@ -120,6 +120,8 @@ def copy(files: TlsFiles, folder: Path) -> TlsFiles:
     """The client's files copied into ``folder`` (0700; files 0600): a node's agent sees only
     its own folder."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for src in (files.ca, files.cert, files.key):
-        _write(folder / Path(src).name, Path(src).read_bytes())
+    rings = ring_files(Path(files.ca).parent)
+    for src in (files.ca, files.cert, files.key, rings.cert, rings.key):
+        if Path(src).exists():  # (a CA made before the rings had files: none of theirs)
+            _write(folder / Path(src).name, Path(src).read_bytes())
     return files.inside(folder)

@@ -44,7 +44,7 @@ import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dpmigrate import atomic
 from dpmigrate.errors import DpmigrateError, ProtocolError
@@ -58,12 +58,16 @@ from dpmigrate.runtime.registry import STAGE_KEY_ENV
 from dpmigrate.runtime.supervisor import Supervisor, process_start_time
 from dpmigrate.transports.resolver import NAME_RE, Endpoint
 
+if TYPE_CHECKING:
+    from dpmigrate.cluster import pki
+
 ABSTRACT_NAME = "@dpmigrate-agent"
 #: In the node's folder: the stages this agent runs, for the agent that follows it.
 STAGE_TABLE = "agent-stages.json"
 #: The models whose stages an agent runs (the in-process model has no agent).
 AGENT_MODELS = ("multi-process", "multi-node")
 _MAX_LOOKUP_WAIT_S = 30.0
+_MAX_PEM = 64 << 10  # characters of one PEM file handed to a stage
 
 
 class AgentService(Protocol):
@@ -140,6 +144,8 @@ class Agent:
         self.log = log or EventLog()
         self.address = address  # where this node's stages listen for tcp rings
         self.token = token
+        #: the rings' TLS files when the cluster runs its tcp rings over TLS (agentd sets it)
+        self.ring_tls: pki.TlsFiles | None = None
         #: this node's own folder: stage runs, logs, migrations (nothing of other nodes)
         self.run_dir = run_dir
         self.store = store or NodeStore(None, node, {}, 0, self.log)
@@ -181,6 +187,7 @@ class Agent:
         ops.register("lookup", Lookup, self._lookup)
         ops.register("placement", AppRef, self._placement)
         ops.register("ring_key", RingRef, self._ring_key)
+        ops.register("ring_tls", NoArgs, self._ring_tls)
         # stages
         ops.register("start_stage", StartStage, self._start_stage)
         ops.register("stop_stage", StageRef, self._stop_stage)
@@ -338,6 +345,23 @@ class Agent:
     def _ring_key(self, req: RingRef) -> dict[str, str]:
         """The credential of one ring, for its two ends (a stage asks for its own app's)."""
         return {"key": control.ring_key(self.token, req.ring).hex()}
+
+    def _ring_tls(self, _: NoArgs) -> dict[str, str]:
+        """The rings' TLS files (CA, certificate, key) as PEM, for a stage of this node when
+        the cluster runs its rings over TLS (ring_tls)."""
+        files = self.ring_tls
+        if files is None:
+            raise DpmigrateError(
+                f"ring TLS is off on node {self.node}: its agent was started without "
+                "DPMIGRATE_RING_TLS=1 (set it for `dpmigrate cluster up`)"
+            )
+        named = (("ca", files.ca), ("cert", files.cert), ("key", files.key))
+        try:
+            return {name: Path(path).read_text()[:_MAX_PEM] for name, path in named}
+        except OSError as err:
+            raise DpmigrateError(
+                f"node {self.node}: cannot read the rings' TLS files: {err}"
+            ) from err
 
     def _placement(self, req: AppRef) -> dict[str, Any]:
         """Where the app's stages are and their epochs (fresh from etcd when it answers)."""

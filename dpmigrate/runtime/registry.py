@@ -121,6 +121,16 @@ class AgentResolver:
             raise RemoteError(f"agent at {self.address} answered ring_key with {found!r}")
         return raw
 
+    def ring_tls(self) -> dict[str, str]:
+        """The rings' TLS CA, certificate and key (PEM) from the agent (ring_tls on)."""
+        found = self._call("ring_tls")
+        if not isinstance(found, dict) or not all(
+            isinstance(found.get(k), str) and "-----BEGIN" in found[k]
+            for k in ("ca", "cert", "key")
+        ):
+            raise RemoteError(f"agent at {self.address} answered ring_tls with no PEM files")
+        return {k: found[k] for k in ("ca", "cert", "key")}
+
     def node_info(self) -> dict[str, object]:
         """The local agent's node name and the address this node's tcp rings listen on."""
         info = self._call("ping")

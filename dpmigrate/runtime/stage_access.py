@@ -20,6 +20,7 @@ STAGE_OPERATIONS: dict[str, tuple[str, ...]] = {
     "unregister": ("ring",),
     "lookup": ("ring",),
     "ring_key": ("ring",),
+    "ring_tls": (),
     "standbys": ("app", "stage"),
     "mark_standby": ("app", "stage"),
 }
@@ -59,4 +60,3 @@ def owns_ring(app: str, stage: str, ring: str) -> bool:
     if ring.endswith(_STATESYNC_SUFFIX):
         return ring == f"{app}.{stage}{_STATESYNC_SUFFIX}"
     return True
-

@@ -57,6 +57,7 @@ from dpmigrate.statesync.point import Point, point_number
 from dpmigrate.statesync.sender import StateSender
 from dpmigrate.transports.base import RingReceiver, RingSender
 from dpmigrate.transports.resolver import DirectoryResolver, Endpoint, Resolver
+from dpmigrate.transports.tcp import tls_context_from_pem
 
 if TYPE_CHECKING:
     from dpmigrate.runtime.replica_host import ReplicaHost, Takeover
@@ -204,6 +205,7 @@ class StageHost:
         self.sender: StateSender | None = None
         self.gate: StandbyGate | None = None
         self._marks: AgentResolver | None = None  # the gate's own connection to the agent
+        self._tls: dict[bool, Any] = {}  # ring_tls: the producer's and the consumer's context
         self.credential: Credential | None = None  # this stage's own, when it uses an agent
         self._next_fence_check = 0.0
         self.check_placement()  # before anything is read or written: a stale copy stops here
@@ -240,7 +242,8 @@ class StageHost:
         for ring in app.rings:
             if ring.src_stage == self.spec.name:
                 transport = ring_transport(app, ring, args.model, placement)
-                extra = self._tcp_options(ring_name(app, ring)) if transport == "tcp" else {}
+                extra = (self._tcp_options(ring_name(app, ring), server_side=True)
+                         if transport == "tcp" else {})  # fmt: skip
                 if transport == "tcp" and host:
                     extra["host"] = host
                 tx = outputs[ring.src_port] = transports.open_sender(
@@ -252,7 +255,8 @@ class StageHost:
         for ring in app.rings:
             if ring.dst_stage == self.spec.name:
                 transport = ring_transport(app, ring, args.model, placement)
-                extra = self._tcp_options(ring_name(app, ring)) if transport == "tcp" else {}
+                extra = (self._tcp_options(ring_name(app, ring), server_side=False)
+                         if transport == "tcp" else {})  # fmt: skip
                 if transport == "tcp":
                     extra["before_reconnect"] = self._before_reconnect
                 rx = inputs[ring.dst_port] = transports.open_receiver(
@@ -264,12 +268,21 @@ class StageHost:
                 self._ring_opened(rx, ring.dst_port, in_pos.get(ring.dst_port, 0))
         return inputs, outputs
 
-    def _tcp_options(self, name: str) -> dict[str, Any]:
+    def _tcp_options(self, name: str, server_side: bool) -> dict[str, Any]:
         """A tcp ring under an agent is authenticated: both ends fetch its credential from
-        their agents, so a stranger that reaches the port cannot take the consumer's place."""
-        if isinstance(self.resolver, AgentResolver):
-            return {"key": self.resolver.ring_key(name)}
-        return {}
+        their agents, so a stranger that reaches the port cannot take the consumer's place.
+        With ring_tls the link is TLS too (the agent hands over the rings' certificate)."""
+        if not isinstance(self.resolver, AgentResolver):
+            return {}
+        options: dict[str, Any] = {"key": self.resolver.ring_key(name)}
+        if self.settings.ring_tls:
+            if server_side not in self._tls:
+                pem = self.resolver.ring_tls()
+                self._tls[server_side] = tls_context_from_pem(
+                    pem["ca"], pem["cert"], pem["key"], server_side=server_side
+                )
+            options["tls"] = self._tls[server_side]
+        return options
 
     def _ring_opened(self, end: RingSender | RingReceiver, port: str, position: int) -> None:
         """A debug event per ring end opened, with what it got (a consumer learns the

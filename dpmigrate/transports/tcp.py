@@ -1559,12 +1559,7 @@ def tls_context(ca: str, cert: str, key: str, *, server_side: bool) -> ssl.SSLCo
     cluster's CA on both sides (mutual). Host names are not checked: ring addresses move
     with their stages, and a certificate of the cluster's CA is what a member proves; the
     ring key then proves it is this ring's end."""
-    purpose = ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT
-    ctx = ssl.SSLContext(purpose)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    if not server_side:
-        ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx = _verifying_context(server_side)
     try:
         ctx.load_verify_locations(cafile=ca)
         ctx.load_cert_chain(certfile=cert, keyfile=key)
@@ -1573,6 +1568,34 @@ def tls_context(ca: str, cert: str, key: str, *, server_side: bool) -> ssl.SSLCo
             f"ring TLS: cannot load the CA {ca}, certificate {cert} or key {key}: {err}; "
             "`dpmigrate cluster up` writes them (ring_tls setting)"
         ) from err
+    return ctx
+
+
+def tls_context_from_pem(ca: str, cert: str, key: str, *, server_side: bool) -> ssl.SSLContext:
+    """The same context from PEM text (a stage gets it from its agent): the certificate and
+    key go through an anonymous memory file, never a file a checkpoint or another user
+    could read."""
+    ctx = _verifying_context(server_side)
+    fd = os.memfd_create("dpmigrate-ring-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, (cert.rstrip() + "\n" + key.rstrip() + "\n").encode())
+        ctx.load_verify_locations(cadata=ca)
+        ctx.load_cert_chain(certfile=f"/proc/self/fd/{fd}")
+    except (OSError, ssl.SSLError, ValueError) as err:
+        raise ConfigError(
+            f"ring TLS: the agent's CA, certificate or key is unusable: {err}"
+        ) from err
+    finally:
+        os.close(fd)
+    return ctx
+
+
+def _verifying_context(server_side: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if not server_side:
+        ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
@@ -1661,4 +1684,12 @@ def open_receiver(
     return receiver
 
 
-__all__ = ["TRANSPORT", "TcpReceiver", "TcpSender", "open_receiver", "open_sender", "tls_context"]
+__all__ = [
+    "TRANSPORT",
+    "TcpReceiver",
+    "TcpSender",
+    "open_receiver",
+    "open_sender",
+    "tls_context",
+    "tls_context_from_pem",
+]
