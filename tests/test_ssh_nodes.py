@@ -171,13 +171,15 @@ def lab() -> Iterator[LabHost]:
 
 
 def cluster_file(folder: Path, lab: LabHost, *, local: int = 1, identity: Path | None = None,
-                 python: str = PYTHON, host_key: str = "", port: int = 22) -> Path:  # fmt: skip
+                 python: str = PYTHON, host_key: str = "", port: int = 22,
+                 dpmigrate: str = "") -> Path:  # fmt: skip
     """A cluster file: ``local`` netns nodes and node``local+1``, the lab host over SSH."""
     name = f"node{local + 1}"
     text = (
         f'[cluster]\nknown_hosts = "known_hosts"\n\n[local]\nnodes = {local}\n\n'
         f'[nodes.{name}]\nssh = "ssh://root@{ADDRESS}:{port}"\n'
-        f'identity = "{identity or lab.user_key}"\npython = "{python}"\nnetns = "{lab.netns}"\n'
+        f'identity = "{identity or lab.user_key}"\nnetns = "{lab.netns}"\n'
+        + (f'dpmigrate = "{dpmigrate}"\n' if dpmigrate else f'python = "{python}"\n')
     )
     if host_key:
         text += f'host_key = "{host_key}"\n'
@@ -305,12 +307,13 @@ def test_flows_on_an_ssh_node_migrate_to_it_and_back_then_down_leaves_nothing(
 def test_cli_up_accepts_the_fingerprint_then_status_logs_and_down(
     lab: LabHost, cluster_state_dir: Path, tmp_path: Path
 ) -> None:
-    """`cluster up --file F --accept-host-key FP` adds the key to known_hosts; `cluster
+    """`cluster up --file F --accept-host-key FP` (the node names its remote `dpmigrate`
+    command, not python) adds the key to known_hosts; `cluster
     status` shows the SSH node answering through its tunnel; `dpmigrate logs NODE` reads its
     log from the host; `cluster down` removes its agent, the stages of an app it runs and its
     folder."""
     env = {"DPMIGRATE_STATE_DIR": str(cluster_state_dir)}
-    path = cluster_file(tmp_path, lab, local=0)
+    path = cluster_file(tmp_path, lab, local=0, dpmigrate=str(Path(PYTHON).parent / "dpmigrate"))
     up = run_cli("cluster", "up", "--file", str(path), "--accept-host-key", lab.host_key_fp,
                  "--json", env=env, timeout=120)  # fmt: skip
     assert up.returncode == 0, up.stderr
@@ -323,6 +326,8 @@ def test_cli_up_accepts_the_fingerprint_then_status_logs_and_down(
     assert row["host_key"] == lab.host_key_fp
     pids = [row["keeper_pid"], row["agent_pid"]]
     assert all(alive(p) for p in pids)
+    keeper = Path(f"/proc/{row['keeper_pid']}/cmdline").read_bytes().split(b"\0")
+    assert keeper[1].endswith(b"/bin/dpmigrate") and keeper[2:4] == [b"agent", b"--keep"], keeper
     logs = run_cli("logs", "node1", "--lines", "50", env=env, timeout=60)
     assert logs.returncode == 0 and '"event": "agent started"' in logs.stdout, logs.stderr
     # an app left running on the SSH node: down stops its stages too

@@ -51,6 +51,7 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 CONNECT, HOST_KEY, AUTH, TUNNEL = "connect", "host key", "auth", "tunnel"
 _CHUNK = 65536
+_KEEPALIVE_S = 15
 _ADMINISTRATIVELY_PROHIBITED = 1  # RFC 4254 channel open failure reason code
 
 
@@ -144,6 +145,7 @@ class Connection:
             ) from err
         self._check_host_key(known, transport.get_remote_server_key())
         self._authenticate(transport)
+        transport.set_keepalive(_KEEPALIVE_S)  # a long-lived client learns of a dead host
         return self
 
     def _known_hosts(self) -> paramiko.HostKeys:
@@ -373,8 +375,9 @@ class Tunnel:
         try:
             _pump(local, chan, self._closed)
         finally:
-            chan.close()
             local.close()
+            with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
+                chan.close()  # the connection may be gone already: nothing left to close
 
     def close(self) -> None:
         self._closed.set()

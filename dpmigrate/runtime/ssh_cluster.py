@@ -14,6 +14,7 @@ files too.
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +66,7 @@ class SshNodes:
         self.accept = accept
         self._nodes: dict[str, SshNode] = {}
         self._netns: dict[str, NetnsExecutor] = {}
+        self._lock = threading.Lock()
 
     @property
     def entries(self) -> list[dict[str, Any]]:
@@ -89,17 +91,19 @@ class SshNodes:
         return lambda address, timeout: executor.run(socket.create_connection, address, timeout)
 
     def node(self, name: str) -> SshNode:
-        """The node, connected (host key verified, authenticated)."""
-        node = self._nodes.get(name)
-        if node is not None and node.conn.active:
+        """The node, connected (host key verified, authenticated); one connection per node
+        however many threads ask (the engine's do)."""
+        with self._lock:
+            node = self._nodes.get(name)
+            if node is not None and node.conn.active:
+                return node
+            entry = self.entry(name)
+            if entry is None:
+                raise DpmigrateError(f"no SSH node {name!r} in the cluster")
+            conn = ssh.Connection(target(entry, self.accept, self._connector(entry))).open()
+            node = SshNode(entry, self.state_dir, conn, self.save)
+            self._nodes[name] = node
             return node
-        entry = self.entry(name)
-        if entry is None:
-            raise DpmigrateError(f"no SSH node {name!r} in the cluster")
-        conn = ssh.Connection(target(entry, self.accept, self._connector(entry))).open()
-        node = SshNode(entry, self.state_dir, conn, self.save)
-        self._nodes[name] = node
-        return node
 
     def client(self, name: str, timeout: float = 30.0) -> AgentClient:
         return self.node(name).client(self.record["token"], timeout)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -102,6 +103,7 @@ class SshNode:
         self.save = save
         self.node_dir = f"{state_dir.rstrip('/')}/nodes/{entry['name']}"
         self._tunnel: ssh.Tunnel | None = None
+        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -382,9 +384,10 @@ class SshNode:
         return " | ".join(text.strip().splitlines()[-lines:]) + f" (dpmigrate logs {self.name})"
 
     def tunnel(self) -> ssh.Tunnel:
-        if self._tunnel is None:
-            self._tunnel = self.conn.tunnel(self.entry["address"], AGENT_PORT)
-        return self._tunnel
+        with self._lock:
+            if self._tunnel is None:
+                self._tunnel = self.conn.tunnel(self.entry["address"], AGENT_PORT)
+            return self._tunnel
 
     def client(self, token: str, timeout: float = 30.0) -> AgentClient:
         """An authenticated connection to the agent, carried by the SSH connection."""
