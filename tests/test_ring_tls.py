@@ -55,20 +55,44 @@ def test_conformance_over_tls(tls_dir: Path, tmp_path: Path, check) -> None:
         harness.close()
 
 
-def _pair(folder: Path, resolver: MemoryResolver, name: str, **rx: object):
+def _pair(folder: Path, resolver: MemoryResolver, name: str):
     server, client = _contexts(folder)
     tx = tcp.open_sender(name, resolver=resolver, capacity=256, key=KEY, tls=server)
-    box: dict[str, object] = {}
+    return tx, _consumer(tx, resolver, name, client)
+
+
+def _consumer(tx: tcp.TcpSender, resolver: MemoryResolver, name: str, client: ssl.SSLContext):
+    """A consumer of ``tx``'s ring, opened in a thread while the producer's loop runs."""
+    box: dict[str, tcp.TcpReceiver] = {}
 
     def connect() -> None:
         box["rx"] = tcp.open_receiver(name, resolver=resolver, key=KEY, tls=client,
-                                      connect_timeout=BOUND_S, **rx)  # fmt: skip
+                                      connect_timeout=BOUND_S)  # fmt: skip
 
     thread = threading.Thread(target=connect)
     thread.start()
     while thread.is_alive():
         tx.service(0.01)
-    return tx, box["rx"]
+    return box["rx"]
+
+
+def _deliver(tx: tcp.TcpSender, rx: tcp.TcpReceiver, msgs: list[bytes], burst: int) -> list[bytes]:
+    """Send ``msgs`` while a thread receives them; what it got (bounded in rounds and time)."""
+    got: list[bytes] = []
+
+    def receive() -> None:
+        for _ in range(400):
+            if len(got) >= len(msgs):
+                return
+            got.extend(rx.recv_burst(burst, timeout=0.2))
+
+    reader = threading.Thread(target=receive)
+    reader.start()
+    i = 0
+    while i < len(msgs):
+        i += tx.send_burst(msgs[i:], timeout=0.5)
+    _serve_until_done(tx, reader)
+    return got
 
 
 def _serve_until_done(tx: tcp.TcpSender, reader: threading.Thread) -> None:
@@ -85,15 +109,7 @@ def test_large_messages_cross_tls_exactly_once(tls_dir: Path) -> None:
     tx, rx = _pair(tls_dir, MemoryResolver(), "tls-large")
     try:
         sent = [bytes([i % 251]) * (1 << 20) for i in range(40)]
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.extend(
-            m for _ in range(400) if len(got) < 40 for m in rx.recv_burst(8, timeout=0.5)))  # fmt: skip
-        reader.start()
-        i = 0
-        while i < len(sent):
-            i += tx.send_burst(sent[i:], timeout=0.5)
-        _serve_until_done(tx, reader)
-        assert got == sent
+        assert _deliver(tx, rx, sent, 8) == sent
         assert isinstance(tx._conn, ssl.SSLSocket) and tx._conn.version() == "TLSv1.3"
     finally:
         rx.close()
@@ -148,25 +164,10 @@ def test_strangers_without_the_cluster_ca_end_only_their_own_connection(
             assert b"DPM" not in data and len(data) < 16, (who, data)  # no CHALLENGE reached it
         assert len(seen) == 3, seen
         assert tx.statistics().extra["rejected_connections"] >= 3
-        _, client = _contexts(tls_dir)
-        box: dict[str, object] = {}
-        thread = threading.Thread(target=lambda: box.update(rx=tcp.open_receiver(
-            "tls-strangers", resolver=resolver, key=KEY, tls=client, connect_timeout=BOUND_S)))  # fmt: skip
-        thread.start()
-        while thread.is_alive():
-            tx.service(0.01)
-        rx = box["rx"]
+        rx = _consumer(tx, resolver, "tls-strangers", _contexts(tls_dir)[1])
         try:
             msgs = [b"m%d" % i for i in range(500)]
-            got: list[bytes] = []
-            reader = threading.Thread(target=lambda: got.extend(
-                m for _ in range(400) if len(got) < 500 for m in rx.recv_burst(64, timeout=0.2)))  # fmt: skip
-            reader.start()
-            i = 0
-            while i < len(msgs):
-                i += tx.send_burst(msgs[i:], timeout=0.5)
-            _serve_until_done(tx, reader)
-            assert got == msgs
+            assert _deliver(tx, rx, msgs, 64) == msgs
         finally:
             rx.close()
     finally:
