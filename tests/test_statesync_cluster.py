@@ -81,12 +81,6 @@ def _summary(stages: list[dict], state_dir: str = "") -> str:
     } for s in stages], indent=1)  # fmt: skip
 
 
-def _output_lag(run: MultiNodeRun) -> int:
-    """Messages the table sent that its consumer has not acknowledged yet."""
-    rings = [r for r in stage_status(run).get("rings", []) if r.get("role") == "producer"]
-    return sum(int(r["next_seq"]) - int(r["acked"]) for r in rings)
-
-
 def _log_tail(path: Path, lines: int = 25) -> list[str]:
     try:
         return path.read_text().splitlines()[-lines:]
