@@ -25,6 +25,12 @@ Each agent runs under a keeper (``dpmigrate.agentd --keep``, see
 crashed, the agent is started again within about a second, in the same view, and re-adopts the
 stages it left running, without the user. The record holds the keeper's PID; the keeper writes
 the current agent's PID (it changes with each restart) to ``keeper.json`` in the node's folder.
+
+Built from a cluster file (:meth:`LocalCluster.from_file`, :mod:`dpmigrate.cluster.clusterfile`)
+the cluster may also have nodes reached over SSH. They are the same kind of node to the rest of
+the code (:class:`Node` with ``kind = "ssh"``; :meth:`LocalCluster.client` carries the control
+traffic through the SSH connection); the record lists them under ``"ssh"``, and how they are
+started, reached and removed is :mod:`dpmigrate.runtime.ssh_cluster`'s job.
 """
 
 from __future__ import annotations
