@@ -197,11 +197,21 @@ def _agent(args: argparse.Namespace, cfg: config.Config, log: EventLog) -> int:
     agent.readopt()  # the stages an earlier agent of this node left running
     for service in agent.services:
         service.start()
-    agent.listen(ABSTRACT_NAME)
+    addresses = [ABSTRACT_NAME]
     if args.socket:
-        agent.listen(str(base / args.socket) if args.isolate or args.isolated else args.socket)
+        addresses.append(str(base / args.socket) if args.isolate or args.isolated else args.socket)
     if args.listen:
-        agent.listen(args.listen)
+        addresses.append(args.listen)
+    for address in addresses:
+        try:
+            agent.listen(address)
+        except OSError as err:  # e.g. the port is another program's: say so, in one line
+            log("agent failed", level="error", error=f"cannot listen on {address}: "
+                f"{err.strerror or err}; stop what holds it or choose another address")  # fmt: skip
+            for service in agent.services:  # the node's stages run on: a later agent adopts them
+                service.stop()
+            agent.store.stop()
+            return 1
     log("agent started", pid=os.getpid(), operations=agent.operations.names())
     agent.run()
     log("agent stopped")

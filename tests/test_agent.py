@@ -212,3 +212,25 @@ def test_sigterm_stops_the_agent_cleanly(agent) -> None:
         if line.startswith("{")
     ]
     assert events[-1] == "agent stopped"
+
+
+def test_an_agent_whose_port_is_taken_says_so_in_one_line_and_exits_1(tmp_path: Path) -> None:
+    """Another program holds the TCP port (here: a listener started first in the same new
+    network namespace): the agent exits 1 with one line naming the address, no traceback."""
+    require("root", "netns")
+    script = (
+        "import socket, subprocess, sys\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 7090)); s.listen()\n"
+        "sys.exit(subprocess.run([sys.executable, '-m', 'dpmigrate.agentd', '--node', 't1', "
+        "'--listen', '127.0.0.1:7090'], timeout=60).returncode)\n"
+    )
+    env = {**os.environ, "DPMIGRATE_TOKEN": "t" * 32, "DPMIGRATE_STATE_DIR": str(tmp_path / "s"),
+           "DPMIGRATE_METRICS_PORT": "0"}  # fmt: skip
+    done = subprocess.run(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1"',
+                           sys.executable, script], env=env, capture_output=True, text=True,
+                          timeout=90)  # fmt: skip
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    failed = [json.loads(line) for line in done.stdout.splitlines() if '"agent failed"' in line]
+    assert len(failed) == 1, done.stdout
+    assert "cannot listen on 127.0.0.1:7090: Address already in use" in failed[0]["error"]
+    assert "Traceback" not in done.stdout + done.stderr
