@@ -53,6 +53,7 @@ def live(fn: Any) -> Any:
 SSHD = "/usr/sbin/sshd"
 ADDRESS = "10.213.0.3"  # the lab host's address on the cluster's bridge (local nodes: .1, .2)
 TOTAL = 200_000  # packets of the flows run, at 10,000/s: room for six migrations
+CLOSED_PORT = 2200  # nothing listens there
 NO_FORWARDING_PORT = 2222  # a second server there, with AllowTcpForwarding no
 PYTHON = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python")
 
@@ -359,7 +360,8 @@ def test_cli_up_accepts_the_fingerprint_then_status_logs_and_down(
 
 @live
 @pytest.mark.parametrize("fault", ["wrong user key", "unknown host key", "changed host key",
-                                   "no dpmigrate on the host", "no forwarding"])  # fmt: skip
+                                   "no dpmigrate on the host", "no forwarding",
+                                   "no server on the port"])  # fmt: skip
 def test_an_ssh_node_that_cannot_join_is_one_line_naming_host_and_step(
     lab: LabHost, cluster_state_dir: Path, tmp_path: Path, fault: str
 ) -> None:
@@ -381,11 +383,15 @@ def test_an_ssh_node_that_cannot_join_is_one_line_naming_host_and_step(
         path = cluster_file(tmp_path, lab, local=0)  # the real key accepted: still refused
     elif fault == "no forwarding":  # the agent starts; its tunnel cannot be opened
         path = cluster_file(tmp_path, lab, local=0, port=NO_FORWARDING_PORT)
+    elif fault == "no server on the port":
+        path = cluster_file(tmp_path, lab, local=0, port=CLOSED_PORT)
     else:
         path = cluster_file(tmp_path, lab, local=0, python="/nonexistent/bin/python3")
     result = run_cli("cluster", "up", "--file", str(path), *accept, env=env, timeout=120)
     line = one_line_error(result)
-    port = NO_FORWARDING_PORT if fault == "no forwarding" else 22
+    port = {"no forwarding": NO_FORWARDING_PORT, "no server on the port": CLOSED_PORT}.get(
+        fault, 22
+    )
     assert f"node node1 (root@{ADDRESS}:{port})" in line, line
     session = lab.log()[len(before) :]
     if fault == "wrong user key":
@@ -405,6 +411,10 @@ def test_an_ssh_node_that_cannot_join_is_one_line_naming_host_and_step(
         assert lab.host_key_fp in line and fingerprint(other) in line
         assert known.read_text().count("\n") == 1  # nothing added
         assert "Accepted publickey" not in session and "Failed publickey" not in session, session
+    elif fault == "no server on the port":
+        assert f": connect: cannot reach {ADDRESS}:{CLOSED_PORT} (Connection refused)" in line
+        assert "check that sshd runs there" in line
+        assert session == "", session  # no server saw anything
     elif fault == "no forwarding":
         assert ": tunnel: " in line and "AllowTcpForwarding yes" in line, line
         assert "refused local port forward" in session, session
