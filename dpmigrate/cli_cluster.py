@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dpmigrate.cluster import clusterfile
+from dpmigrate.cluster import hugepages as hugepages_mod
 from dpmigrate.errors import ConfigError
 from dpmigrate.runtime import cluster as local
 
@@ -63,6 +64,15 @@ def _print_status(status: dict[str, Any], title: str) -> None:
         )
     else:
         Console().print(f"[bold red]cluster store unreachable[/bold red]: {store.get('error')}")
+    huge = status.get("hugepages")
+    if huge:
+        now = huge.get("pool_now") or {}
+        Console().print(
+            f"hugepages: {huge.get('added')} of {huge.get('asked')} 2 MB pages reserved by this "
+            f"cluster (pool {now.get('total')}, {now.get('free')} free)"
+        )
+        if huge.get("note"):
+            Console().print(f"[yellow]{huge['note']}[/yellow]", soft_wrap=True)
     if not status["healthy"]:
         Console().print(
             f"[bold red]cluster {status['id']} is not healthy[/bold red] (status "
@@ -103,8 +113,22 @@ def cluster() -> None:
     help="Accept an SSH host whose key known_hosts does not know yet, if its fingerprint is "
     "this one (repeatable); it is then added to known_hosts.",
 )
+@click.option(
+    "--hugepages",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Reserve N 2 MB hugepages for the shm rings while the cluster is up (given back by "
+    "down; default DPMIGRATE_HUGEPAGES).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the cluster as JSON.")
-def up_cmd(nodes: int | None, path: str | None, accept: tuple[str, ...], as_json: bool) -> None:
+def up_cmd(
+    nodes: int | None,
+    path: str | None,
+    accept: tuple[str, ...],
+    hugepages: int | None,
+    as_json: bool,
+) -> None:
     """Create the nodes, each with an agent; return while they run.
 
     Without --file: N local nodes (network namespaces joined by veth pairs). With --file: the
@@ -115,12 +139,16 @@ def up_cmd(nodes: int | None, path: str | None, accept: tuple[str, ...], as_json
                 f"--accept-host-key {fp!r} is not an SSH fingerprint like SHA256:<43 base64 "
                 "characters> (as a refusal prints it, or ssh-keygen -lf KEY.pub)"
             )
+    if hugepages is not None:
+        hugepages_mod.check_count(hugepages, "--hugepages")
     if path is not None:
         if nodes is not None:
             raise ConfigError("give --nodes or --file, not both (the file says local.nodes)")
         lc = local.LocalCluster.from_file(path, accept_host_keys=accept)
+        if hugepages is not None:
+            lc.hugepages = hugepages
     else:
-        lc = local.LocalCluster(3 if nodes is None else nodes)
+        lc = local.LocalCluster(3 if nodes is None else nodes, hugepages=hugepages)
     lc.up()
     status = lc.status()
     if as_json:

@@ -101,6 +101,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _hugepages(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65536:
+        raise ValueError("must be a number of 2 MB pages from 0 (none) to 65536")
+    return value
+
+
 def _ttl(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 300:
@@ -193,6 +200,14 @@ SETTINGS: tuple[Setting, ...] = (
         "networks you do not trust; costs throughput, see the rings benchmark)",
     ),
     Setting(
+        "hugepages",
+        "DPMIGRATE_HUGEPAGES",
+        "0",
+        _hugepages,
+        "2 MB hugepages `cluster up` reserves for the shm rings (given back by `cluster down`; "
+        "0: none, rings use what is free, else 4 KB pages)",
+    ),
+    Setting(
         "strict",
         "DPMIGRATE_STRICT",
         "0",
@@ -219,6 +234,7 @@ class Config:
     node_ttl: int
     metrics_port: int
     ring_tls: bool
+    hugepages: int
     strict: bool
 
     @classmethod

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpmigrate import atomic, config
 from dpmigrate.cluster import clusterfile, etcd, nodefs, pki
+from dpmigrate.cluster import hugepages as hugepages_mod
 from dpmigrate.cluster.clusterfile import ClusterFile
 from dpmigrate.cluster.netns import NetnsExecutor
 from dpmigrate.cluster.store import EtcdSettings, Store, StoreUnavailable
@@ -351,6 +352,13 @@ def _teardown(record_path: Path, record: dict[str, Any]) -> list[str]:
         except DpmigrateError as err:
             cgroup_problems.append(str(err))
 
+    # The hugepages this cluster added, after every process that could hold a ring is gone.
+    if isinstance(record.get("hugepages"), dict):
+        try:
+            removed += hugepages_mod.release(record["hugepages"])
+        except DpmigrateError as err:
+            cgroup_problems.append(str(err))
+
     for ns in reversed(namespaces):
         if _netns_exists(ns):
             try:
@@ -444,8 +452,15 @@ class LocalCluster:
         state_dir: str | None = None,
         spec: ClusterFile | None = None,
         accept_host_keys: Iterable[str] = (),
+        hugepages: int | None = None,
     ) -> None:
-        self.state_dir = state_dir or (spec and spec.state_dir) or config.load().state_dir
+        """``hugepages``: 2 MB pages to reserve for the shm rings while the cluster is up
+        (default: DPMIGRATE_HUGEPAGES), given back by ``down``."""
+        cfg = config.load()
+        self.state_dir = state_dir or (spec and spec.state_dir) or cfg.state_dir
+        self.hugepages = hugepages_mod.check_count(
+            cfg.hugepages if hugepages is None else hugepages, "hugepages"
+        )
         self.size = nodes
         self.spec = spec  # a cluster file: also SSH nodes, and where the store is
         self.accept_host_keys = frozenset(accept_host_keys)
@@ -780,6 +795,18 @@ class LocalCluster:
                 self.down()
             raise
 
+    def _reserve_hugepages(self, record: dict[str, Any]) -> None:
+        """Reserve the cluster's 2 MB pages before any stage can run; the record has the
+        entry before the pool is touched (down gives back exactly the delta)."""
+        if not self.hugepages:
+            return
+
+        def save(entry: dict[str, Any]) -> None:
+            record["hugepages"] = entry
+            self._save()
+
+        hugepages_mod.reserve(self.hugepages, save)  # a short one: its note is in status
+
     def _save(self) -> None:
         assert self._record is not None
         _save(self.record_path, self._record)
@@ -806,6 +833,7 @@ class LocalCluster:
         _ip("-n", hub, "link", "add", "br0", "type", "bridge", "forward_delay", "0")
         _ip("-n", hub, "addr", "add", f"{STORE_ADDRESS}/24", "dev", "br0")
         _ip("-n", hub, "link", "set", "br0", "up")
+        self._reserve_hugepages(record)
         self._start_etcd(hub, nsenter)
         for i, node in enumerate(nodes, start=1):
             ns = node["netns"]
@@ -1211,7 +1239,20 @@ class LocalCluster:
             ],
             "nodes": rows,
             "store": store,
+            "hugepages": self._hugepages_status(record),
         }
+
+    @staticmethod
+    def _hugepages_status(record: dict[str, Any]) -> dict[str, Any] | None:
+        """What this cluster reserved (its record entry) beside the pool as it is now."""
+        entry = record.get("hugepages")
+        if not isinstance(entry, dict):
+            return None
+        try:
+            now = dataclasses.asdict(hugepages_mod.counts())
+        except DpmigrateError as err:
+            now = {"error": str(err)}
+        return {**entry, "pool_now": now}
 
     def agent_log(self, name: str, lines: int | None = None) -> str:
         """A node's agent log (its last ``lines``): read here for a local node, over SFTP

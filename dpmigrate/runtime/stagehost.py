@@ -286,7 +286,15 @@ class StageHost:
 
     def _ring_opened(self, end: RingSender | RingReceiver, port: str, position: int) -> None:
         """A debug event per ring end opened, with what it got (a consumer learns the
-        capacity, the producer's, only when it connects)."""
+        capacity, the producer's, only when it connects). A shm ring that wanted 2 MB
+        pages and got 4 KB ones says so: a warning when a reservation was short, info when
+        the host has none reserved at all."""
+        fallback = None
+        if end.transport == "shm" and isinstance(end, RingSender):  # the one that maps memory
+            fallback = end.statistics().extra.get("page_fallback")
+        if fallback:
+            level = "info" if fallback.startswith("no 2 MB") else "warning"
+            self.log("ring on 4 KB pages", level=level, ring=end.name, port=port, why=fallback)
         if not self.log.enabled("debug"):
             return
         stats = end.statistics()

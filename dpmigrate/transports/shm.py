@@ -35,6 +35,7 @@ import socket
 import struct
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from dpmigrate.errors import (
     ConfigError,
@@ -176,6 +177,7 @@ class ShmSender(RingSender):
                 f"{self.capacity * _ring.RECORD_HEADER_BYTES} bytes; raise ring_bytes"
             )
         attempts = [True, False] if hugepages is None else [hugepages]
+        self._fallback: str | None = None
         for huge in attempts:
             page = _ring.HUGE_PAGE_BYTES if huge else os.sysconf("SC_PAGE_SIZE")
             map_bytes = _round_up(_ring.HEADER_BYTES + data_bytes, page)
@@ -187,8 +189,9 @@ class ShmSender(RingSender):
                     os.close(fd)
                     raise
             except OSError as err:
-                if huge and hugepages is None:
-                    continue  # no hugepages reserved: fall back to 4 KB pages
+                if huge and hugepages is None:  # none free: fall back to 4 KB pages
+                    self._fallback = _fallback_reason(map_bytes, err)
+                    continue
                 raise _native(err, self.name) from err
             self._fd, self._ring = fd, ring
             break
@@ -511,7 +514,8 @@ class ShmSender(RingSender):
             next_seq=head_seq, acked=tail_seq,
             extra={
                 "hugepages": self._huge, "page_size": self._page,
-                "ring_bytes": self._data_bytes, "map_bytes": self._map_bytes,
+                "page_fallback": self._fallback, "ring_bytes": self._data_bytes,
+                "map_bytes": self._map_bytes,
                 "address": self._address, "generation": self._generation,
                 "consumer_connected": self._conn is not None, "rejected": self._rejected,
             },
@@ -896,6 +900,22 @@ class ShmReceiver(RingReceiver):
             next_expected=self._next_expected, committed=self._committed,
             extra=dict(self._extra, connected=self._ring is not None),
         )  # fmt: skip
+
+
+def _fallback_reason(map_bytes: int, err: OSError) -> str:
+    """Why a ring that wanted 2 MB pages got 4 KB ones (its statistics' ``page_fallback``,
+    which the stage host logs): the pool's counts, so that the fix is plain."""
+    pool = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+    try:
+        total, free = (int((pool / f"{n}_hugepages").read_text()) for n in ("nr", "free"))
+    except (OSError, ValueError):
+        return f"no 2 MB hugepage pool on this host ({err.strerror}): 4 KB pages"
+    need = map_bytes // _ring.HUGE_PAGE_BYTES
+    if total == 0:
+        return (f"no 2 MB hugepages reserved on this host: 4 KB pages (reserve {need} per ring "
+                "with `dpmigrate cluster up --hugepages N`)")  # fmt: skip
+    return (f"hugepage reservation short: {need} 2 MB pages needed, {free} of {total} free "
+            f"({err.strerror}): 4 KB pages; reserve more (cluster up --hugepages N)")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- module API
