@@ -36,14 +36,12 @@ from dpmigrate.cluster import ssh
 from dpmigrate.cluster.pki import TlsFiles
 from dpmigrate.errors import DpmigrateError, SshError
 from dpmigrate.runtime.agent import STAGE_TABLE
+from dpmigrate.runtime.cluster import AGENT_PORT, KEEPER_FILE
+from dpmigrate.runtime.cluster import AGENT_SOCKET as SOCKET
 from dpmigrate.runtime.control import AgentClient
 
 DOCTOR, AGENT_START = "remote doctor", "agent start"
-AGENT_PORT = 7070
-KEEPER_FILE = "keeper.json"
-
 LOG_FILE = "agent.log"
-SOCKET = "agent.sock"
 #: The doctor's checks an agent cannot work without (the rest are reported, not required).
 REQUIRED_CHECKS = ("criu version", "root", "criu check", "pycriu")
 #: Settings that belong to each host (or are secrets) and are not passed on to a remote agent.
