@@ -122,12 +122,37 @@ MODELS = ("in-process", "multi-process", "multi-node")
 @click.option(
     "--detach", is_flag=True, help="multi-node: start the app on the running cluster and return."
 )
-def run_cmd(manifest: str, model: str, duration: float | None, as_json: bool, detach: bool) -> None:
+@click.option(
+    "--resources",
+    "resources",
+    multiple=True,
+    metavar="STAGE.KEY=VALUE",
+    help="Override one limit of a stage for this run (repeatable), e.g. table.memory=256M, "
+    "table.cpu_quota=0.5; checked like the manifest's resources.",
+)
+@click.option(
+    "--resources-file",
+    "resources_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="A TOML file of overrides: [STAGE] tables of limits (--resources wins over it).",
+)
+def run_cmd(
+    manifest: str,
+    model: str,
+    duration: float | None,
+    as_json: bool,
+    detach: bool,
+    resources: tuple[str, ...],
+    resources_files: tuple[str, ...],
+) -> None:
     """Run an app in the foreground and print a summary at the end."""
-    from dpmigrate.runtime.manifest import App
+    from dpmigrate.runtime.manifest import App, parse_resource_options
 
     cfg = config.load()  # a ring the manifest gives no capacity gets DPMIGRATE_RING_CAPACITY
     app = App.load(manifest, ring_capacity=cfg.ring_capacity)
+    if resources or resources_files:
+        app = app.with_resources(parse_resource_options(resources, resources_files), "--resources")
     console = Console(stderr=True)
     live_view = not as_json and console.is_terminal
     rates = _RateView(console)

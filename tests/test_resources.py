@@ -227,6 +227,85 @@ def test_a_stage_over_its_memory_limit_is_oom_killed_and_restarts_losslessly(
     }  # fmt: skip
 
 
+# -- per-run overrides --------------------------------------------------------------------
+def test_overrides_merge_over_the_manifest_and_are_checked_like_it(tmp_path: Path) -> None:
+    from dpmigrate.runtime.manifest import parse_resource_options
+
+    flows = paced_flows(tmp_path, 1000)
+    flows.write_text(flows.read_text().replace(
+        'entry = "stages:FlowTable"',
+        'entry = "stages:FlowTable"\nresources = { cpu_quota = 0.5, memory = "256M" }',
+    ))  # fmt: skip
+    (tmp_path / "over.toml").write_text('[table]\nmemory = "128M"\npids = 32\n[gen]\npids = 16\n')
+    overrides = parse_resource_options(
+        ["table.pids=64", "table.cpus=0-1", "table.cpu_quota=0.25"], (str(tmp_path / "over.toml"),)
+    )
+    assert overrides == {"table": {"memory": "128M", "pids": 64, "cpus": "0-1",
+                                   "cpu_quota": 0.25}, "gen": {"pids": 16}}  # fmt: skip
+    app = App.load(flows).with_resources(overrides, "--resources")
+    assert app.stage("table").resources.as_dict() == {
+        "cpus": "0-1", "cpu_quota": 0.25, "memory": 128 << 20, "pids": 64}  # fmt: skip
+    assert app.stage("gen").resources.as_dict() == {"pids": 16}
+    assert app.stage("check").resources.empty
+    assert app.resource_overrides["table"]["memory"] == 128 << 20
+    assert App.load(flows).stage("table").resources.as_dict() == {"cpu_quota": 0.5,
+                                                                   "memory": 256 << 20}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "items, says",
+    [
+        (["table.memory=lots"], "--resources: table.memory: must be a size"),
+        (["table.swap=1"], "--resources: table: unknown key(s) ['swap']"),
+        (["tabel.memory=64M"], "has no stage(s) ['tabel']; its stages are ['gen', 'table', 'check']"),
+        (["table.cpu_quota=0"], "table.cpu_quota: 0 is out of range"),
+        (["memory=64M"], "expected STAGE.KEY=VALUE"),
+        (["table.memory"], "expected STAGE.KEY=VALUE"),
+    ],
+)
+def test_a_bad_override_is_one_config_error(tmp_path: Path, items: list[str], says: str) -> None:
+    from dpmigrate.runtime.manifest import parse_resource_options
+
+    app = App.load(paced_flows(tmp_path, 1000))
+    with pytest.raises(ConfigError) as err:
+        app.with_resources(parse_resource_options(items), "--resources")
+    assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_run_resources_override_applies_to_a_multi_process_run(
+    tmp_path: Path, groups: Groups, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's --resources (and a bad one: one line, exit 1), and the Python API's
+    ``resources=``: the stage's group holds the overridden limits."""
+    from support import run_cli
+
+    require("root")
+    flows = paced_flows(tmp_path, 3000, rate=5000)
+    run = MultiProcessRun(App.load(flows), run_dir=tmp_path / "api",
+                          resources={"table": {"memory": "200M", "pids": 48}})  # fmt: skip
+    groups.watch(run.groups.record.path)
+    with run:
+        assert run.wait(duration=60), run.status()
+        table = stage_status(run)
+        groups.note()
+    assert table["resources"]["limits"] == {"memory": 200 << 20, "pids": 48}, table["resources"]
+    assert table["resources"]["applied"]["pids"] == 48
+
+    state = tmp_path / "state"
+    env = {"DPMIGRATE_STATE_DIR": str(state)}
+    bad = run_cli("run", str(flows), "--model", "multi-process", "--resources",
+                  "table.memory=lots", env=env)  # fmt: skip
+    assert bad.returncode == 2 and "--resources: table.memory: must be a size" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    done = run_cli("run", str(flows), "--model", "multi-process", "--json", "--resources",
+                   "table.pids=40", env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stages = {s["name"]: s for s in json.loads(done.stdout)["stages"]}
+    assert stages["table"]["resources"]["limits"] == {"pids": 40}
+    assert stages["table"]["resources"]["applied"] == {"pids": 40}
+    assert stages["check"]["metrics"]["lost"] == 0
+
+
 # -- a migration carries the limits ------------------------------------------------------
 TABLE_LIMITS = {"cpu_quota": 0.5, "memory": 256 << 20, "pids": 64}
 #: what the group holds: memory also caps swap (memsw), see runtime.cgroups
@@ -246,10 +325,13 @@ def _in_group(pid: int, name: str) -> dict[str, bool]:
     return out
 
 
-@pytest.mark.parametrize("strategy", ["stop-and-copy", "post-copy"])
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "post-copy", "statesync"])
 def test_limits_are_the_same_on_the_destination(
     cluster_state_dir: Path, tmp_path: Path, strategy: str
 ) -> None:
+    """The manifest gives cpu_quota and memory, the run's ``resources=`` override gives pids
+    (and a smaller memory than the manifest's 512M): the destination's group holds all three,
+    whatever the strategy — statesync's fresh instance gets them through the same path."""
     from support import wait_for_input
 
     from dpmigrate.cluster import nodefs
@@ -259,16 +341,17 @@ def test_limits_are_the_same_on_the_destination(
     flows = paced_flows(tmp_path, 40000)
     flows.write_text(flows.read_text().replace(
         'entry = "stages:FlowTable"',
-        'entry = "stages:FlowTable"\nresources = { cpu_quota = 0.5, memory = "256M", pids = 64 }',
+        'entry = "stages:FlowTable"\nresources = { cpu_quota = 0.5, memory = "512M" }',
     ))  # fmt: skip
-    app = App.load(flows)
+    app = App.load(flows).with_resources({"table": {"memory": "256M", "pids": 64}})
     with pytest.warns(RuntimeWarning):  # the reference runs in-process: limits ignored
         expected = reference_checker(app)
     seen: set[str] = set()
     with LocalCluster(3) as cluster:
         records = [nodefs.host_dir(cluster.state_dir, n.name) / cgroups.RECORD
                    for n in cluster.nodes]  # fmt: skip
-        run = MultiNodeRun(app, cluster)
+        run = MultiNodeRun(App.load(flows), cluster, resources={"table": {"memory": "256M",
+                                                                          "pids": 64}})  # fmt: skip
         run.start()
         try:
             wait_for_input(run, 5000)

@@ -234,11 +234,17 @@ class Agent:
     def _group_for(self, key: str, argv: Sequence[str]) -> cgroups.Group | None:
         """The control group of stage ``key`` as its manifest's ``resources`` say (None
         when it has none), made or taken over (same name) before the stage runs. ``argv``
-        is the stage host's (:func:`stagehost.command`), which names manifest and run."""
+        is the stage host's (:func:`stagehost.command`), which names manifest and run. A
+        run's own overrides (``run --resources``) come from the store's ``apps/<app>``
+        record, so every node that starts, restarts or adopts the stage applies the same."""
         manifest, run_dir = _flag(argv, "--manifest"), _flag(argv, "--run-dir")
         if manifest is None or run_dir is None:
             return None
-        limits = stage_resources(manifest, key.partition("/")[2])
+        app, _, stage = key.partition("/")
+        limits = stage_resources(manifest, stage)
+        override = self.store.resource_overrides(app, Path(run_dir).name).get(stage)
+        if override is not None:  # the run's --resources: already merged and validated
+            limits = cgroups.limits_from_dict(override)
         if limits.empty:
             return None
         name = cgroups.group_name(f"{Path(run_dir).name}.{self.node}", key)

@@ -92,10 +92,43 @@ class App:
     path: Path
     stages: tuple[StageSpec, ...]
     rings: tuple[RingSpec, ...]
+    #: per-run limits (:meth:`with_resources`): stage -> its whole limits, merged and
+    #: validated; a multi-node run records them for the agents (``apps/<app>`` in the store)
+    resource_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
         return load(path, ring_capacity=ring_capacity)
+
+    def with_resources(
+        self, overrides: dict[str, dict[str, Any]], where: str = "resources"
+    ) -> App:
+        """This app with some stages' limits changed for one run: ``{"table": {"memory":
+        "128M"}}`` sets those keys over the manifest's (the others stay), validated by the
+        manifest's own rules; a ConfigError naming ``where``, the stage and the key."""
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{where}: must map stage names to tables of limits")
+        names = [spec.name for spec in self.stages]
+        unknown = [_key(str(u)) for u in sorted(set(overrides) - set(names))]
+        if unknown:
+            raise ConfigError(
+                f"{where}: app {self.name!r} has no stage(s) {unknown}; its stages are {names}"
+            )
+        changed = dict(self.resource_overrides)
+        stages = []
+        for spec in self.stages:
+            raw = overrides.get(spec.name)
+            if raw is None:
+                stages.append(spec)
+                continue
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{where}: {spec.name}: must be a table such as "
+                                  f"{{ memory = \"256M\" }}, got {_show(raw)}")  # fmt: skip
+            merged = {**spec.resources.as_dict(), **raw}
+            limits = parse_limits(merged, f"{where}: {spec.name}")
+            changed[spec.name] = limits.as_dict()
+            stages.append(dataclasses.replace(spec, resources=limits))
+        return dataclasses.replace(self, stages=tuple(stages), resource_overrides=changed)
 
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:
@@ -340,6 +373,37 @@ def load(path: str | Path, *, ring_capacity: int = DEFAULT_CAPACITY) -> App:
                     f"input port {ring.dst_port!r}; its inputs are {list(cls.inputs)}"
                 )
     return app_obj
+
+
+def parse_resource_options(items: list[str] | tuple[str, ...], files: tuple[str, ...] = ()
+                           ) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """``--resources STAGE.KEY=VALUE`` options (VALUE read as a TOML value when it is one:
+    ``0.5``, ``64``; else as text: ``256M``, ``0-1``) and ``--resources-file FILE`` (TOML:
+    ``[STAGE]`` tables of limits), as overrides for :meth:`App.with_resources`; later ones win.
+    A ConfigError naming the option, one line."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in files:
+        try:
+            raw = tomllib.loads(Path(name).read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"--resources-file {name}: {_text(err)}") from err
+        for stage, table in raw.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"--resources-file {name}: {_key(stage)} must be a table "
+                                  f"[{_key(stage)}] of limits, got {_show(table)}")  # fmt: skip
+            out.setdefault(stage, {}).update(table)
+    for item in items:
+        target, eq, text = item.partition("=")
+        stage, dot, key = target.rpartition(".")
+        if not eq or not dot or not stage or not key or not text:
+            raise ConfigError(f"--resources {_show(item)}: expected STAGE.KEY=VALUE, e.g. "
+                              "table.memory=256M or table.cpu_quota=0.5")  # fmt: skip
+        try:
+            value: Any = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        out.setdefault(stage, {})[key] = value
+    return out
 
 
 def stage_resources(path: str | Path, stage: str) -> Limits:

@@ -33,8 +33,18 @@ STATUS_TIMEOUT_S = 5.0
 class MultiNodeRun:
     """One app on the nodes of a running cluster."""
 
-    def __init__(self, app: App, cluster: LocalCluster, run_dir: Path | None = None) -> None:
-        self.app = app
+    def __init__(
+        self,
+        app: App,
+        cluster: LocalCluster,
+        run_dir: Path | None = None,
+        *,
+        resources: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """``resources``: this run's limits over the manifest's, e.g. ``{"table": {"memory":
+        "128M"}}`` (:meth:`App.with_resources`; validated here, a ConfigError)."""
+        self.app = app if resources is None else app.with_resources(resources)
+        app = self.app
         self.cluster = cluster
         known = {node.name for node in cluster.nodes}
         missing = sorted(set(app.nodes) - known)
@@ -59,8 +69,9 @@ class MultiNodeRun:
             )
         store.delete_prefix(f"placement/{self.app.name}/")  # a new run starts afresh
         store.delete_prefix(f"standby/{self.app.name}/")
+        # the agents apply "resources" (this run's overrides) wherever the stage runs
         record = {"manifest": str(self.app.path.resolve()), "run": self.run_id,
-                  "started": time.time()}  # fmt: skip
+                  "started": time.time(), "resources": self.app.resource_overrides}  # fmt: skip
         store.put(f"apps/{self.app.name}", record)
         for spec in self.app.stages:
             store.place(self.app.name, spec.name, spec.node, None)

@@ -37,9 +37,12 @@ class MultiProcessRun:
         on_event: Callable[[str], None] | None = None,
         *,
         state_dir: str | None = None,
+        resources: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """``run_dir``: the run's folder; by default a new one in ``state_dir``/runs (the
-        caller's DPMIGRATE_STATE_DIR: one of the two is needed)."""
+        caller's DPMIGRATE_STATE_DIR: one of the two is needed). ``resources``: this run's
+        limits over the manifest's (:meth:`App.with_resources`)."""
+        app = app if resources is None else app.with_resources(resources)
         self.app = app
         self.model = model
         if run_dir is None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dpmigrate.cluster.store import Event, Lease, Placement, Store, StoreUnavailable, Watch
+from dpmigrate.errors import EnvironmentProblem
 
 #: How often writes that failed while etcd was down are tried again.
 _RETRY_S = 0.5
@@ -42,6 +43,7 @@ class NodeStore:
         self.rings: dict[str, dict[str, Any]] = {}
         self.placements: dict[str, dict[str, Any]] = {}  # "app/stage" -> {"node", "epoch"}
         self.standbys: dict[str, dict[str, Any]] = {}  # "app/stage" -> {"nodes", "in_sync"}
+        self._overrides: dict[tuple[str, str], dict[str, Any]] = {}  # (app, run) -> resources
         self._pending: dict[str, dict[str, Any] | None] = {}  # ring -> endpoint (None: delete)
         self._lease: Lease | None = None
         self._watches: list[Watch] = []
@@ -235,6 +237,29 @@ class NodeStore:
                     if key.startswith(app + "/")
                 }
             return cached, False
+
+    def resource_overrides(self, app: str, run: str) -> dict[str, Any]:
+        """The per-run ``resources`` overrides of ``app`` (stage -> limits), as ``run``'s
+        start recorded them in ``apps/<app>``; {} for another run or none. Read once per run
+        and kept: a stage restarted or adopted while etcd is away gets the same limits."""
+        if (app, run) in self._overrides:
+            return self._overrides[(app, run)]
+        if self.store is None:
+            return {}
+        try:
+            found = self.store.get(f"apps/{app}")
+        except StoreUnavailable as err:
+            raise EnvironmentProblem(
+                f"cannot read app {app!r}'s resource overrides from the cluster store ({err}); "
+                "the stage starts once etcd answers again"
+            ) from err
+        record = found[0] if found else None
+        out: dict[str, Any] = {}
+        if isinstance(record, dict) and record.get("run") == run:
+            raw = record.get("resources")
+            out = raw if isinstance(raw, dict) else {}
+            self._overrides[(app, run)] = out
+        return out
 
     def health(self) -> dict[str, Any]:
         """What this agent knows of the store without asking it (status must stay quick
