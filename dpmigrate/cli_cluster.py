@@ -76,7 +76,7 @@ def _print_status(status: dict[str, Any], title: str) -> None:
     if not status["healthy"]:
         Console().print(
             f"[bold red]cluster {status['id']} is not healthy[/bold red] (status "
-            f"{status['status']}); agent logs in {status['state_dir']}/cluster/logs; "
+            f"{status['status']}); `dpmigrate logs NODE` shows a node's agent log; "
             "`dpmigrate cluster down` removes it"
         )
 

@@ -444,7 +444,7 @@ class SshNode:
                 asked = True
             except DpmigrateError:
                 pass  # not answering: the signals below end it
-        alive = self.alive(procs)
+        alive = running = self.alive(procs)  # only those running now are reported as stopped
         steps = (("", _STOP_TIMEOUT_S if asked else 0.0), ("TERM", _STOP_TIMEOUT_S),
                  ("KILL", _KILL_TIMEOUT_S))  # fmt: skip
         for sig, wait_s in steps:  # after the shutdown: nothing, then SIGTERM, then SIGKILL
@@ -462,7 +462,7 @@ class SshNode:
                 + ", ".join(str(p) for p, _ in alive)
                 + " survived SIGKILL on the host; stop them there by hand",
             )
-        removed += [labels.get(p, f"process {p} on {where}") for p, _ in procs]
+        removed += [labels.get(p, f"process {p} on {where}") for p, _ in running]
         if self._tunnel is not None:
             self._tunnel.close()
             self._tunnel = None
