@@ -48,7 +48,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pycriu
@@ -148,13 +148,26 @@ class _TimedBinComm(_pycriu_criu._criu_comm_bin):
     :func:`_call` kills the criu it started, by PID.
     """
 
-    def __init__(self, bin_path: str, timeout: float) -> None:
+    def __init__(self, bin_path: str, timeout: float, enter: Sequence[str] = ()) -> None:
         super().__init__(bin_path)
         self._timeout = timeout
+        self._enter = tuple(enter)
 
     def connect(self, daemon: bool) -> Any:
         sk = super().connect(daemon)
         sk.settimeout(self._timeout)
+        # Before any request: the swrk idles on its socket, so what it forks later (a
+        # restored tree) is born in these control groups. A failure ends the swrk we made.
+        for procs in self._enter:
+            try:
+                with open(procs, "w") as f:
+                    f.write(str(self.swrk))
+            except OSError as err:
+                _reap(self)
+                raise CheckpointError(
+                    f"cannot put criu swrk (pid {self.swrk}) into {procs}: {err.strerror}; "
+                    "is that stage's control group still there (see `dpmigrate doctor`)?"
+                ) from err
         return sk
 
 
@@ -209,11 +222,13 @@ def _call(
     netns: str | None,
     log_file: str,
     timeout: float,
+    enter: Sequence[str] = (),
 ) -> Any:
-    """Send one request (``action`` is "dump" or "restore"); CRIU failures → CheckpointError."""
+    """Send one request (``action`` is "dump" or "restore"); CRIU failures → CheckpointError.
+    ``enter``: cgroup.procs files the swrk is put in before the request."""
     with _criu_command(netns) as command:
         client = pycriu.criu()
-        comm = _TimedBinComm(command, timeout)
+        comm = _TimedBinComm(command, timeout, enter)
         client._comm = comm  # pycriu has no public hook for a transport with a timeout
         client.opts.MergeFrom(opts)
         try:
@@ -589,8 +604,16 @@ def restore(
     log_name: str = "restore.log",
     log_dir: str | os.PathLike[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
+    cgroup_procs: Sequence[str] = (),
 ) -> RestoreResult:
     """Restore the tree in ``images_dir``; returns its root's host PID.
+
+    ``cgroup_procs``: the ``cgroup.procs`` files of the control group the restored tree must
+    be charged to. The ``criu swrk`` is written into them before it gets the request, and
+    CRIU is told to leave cgroups alone (``manage_cgroups`` off: mode IGNORE), so the tree it
+    forks is born there and every page it restores is charged there from the first one —
+    not to the group the images name (the source's), which CRIU's default (soft) mode would
+    move the tasks back into. Without it the tree is born in the caller's group.
 
     ``netns``: run criu — and so the restored tree, unless the images carry their own network
     namespace — inside this namespace (``/run/netns/NAME``). ``restore_sibling``: the
@@ -619,8 +642,11 @@ def restore(
             tcp_established=tcp_established, ext_unix_sk=ext_unix_sk, shell_job=shell_job,
         )  # fmt: skip
         opts.rst_sibling = restore_sibling
+        if cgroup_procs:
+            opts.manage_cgroups = False  # IGNORE: the tasks stay where the swrk forks them
         started = time.monotonic()
-        answer = _call("restore", opts, netns=netns, log_file=log_file, timeout=timeout)
+        answer = _call("restore", opts, netns=netns, log_file=log_file, timeout=timeout,
+                       enter=cgroup_procs)  # fmt: skip
         wall = int((time.monotonic() - started) * 1e6)
     finally:
         os.close(images_fd)

@@ -25,14 +25,14 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpmigrate.checkpoint import bundle as bundles
 from dpmigrate.checkpoint import criu_rpc
 from dpmigrate.errors import CheckpointError, DpmigrateError, ProtocolError
-from dpmigrate.runtime import stagehost
+from dpmigrate.runtime import cgroups, stagehost
 from dpmigrate.runtime.journal import StageJournal
 from dpmigrate.statesync.state import State
 from dpmigrate.transports.resolver import NAME_RE
@@ -335,8 +335,10 @@ def restore_stage(
     prepare_run_folder(agent, context, State.restore(bundle.state), keep_newer_journal)
     logs = Path(run_dir) / "criu" / f"{stage}-{int(time.time() * 1000)}"
     logs.mkdir(parents=True, exist_ok=True)
-    result = bundles.restore(bundle, restore_sibling=True, log_dir=logs)
-    adopt(agent, context, result.pid)
+    with restore_group(agent, context) as group:
+        result = bundles.restore(bundle, restore_sibling=True, log_dir=logs,
+                                 cgroup_procs=charge_files(group))  # fmt: skip
+    adopt(agent, context, result.pid, group)
     if not wake_it:  # the migration wakes it after the placement changed
         return {"stage": key, "node": agent.node, "pid": result.pid,
                 "restore_s": round(time.monotonic() - t0, 4), "criu": result.as_dict()}  # fmt: skip
@@ -372,9 +374,44 @@ def prepare_run_folder(
     journal.start_at(state, dict(positions.get("inputs", {})), dict(positions.get("outputs", {})))
 
 
-def adopt(agent: Agent, context: dict[str, Any], pid: int) -> None:
+def _argv(context: dict[str, Any]) -> tuple[str, list[str]]:
+    app, stage = str(context["app"]), str(context["stage"])
+    manifest, run_dir, model = (str(context[k]) for k in ("manifest", "run_dir", "model"))
+    return f"{app}/{stage}", stagehost.command(manifest, stage, run_dir, model, "agent")
+
+
+@contextlib.contextmanager
+def restore_group(agent: Agent, context: dict[str, Any]) -> Iterator[cgroups.Group | None]:
+    """The control group a stage is restored into (None: it has no limits), made before
+    CRIU runs so that the restore's ``criu swrk`` can be put in it and every restored page
+    is charged there (``criu_rpc.restore(cgroup_procs=...)``). Removed again when the
+    restore fails; on success :func:`adopt` hands it to the supervisor."""
+    key, argv = _argv(context)
+    group_for = agent.supervisor.group_for
+    group = group_for(key, argv) if group_for is not None else None
+    try:
+        yield group
+    except BaseException:
+        if group is not None:
+            try:
+                agent.groups.remove(group)
+            except DpmigrateError as err:
+                agent.log("stage group not removed", level="warning", stage=key, error=str(err))
+        raise
+
+
+def charge_files(group: cgroups.Group | None) -> list[str]:
+    """Where a restore's swrk goes: the group's memory hierarchy only (the charge is the
+    point; CRIU's own work is not held to the stage's CPU quota or task limit), or the
+    whole group on v2 (one hierarchy). The agent moves the stage into the rest on adopt."""
+    return [] if group is None else group.memory_procs_files()
+
+
+def adopt(
+    agent: Agent, context: dict[str, Any], pid: int, group: cgroups.Group | None = None
+) -> None:
     """Make a restored stage this node's: supervised (a crash restarts it from its journal)
-    and known to status, quiesce and wake."""
+    and known to status, quiesce and wake. ``group``: the one it was restored into."""
     app, stage = str(context["app"]), str(context["stage"])
     manifest, run_dir, model = (
         str(context["manifest"]),
@@ -384,7 +421,7 @@ def adopt(agent: Agent, context: dict[str, Any], pid: int) -> None:
     key = f"{app}/{stage}"
     with agent.lock:
         agent.supervisor.adopt(
-            key, pid, stagehost.command(manifest, stage, run_dir, model, "agent")
+            key, pid, stagehost.command(manifest, stage, run_dir, model, "agent"), group=group
         )
         agent.stage_args[key] = (manifest, run_dir, model)
         agent.roles.pop(key, None)  # a restored stage is the stage itself

@@ -334,13 +334,16 @@ class Transfers:
         logs = agent.run_dir / "criu" / f"{context['stage']}-{int(time.time() * 1000)}"
         logs.mkdir(parents=True, exist_ok=True)
         images = root / bundles.IMAGES
-        if lazy_source is not None:
-            daemon = transfer.LazyDestination(images, lazy_source, log_dir=logs).start()
-            self.lazy_daemons[key] = daemon
-            result = daemon.restore(restore_sibling=True)
-        else:
-            result = criu_rpc.restore(images, restore_sibling=True, log_dir=logs)
-        stage_checkpoint.adopt(agent, context, result.pid)
+        with stage_checkpoint.restore_group(agent, context) as group:
+            charge = stage_checkpoint.charge_files(group)  # born in its group: see there
+            if lazy_source is not None:
+                daemon = transfer.LazyDestination(images, lazy_source, log_dir=logs).start()
+                self.lazy_daemons[key] = daemon
+                result = daemon.restore(restore_sibling=True, cgroup_procs=charge)
+            else:
+                result = criu_rpc.restore(images, restore_sibling=True, log_dir=logs,
+                                          cgroup_procs=charge)  # fmt: skip
+        stage_checkpoint.adopt(agent, context, result.pid, group)
         return {"stage": key, "node": agent.node, "pid": result.pid,
                 "restore_s": round(time.monotonic() - t0, 4), "criu": result.as_dict()}  # fmt: skip
 

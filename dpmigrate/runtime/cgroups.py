@@ -41,21 +41,22 @@ file *before* it is created; :func:`remove_recorded` removes exactly what a reco
 never a group found by name — first killing what still runs in it (the stage's own group:
 nothing else is ever put there).
 
-A stage restored by CRIU is moved into its group by the agent (``Supervisor.adopt``), before
-it is woken: it runs none of its code outside. CRIU's own cgroup handling
-(``--manage-cgroups``) is not used to place it: CRIU records the *source's* group paths in the
-images and, in its default ``soft`` mode, restores the task into those paths (measured here:
-"cgroup dir pids/dpmigrate/... already exist, Skip restoring properties", and the restored
-pages charged to the source's group) — on one host that is the frozen source's group, on
-another it would create that path, a group nobody recorded; ``--cgroup-root`` only moves the
-prefix, and the node is part of a group's name, so it cannot name the destination's group.
-The cost of the agent's move: the pages CRIU restored before the move stay charged where they
-were (v1 cannot move charges on this kernel: ``memory.move_charge_at_immigrate`` is refused),
-so after stop-and-copy the group's memory usage starts low and the limit applies to what the
-stage allocates afterwards; after post-copy the pages arrive after the move and are charged to
-the group. The sound end state — restore with ``manage_cgroups_mode`` IGNORE and the
-``criu swrk`` itself placed in the destination's group, so every page is charged there from
-the start — needs a hook in ``checkpoint.criu_rpc``, which this module does not own.
+A stage restored by CRIU is *born* in its group: the agent makes the destination's group
+before the restore, the restore's ``criu swrk`` is written into the group's memory hierarchy
+(the whole group on v2) before it gets its request, and CRIU is told to leave cgroups alone
+(``manage_cgroups`` off, mode IGNORE), so the tree it forks starts there and every page it
+restores is charged there (``checkpoint.criu_rpc.restore(cgroup_procs=...)``,
+``migrate.stage_checkpoint.restore_group``). Measured after a stop-and-copy of the flows
+table: 14.5 MB of 14.5 MB anonymous memory charged to the destination's group (1.2 MB when
+the agent moved the task in after the restore). The agent then moves it into the group's
+other hierarchies before it is woken (``Supervisor.adopt``): CRIU's own work is held to the
+stage's memory limit, not its CPU quota or task limit. Why not CRIU's own cgroup handling
+(``--manage-cgroups``): CRIU records the *source's* group paths in the images and, in its
+default ``soft`` mode, restores the task into those paths (measured here: "cgroup dir
+pids/dpmigrate/... already exist, Skip restoring properties", and the restored pages charged
+to the source's group) — on one host that is the frozen source's group, on another it would
+create that path, a group nobody recorded; ``--cgroup-root`` only moves the prefix, and the
+node is part of a group's name, so it cannot name the destination's group.
 
 Backends are chosen by what the host has (:func:`detect`): v2 when the unified hierarchy has
 the memory controller, else v1 when the memory and cpu hierarchies are mounted.
@@ -199,6 +200,11 @@ class Group(Protocol):
         ...
 
     def add(self, pid: int) -> None: ...
+
+    def memory_procs_files(self) -> list[str]:
+        """The file(s) that put a process under the group's memory accounting only (v1: the
+        memory hierarchy; v2: the group), e.g. the ``criu swrk`` of a restore."""
+        ...
 
     def pids(self) -> list[int]: ...
 
@@ -427,6 +433,9 @@ class V1Group:
         for f in self.procs_files():
             _write(Path(f), str(pid))
 
+    def memory_procs_files(self) -> list[str]:
+        return [str(self.paths["memory"] / "cgroup.procs")]
+
     def pids(self) -> list[int]:
         return _procs(self.paths["memory"])
 
@@ -568,6 +577,9 @@ class V2Group:
 
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
+
+    def memory_procs_files(self) -> list[str]:
+        return self.procs_files()
 
     def pids(self) -> list[int]:
         return _procs(self.path)
