@@ -405,3 +405,76 @@ def test_limits_are_the_same_on_the_destination(
         assert not record.exists() or not cgroups.load_record(record)["groups"]
     left = sorted(d for d in seen if Path(d).exists())
     assert not left, f"control groups left behind: {left}"
+
+
+# -- a killed multi-process run ---------------------------------------------------------
+def _killed_run(flows: Path, env: dict[str, str], groups: Groups) -> set[str]:
+    """`dpmigrate run --model multi-process` SIGKILLed (by its PID) once its stage's group
+    holds the stage: no stop runs, the group stays. Returns the group's folders."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).with_name("dpmigrate"))
+    proc = subprocess.Popen([exe, "run", str(flows), "--model", "multi-process", "--json"],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        runs = Path(env["DPMIGRATE_STATE_DIR"]) / "runs"
+        deadline = time.monotonic() + 60
+        while True:
+            records = list(runs.glob(f"*-{proc.pid}-*/{cgroups.RECORD}"))
+            dirs = {d for r in records for g in cgroups.load_record(r)["groups"] for d in g}
+            if dirs and all(Path(d).exists() and cgroups._procs(Path(d)) for d in dirs):
+                break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the run never put its stage in its group"
+            time.sleep(0.05)
+        for record in records:
+            groups.watch(record)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert all(Path(d).exists() for d in dirs), "the groups went without a clean"
+    return dirs
+
+
+def test_clean_and_cluster_down_remove_the_groups_of_a_killed_run(
+    tmp_path: Path, groups: Groups
+) -> None:
+    """Two runs SIGKILLed without a stop: `clean` removes the first one's group, `cluster
+    down` (no cluster up) the second one's — what their records list, found through the
+    state dir's index — while a run whose process lives keeps its group."""
+    from support import run_cli
+
+    require("root")
+    state = tmp_path / "state"
+    env = {"DPMIGRATE_STATE_DIR": str(state)}
+    flows = paced_flows(tmp_path, 2_000_000, rate=2000)
+    flows.write_text(flows.read_text().replace(
+        'entry = "stages:FlowTable"', 'entry = "stages:FlowTable"\nresources = { pids = 64 }'
+    ))  # fmt: skip
+    live = MultiProcessRun(App.load(flows), state_dir=str(state))
+    groups.watch(live.groups.record.path)
+    with live:
+        mine = set(groups.note())
+        assert mine and all(Path(d).exists() for d in mine)
+        first = _killed_run(flows, env, groups)
+        cleaned = run_cli("clean", "--json", env=env)
+        assert cleaned.returncode == 0, cleaned.stderr
+        removed = json.loads(cleaned.stdout)["removed"]
+        assert {f"cgroup {d}" for d in first} <= set(removed), removed
+        assert not any(Path(d).exists() for d in first)
+        assert all(Path(d).exists() for d in mine), "a live run's group was removed"
+
+        second = _killed_run(flows, env, groups)
+        down = run_cli("cluster", "down", "--json", env=env)
+        assert down.returncode == 0, down.stderr
+        assert {f"cgroup {d}" for d in second} <= set(json.loads(down.stdout)["removed"])
+        assert not any(Path(d).exists() for d in second)
+        assert all(Path(d).exists() for d in mine)
+        index = json.loads((state / cgroups.INDEX).read_text())["runs"]
+        assert [r["record"] for r in index] == [str(live.groups.record.path)]
+    assert json.loads((state / cgroups.INDEX).read_text())["runs"] == []
+    assert not any(Path(d).exists() for d in mine)

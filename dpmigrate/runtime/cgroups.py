@@ -67,13 +67,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import re
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -410,6 +411,75 @@ def _mkdir_recorded(path: Path, base: Path, record: Record) -> None:
     for d in made:
         with contextlib.suppress(FileExistsError):
             os.mkdir(d)
+
+
+# -- the index of run records ---------------------------------------------------------------
+#: In DPMIGRATE_STATE_DIR: the cgroup records of multi-process runs, each with the process
+#: that owns it (PID and start time), so that `clean` and `cluster down` can remove the
+#: groups of a run whose process was killed (SIGKILL: no stop ran) — from its record alone.
+INDEX = "cgroup-records.json"
+
+
+@contextlib.contextmanager
+def _index(state_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The index, read and written under an exclusive lock (runs start side by side)."""
+    path = Path(state_dir) / INDEX
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(INDEX + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            data = {}
+        except (OSError, ValueError) as err:
+            raise EnvironmentProblem(
+                f"cgroup index {path} is unreadable ({err}); remove the groups its records "
+                "list by hand, then the file"
+            ) from err
+        runs = data.get("runs") if isinstance(data, dict) else None
+        data = {"runs": [r for r in runs or [] if isinstance(r, dict)]}
+        yield data
+        atomic.write_json(path, data)
+
+
+def register_record(state_dir: str | os.PathLike[str], record: Path, pid: int,
+                    start_time: int | None) -> None:  # fmt: skip
+    """List ``record`` (a run's, owned by process ``pid`` started at ``start_time``) in the
+    state dir's index, before the run makes its first group."""
+    with _index(state_dir) as data:
+        data["runs"] = [r for r in data["runs"] if r.get("record") != str(record)]
+        data["runs"].append({"record": str(record), "pid": pid, "start_time": start_time})
+
+
+def unregister_record(state_dir: str | os.PathLike[str], record: Path) -> None:
+    with _index(state_dir) as data:
+        data["runs"] = [r for r in data["runs"] if r.get("record") != str(record)]
+
+
+def remove_orphaned(state_dir: str | os.PathLike[str],
+                    alive: Callable[[int, int | None], bool]) -> list[str]:  # fmt: skip
+    """Remove the groups of every indexed run whose owner is gone (``alive(pid, start)``
+    false): exactly what each record lists. A run whose owner still runs is left alone."""
+    if not (Path(state_dir) / INDEX).exists():
+        return []
+    removed: list[str] = []
+    problems: list[str] = []
+    with _index(state_dir) as data:
+        kept = []
+        for run in data["runs"]:
+            pid, start = run.get("pid"), run.get("start_time")
+            if isinstance(pid, int) and alive(pid, start if isinstance(start, int) else None):
+                kept.append(run)
+                continue
+            try:
+                removed += remove_recorded(Path(str(run.get("record"))))
+            except EnvironmentProblem as err:
+                problems.append(str(err))
+                kept.append(run)
+        data["runs"] = kept
+    if problems:
+        raise EnvironmentProblem("; ".join(problems))
+    return removed
 
 
 # -- cgroup v1 ------------------------------------------------------------------------------

@@ -427,10 +427,22 @@ def clean(state_dir: str | None = None) -> list[str]:
     state_dir = state_dir or config.load().state_dir
     path = _record_path(state_dir)
     record = _load(path)
+    orphans = _orphaned_run_groups(state_dir)
     if record is None:
-        return []
+        return orphans
     _require_root("remove the local cluster")
-    return _teardown(path, record)
+    return orphans + _teardown(path, record)
+
+
+def _orphaned_run_groups(state_dir: str) -> list[str]:
+    """The control groups of multi-process runs (in this state dir) whose process was
+    killed before it could stop them: exactly what their records list."""
+    if not (Path(state_dir) / cgroups.INDEX).exists():
+        return []
+    _require_root("remove control groups")
+    return cgroups.remove_orphaned(
+        state_dir, lambda pid, start: start is not None and process_start_time(pid) == start
+    )
 
 
 def _require_root(action: str) -> None:
@@ -1156,11 +1168,12 @@ class LocalCluster:
         Idempotent, and complete after a half-finished up(): it works from the record alone.
         """
         record = self._record if self._record is not None else _load(self.record_path)
+        orphans = _orphaned_run_groups(self.state_dir)  # killed multi-process runs' groups
         if record is None:
-            return []
+            return orphans
         _require_root("remove the local cluster")
         self.close()  # teardown connects afresh, from the record alone
-        removed = _teardown(self.record_path, record)
+        removed = orphans + _teardown(self.record_path, record)
         for proc in self._procs.values():  # reap our own children (no zombies, no warnings)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=0)

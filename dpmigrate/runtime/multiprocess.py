@@ -21,7 +21,7 @@ from typing import Any
 
 from dpmigrate.runtime import cgroups, stagehost
 from dpmigrate.runtime.manifest import App
-from dpmigrate.runtime.supervisor import Supervisor
+from dpmigrate.runtime.supervisor import Supervisor, process_start_time
 
 _POLL_S = 0.1
 
@@ -52,12 +52,18 @@ class MultiProcessRun:
         self.run_dir = run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.groups = cgroups.StageGroups(self.run_dir / cgroups.RECORD)
+        #: where the run's cgroup record is indexed (so `clean` finds it if this process is
+        #: killed before stop); None for a caller-chosen run_dir outside a state dir
+        self._index_dir = state_dir
         self.supervisor = Supervisor(
             self.run_dir / "logs", on_event=on_event, die_with_supervisor=True,
             groups=self.groups,
         )  # fmt: skip
 
     def start(self) -> None:
+        if self._index_dir is not None and any(not s.resources.empty for s in self.app.stages):
+            cgroups.register_record(self._index_dir, self.groups.record.path, os.getpid(),
+                                    process_start_time(os.getpid()))  # fmt: skip
         for spec in self.app.stages:
             group = None
             if not spec.resources.empty:
@@ -108,6 +114,8 @@ class MultiProcessRun:
             self.supervisor.stop()
         finally:
             self.groups.remove_all()
+            if self._index_dir is not None:
+                cgroups.unregister_record(self._index_dir, self.groups.record.path)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)
