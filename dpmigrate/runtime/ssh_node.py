@@ -436,6 +436,7 @@ class SshNode:
             if isinstance(pid, int) and isinstance(start, int):
                 procs.append((pid, start))
                 labels[pid] = f"stage {key} on {where} (pid {pid})"
+        running = self.alive(procs)  # before the shutdown: those are reported as stopped
         asked = False
         if keeper is not None:
             try:  # it stops its stages and removes their control groups, then exits
@@ -444,7 +445,7 @@ class SshNode:
                 asked = True
             except DpmigrateError:
                 pass  # not answering: the signals below end it
-        alive = running = self.alive(procs)  # only those running now are reported as stopped
+        alive = self.alive(running)
         steps = (("", _STOP_TIMEOUT_S if asked else 0.0), ("TERM", _STOP_TIMEOUT_S),
                  ("KILL", _KILL_TIMEOUT_S))  # fmt: skip
         for sig, wait_s in steps:  # after the shutdown: nothing, then SIGTERM, then SIGKILL
