@@ -17,7 +17,10 @@ one line and exits non-zero, never with a traceback.
     │   ├── EndOfRing               the producer closed cleanly; everything was delivered
     │   ├── RingBroken              the peer went away without closing (crash, cut link)
     │   ├── MessageTooLarge         a message exceeds the ring's maximum message size
-    │   └── ProtocolError           a peer sent malformed or out-of-protocol bytes
+    │   ├── ProtocolError           a peer sent malformed or out-of-protocol bytes
+    │   ├── ViewExpired             a zero-copy view used after the next receive or commit
+    │   └── ViewsHeld               a receive or commit refused: a slice of an expired
+    │                               view (or a buffer taken from one) is still alive
     ├── CheckpointError             a CRIU dump or restore failed (quotes CRIU's log, names it)
     │   └── BundleError             an image bundle is missing, corrupt or incompatible
     ├── ControlError                talking to a node agent failed
@@ -88,6 +91,24 @@ class MessageTooLarge(RingError, ValueError):
 
 class ProtocolError(RingError):
     """The peer sent bytes that do not follow the ring or control protocol."""
+
+
+class ViewExpired(RingError, ValueError):
+    """A batch of zero-copy views (``recv_views``) was used after it expired.
+
+    A batch lives until the next receive or commit on its ring end: after that the ring may
+    reuse the memory the views point into, so every access raises this instead of reading
+    whatever the memory holds by then. Copy what must outlive the batch with ``bytes(view)``.
+    """
+
+
+class ViewsHeld(RingError, BufferError):
+    """A receive or commit was refused because memory of an expired batch is still in use.
+
+    The ring releases the views it handed out; a slice made from one of them (or a numpy
+    array or other buffer taken from one) it cannot release. Going on would let the producer
+    overwrite memory that slice still shows, so the call refuses until it is dropped.
+    """
 
 
 class CheckpointError(DpmigrateError):

@@ -16,6 +16,8 @@
  *     .wait_space(nbytes, timeout_ms) -> bool   (nbytes < 0: wait until all is committed)
  *     .pop(commit) -> bytes | None
  *     .pop_burst(max_n, commit) -> list[bytes]
+ *     .pop_views(max_n, commit) -> Views     (zero-copy: views into the mapping, see below)
+ *     .expire_views() -> None               (end the live Views batch; ViewsHeld if in use)
  *     .commit() -> None
  *     .commit_upto(seq) -> None             (acknowledge the delivered prefix below seq)
  *     .wait_data(timeout_ms) -> bool
@@ -23,7 +25,21 @@
  *     .flags() / .set_flags(bits) / .wake()
  *     .positions() -> (head, head_seq, tail, tail_seq, read, read_seq, flags)
  *     .close()
- *     .messages / .bytes / .peak / .role / .closed
+ *     .messages / .bytes / .peak / .role / .closed / .exports / .name
+ *
+ * Zero-copy receive (Views). A Ring exports its data area through the buffer protocol
+ * (read-only, consumer mappings only) and counts the buffers it has out (`exports`).
+ * pop_views() steps the read cursor over up to max_n records exactly as pop_burst() does,
+ * but instead of copying each payload into a bytes object it returns one Views object that
+ * remembers the records' offsets; a memoryview of a record is made only when the caller
+ * indexes the batch. The batch is valid until the next consumer call on the mapping (pop,
+ * pop_burst, pop_views, commit, commit_upto, expire_views, close): that call first expires
+ * it - releases every memoryview it handed out, so later use raises ValueError, and the
+ * batch itself raises dpmigrate.errors.ViewExpired - and then, if `exports` is still not
+ * zero (the caller kept a slice of a view, or a numpy array over one), raises
+ * dpmigrate.errors.ViewsHeld and does nothing else: no commit can give the producer memory
+ * that something still shows. close() with buffers still out unmaps only when the last one
+ * is released, so no view can ever point at unmapped memory.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -52,9 +68,98 @@ typedef struct {
     Py_ssize_t map_bytes;
     int role;
     int waiting; /* a wait call released the GIL and still uses the mapping */
+    int zombie;  /* close() was called while buffers were exported: unmap on the last release */
+    Py_ssize_t exports; /* buffers of the data area handed out and not yet released */
+    PyObject *batch;    /* the live Views batch (strong ref) or NULL */
+    PyObject *name;     /* the ring's name, for error messages (set by shm.py) */
     struct dpm_ring r;
     unsigned long long messages, bytes, peak;
 } RingObject;
+
+struct view_item {
+    uint64_t off;   /* payload offset in the data area */
+    uint32_t len;
+    PyObject *view; /* the memoryview handed out for it, or NULL */
+};
+
+/* Ownership: the Ring holds its live batch (strong); the batch points back at the Ring only
+ * while it is live (borrowed: the Ring expires its batch before it replaces, unmaps or
+ * frees it, and expiry clears the pointer), so there is no reference cycle. */
+typedef struct {
+    PyObject_VAR_HEAD
+    RingObject *ring; /* borrowed, NULL once expired */
+    PyObject *name;   /* the ring's name, for the expiry error */
+    PyObject *base;   /* memoryview of the whole data area, made on first access, or NULL */
+    int expired;
+    unsigned long long first_seq, nbytes;
+    struct view_item items[1];
+} ViewsObject;
+
+static PyTypeObject ViewsType;
+
+/* Raise dpmigrate's ViewExpired / ViewsHeld with the wording of transports/base.py. */
+static PyObject *view_error(PyObject *name, const char *factory, const char *what)
+{
+    PyObject *mod = PyImport_ImportModule("dpmigrate.transports.base");
+    if (mod == NULL)
+        return NULL;
+    if (name == NULL)
+        name = Py_None;
+    PyObject *exc = what == NULL ? PyObject_CallMethod(mod, factory, "O", name)
+                                 : PyObject_CallMethod(mod, factory, "Os", name, what);
+    Py_DECREF(mod);
+    if (exc == NULL)
+        return NULL;
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+    return NULL;
+}
+
+/* Release one memoryview through its release() method; 0, or -1 if it has exports. */
+static int release_view(PyObject *view)
+{
+    PyObject *r = PyObject_CallMethod(view, "release", NULL);
+    if (r == NULL) {
+        PyErr_Clear(); /* BufferError: a buffer was taken from it; the ring's count shows it */
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Expire a batch: release and forget its views and its base view. Idempotent. */
+static void views_expire(ViewsObject *v)
+{
+    if (v->expired)
+        return;
+    v->expired = 1;
+    v->ring = NULL;
+    for (Py_ssize_t i = 0; i < Py_SIZE(v); i++) {
+        if (v->items[i].view != NULL) {
+            release_view(v->items[i].view);
+            Py_CLEAR(v->items[i].view);
+        }
+    }
+    if (v->base != NULL) {
+        release_view(v->base);
+        Py_CLEAR(v->base);
+    }
+}
+
+/* Before any consumer call: expire the live batch; -1 with ViewsHeld if memory of it is
+ * still referenced (the call must then not go on). */
+static int expire_live(RingObject *self, const char *what)
+{
+    if (self->batch != NULL) {
+        views_expire((ViewsObject *)self->batch);
+        Py_CLEAR(self->batch);
+    }
+    if (self->exports > 0) {
+        view_error(self->name, "held_error", what);
+        return -1;
+    }
+    return 0;
+}
 
 static PyObject *syscall_error(const char *syscall, int err)
 {
@@ -64,7 +169,7 @@ static PyObject *syscall_error(const char *syscall, int err)
 
 static int check_role(RingObject *self, int role, const char *what)
 {
-    if (self->base == NULL) {
+    if (self->base == NULL || self->zombie) {
         PyErr_Format(PyExc_ValueError, "%s() on a closed ring mapping", what);
         return -1;
     }
@@ -116,6 +221,14 @@ static int Ring_init(RingObject *self, PyObject *args, PyObject *kwds)
 
 static void unmap(RingObject *self)
 {
+    if (self->batch != NULL) {
+        views_expire((ViewsObject *)self->batch);
+        Py_CLEAR(self->batch);
+    }
+    if (self->exports > 0) { /* a view still shows the mapping: unmap at its release */
+        self->zombie = 1;
+        return;
+    }
     if (self->base != NULL) {
         munmap(self->base, (size_t)self->map_bytes);
         self->base = NULL;
@@ -125,7 +238,9 @@ static void unmap(RingObject *self)
 
 static void Ring_dealloc(RingObject *self)
 {
+    /* exports > 0 cannot happen here: every exported buffer holds a reference */
     unmap(self);
+    Py_CLEAR(self->name);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -363,7 +478,7 @@ static void note_consumer_peak(RingObject *self)
 
 static PyObject *Ring_pop(RingObject *self, PyObject *arg)
 {
-    if (check_role(self, ROLE_CONSUMER, "pop") < 0)
+    if (check_role(self, ROLE_CONSUMER, "pop") < 0 || expire_live(self, "receive") < 0)
         return NULL;
     if (PyObject_IsTrue(arg))
         dpm_ring_commit(&self->r);
@@ -389,7 +504,7 @@ static PyObject *Ring_pop_burst(RingObject *self, PyObject *args)
     Py_ssize_t max_n;
     int commit;
     if (!PyArg_ParseTuple(args, "np", &max_n, &commit) ||
-        check_role(self, ROLE_CONSUMER, "pop_burst") < 0)
+        check_role(self, ROLE_CONSUMER, "pop_burst") < 0 || expire_live(self, "receive") < 0)
         return NULL;
     if (max_n < 1)
         return PyErr_Format(PyExc_ValueError, "max_n must be >= 1, got %zd", max_n);
@@ -425,9 +540,224 @@ static PyObject *Ring_pop_burst(RingObject *self, PyObject *args)
     return list;
 }
 
+
+/* pop_views(max_n, commit) -> Views: step over up to max_n records like pop_burst(), but
+ * keep only their offsets (no copy, no per-message object). */
+#define VIEWS_STACK 64
+static PyObject *Ring_pop_views(RingObject *self, PyObject *args)
+{
+    Py_ssize_t max_n;
+    int commit;
+    if (!PyArg_ParseTuple(args, "np", &max_n, &commit) ||
+        check_role(self, ROLE_CONSUMER, "pop_views") < 0 || expire_live(self, "receive") < 0)
+        return NULL;
+    if (max_n < 1)
+        return PyErr_Format(PyExc_ValueError, "max_n must be >= 1, got %zd", max_n);
+    if ((uint64_t)max_n > self->r.capacity)
+        max_n = (Py_ssize_t)self->r.capacity; /* never more records than the window */
+    if (commit)
+        dpm_ring_commit(&self->r);
+    uint64_t head = dpm_load_head(&self->r);
+    uint64_t start_seq = self->r.read_seq;
+    struct view_item stack[VIEWS_STACK], *found = stack;
+    Py_ssize_t n = 0, room = VIEWS_STACK;
+    unsigned long long nbytes = 0;
+    struct dpm_record rec;
+    const uint8_t *payload;
+    /* Peek first, step the cursor only once the batch object exists: a failed allocation
+     * must not lose messages. */
+    struct dpm_ring walk = self->r;
+    while (n < max_n) {
+        int rc = dpm_ring_peek(&walk, head, &rec, &payload);
+        if (rc == DPM_EMPTY)
+            break;
+        if (rc != DPM_OK) {
+            if (found != stack)
+                PyMem_Free(found);
+            self->r.read = walk.read; /* name the bad record */
+            self->r.read_seq = walk.read_seq;
+            return corrupt(self);
+        }
+        if (n == room) {
+            struct view_item *more = PyMem_Malloc(2 * (size_t)room * sizeof(*more));
+            if (more == NULL) {
+                if (found != stack)
+                    PyMem_Free(found);
+                return PyErr_NoMemory();
+            }
+            memcpy(more, found, (size_t)n * sizeof(*more));
+            if (found != stack)
+                PyMem_Free(found);
+            found = more;
+            room *= 2;
+        }
+        found[n].off = (uint64_t)(payload - walk.data);
+        found[n].len = rec.len;
+        found[n].view = NULL;
+        nbytes += rec.len;
+        n++;
+        dpm_ring_advance(&walk, &rec);
+    }
+    ViewsObject *v = PyObject_NewVar(ViewsObject, &ViewsType, n);
+    if (v == NULL) {
+        if (found != stack)
+            PyMem_Free(found);
+        return NULL;
+    }
+    if (n > 0)
+        memcpy(v->items, found, (size_t)n * sizeof(*found));
+    if (found != stack)
+        PyMem_Free(found);
+    v->ring = self;
+    v->name = Py_NewRef(self->name != NULL ? self->name : Py_None);
+    v->base = NULL;
+    v->expired = 0;
+    v->first_seq = start_seq;
+    v->nbytes = nbytes;
+    if (n > 0) {
+        note_consumer_peak(self);
+        self->r.read = walk.read;
+        self->r.read_seq = walk.read_seq;
+        self->messages += (unsigned long long)n;
+        self->bytes += nbytes;
+        Py_INCREF(v);
+        self->batch = (PyObject *)v;
+    } else {
+        v->expired = 1; /* nothing to expire: not the live batch, and no Ring pointer kept */
+        v->ring = NULL;
+    }
+    return (PyObject *)v;
+}
+
+static PyObject *Ring_expire_views(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_role(self, ROLE_CONSUMER, "expire_views") < 0 || expire_live(self, "commit") < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ buffer export */
+
+static int Ring_getbuffer(RingObject *self, Py_buffer *view, int flags)
+{
+    if (self->base == NULL || self->zombie || self->role != ROLE_CONSUMER) {
+        PyErr_SetString(PyExc_BufferError,
+                        "only an attached consumer mapping exports its data area");
+        view->obj = NULL;
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->r.data, (Py_ssize_t)self->r.data_bytes,
+                          1, flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void Ring_releasebuffer(RingObject *self, Py_buffer *Py_UNUSED(view))
+{
+    self->exports--;
+    if (self->exports == 0 && self->zombie) {
+        self->zombie = 0;
+        unmap(self);
+    }
+}
+
+static PyBufferProcs Ring_as_buffer = {
+    .bf_getbuffer = (getbufferproc)Ring_getbuffer,
+    .bf_releasebuffer = (releasebufferproc)Ring_releasebuffer,
+};
+
+/* ------------------------------------------------------------------ Views */
+
+static void Views_dealloc(ViewsObject *v)
+{
+    views_expire(v); /* a no-op for a batch that was live: its Ring expired it first */
+    Py_XDECREF(v->name);
+    PyObject_Free(v);
+}
+
+static Py_ssize_t Views_len(ViewsObject *v)
+{
+    return Py_SIZE(v);
+}
+
+static PyObject *Views_item(ViewsObject *v, Py_ssize_t i)
+{
+    if (i < 0 || i >= Py_SIZE(v)) { /* first: iteration ends here, also on an empty batch */
+        PyErr_SetString(PyExc_IndexError, "batch index out of range");
+        return NULL;
+    }
+    if (v->expired)
+        return view_error(v->name, "expired_error", NULL);
+    struct view_item *it = &v->items[i];
+    if (it->view == NULL) {
+        if (v->base == NULL) {
+            v->base = PyMemoryView_FromObject((PyObject *)v->ring);
+            if (v->base == NULL)
+                return NULL;
+        }
+        PyObject *start = PyLong_FromUnsignedLongLong(it->off);
+        PyObject *stop = PyLong_FromUnsignedLongLong(it->off + it->len);
+        PyObject *slice = start && stop ? PySlice_New(start, stop, NULL) : NULL;
+        Py_XDECREF(start);
+        Py_XDECREF(stop);
+        if (slice == NULL)
+            return NULL;
+        it->view = PyObject_GetItem(v->base, slice);
+        Py_DECREF(slice);
+        if (it->view == NULL)
+            return NULL;
+    }
+    Py_INCREF(it->view);
+    return it->view;
+}
+
+static PyObject *Views_get_expired(ViewsObject *v, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(v->expired);
+}
+
+static PyObject *Views_repr(ViewsObject *v)
+{
+    return PyUnicode_FromFormat("<shm Views ring=%R seq=%llu n=%zd %s>", v->name, v->first_seq,
+                                Py_SIZE(v), v->expired ? "expired" : "live");
+}
+
+static PySequenceMethods Views_as_sequence = {
+    .sq_length = (lenfunc)Views_len,
+    .sq_item = (ssizeargfunc)Views_item,
+};
+
+static PyMemberDef Views_members[] = {
+    {"first_seq", T_ULONGLONG, offsetof(ViewsObject, first_seq), READONLY,
+     "sequence number of the batch's first message"},
+    {"nbytes", T_ULONGLONG, offsetof(ViewsObject, nbytes), READONLY,
+     "payload bytes of all its messages"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef Views_getset[] = {
+    {"expired", (getter)Views_get_expired, NULL, "True once its views were released", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ViewsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dpmigrate.native._ring.Views",
+    .tp_basicsize = offsetof(ViewsObject, items),
+    .tp_itemsize = sizeof(struct view_item),
+    .tp_dealloc = (destructor)Views_dealloc,
+    .tp_repr = (reprfunc)Views_repr,
+    .tp_as_sequence = &Views_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_SEQUENCE,
+    .tp_doc = "A batch of records of a consumer mapping, as views valid until its next call.",
+    .tp_members = Views_members,
+    .tp_getset = Views_getset,
+};
+
 static PyObject *Ring_commit(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (check_role(self, ROLE_CONSUMER, "commit") < 0)
+    if (check_role(self, ROLE_CONSUMER, "commit") < 0 || expire_live(self, "commit") < 0)
         return NULL;
     dpm_ring_commit(&self->r);
     Py_RETURN_NONE;
@@ -438,7 +768,7 @@ static PyObject *Ring_commit_upto(RingObject *self, PyObject *arg)
     unsigned long long seq = PyLong_AsUnsignedLongLong(arg);
     if (seq == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    if (check_role(self, ROLE_CONSUMER, "commit_upto") < 0)
+    if (check_role(self, ROLE_CONSUMER, "commit_upto") < 0 || expire_live(self, "commit") < 0)
         return NULL;
     if (seq > self->r.read_seq)
         return PyErr_Format(PyExc_ValueError,
@@ -477,7 +807,7 @@ static PyObject *Ring_resync(RingObject *self, PyObject *args)
 
 static PyObject *Ring_flags(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->base == NULL || self->role == ROLE_NONE)
+    if (self->base == NULL || self->zombie || self->role == ROLE_NONE)
         return PyErr_Format(PyExc_ValueError, "flags() on a closed or uninitialised mapping");
     return PyLong_FromUnsignedLong(dpm_load_flags(&self->r));
 }
@@ -487,7 +817,7 @@ static PyObject *Ring_set_flags(RingObject *self, PyObject *arg)
     unsigned long bits = PyLong_AsUnsignedLong(arg);
     if (bits == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
-    if (self->base == NULL || self->role == ROLE_NONE)
+    if (self->base == NULL || self->zombie || self->role == ROLE_NONE)
         return PyErr_Format(PyExc_ValueError, "set_flags() on a closed or uninitialised mapping");
     if (bits & ~(unsigned long)(DPM_RING_PRODUCER_CLOSED | DPM_RING_CONSUMER_CLOSED))
         return PyErr_Format(PyExc_ValueError, "unknown flag bits 0x%lx", bits);
@@ -497,7 +827,7 @@ static PyObject *Ring_set_flags(RingObject *self, PyObject *arg)
 
 static PyObject *Ring_wake(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->base == NULL || self->role == ROLE_NONE)
+    if (self->base == NULL || self->zombie || self->role == ROLE_NONE)
         return PyErr_Format(PyExc_ValueError, "wake() on a closed or uninitialised mapping");
     dpm_ring_wake_all(&self->r);
     Py_RETURN_NONE;
@@ -505,7 +835,7 @@ static PyObject *Ring_wake(RingObject *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *Ring_positions(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->base == NULL || self->role == ROLE_NONE)
+    if (self->base == NULL || self->zombie || self->role == ROLE_NONE)
         return PyErr_Format(PyExc_ValueError, "positions() on a closed or uninitialised mapping");
     struct dpm_ring_header *h = self->r.hdr;
     return Py_BuildValue(
@@ -519,7 +849,7 @@ static PyObject *Ring_positions(RingObject *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *Ring_get_closed(RingObject *self, void *Py_UNUSED(closure))
 {
-    return PyBool_FromLong(self->base == NULL);
+    return PyBool_FromLong(self->base == NULL || self->zombie);
 }
 
 static PyMethodDef Ring_methods[] = {
@@ -535,6 +865,10 @@ static PyMethodDef Ring_methods[] = {
     {"pop", (PyCFunction)Ring_pop, METH_O, "pop(commit) -> bytes or None."},
     {"pop_burst", (PyCFunction)Ring_pop_burst, METH_VARARGS,
      "pop_burst(max_n, commit) -> list of up to max_n messages."},
+    {"pop_views", (PyCFunction)Ring_pop_views, METH_VARARGS,
+     "pop_views(max_n, commit) -> Views of up to max_n records, valid until the next call."},
+    {"expire_views", (PyCFunction)Ring_expire_views, METH_NOARGS,
+     "expire_views(): end the live Views batch; ViewsHeld if its memory is still in use."},
     {"commit", (PyCFunction)Ring_commit, METH_NOARGS, "commit(): publish the read cursor."},
     {"commit_upto", (PyCFunction)Ring_commit_upto, METH_O,
      "commit_upto(seq): publish the committed position just below seq (<= read cursor)."},
@@ -558,6 +892,9 @@ static PyMemberDef Ring_members[] = {
     {"peak", T_ULONGLONG, offsetof(RingObject, peak), READONLY, "highest occupancy seen"},
     {"role", T_INT, offsetof(RingObject, role), READONLY, "0 none, 1 producer, 2 consumer"},
     {"map_bytes", T_PYSSIZET, offsetof(RingObject, map_bytes), READONLY, "mapping size"},
+    {"exports", T_PYSSIZET, offsetof(RingObject, exports), READONLY,
+     "buffers of the data area still exported (views alive)"},
+    {"name", T_OBJECT, offsetof(RingObject, name), 0, "the ring's name (for messages)"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -576,6 +913,7 @@ static PyTypeObject RingType = {
     .tp_methods = Ring_methods,
     .tp_members = Ring_members,
     .tp_getset = Ring_getset,
+    .tp_as_buffer = &Ring_as_buffer,
     .tp_init = (initproc)Ring_init,
     .tp_new = PyType_GenericNew,
 };
@@ -653,7 +991,7 @@ static struct PyModuleDef ring_module = {
 
 PyMODINIT_FUNC PyInit__ring(void)
 {
-    if (PyType_Ready(&RingType) < 0)
+    if (PyType_Ready(&RingType) < 0 || PyType_Ready(&ViewsType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&ring_module);
     if (m == NULL)
@@ -663,6 +1001,7 @@ PyMODINIT_FUNC PyInit__ring(void)
         "Shared memory of a ring does not follow the layout of ring.h.", NULL, NULL);
     if (RingCorrupt == NULL || PyModule_AddObjectRef(m, "RingCorrupt", RingCorrupt) < 0 ||
         PyModule_AddObjectRef(m, "Ring", (PyObject *)&RingType) < 0 ||
+        PyModule_AddObjectRef(m, "Views", (PyObject *)&ViewsType) < 0 ||
         PyModule_AddIntConstant(m, "ABI_VERSION", DPM_RING_ABI_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "MAGIC", (long long)DPM_RING_MAGIC) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_BYTES", DPM_RING_HEADER_BYTES) < 0 ||

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -39,10 +40,12 @@ from dpmigrate.errors import (
     RingBroken,
     RingClosed,
     RingTimeout,
+    ViewExpired,
+    ViewsHeld,
     WouldBlock,
 )
 from dpmigrate.testing.peer import message
-from dpmigrate.transports.base import MAX_MESSAGE, RingReceiver, RingSender
+from dpmigrate.transports.base import MAX_MESSAGE, MessageViews, RingReceiver, RingSender
 from dpmigrate.transports.resolver import DirectoryResolver, MemoryResolver
 from dpmigrate.transports.tcp import tls_context
 
@@ -504,9 +507,168 @@ def check_producer_restarted_behind(h: Harness) -> None:
     assert rx.next_expected == 15
 
 
+def check_views_order_and_content(h: Harness) -> None:
+    """recv_views delivers the same messages as recv_burst (sizes 0 B .. 256 KiB, in order,
+    each once), as read-only views with the right first_seq and nbytes; the two APIs mix
+    on one end; a timeout gives an empty batch; EndOfRing after the producer's close."""
+    tx, rx, _ = h.pair(capacity=32)
+    count, seed = 1500, 13
+    expected = [message(seed, i) for i in range(count)]
+    expected[7] = b""
+    expected[100] = bytes(range(256)) * 1024  # 256 KiB: spans many reads on tcp
+
+    def produce() -> None:
+        i = 0
+        while i < count:
+            i += tx.send_burst(expected[i : i + 9], timeout=BOUND_S)
+
+    job = h.background(produce)
+    got: list[bytes] = []
+    deadline = time.monotonic() + BOUND_S
+    turn = 0
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {len(got)} of {count} messages arrived"
+        turn += 1
+        if turn % 4 == 3:  # the owned-bytes API in between
+            got.extend(rx.recv_burst(5, timeout=1.0))
+            continue
+        batch = rx.recv_views(min(40, count - len(got)), timeout=1.0)
+        assert isinstance(batch, MessageViews)
+        if not len(batch):
+            continue
+        assert batch.first_seq == len(got), "first_seq is not the batch's first sequence number"
+        views = list(batch)
+        assert len(views) == len(batch) <= 40
+        assert all(isinstance(v, memoryview) and v.readonly for v in views)
+        assert batch.nbytes == sum(v.nbytes for v in views)
+        assert rx.next_expected == len(got) + len(views)
+        got.extend(bytes(v) for v in views)
+    job.result(BOUND_S)
+    assert got == expected
+    stats = rx.statistics()
+    assert stats.messages == count and stats.bytes == sum(map(len, expected))
+    with _timed(BOUND_S, "recv_views(timeout=0.1) on an empty ring"):
+        empty = h.background(lambda: rx.recv_views(8, timeout=0.1)).result(BOUND_S)
+    assert len(empty) == 0 and list(empty) == []
+    _expect(ValueError, lambda: rx.recv_views(0), "recv_views(0)")
+    rx.commit()
+    closer = h.background(tx.close)
+
+    def until_end() -> None:
+        while True:
+            assert not len(rx.recv_views(4, timeout=BOUND_S)), "a message after the last one"
+
+    _expect(EndOfRing, lambda: h.background(until_end).result(BOUND_S), "recv_views at the end")
+    closer.result(BOUND_S)
+
+
+def check_views_expire(h: Harness) -> None:
+    """A batch of views expires at the next receive or commit: its views are released
+    (ValueError on use) and the batch raises ViewExpired. Memory still shown by a slice or
+    an exported buffer is never handed back: the receive or commit raises ViewsHeld,
+    delivers and acknowledges nothing, and the slice keeps its bytes while the producer
+    tries to fill the ring; once it is dropped everything goes on, exactly once.
+
+    (mem: its views show immutable bytes objects that are never reused, so a slice of one
+    stays valid and refuses nothing; a buffer exported from a view still does.)"""
+    capacity = 8
+    tx, rx, _ = h.pair(capacity=capacity, auto_commit=True)
+    first = [b"first-%d" % i * 50 for i in range(4)]
+    assert tx.send_burst(first, timeout=BOUND_S) == 4
+    batch = _pump(tx, h.background(lambda: _views(rx, 4)))
+    kept = batch[1]
+    assert bytes(kept) == first[1]
+    # The next receive expires it.
+    assert tx.send_burst([b"second"], timeout=BOUND_S) == 1
+    nxt = _pump(tx, h.background(lambda: _views(rx, 1)))
+    assert bytes(nxt[0]) == b"second" and nxt.first_seq == 4
+    _expect(ValueError, lambda: bytes(kept), "using a view after the next receive")
+    _expect(ViewExpired, lambda: batch[0], "indexing an expired batch")
+    _expect(ViewExpired, lambda: list(batch), "iterating an expired batch")
+    assert batch.expired and len(batch) == 4 and batch.first_seq == 0
+    # A commit expires it too.
+    view = nxt[0]
+    rx.commit()
+    _expect(ValueError, lambda: view.tobytes(), "using a view after commit")
+    # A slice (it outlives the view it was cut from) holds the memory: refused.
+    holds = [lambda v: pickle.PickleBuffer(v)]
+    if h.transport != "mem":
+        holds += [lambda v: v[2:], lambda v: memoryview(v)]
+    for hold in holds:
+        msgs = [b"held-%d" % i * 40 for i in range(3)]
+        assert _send_all(tx, msgs) == 3
+        held_batch = _pump(tx, h.background(lambda: _views(rx, 3)))
+        holder = hold(held_batch[0])
+        snapshot = bytes(holder)
+        acked, delivered = tx.acked, rx.next_expected
+        # the producer fills what room is left; an expired batch must not give it more
+        tx.send_burst([b"x" * 300] * capacity, timeout=0)
+        tx.service(0.01)
+        _expect(ViewsHeld, lambda: rx.recv_views(8, timeout=0), "a receive while a slice lives")
+        _expect(ViewsHeld, lambda: rx.recv_burst(8, timeout=0), "recv_burst while a slice lives")
+        _expect(ViewsHeld, lambda: rx.commit(), "a commit while a slice lives")
+        tx.service(0.01)
+        assert rx.next_expected == delivered, "a refused receive delivered something"
+        assert tx.acked == acked, "a refused receive or commit acknowledged something"
+        assert bytes(holder) == snapshot, "memory shown by a held slice was reused"
+        del holder
+        # (with views: bytes parsed ahead by recv_burst are immutable objects, which a
+        # slice may keep, so the next batch must come straight from the ring's memory)
+        left = tx.next_seq - delivered
+        rest = _pump(tx, h.background(lambda n=left: _drain_views(rx, n)))
+        assert rest == [b"x" * 300] * len(rest)
+        rx.commit()
+    # close releases the live batch's views.
+    assert tx.send_burst([b"last"], timeout=BOUND_S) == 1
+    live = _pump(tx, h.background(lambda: _views(rx, 1)))
+    last = live[0]
+    rx.close()
+    _expect(ValueError, lambda: last.tobytes(), "using a view after close")
+
+
+def _views(rx: RingReceiver, count: int) -> MessageViews:
+    """One batch of exactly ``count`` messages, sent as one burst just before (bounded)."""
+    deadline = time.monotonic() + BOUND_S
+    while True:
+        assert time.monotonic() < deadline, "the burst never arrived"
+        batch = rx.recv_views(count, timeout=0.05)
+        if len(batch):
+            assert len(batch) == count, f"a burst of {count} came as {len(batch)}"
+            return batch
+
+
+def _drain_views(rx: RingReceiver, count: int) -> list[bytes]:
+    """Receive exactly ``count`` messages through recv_views (bounded in time)."""
+    out: list[bytes] = []
+    deadline = time.monotonic() + BOUND_S
+    while len(out) < count:
+        assert time.monotonic() < deadline, f"only {len(out)} of {count} messages arrived"
+        out.extend(map(bytes, rx.recv_views(count - len(out), timeout=0.05)))
+    return out
+
+
+def _send_all(tx: RingSender, msgs: list[bytes]) -> int:
+    sent = 0
+    deadline = time.monotonic() + BOUND_S
+    while sent < len(msgs):
+        assert time.monotonic() < deadline, "the window never opened"
+        sent += tx.send_burst(msgs[sent:], timeout=0.05)
+    return sent
+
+
 def check_exactly_once_across_breaks(h: Harness) -> None:
     """Thousands of messages, connection breaks injected at random points from both ends:
     every message delivered exactly once, in order."""
+    _exactly_once_across_breaks(h, views=False)
+
+
+def check_views_exactly_once_across_breaks(h: Harness) -> None:
+    """The same with the zero-copy receive: a break between two batches (or inside the
+    reads of one) loses nothing and duplicates nothing."""
+    _exactly_once_across_breaks(h, views=True)
+
+
+def _exactly_once_across_breaks(h: Harness, views: bool) -> None:
     tx, rx, _ = h.pair(capacity=64)
     count, seed = 5000, 23
     rng_p, rng_c = random.Random(seed), random.Random(seed + 1)
@@ -533,7 +695,12 @@ def check_exactly_once_across_breaks(h: Harness) -> None:
     breaks = 0
     while len(got) < count:
         assert time.monotonic() < deadline, f"consumer stuck at {len(got)}"
-        got.extend(rx.recv_burst(rng_c.randint(1, 64), timeout=1.0))
+        if views:
+            batch = rx.recv_views(rng_c.randint(1, 64), timeout=1.0)
+            assert not len(batch) or batch.first_seq == len(got)
+            got.extend(map(bytes, batch))
+        else:
+            got.extend(rx.recv_burst(rng_c.randint(1, 64), timeout=1.0))
         if rng_c.random() < 0.02:
             rx._break_connection()  # type: ignore[attr-defined]
             breaks += 1
@@ -609,4 +776,7 @@ CHECKS: tuple[Callable[[Harness], None], ...] = (
     check_consumer_death,
     check_exactly_once_across_breaks,
     check_exactly_once_across_processes,
+    check_views_order_and_content,
+    check_views_expire,
+    check_views_exactly_once_across_breaks,
 )

@@ -21,16 +21,28 @@ consumer that restarts or moves therefore only needs the ring name and its own c
 
 Burst calls follow DPDK's rte_ring vocabulary: ``send_burst`` sends *as many as fit* and
 returns the count; ``recv_burst`` returns up to ``max_n`` messages, possibly fewer.
+
+Two receive APIs: ``recv``/``recv_burst`` hand out owned ``bytes`` (one copy and one
+allocation per message, kept as long as the caller likes); ``recv_views`` hands out a
+:class:`MessageViews` batch of memoryviews into the ring's own memory (shm) or the receive
+buffer (tcp, mem) with no copy at all. Such a batch is valid until the next receive or
+commit on that end (or its close): that is when the memory may be given back to the
+producer or overwritten by the next read, so at that moment the ring releases every view
+(using one afterwards raises :class:`~dpmigrate.errors.ViewExpired`), and a receive or
+commit that finds memory of an expired batch still referenced through a slice or an
+exported buffer refuses with :class:`~dpmigrate.errors.ViewsHeld` rather than let it be
+reused. Delivery and exactly-once are the same for both APIs: ``next_expected`` moves when
+the batch is returned, ``commit`` acknowledges as always.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
 
-from dpmigrate.errors import MessageTooLarge, RingClosed
+from dpmigrate.errors import MessageTooLarge, RingClosed, ViewExpired, ViewsHeld
 
 #: Largest message any transport accepts, in bytes (1 MiB). Larger is MessageTooLarge.
 MAX_MESSAGE = 1 << 20
@@ -80,6 +92,105 @@ def check_message(ring: str, msg: bytes | bytearray | memoryview, limit: int = M
             f"ring {ring!r}: message of {len(msg)} bytes exceeds the maximum of {limit} bytes; "
             "split it or raise the ring's max_message"
         )
+
+
+class MessageViews(Sequence[memoryview]):
+    """A received batch as zero-copy views, valid until the next receive or commit.
+
+    ``len(batch)`` messages; ``batch[i]`` and iteration give read-only memoryviews;
+    ``first_seq`` is the sequence number of ``batch[0]``; ``nbytes`` the payload bytes of
+    them all (so a consumer that only counts never touches a view). After expiry every
+    access raises ViewExpired; ``len``, ``first_seq`` and ``nbytes`` stay readable.
+    The shm ring's batch is a C type registered as a virtual subclass.
+    """
+
+    __slots__ = ()
+
+    first_seq: int
+    nbytes: int
+
+    @property
+    @abc.abstractmethod
+    def expired(self) -> bool:
+        """True once the batch's memory may have been reused (its views are released)."""
+
+
+def expired_error(ring: str) -> ViewExpired:
+    """The one wording of a use after expiry, naming the ring."""
+    return ViewExpired(
+        f"ring {ring!r}: this batch of views expired at the next receive or commit on its "
+        "ring end (its memory may be reused now); copy what you keep with bytes(view)"
+    )
+
+
+def held_error(ring: str, what: str) -> ViewsHeld:
+    """The one wording of a refused receive/commit while expired memory is referenced."""
+    return ViewsHeld(
+        f"ring {ring!r}: {what} refused: memory of the previous batch of views is still in use "
+        "(a slice of one of its views, or a buffer such as a numpy array taken from one); "
+        "drop it, or copy what you keep with bytes(view) before the next receive"
+    )
+
+
+class ViewBatch(MessageViews):
+    """The Python implementation of :class:`MessageViews` (mem and tcp rings).
+
+    It owns the memoryviews it hands out and releases them on :meth:`expire`, which the
+    ring end calls at its next receive or commit: a released memoryview raises ValueError on
+    any use, and this batch raises ViewExpired, so nothing reads memory that was reused.
+    """
+
+    __slots__ = ("_count", "_ring", "_views", "first_seq", "nbytes")
+
+    def __init__(self, ring: str, first_seq: int, views: list[memoryview], nbytes: int) -> None:
+        self._ring = ring
+        self._views: list[memoryview] | None = views
+        self._count = len(views)
+        self.first_seq = first_seq
+        self.nbytes = nbytes
+
+    @property
+    def expired(self) -> bool:
+        return self._views is None
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> memoryview: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[memoryview]: ...
+    def __getitem__(self, index: int | slice) -> memoryview | list[memoryview]:
+        views = self._views
+        if views is None:
+            raise expired_error(self._ring)
+        return views[index]
+
+    def __iter__(self) -> Iterator[memoryview]:
+        views = self._views
+        if views is None:
+            raise expired_error(self._ring)
+        return iter(views)
+
+    def __repr__(self) -> str:
+        state = "expired" if self._views is None else "live"
+        return f"<ViewBatch ring={self._ring!r} seq={self.first_seq} n={len(self)} {state}>"
+
+    def expire(self) -> bool:
+        """Release every view; False if one of them has a buffer exported from it (a numpy
+        array, say) and could not be released."""
+        views = self._views
+        if views is None:
+            return True
+        ok = True
+        for v in views:
+            try:
+                v.release()
+            except BufferError:
+                ok = False
+        if ok:
+            self._views = None
+        return ok
 
 
 class RingEnd(abc.ABC):
@@ -201,6 +312,15 @@ class RingReceiver(RingEnd):
 
         Returns an empty list when nothing arrived in time (never raises RingTimeout).
         Raises EndOfRing only when the producer closed and nothing is left.
+        """
+
+    @abc.abstractmethod
+    def recv_views(self, max_n: int, timeout: float | None = None) -> MessageViews:
+        """Like recv_burst, but the batch is zero-copy views, valid until the next receive
+        or commit on this end (see the module docstring); an empty batch on timeout.
+
+        Raises ViewsHeld (and delivers nothing) while memory of the previous batch is still
+        referenced through a slice or an exported buffer.
         """
 
     @abc.abstractmethod

@@ -355,6 +355,7 @@ class FrameReader:
         "_allowed_words",
         "_cuts",
         "_mv",
+        "_ro",
         "allowed",
         "buf",
         "chunk",
@@ -373,6 +374,7 @@ class FrameReader:
         need = HEADER_SIZE + max(data_limit if DATA in allowed else 0, *CONTROL_LIMITS.values())
         self.buf = bytearray(max(size, 2 * need))
         self._mv = memoryview(self.buf)
+        self._ro = self._mv.toreadonly()  # what take_views cuts from: a consumer cannot write
         self.start = 0
         self.end = 0
 
@@ -392,10 +394,12 @@ class FrameReader:
         need = 2 * (HEADER_SIZE + limit)
         if need > len(self.buf):
             data = bytes(self._mv[self.start : self.end])
+            self._ro.release()
             self._mv.release()
             self.buf = bytearray(need)
             self.buf[: len(data)] = data
             self._mv = memoryview(self.buf)
+            self._ro = self._mv.toreadonly()
             self.start, self.end = 0, len(data)
 
     def _make_room(self) -> None:
@@ -452,6 +456,83 @@ class FrameReader:
         payload = bytes(self._mv[start + HEADER_SIZE : stop])
         self.start = stop
         return ftype, seq, payload
+
+    def data_ready(self) -> bool:
+        """True when a complete DATA frame starts at the parse position (a lazy consumer,
+        which leaves DATA in the buffer for :meth:`take_views`, then has something)."""
+        start = self.start
+        if self.end - start < HEADER_SIZE:
+            return False
+        word, _seq, length = HEADER.unpack_from(self.buf, start)
+        return word == DATA_WORD and start + HEADER_SIZE + length <= self.end
+
+    def at_data(self) -> bool:
+        """True when the next header (complete or not yet) is a DATA header."""
+        start = self.start
+        return (
+            self.end - start >= HEADER_SIZE and HEADER.unpack_from(self.buf, start)[0] == DATA_WORD
+        )
+
+    def take_views(self, out: list[memoryview], cursor: int, max_n: int) -> tuple[int, int, int]:
+        """Like :meth:`take_data`, but append read-only views of the payloads *in this
+        buffer* (no copy) and stop after ``max_n``; returns (new cursor, duplicates, payload
+        bytes). The views stay valid only until the next :meth:`recv_from` or :meth:`feed`
+        (which may move or overwrite them): the caller must expire them before, and
+        :meth:`reclaim` then proves nothing still shows this buffer."""
+        if DATA not in self.allowed:
+            return cursor, 0, 0
+        buf, mv = self.buf, self._ro
+        unpack_from = HEADER.unpack_from
+        append = out.append
+        pos, end, limit = self.start, self.end, self.data_limit
+        dups = nbytes = 0
+        stop_n = len(out) + max_n
+        try:
+            while end - pos >= HEADER_SIZE and len(out) < stop_n:
+                word, seq, length = unpack_from(buf, pos)
+                if word != DATA_WORD:
+                    break
+                if length > limit:
+                    self._check(word, length)
+                body = pos + HEADER_SIZE
+                stop = body + length
+                if stop > end:
+                    break
+                if seq == cursor:
+                    append(mv[body:stop])
+                    nbytes += length
+                    cursor += 1
+                elif seq < cursor:
+                    dups += 1
+                else:
+                    raise GapError(
+                        f"DATA seq {seq} arrived while {cursor} was expected: a gap of "
+                        f"{seq - cursor} messages",
+                        cursor,
+                        dups,
+                    )
+                pos = stop
+        finally:
+            self.start = pos
+        return cursor, dups, nbytes
+
+    def reclaim(self) -> bool:
+        """After the views from :meth:`take_views` were released: True when nothing shows
+        this buffer any more (so the next read may overwrite it), False while a slice of a
+        view, or a buffer taken from one, is alive. A bytearray refuses to resize while any
+        buffer of it is exported; this reader's own view is dropped for the test."""
+        self._ro.release()
+        self._mv.release()
+        try:
+            self.buf.append(0)
+        except BufferError:
+            ok = False
+        else:
+            del self.buf[-1]
+            ok = True
+        self._mv = memoryview(self.buf)
+        self._ro = self._mv.toreadonly()
+        return ok
 
     def take_data(self, out: list[bytes], cursor: int) -> tuple[int, int]:
         """Cut consecutive DATA frames, appending those with seq == cursor to ``out``.

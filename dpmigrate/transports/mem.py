@@ -25,7 +25,9 @@ from dpmigrate.transports.base import (
     RingReceiver,
     RingSender,
     RingStatistics,
+    ViewBatch,
     check_message,
+    held_error,
 )
 from dpmigrate.transports.resolver import Endpoint, Resolver, check_ring_name
 
@@ -182,13 +184,25 @@ class MemReceiver(RingReceiver):
         self._bytes = 0
         self._dups = 0
         self._peak = 0
+        self._batch: ViewBatch | None = None  # the live recv_views batch, if any
 
     @property
     def next_expected(self) -> int:
         return self._next_expected
 
+    def _expire(self, what: str) -> None:
+        """End the live batch of views (the contract: valid until the next receive or
+        commit). Its bytes are immutable here, but the rule is the same on every transport,
+        so code tested in-process behaves alike on shm and tcp."""
+        batch = self._batch
+        if batch is not None:
+            if not batch.expire():
+                raise held_error(self.name, what)
+            self._batch = None
+
     def commit(self, upto: int | None = None) -> None:
         self._check_open()
+        self._expire("commit")
         if upto is not None and upto > self._next_expected:
             raise ValueError(
                 f"ring {self.name!r}: cannot commit up to {upto}, only {self._next_expected} "
@@ -230,6 +244,7 @@ class MemReceiver(RingReceiver):
 
     def _receive(self, max_n: int, timeout: float | None) -> list[bytes]:
         self._check_open()
+        self._expire("receive")
         deadline = _deadline(timeout)
         with self._ch.cond:
             if self._auto_commit:
@@ -262,10 +277,22 @@ class MemReceiver(RingReceiver):
             raise ValueError(f"ring {self.name!r}: recv_burst needs max_n >= 1, got {max_n}")
         return self._receive(max_n, timeout)
 
+    def recv_views(self, max_n: int, timeout: float | None = None) -> ViewBatch:
+        if max_n < 1:
+            raise ValueError(f"ring {self.name!r}: recv_views needs max_n >= 1, got {max_n}")
+        got = self._receive(max_n, timeout)
+        first = self._next_expected - len(got)
+        batch = ViewBatch(self.name, first, [memoryview(m) for m in got], sum(map(len, got)))
+        self._batch = batch
+        return batch
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._batch is not None:
+            self._batch.expire()
+            self._batch = None
         with self._ch.cond:
             self._ch.consumer_closed = True
             self._ch.cond.notify_all()
@@ -277,6 +304,9 @@ class MemReceiver(RingReceiver):
 
     def detach(self) -> None:
         self._closed = True
+        if self._batch is not None:
+            self._batch.expire()
+            self._batch = None
 
     def statistics(self) -> RingStatistics:
         with self._ch.cond:

@@ -55,13 +55,18 @@ from dpmigrate.transports.base import (
     DEFAULT_CAPACITY,
     DEFAULT_RECONNECT_TIMEOUT,
     MAX_MESSAGE,
+    MessageViews,
     RingReceiver,
     RingSender,
     RingStatistics,
+    ViewBatch,
+    held_error,
 )
 from dpmigrate.transports.resolver import Endpoint, Resolver, check_ring_name
 
 __all__ = ["DEFAULT_RING_BYTES", "ShmReceiver", "ShmSender", "open_receiver", "open_sender"]
+
+MessageViews.register(_ring.Views)
 
 #: Default size of a ring's data area (bytes); ``open_sender(..., ring_bytes=...)`` changes it.
 DEFAULT_RING_BYTES = 4 << 20
@@ -554,6 +559,9 @@ class ShmReceiver(RingReceiver):
         self._connected_at = 0.0
         self._old_messages = self._old_bytes = self._old_peak = 0  # from dropped mappings
         self._extra: dict[str, object] = {}
+        # Dropped mappings that a view still shows (unmapped by the C core at its release):
+        # until they are free, no receive or commit may let the producer reuse that memory.
+        self._held: list[_ring.Ring] = []
         # First contact: wait up to connect_timeout for a registered, listening producer.
         # The GEOMETRY reply is read lazily by the first recv, so a producer in the same
         # thread is never waited for here.
@@ -602,7 +610,9 @@ class ShmReceiver(RingReceiver):
             self._old_messages += ring.messages
             self._old_bytes += ring.bytes
             self._old_peak = max(self._old_peak, ring.peak)
-            ring.close()
+            ring.close()  # expires the live batch; with views still out, unmaps later
+            if ring.exports:
+                self._held.append(ring)
         if self._lost_at is None:
             self._lost_at = time.monotonic()
 
@@ -668,6 +678,7 @@ class ShmReceiver(RingReceiver):
             ring = _ring.Ring(fds[0], map_bytes)
         except OSError as err:
             raise _native(err, self.name) from err
+        ring.name = self.name
         try:
             why = ring.attach_consumer()
             if why is not None:
@@ -742,9 +753,18 @@ class ShmReceiver(RingReceiver):
     def next_expected(self) -> int:
         return self._next_expected
 
-    def _pop(self, ring: _ring.Ring, max_n: int) -> list[bytes]:
+    def _check_held(self, what: str) -> None:
+        """Refuse while a dropped mapping is still shown by a view (see _held)."""
+        self._held = [ring for ring in self._held if ring.exports]
+        if self._held:
+            raise held_error(self.name, what)
+
+    def _pop(self, ring: _ring.Ring, max_n: int, views: bool = False) -> list[bytes] | MessageViews:
         try:
-            msgs = ring.pop_burst(max_n, self._auto_commit)
+            if views:
+                msgs = ring.pop_views(max_n, self._auto_commit)
+            else:
+                msgs = ring.pop_burst(max_n, self._auto_commit)
         except _ring.RingCorrupt as err:
             raise ProtocolError(
                 f"ring {self.name!r}: the shared memory is corrupt ({err}); restart both stages"
@@ -762,11 +782,15 @@ class ShmReceiver(RingReceiver):
             self._check_link()
         return self._ring is not None
 
-    def _receive(self, max_n: int, timeout: float | None) -> list[bytes]:
+    def _receive(
+        self, max_n: int, timeout: float | None, views: bool = False
+    ) -> list[bytes] | MessageViews:
         self._check_open()
+        if self._held:
+            self._check_held("receive")
         ring = self._ring
         if ring is not None and self._link_ok():
-            msgs = self._pop(ring, max_n)
+            msgs = self._pop(ring, max_n, views)
             if msgs:
                 return msgs
         deadline = _monotonic_deadline(timeout)
@@ -779,11 +803,11 @@ class ShmReceiver(RingReceiver):
             if ring is None:
                 self._reconnect_step(deadline)
             else:
-                msgs = self._pop(ring, max_n)  # also flushes acks before any wait
+                msgs = self._pop(ring, max_n, views)  # also flushes acks before any wait
                 if msgs:
                     return msgs
                 if self._producer_closed or ring.flags() & _ring.PRODUCER_CLOSED:
-                    msgs = self._pop(ring, max_n)
+                    msgs = self._pop(ring, max_n, views)
                     if msgs:
                         return msgs
                     self._eof = True
@@ -793,7 +817,7 @@ class ShmReceiver(RingReceiver):
                     continue
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                return []
+                return ViewBatch(self.name, self._next_expected, [], 0) if views else []
             if self._ring is not None:
                 try:
                     self._ring.wait_data(_slice_ms(deadline, now))
@@ -803,7 +827,7 @@ class ShmReceiver(RingReceiver):
     def recv(self, timeout: float | None = None) -> bytes:
         self._check_open()
         ring = self._ring
-        if ring is not None and self._link_ok():
+        if ring is not None and not self._held and self._link_ok():
             try:
                 msg = ring.pop(self._auto_commit)
             except _ring.RingCorrupt:
@@ -829,8 +853,20 @@ class ShmReceiver(RingReceiver):
             raise ValueError(f"ring {self.name!r}: recv_burst needs max_n >= 1, got {max_n!r}")
         return self._receive(max_n, timeout)
 
+    def recv_views(self, max_n: int, timeout: float | None = None) -> MessageViews:
+        """Zero-copy burst: a batch of views straight into the shared memory (see
+        RingReceiver.recv_views). The records stay in the ring until commit anyway (the ring
+        memory is the producer's retention), so handing out views costs no copy at all."""
+        if not isinstance(max_n, int) or max_n < 1:
+            raise ValueError(f"ring {self.name!r}: recv_views needs max_n >= 1, got {max_n!r}")
+        return self._receive(max_n, timeout, views=True)
+
     def commit(self, upto: int | None = None) -> None:
         self._check_open()
+        if self._held:
+            self._check_held("commit")
+        if self._ring is not None:
+            self._ring.expire_views()  # the contract: a commit ends the live batch
         if upto is None:
             upto = self._next_expected
         elif not isinstance(upto, int) or upto > self._next_expected:
@@ -840,7 +876,6 @@ class ShmReceiver(RingReceiver):
             )
         if upto <= self._committed:
             return  # acks are cumulative
-        self._committed = upto
         if self._ring is not None:  # otherwise applied right after the next attach
             try:
                 self._ring.commit_upto(upto)
@@ -848,6 +883,7 @@ class ShmReceiver(RingReceiver):
                 raise ProtocolError(
                     f"ring {self.name!r}: the shared memory is corrupt ({err}); restart both stages"
                 ) from None
+        self._committed = upto
 
     # -- closing -----------------------------------------------------------------------
 

@@ -59,10 +59,13 @@ from dpmigrate.transports.base import (
     DEFAULT_CAPACITY,
     DEFAULT_RECONNECT_TIMEOUT,
     MAX_MESSAGE,
+    MessageViews,
     RingReceiver,
     RingSender,
     RingStatistics,
+    ViewBatch,
     check_message,
+    held_error,
 )
 from dpmigrate.transports.resolver import Endpoint, Resolver, check_ring_name
 
@@ -1032,6 +1035,11 @@ class TcpReceiver(RingReceiver):
 
         self._queue: list[bytes] = []
         self._qhead = 0
+        # Zero-copy receive: the live batch of views (into the reader's buffer, or of queued
+        # bytes), and whether the reader must prove its buffer free before the next read.
+        self._batch: ViewBatch | None = None
+        self._reclaim = False
+        self._lazy = False  # inside recv_views: DATA frames stay in the buffer (no copy)
         self._next_expected = next_expected  # delivered
         self._cursor = next_expected  # parsed (delivered + queued)
         self._committed = next_expected
@@ -1109,9 +1117,86 @@ class TcpReceiver(RingReceiver):
             raise ValueError(f"ring {self.name!r}: recv_burst needs max_n >= 1, got {max_n}")
         return self._recv(max_n, timeout)
 
+    def recv_views(self, max_n: int, timeout: float | None = None) -> MessageViews:
+        """Zero-copy burst (RingReceiver.recv_views): read-only views of the DATA payloads
+        where recv_into() put them in the reader's buffer. Frames are cut lazily, at this
+        call, so the bytes are never copied again; the next receive or commit releases the
+        views and checks that nothing still shows the buffer before it reads into it."""
+        if max_n < 1:
+            raise ValueError(f"ring {self.name!r}: recv_views needs max_n >= 1, got {max_n}")
+        self._check_open()
+        self._expire("receive")
+        self._auto_ack()
+        first = self._next_expected
+        views: list[memoryview] = []
+        if self._qhead < len(self._queue):  # parsed earlier by the bytes API: views of those
+            got = self._take_queued(max_n)
+            batch = ViewBatch(self.name, first, list(map(memoryview, got)), sum(map(len, got)))
+            self._batch = batch
+            return batch
+        deadline = None if timeout is None else time.monotonic() + timeout
+        reader = self._reader
+        self._lazy = True
+        try:
+            while True:
+                if self._welcomed and reader.data_ready():
+                    nbytes = self._take_views(views, max_n)
+                    if views:
+                        break
+                    continue
+                if reader.pending:
+                    self._parse()  # control frames before the next DATA (CLOSE, PING, ...)
+                    if self._welcomed and reader.data_ready():
+                        continue
+                if self._ended:
+                    raise EndOfRing(
+                        f"ring {self.name!r}: the producer closed the ring after seq "
+                        f"{self._next_expected - 1}; every message was delivered"
+                    )
+                if not self._fill(deadline):
+                    return ViewBatch(self.name, first, [], 0)
+        finally:
+            self._lazy = False
+        n = len(views)
+        self._next_expected += n
+        self._messages += n
+        self._bytes += nbytes
+        batch = ViewBatch(self.name, first, views, nbytes)
+        self._batch = batch
+        self._reclaim = True
+        return batch
+
+    def _take_views(self, views: list[memoryview], max_n: int) -> int:
+        """Cut up to max_n DATA frames at the parse position as views; returns their bytes."""
+        try:
+            self._cursor, dups, nbytes = self._reader.take_views(views, self._cursor, max_n)
+        except fr.GapError as err:
+            self._cursor, self._dups = err.cursor, self._dups + err.dups
+            self._fail(str(err))
+        except fr.FrameError as err:
+            self._cursor = self._next_expected + len(views)
+            self._fail(str(err))
+        self._dups += dups
+        return nbytes
+
+    def _expire(self, what: str) -> None:
+        """End the live batch of views before anything reads into the buffer again (every
+        receive, commit); ViewsHeld while something still shows the buffer."""
+        batch = self._batch
+        if batch is not None:
+            if not batch.expire():
+                raise held_error(self.name, what)
+            self._batch = None
+        if self._reclaim:
+            if not self._reader.reclaim():
+                raise held_error(self.name, what)
+            self._reclaim = False
+
     def commit(self, upto: int | None = None) -> None:
         """Acknowledge every seq below ``upto`` (default: all delivered) at once."""
         self._check_open()
+        if self._batch is not None or self._reclaim:
+            self._expire("commit")
         if upto is None:
             upto = self._next_expected
         elif upto > self._next_expected:
@@ -1127,14 +1212,22 @@ class TcpReceiver(RingReceiver):
         """Leave without CLOSE: the producer keeps the window for a new consumer instance."""
         if not self._closed:
             self._closed = True
+            self._end_views()
             if self._sock is not None:
                 self._drop_sock(abort=False)
+
+    def _end_views(self) -> None:
+        """Closing: release the live views (nothing will read into the buffer again)."""
+        if self._batch is not None:
+            self._batch.expire()
+            self._batch = None
 
     def close(self) -> None:
         """Tell the producer we are leaving (CLOSE carries what was committed) and close."""
         if self._closed:
             return
         self._closed = True
+        self._end_views()
         sock = self._sock
         if sock is None:
             return
@@ -1181,21 +1274,13 @@ class TcpReceiver(RingReceiver):
 
     # ------------------------------------------------------------------ receiving
 
-    def _recv(self, max_n: int, timeout: float | None) -> list[bytes]:
-        self._check_open()
+    def _auto_ack(self) -> None:
         if self.auto_commit and self._next_expected > self._committed:
             self._committed = self._next_expected
             if self._committed - self._ack_sent >= self._ack_every:
                 self._send_ack()
-        if self._qhead == len(self._queue):
-            deadline = None if timeout is None else time.monotonic() + timeout
-            if not self._fill(deadline):
-                return []
-            if self._qhead == len(self._queue):
-                raise EndOfRing(
-                    f"ring {self.name!r}: the producer closed the ring after seq "
-                    f"{self._next_expected - 1}; every message was delivered"
-                )
+
+    def _take_queued(self, max_n: int) -> list[bytes]:
         head = self._qhead
         queue = self._queue
         got = queue[head : head + max_n]
@@ -1209,6 +1294,24 @@ class TcpReceiver(RingReceiver):
         self._messages += n
         self._bytes += sum(map(len, got))
         return got
+
+    def _recv(self, max_n: int, timeout: float | None) -> list[bytes]:
+        self._check_open()
+        if self._batch is not None or self._reclaim:
+            self._expire("receive")
+        self._auto_ack()
+        if self._qhead == len(self._queue) and self._reader.pending:
+            self._parse()  # frames recv_views left in the buffer
+        if self._qhead == len(self._queue):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not self._fill(deadline):
+                return []
+            if self._qhead == len(self._queue):
+                raise EndOfRing(
+                    f"ring {self.name!r}: the producer closed the ring after seq "
+                    f"{self._next_expected - 1}; every message was delivered"
+                )
+        return self._take_queued(max_n)
 
     def _fill(self, deadline: float | None) -> bool:
         """Make the queue non-empty (True), or see the end of the ring (True, queue empty),
@@ -1293,6 +1396,8 @@ class TcpReceiver(RingReceiver):
             self._parse()
             if self._qhead < len(self._queue) or self._ended:
                 return True
+            if self._lazy and self._welcomed and self._reader.data_ready():
+                return True
             # TLS may hold decrypted bytes the kernel no longer shows poll(): read them now
             if self._sock is not sock or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
                 return False
@@ -1318,6 +1423,8 @@ class TcpReceiver(RingReceiver):
         reader = self._reader
         queue = self._queue
         while True:
+            if self._lazy and self._welcomed and reader.at_data():
+                return  # recv_views cuts DATA itself, as views
             if self._welcomed:
                 try:
                     self._cursor, dups = reader.take_data(queue, self._cursor)
