@@ -111,11 +111,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TRANSPORTS = ("shm", "tcp", "tcp+tls", "mp.Queue", "mp.Pipe", "socketpair", "zmq-ipc")
-RING_TRANSPORTS = ("shm", "tcp", "tcp+tls")
+TRANSPORTS = ("shm", "shm-2m", "shm-4k", "tcp", "tcp+tls", "mp.Queue", "mp.Pipe", "socketpair",
+              "zmq-ipc")  # fmt: skip
+RING_TRANSPORTS = ("shm", "shm-2m", "shm-4k", "tcp", "tcp+tls")
+#: the shm ring on 2 MB pages only (the case fails when none are free: --hugepages N) and on
+#: 4 KB pages only, side by side; plain "shm" takes 2 MB pages when free, as stages do
+_PAGES = {"shm-2m": {"hugepages": True}, "shm-4k": {"hugepages": False}}
 #: tcp+tls is the tcp ring with its ``tls`` option (ring_tls in a cluster): the same code,
 #: with the cost of TLS 1.3 (AES-GCM) on every byte and one join per write.
-_BASE = {"tcp+tls": "tcp"}
+_BASE = {"tcp+tls": "tcp", "shm-2m": "shm", "shm-4k": "shm"}
 SIZES = (64, 4096)
 BURSTS = (1, 32)
 CAPACITY = 1024  # ring window and mp.Queue bound, in messages
@@ -175,6 +179,13 @@ class Link:
         """Return 1..max_n messages (transports that send bursts as one object return it)."""
         raise NotImplementedError
 
+    #: recv_many returns views that expire at the next receive (copy what must outlive it)
+    views = False
+
+    def nbytes(self, msgs: Any) -> int:
+        """Payload bytes of what recv_many returned."""
+        return sum(map(len, msgs))
+
     def close(self) -> None:
         """Close cleanly once both sides agreed to stop."""
 
@@ -197,9 +208,10 @@ class RingLink(Link):
         )
         tx_opts, rx_opts = _tls_opts(transport, registry)
         base = _BASE.get(transport, transport)
+        self.views = transport.endswith("/views")
         self.tx = transports.open_sender(
             base, out_name, resolver=resolver, capacity=CAPACITY,
-            reconnect_timeout=RING_RECONNECT, **tx_opts,
+            reconnect_timeout=RING_RECONNECT, **tx_opts, **_PAGES.get(transport, {}),
         )  # fmt: skip
         try:
             self.rx = transports.open_receiver(
@@ -248,10 +260,18 @@ class RingLink(Link):
         if self.early:
             msgs, self.early = self.early[:max_n], self.early[max_n:]
             return msgs
-        msgs = self.rx.recv_burst(max_n, CALL_TIMEOUT)
+        if self.views:
+            msgs = self.rx.recv_views(max_n, CALL_TIMEOUT)
+        else:
+            msgs = self.rx.recv_burst(max_n, CALL_TIMEOUT)
         if not msgs:
-            raise BenchError(f"ring recv_burst got nothing within {CALL_TIMEOUT} s")
+            raise BenchError(f"ring receive got nothing within {CALL_TIMEOUT} s")
         return msgs
+
+    def nbytes(self, msgs: Any) -> int:
+        # a batch of views knows its payload bytes (the shm one from its record headers,
+        # in C): counting them creates no per-message object
+        return msgs.nbytes if self.views and not isinstance(msgs, list) else sum(map(len, msgs))
 
     def close(self) -> None:
         # Receivers first (after acking everything), then senders: each sender's close waits
@@ -287,6 +307,43 @@ class QueueLink(Link):
         for q in (self.out_q, self.in_q):
             q.cancel_join_thread()  # never block exit on a peer that is gone
             q.close()
+
+
+class FifoLink(Link):
+    """faster-fifo: a C circular buffer in shared memory with a mutex and condition
+    variables; its batch API (put_many / get_many) used with identity dumps/loads, its
+    fastest setting for bytes (no pickle; get_many returns memoryviews into its receive
+    buffer, valid until the next get, like the rings' zero-copy receive)."""
+
+    views = True
+
+    def __init__(self, out_q: Any, in_q: Any) -> None:
+        self.out_q, self.in_q = out_q, in_q
+
+    def send_one(self, msg: bytes) -> None:
+        self.out_q.put(msg, timeout=CALL_TIMEOUT)
+
+    def send_many(self, msgs: list[bytes]) -> None:
+        self.out_q.put_many(msgs, timeout=CALL_TIMEOUT)
+
+    def recv_one(self) -> bytes:
+        return bytes(self.in_q.get(timeout=CALL_TIMEOUT))
+
+    def recv_many(self, max_n: int) -> list[bytes]:
+        return self.in_q.get_many(timeout=CALL_TIMEOUT, max_messages_to_get=max_n)
+
+
+def _fifo_pair() -> tuple[Any, Any]:
+    import faster_fifo
+
+    def same(x: Any) -> Any:
+        return x
+
+    # bounded like the rings: 1024 messages, and bytes enough for 1024 x 4 KiB plus headers
+    return tuple(
+        faster_fifo.Queue(max_size_bytes=8 << 20, maxsize=CAPACITY, loads=same, dumps=same)
+        for _ in range(2)
+    )  # type: ignore[return-value]
 
 
 class PipeLink(Link):
@@ -427,6 +484,8 @@ def _make_link(transport: str, role: str, res: dict[str, Any]) -> Link:
         return SocketLink(res["sock"])
     if transport == "zmq-ipc":
         return ZmqLink(role, res["dir"])
+    if transport == "faster-fifo":
+        return FifoLink(res["out"], res["in"])
     raise BenchError(f"unknown transport {transport!r}")
 
 
@@ -442,6 +501,9 @@ def _prepare(transport: str, burst: int, tmp: str) -> tuple[dict[str, Any], dict
     if transport == "mp.Queue":
         fwd, rev = ctx.Queue(CAPACITY // burst), ctx.Queue(CAPACITY // burst)
         return {"out": fwd, "in": rev}, {"out": rev, "in": fwd}, [fwd, rev]
+    if transport == "faster-fifo":
+        fwd, rev = _fifo_pair()
+        return {"out": fwd, "in": rev}, {"out": rev, "in": fwd}, []
     if transport == "mp.Pipe":
         fwd_r, fwd_w = ctx.Pipe(duplex=False)
         rev_r, rev_w = ctx.Pipe(duplex=False)
@@ -467,6 +529,7 @@ def _drive(link: Link, size: int, burst: int, plan: Plan) -> dict[str, Any]:
     deadline = time.monotonic() + plan.case_timeout
     batch = _payloads(size, burst)
     one = batch[0]
+    views = link.views
     send_one, send_many, recv_one, recv_many = (
         link.send_one, link.send_many, link.recv_one, link.recv_many,
     )  # fmt: skip
@@ -514,7 +577,8 @@ def _drive(link: Link, size: int, burst: int, plan: Plan) -> dict[str, Any]:
                 send_many(batch)
                 back = []
                 for _ in range(burst):  # each call returns >= 1 message
-                    back.extend(recv_many(burst - len(back)))
+                    got = recv_many(burst - len(back))
+                    back.extend(map(bytes, got) if views else got)  # views: copy to compare
                     if len(back) >= burst:
                         break
             samples.append((time.perf_counter_ns() - t0) / 2000.0)
@@ -557,6 +621,7 @@ def _echo(link: Link, size: int, burst: int, plan: Plan) -> dict[str, Any]:
     send_one, send_many, recv_one, recv_many = (
         link.send_one, link.send_many, link.recv_one, link.recv_many,
     )  # fmt: skip
+    views, count_bytes = link.views, link.nbytes
     for _ in range(MAX_COMMANDS):
         cmd = recv_one()
         if len(cmd) != _CMD.size:
@@ -576,9 +641,9 @@ def _echo(link: Link, size: int, burst: int, plan: Plan) -> dict[str, Any]:
                 for _ in range(n):  # each call returns >= 1 message
                     msgs = recv_many(burst)
                     got += len(msgs)
-                    nbytes += sum(map(len, msgs))
+                    nbytes += count_bytes(msgs)
                     if got >= n:
-                        last = msgs[-1]
+                        last = bytes(msgs[-1])
                         break
             t1 = time.monotonic_ns()
             if got != n or nbytes != n * size:
@@ -592,6 +657,13 @@ def _echo(link: Link, size: int, burst: int, plan: Plan) -> dict[str, Any]:
             for _ in range(n):
                 if burst == 1:
                     send_one(recv_one())
+                    continue
+                if views:  # relay each batch as it comes: its views expire at the next receive
+                    k = 0
+                    while k < burst:
+                        got = recv_many(burst - k)
+                        send_many(got)
+                        k += len(got)
                     continue
                 msgs: list[bytes] = []
                 for _ in range(burst):
@@ -842,8 +914,8 @@ def _reap(procs: list[mp.process.BaseProcess]) -> None:
 def run_case(transport: str, size: int, burst: int, plan: Plan) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="dpm-bench-rings-")
     try:
-        if transport == "zmq-ipc":
-            importlib.import_module("zmq")  # a clear error now rather than from both children
+        if transport in _OPTIONAL:  # a clear error now rather than from both children
+            importlib.import_module(_OPTIONAL[transport])
         if transport in RING_TRANSPORTS:
             from dpmigrate import transports
 
@@ -1076,7 +1148,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file ({RESULTS})")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the ceilings")
+    parser.add_argument(
+        "--hugepages", type=int, default=0, metavar="N",
+        help="reserve N 2 MB hugepages while the benchmark runs (root; given back at the end); "
+        "shm-2m needs 6 (two rings of 3 pages)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.hugepages:
+        from dpmigrate.cluster import hugepages
+
+        entry = hugepages.reserve(hugepages.check_count(args.hugepages, "--hugepages"),
+                                  lambda e: None)  # fmt: skip
+        print(f"hugepages: {entry['added']} of {args.hugepages} reserved", file=sys.stderr)
+        try:
+            return _main(parser, args)
+        finally:
+            for line in hugepages.release(entry):
+                print(line, file=sys.stderr)
+    return _main(parser, args)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     plan = QUICK if args.quick else FULL
     if args.repeats:
         plan = dataclasses.replace(plan, repeats=max(1, min(50, args.repeats)))
