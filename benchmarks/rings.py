@@ -179,13 +179,6 @@ class Link:
         """Return 1..max_n messages (transports that send bursts as one object return it)."""
         raise NotImplementedError
 
-    #: recv_many returns views that expire at the next receive (copy what must outlive it)
-    views = False
-
-    def nbytes(self, msgs: Any) -> int:
-        """Payload bytes of what recv_many returned."""
-        return sum(map(len, msgs))
-
     def close(self) -> None:
         """Close cleanly once both sides agreed to stop."""
 
@@ -208,7 +201,6 @@ class RingLink(Link):
         )
         tx_opts, rx_opts = _tls_opts(transport, registry)
         base = _BASE.get(transport, transport)
-        self.views = transport.endswith("/views")
         self.tx = transports.open_sender(
             base, out_name, resolver=resolver, capacity=CAPACITY,
             reconnect_timeout=RING_RECONNECT, **tx_opts, **_PAGES.get(transport, {}),
@@ -260,18 +252,10 @@ class RingLink(Link):
         if self.early:
             msgs, self.early = self.early[:max_n], self.early[max_n:]
             return msgs
-        if self.views:
-            msgs = self.rx.recv_views(max_n, CALL_TIMEOUT)
-        else:
-            msgs = self.rx.recv_burst(max_n, CALL_TIMEOUT)
+        msgs = self.rx.recv_burst(max_n, CALL_TIMEOUT)
         if not msgs:
-            raise BenchError(f"ring receive got nothing within {CALL_TIMEOUT} s")
+            raise BenchError(f"ring recv_burst got nothing within {CALL_TIMEOUT} s")
         return msgs
-
-    def nbytes(self, msgs: Any) -> int:
-        # a batch of views knows its payload bytes (the shm one from its record headers,
-        # in C): counting them creates no per-message object
-        return msgs.nbytes if self.views and not isinstance(msgs, list) else sum(map(len, msgs))
 
     def close(self) -> None:
         # Receivers first (after acking everything), then senders: each sender's close waits
@@ -307,43 +291,6 @@ class QueueLink(Link):
         for q in (self.out_q, self.in_q):
             q.cancel_join_thread()  # never block exit on a peer that is gone
             q.close()
-
-
-class FifoLink(Link):
-    """faster-fifo: a C circular buffer in shared memory with a mutex and condition
-    variables; its batch API (put_many / get_many) used with identity dumps/loads, its
-    fastest setting for bytes (no pickle; get_many returns memoryviews into its receive
-    buffer, valid until the next get, like the rings' zero-copy receive)."""
-
-    views = True
-
-    def __init__(self, out_q: Any, in_q: Any) -> None:
-        self.out_q, self.in_q = out_q, in_q
-
-    def send_one(self, msg: bytes) -> None:
-        self.out_q.put(msg, timeout=CALL_TIMEOUT)
-
-    def send_many(self, msgs: list[bytes]) -> None:
-        self.out_q.put_many(msgs, timeout=CALL_TIMEOUT)
-
-    def recv_one(self) -> bytes:
-        return bytes(self.in_q.get(timeout=CALL_TIMEOUT))
-
-    def recv_many(self, max_n: int) -> list[bytes]:
-        return self.in_q.get_many(timeout=CALL_TIMEOUT, max_messages_to_get=max_n)
-
-
-def _fifo_pair() -> tuple[Any, Any]:
-    import faster_fifo
-
-    def same(x: Any) -> Any:
-        return x
-
-    # bounded like the rings: 1024 messages, and bytes enough for 1024 x 4 KiB plus headers
-    return tuple(
-        faster_fifo.Queue(max_size_bytes=8 << 20, maxsize=CAPACITY, loads=same, dumps=same)
-        for _ in range(2)
-    )  # type: ignore[return-value]
 
 
 class PipeLink(Link):
@@ -484,8 +431,6 @@ def _make_link(transport: str, role: str, res: dict[str, Any]) -> Link:
         return SocketLink(res["sock"])
     if transport == "zmq-ipc":
         return ZmqLink(role, res["dir"])
-    if transport == "faster-fifo":
-        return FifoLink(res["out"], res["in"])
     raise BenchError(f"unknown transport {transport!r}")
 
 
@@ -501,9 +446,6 @@ def _prepare(transport: str, burst: int, tmp: str) -> tuple[dict[str, Any], dict
     if transport == "mp.Queue":
         fwd, rev = ctx.Queue(CAPACITY // burst), ctx.Queue(CAPACITY // burst)
         return {"out": fwd, "in": rev}, {"out": rev, "in": fwd}, [fwd, rev]
-    if transport == "faster-fifo":
-        fwd, rev = _fifo_pair()
-        return {"out": fwd, "in": rev}, {"out": rev, "in": fwd}, []
     if transport == "mp.Pipe":
         fwd_r, fwd_w = ctx.Pipe(duplex=False)
         rev_r, rev_w = ctx.Pipe(duplex=False)
@@ -529,7 +471,6 @@ def _drive(link: Link, size: int, burst: int, plan: Plan) -> dict[str, Any]:
     deadline = time.monotonic() + plan.case_timeout
     batch = _payloads(size, burst)
     one = batch[0]
-    views = link.views
     send_one, send_many, recv_one, recv_many = (
         link.send_one, link.send_many, link.recv_one, link.recv_many,
     )  # fmt: skip
@@ -577,8 +518,7 @@ def _drive(link: Link, size: int, burst: int, plan: Plan) -> dict[str, Any]:
                 send_many(batch)
                 back = []
                 for _ in range(burst):  # each call returns >= 1 message
-                    got = recv_many(burst - len(back))
-                    back.extend(map(bytes, got) if views else got)  # views: copy to compare
+                    back.extend(recv_many(burst - len(back)))
                     if len(back) >= burst:
                         break
             samples.append((time.perf_counter_ns() - t0) / 2000.0)
@@ -621,7 +561,6 @@ def _echo(link: Link, size: int, burst: int, plan: Plan) -> dict[str, Any]:
     send_one, send_many, recv_one, recv_many = (
         link.send_one, link.send_many, link.recv_one, link.recv_many,
     )  # fmt: skip
-    views, count_bytes = link.views, link.nbytes
     for _ in range(MAX_COMMANDS):
         cmd = recv_one()
         if len(cmd) != _CMD.size:
@@ -641,9 +580,9 @@ def _echo(link: Link, size: int, burst: int, plan: Plan) -> dict[str, Any]:
                 for _ in range(n):  # each call returns >= 1 message
                     msgs = recv_many(burst)
                     got += len(msgs)
-                    nbytes += count_bytes(msgs)
+                    nbytes += sum(map(len, msgs))
                     if got >= n:
-                        last = bytes(msgs[-1])
+                        last = msgs[-1]
                         break
             t1 = time.monotonic_ns()
             if got != n or nbytes != n * size:
@@ -657,13 +596,6 @@ def _echo(link: Link, size: int, burst: int, plan: Plan) -> dict[str, Any]:
             for _ in range(n):
                 if burst == 1:
                     send_one(recv_one())
-                    continue
-                if views:  # relay each batch as it comes: its views expire at the next receive
-                    k = 0
-                    while k < burst:
-                        got = recv_many(burst - k)
-                        send_many(got)
-                        k += len(got)
                     continue
                 msgs: list[bytes] = []
                 for _ in range(burst):
@@ -914,8 +846,8 @@ def _reap(procs: list[mp.process.BaseProcess]) -> None:
 def run_case(transport: str, size: int, burst: int, plan: Plan) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="dpm-bench-rings-")
     try:
-        if transport in _OPTIONAL:  # a clear error now rather than from both children
-            importlib.import_module(_OPTIONAL[transport])
+        if transport == "zmq-ipc":
+            importlib.import_module("zmq")  # a clear error now rather than from both children
         if transport in RING_TRANSPORTS:
             from dpmigrate import transports
 
