@@ -35,6 +35,7 @@ def test_environment_overrides_every_setting() -> None:
         "DPMIGRATE_NODE_TTL": "7",
         "DPMIGRATE_METRICS_PORT": "9464",
         "DPMIGRATE_RING_TLS": "1",
+        "DPMIGRATE_HUGEPAGES": "12",
     }
     assert {s.env for s in SETTINGS} == set(env), "a setting was added without a test"
     cfg = Config.from_env(env)
@@ -55,6 +56,7 @@ def test_environment_overrides_every_setting() -> None:
     assert cfg.node_ttl == 7
     assert cfg.metrics_port == 9464
     assert cfg.ring_tls is True
+    assert cfg.hugepages == 12
 
 
 @pytest.mark.parametrize(
@@ -77,6 +79,8 @@ def test_environment_overrides_every_setting() -> None:
         ("DPMIGRATE_STATE_DIR", "relative/dir", "absolute path"),
         ("DPMIGRATE_CRIU", "criu", "absolute path"),
         ("DPMIGRATE_TOKEN", "short", "at least 16 characters"),
+        ("DPMIGRATE_HUGEPAGES", "-1", "number of 2 MB pages from 0"),
+        ("DPMIGRATE_HUGEPAGES", "lots", "is not a number"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_fix(var: str, value: str, phrase: str) -> None:
