@@ -194,3 +194,37 @@ def test_cluster_up_reserves_and_down_gives_back(
     assert pool.total() == pool.start.total
     bad = run_cli("cluster", "up", "--nodes", "1", "--hugepages", "-2")
     assert bad.returncode != 0 and "--hugepages: the number of 2 MB hugepages" in bad.stderr
+
+
+def test_a_multi_process_runs_rings_take_the_pages_there_are(pool: Pool, tmp_path: Path) -> None:
+    """Three free pages, two rings of three pages each: one ring gets 2 MB pages, the other
+    4 KB ones — its status says why and its stage logs a warning; the app still ends with
+    lost = dup = 0."""
+    from support import checker_of, paced_flows
+
+    from dpmigrate.runtime.manifest import App
+    from dpmigrate.runtime.multiprocess import MultiProcessRun
+
+    free = hugepages.counts().free
+    if free > 3:
+        pytest.skip(f"{free} hugepages free on this host: cannot make the pool short")
+    _reserved(pool, 3 - free)
+    run = MultiProcessRun(App.load(paced_flows(tmp_path, 20000)), run_dir=tmp_path / "run")
+    with run:
+        assert run.wait(duration=60), run.status()
+        stages = run.status()
+    rings = {r["name"]: r for s in stages for r in s.get("rings", []) if r["role"] == "producer"}
+    assert len(rings) == 2, rings
+    pages = sorted(r["extra"]["page_size"] for r in rings.values())
+    assert pages == [4096, HUGE], rings
+    short = next(r for r in rings.values() if r["extra"]["page_size"] == 4096)
+    assert "hugepage reservation short: 3 2 MB pages needed" in short["extra"]["page_fallback"]
+    producer = next(s for s in stages if short in [r for r in s.get("rings", [])])
+    events = [json.loads(line) for line in Path(producer["log"]).read_text().splitlines()
+              if line.startswith("{")]  # fmt: skip
+    warned = [e for e in events if e.get("event") == "ring on 4 KB pages"]
+    assert warned and warned[0]["level"] == "warning" and warned[0]["ring"] == short["name"]
+    assert {k: checker_of(stages)[k] for k in ("lost", "duplicated")} == {
+        "lost": 0,
+        "duplicated": 0,
+    }
