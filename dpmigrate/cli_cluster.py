@@ -185,7 +185,9 @@ def down_cmd(path: str | None, as_json: bool) -> None:
 @click.command("clean")
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
 def clean(as_json: bool) -> None:
-    """Remove what a crashed cluster left behind, exactly as its record lists it."""
+    """Remove what a crashed cluster left behind, exactly as its record lists it, and the
+    control groups of multi-process runs killed before they could stop (as their records
+    list them)."""
     removed = local.clean()
     if as_json:
         _print_json({"removed": removed})
