@@ -479,3 +479,51 @@ def test_clean_and_cluster_down_remove_the_groups_of_a_killed_run(
         assert [r["record"] for r in index] == [str(live.groups.record.path)]
     assert json.loads((state / cgroups.INDEX).read_text())["runs"] == []
     assert not any(Path(d).exists() for d in mine)
+
+
+def test_a_bundle_restored_with_criu_is_born_in_its_group(
+    cluster_state_dir: Path, tmp_path: Path
+) -> None:
+    """`checkpoint` then `restore --node node1` (CRIU, not a migration): the same path as a
+    migration's restore — the stage in node1's group with the run's limits, its memory
+    charged there, node2's group gone; the app ends with the reference digest."""
+    from support import wait_for_input
+
+    from dpmigrate.cluster import nodefs
+    from dpmigrate.migrate import LocalCluster
+    from dpmigrate.runtime.multinode import MultiNodeRun
+
+    flows = paced_flows(tmp_path, 40000)
+    app = App.load(flows)
+    expected = reference_checker(app)
+    limits = {"memory": "192M", "pids": 64}
+    seen: set[str] = set()
+    with LocalCluster(3) as cluster:
+        records = [nodefs.host_dir(cluster.state_dir, n.name) / cgroups.RECORD
+                   for n in cluster.nodes]  # fmt: skip
+        run = MultiNodeRun(app, cluster, resources={"table": limits})
+        run.start()
+        try:
+            wait_for_input(run, 5000)
+            for record in records:
+                seen.update(d for g in cgroups.load_record(record)["groups"] for d in g)
+            out = tmp_path / "table.bundle"
+            cluster.checkpoint("table", out)
+            info = cluster.restore(out, node="node1")
+            for record in records:
+                seen.update(d for g in cgroups.load_record(record)["groups"] for d in g)
+            moved = stage_status(run)
+            assert moved["node"] == "node1" and moved["pid"] == info["pid"]
+            assert moved["resources"]["limits"] == {"memory": 192 << 20, "pids": 64}
+            name = moved["resources"]["group"]
+            assert ".node1.flows.table" in name and all(_in_group(moved["pid"], name).values())
+            anon, charged = _anon_charge(moved["pid"], name, seen)
+            assert charged >= 0.8 * anon, (anon, charged)
+            assert not any(Path(d).exists() for d in seen if ".node2.flows.table" in d)
+            assert run.wait(duration=90), run.status()
+        finally:
+            run.stop()
+        assert checker_of(run.status())["digest"] == expected["digest"]
+        run.cleanup()
+    left = sorted(d for d in seen if Path(d).exists())
+    assert not left, f"control groups left behind: {left}"
