@@ -527,3 +527,55 @@ def test_a_bundle_restored_with_criu_is_born_in_its_group(
         run.cleanup()
     left = sorted(d for d in seen if Path(d).exists())
     assert not left, f"control groups left behind: {left}"
+
+
+def test_a_failed_restore_removes_the_group_it_made(cluster_state_dir: Path, tmp_path: Path) -> None:
+    """The destination makes the stage's group before CRIU runs; when the restore fails (the
+    images' inventory removed after verification) the migration rolls back and that group
+    is gone — from the host and from node1's record — while the source runs on in its own."""
+    from support import wait_for_input
+
+    from dpmigrate.cluster import nodefs
+    from dpmigrate.migrate import LocalCluster, Migration
+    from dpmigrate.runtime.multinode import MultiNodeRun
+
+    flows = paced_flows(tmp_path, 40000)
+    app = App.load(flows)
+    with LocalCluster(3) as cluster:
+        record = nodefs.host_dir(cluster.state_dir, "node1") / cgroups.RECORD
+        run = MultiNodeRun(app, cluster, resources={"table": {"memory": "192M"}})
+        run.start()
+        happened: list[str] = []
+        made: set[str] = set()
+        try:
+            wait_for_input(run, 5000)
+            migration: Migration | None = None
+
+            def fault(phase: str) -> None:
+                if phase == "restore":
+                    assert migration is not None and migration.destination_bundle is not None
+                    images = cluster.host_path("node1", migration.destination_bundle) / "images"
+                    (images / "inventory.img").unlink()
+                    happened.append(str(images))
+
+            source = nodefs.host_dir(cluster.state_dir, "node2") / cgroups.RECORD
+            mine = [d for g in cgroups.load_record(source)["groups"] for d in g]
+            # node1's group of the stage: the same folders with node1 in the name
+            made.update(d.replace(".node2.flows.table", ".node1.flows.table") for d in mine)
+            migration = Migration(cluster, "table", "node1", "stop-and-copy", on_phase=fault)
+            report = migration.run()
+            assert happened, "the fault was never injected"
+            assert report.rolled_back and report.error.startswith("restore: "), report.error
+            events = [json.loads(line) for line in cluster.agent_log("node1").splitlines()
+                      if line.startswith("{")]  # fmt: skip
+            assert [e for e in events if e.get("event") == "stage group"
+                    and ".node1.flows.table" in e.get("group", "")], "node1 made no group"  # fmt: skip
+            table = stage_status(run)
+            assert table["node"] == "node2" and table["phase"] == "running", table
+            assert table["resources"]["limits"] == {"memory": 192 << 20}
+            assert not cgroups.load_record(record)["groups"], "node1 still records a group"
+            assert not any(Path(d).exists() for d in made), made
+            assert run.wait(duration=90), run.status()
+        finally:
+            run.stop()
+        run.cleanup()
