@@ -137,7 +137,8 @@ def _hugepages() -> Check:
         "hugepages",
         WARN,
         f"none configured ({size_kb} kB pages available); shm rings use 4 KB pages. "
-        "To use them: sysctl -w vm.nr_hugepages=64",
+        "To use them: `dpmigrate cluster up --hugepages N` (3 per ring; given back by "
+        "`cluster down`), or sysctl -w vm.nr_hugepages=N by hand",
     )
 
 
