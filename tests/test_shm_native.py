@@ -351,3 +351,66 @@ def test_entry_points_do_not_leak(pair: Pair) -> None:
     assert _grows(hot_path, 30_000) < 2048
     assert _grows(errors, 30_000) < 2048
     assert _grows(lifecycle, 5_000) < 2048
+
+
+# --- zero-copy views -----------------------------------------------------------------------
+
+
+def test_views_point_into_the_ring_and_expire(pair: Pair) -> None:
+    from dpmigrate.errors import ViewExpired, ViewsHeld
+
+    pair.rx.name = "t"
+    assert pair.tx.push_burst([b"a" * 10, b"", b"c" * 700]) == 3
+    batch = pair.rx.pop_views(8, False)
+    assert (len(batch), batch.first_seq, batch.nbytes, batch.expired) == (3, 0, 710, False)
+    assert pair.rx.exports == 0, "no buffer taken before a view is asked for"
+    views = list(batch)
+    assert [bytes(v) for v in views] == [b"a" * 10, b"", b"c" * 700]
+    assert all(v.readonly for v in views) and pair.rx.exports == 1
+    # the view shows the ring's own memory: its payload sits 16 bytes after its record header
+    raw = os.pread(pair.fd, 10, HDR + REC)
+    assert raw == bytes(views[0])
+    kept = views[2][100:]
+    with pytest.raises(ViewsHeld):
+        pair.rx.pop_views(8, True)  # would commit: refused, nothing moved
+    assert pair.rx.positions()[3] == 0, "a refused call committed"
+    assert batch.expired
+    with pytest.raises(ViewExpired):
+        batch[0]
+    with pytest.raises(ValueError):
+        views[0].tobytes()
+    assert bytes(kept) == b"c" * 600
+    del kept, views
+    assert pair.rx.exports == 0
+    assert len(pair.rx.pop_views(8, True)) == 0  # now it commits
+    assert pair.rx.positions()[3] == 3
+
+
+def test_close_with_a_view_out_unmaps_at_its_release() -> None:
+    p = Pair()
+    p.tx.push(b"q" * 64)
+    batch = p.rx.pop_views(1, False)
+    kept = batch[0][1:]
+    p.rx.close()
+    assert p.rx.closed and p.rx.exports == 1
+    with pytest.raises(ValueError):
+        p.rx.pop(False)  # closed for every call
+    assert bytes(kept) == b"q" * 63, "the mapping must outlive the view"
+    del kept, batch
+    gc.collect()
+    assert p.rx.exports == 0
+    p.tx.close()
+    os.close(p.fd)
+
+
+def test_views_do_not_leak(pair: Pair) -> None:
+    msgs = [b"x" * 64] * 32
+
+    def hot_path() -> None:
+        pair.tx.push_burst(msgs)
+        batch = pair.rx.pop_views(32, True)
+        for v in batch:
+            len(v)
+        pair.rx.expire_views()
+
+    assert _grows(hot_path, 20_000) < 2048

@@ -126,6 +126,7 @@ class StageRunner:
         self._source_done = False
         self._rr = 0
         self.done = False
+        self._zero_copy = bool(getattr(service, "zero_copy", False))
         service.setup(self.state, dict(config or {}))
 
     def _emit(self, port: str, msg: bytes) -> None:
@@ -148,6 +149,16 @@ class StageRunner:
                 self.stats.msgs_out += sent
                 empty = empty and not queue
         return empty
+
+    def _own_outbox(self) -> None:
+        """After a zero-copy batch: views it emitted go into the output rings now (the ring
+        copies them, no copy of ours); what does not fit becomes bytes, since the views
+        expire at the next receive or commit."""
+        self.flush()
+        for queue in self._outbox.values():
+            for i, msg in enumerate(queue):
+                if type(msg) is memoryview:
+                    queue[i] = bytes(msg)
 
     def _commit_batch(self) -> None:
         delta = self.state.commit()
@@ -224,13 +235,18 @@ class StageRunner:
             # Block only on the last port tried, so one quiet input cannot starve the others.
             timeout = wait if i == len(ports) - 1 else 0
             try:
-                batch = rx.recv_burst(self.batch, timeout=timeout)
+                if self._zero_copy:
+                    batch = rx.recv_views(self.batch, timeout=timeout)
+                else:
+                    batch = rx.recv_burst(self.batch, timeout=timeout)
             except EndOfRing:
                 self._finished_inputs.add(port)
                 continue
             if batch:
                 self._rr = (self._rr + i + 1) % len(ports)
                 self.service.process(port, batch, self._emit)
+                if self._zero_copy:
+                    self._own_outbox()
                 self.stats.batches += 1
                 self.stats.msgs_in += len(batch)
                 self.stats.took_input()

@@ -20,13 +20,15 @@ or a migration in ``self.state`` — anything else (caches, counters in attribut
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from dpmigrate.statesync.state import State
+from dpmigrate.transports.base import MessageViews
 
 #: ``emit(port, message)``: queue a message on an output port; sent when the batch commits.
-Emit = Callable[[str, bytes], None]
+#: A zero-copy stage may emit the views it was given (forwarding without a copy of its own).
+Emit = Callable[[str, bytes | memoryview], None]
 
 
 class Service:
@@ -34,6 +36,15 @@ class Service:
 
     inputs: ClassVar[tuple[str, ...]] = ()
     outputs: ClassVar[tuple[str, ...]] = ()
+    #: True: ``process`` gets each batch as zero-copy views (a MessageViews of read-only
+    #: memoryviews into the ring's memory, see dpmigrate.transports.base) instead of a list
+    #: of bytes, which saves one copy and one allocation per message. The views are valid
+    #: only during ``process``: copy with ``bytes(view)`` anything kept in ``self.state`` or
+    #: an attribute (a view used later raises ViewExpired / ValueError, and a slice kept
+    #: past the batch makes the next receive refuse with ViewsHeld). Views passed to
+    #: ``emit`` are fine: the runtime hands them to the output ring before the next receive.
+    #: Declared by the code, not the manifest: only the code knows whether it keeps them.
+    zero_copy: ClassVar[bool] = False
 
     state: State
     config: Mapping[str, Any]
@@ -43,8 +54,9 @@ class Service:
         self.state = state
         self.config = config
 
-    def process(self, port: str, batch: list[bytes], emit: Emit) -> None:
-        """Handle a batch of messages that arrived on input ``port``."""
+    def process(self, port: str, batch: Sequence[bytes] | MessageViews, emit: Emit) -> None:
+        """Handle a batch of messages that arrived on input ``port`` (bytes, or views when
+        the stage is ``zero_copy``)."""
         raise NotImplementedError(f"{type(self).__name__} has inputs but no process()")
 
     def generate(self, emit: Emit, budget: int) -> bool:
