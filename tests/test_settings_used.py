@@ -151,7 +151,10 @@ def test_a_stage_at_warning_writes_no_info_and_at_info_no_debug(stage_hosts: dic
         assert proc.wait(20) == 0
     assert events(quiet) == []  # started and stopped are info
     seen = events(normal)
-    assert {e["event"] for e in seen} == {"stage started", "stage stopped"}, seen
+    # (a host without hugepages adds one info line per shm ring: "ring on 4 KB pages")
+    named = {e["event"] for e in seen}
+    assert {"stage started", "stage stopped"} <= named <= {"stage started", "stage stopped",
+                                                           "ring on 4 KB pages"}, seen  # fmt: skip
     assert {e["level"] for e in seen} == {"info"} and all(e["stage"] == "table" for e in seen)
 
 

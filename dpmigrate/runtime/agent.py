@@ -67,6 +67,7 @@ STAGE_TABLE = "agent-stages.json"
 #: The models whose stages an agent runs (the in-process model has no agent).
 AGENT_MODELS = ("multi-process", "multi-node")
 _MAX_LOOKUP_WAIT_S = 30.0
+_SHUTDOWN_WAIT_S = 30.0
 _MAX_PEM = 64 << 10  # characters of one PEM file handed to a stage
 
 
@@ -163,6 +164,8 @@ class Agent:
         #: stage -> "primary", or the replica role it was started in (until it takes over)
         self.roles: dict[str, str] = {}
         self.stopping = threading.Event()
+        #: set once shutdown has stopped everything (run() returns only then)
+        self.stopped = threading.Event()
         self.listeners: list[socket.socket] = []
         #: listener address -> its connection budgets (see :mod:`.admission`)
         self.admissions: dict[str, Admission] = {}
@@ -476,6 +479,9 @@ class Agent:
                 self.supervisor.poll()
                 self._save_stage_table()
             self.stopping.wait(0.2)
+        # the shutdown thread still stops the services and the store: "agent stopped" is
+        # the last word only once they are (bounded: a stuck service does not hang exit)
+        self.stopped.wait(_SHUTDOWN_WAIT_S)
 
     # -- surviving the agent's own death --------------------------------------------------
     @property
@@ -568,6 +574,7 @@ class Agent:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+        self.stopped.set()
 
 
 #: The last phases of a stage (or replica) that was working when its process died.
