@@ -228,10 +228,13 @@ def test_a_standby_takes_over_from_what_the_consumer_holds(
                 return sum(int(r["next_seq"]) - int(r["acked"]) for r in rings)
 
             wait_until(lambda: unacked() >= window, "the table's window to fill", 30, 0.01)
+            filled_at = time.time()
 
             def received_all() -> dict:  # every point the blocked table published
-                found = _replica(cluster, "node4")
-                return found if found["sync"]["received_n"] == found["lag"]["head_n"] else {}
+                found = _replica(cluster, "node4")  # its status, written every 0.2 s
+                fresh = found.get("time", 0) > filled_at + 0.5  # not one from before the fill
+                done = found["sync"]["received_n"] == found["lag"]["head_n"]
+                return found if fresh and done else {}
 
             wait_until(received_all, "the standby to receive every point", 30, 0.01)
             replica = received_all()
