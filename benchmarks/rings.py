@@ -476,12 +476,11 @@ def _tls_opts(transport: str, folder: str) -> tuple[dict[str, Any], dict[str, An
     """The producer's and the consumer's TLS options (the ring files _prepare made)."""
     if not transport.startswith("tcp+tls"):
         return {}, {}
-    from dpmigrate.cluster.pki import ring_files
-    from dpmigrate.transports.tcp import tls_context
+    from dpmigrate.cluster.pki import ring_tls_context
 
-    f = ring_files(Path(folder) / "pki")
-    return ({"tls": tls_context(f.ca, f.cert, f.key, server_side=True)},
-            {"tls": tls_context(f.ca, f.cert, f.key, server_side=False)})  # fmt: skip
+    pki = Path(folder) / "pki"
+    return ({"tls": ring_tls_context(pki, server_side=True)},
+            {"tls": ring_tls_context(pki, server_side=False)})  # fmt: skip
 
 
 def _make_link(transport: str, role: str, res: dict[str, Any]) -> Link:

@@ -41,9 +41,8 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _contexts(folder: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    files = pki.ring_files(folder)
-    return (tcp.tls_context(files.ca, files.cert, files.key, server_side=True),
-            tcp.tls_context(files.ca, files.cert, files.key, server_side=False))  # fmt: skip
+    return (pki.ring_tls_context(folder, server_side=True),
+            pki.ring_tls_context(folder, server_side=False))  # fmt: skip
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("check_") for c in CHECKS])

@@ -17,12 +17,15 @@ import dataclasses
 import datetime
 import ipaddress
 import os
+import ssl
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from dpmigrate.transports.tcp import tls_context
 
 _VALID = datetime.timedelta(days=30)
 
@@ -114,6 +117,12 @@ def make(folder: Path, server_ips: tuple[str, ...]) -> tuple[TlsFiles, TlsFiles]
 def ring_files(folder: Path | str) -> TlsFiles:
     """Where :func:`make` wrote the rings' TLS files in ``folder``."""
     return TlsFiles(*(str(Path(folder) / name) for name in ("ca.pem", "ring.pem", "ring.key")))
+
+
+def ring_tls_context(folder: Path | str, *, server_side: bool) -> ssl.SSLContext:
+    """A ring end's TLS context from the files :func:`make` wrote in ``folder``."""
+    files = ring_files(folder)
+    return tls_context(files.ca, files.cert, files.key, server_side=server_side)
 
 
 def copy(files: TlsFiles, folder: Path) -> TlsFiles:

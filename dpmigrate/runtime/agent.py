@@ -55,7 +55,7 @@ from dpmigrate.runtime.manifest import stage_resources
 from dpmigrate.runtime.node_store import NodeStore
 from dpmigrate.runtime.operations import AbsPath, Name, NoArgs, OperationTable, Request
 from dpmigrate.runtime.registry import STAGE_KEY_ENV
-from dpmigrate.runtime.supervisor import Supervisor, process_start_time
+from dpmigrate.runtime.supervisor import Supervisor, process_resident_bytes, process_start_time
 from dpmigrate.transports.resolver import NAME_RE, Endpoint
 
 if TYPE_CHECKING:
@@ -446,7 +446,7 @@ class Agent:
             info: dict[str, Any] = {"app": app, "name": name, "node": self.node}
             manifest, run_dir, _model = self.stage_args[key]
             info.update(stagehost.read_status(run_dir, name))
-            info.update(role=self.roles.get(key, "primary"), rss_bytes=_rss_bytes(proc.stage_pid))
+            info.update(role=self.roles.get(key, "primary"), rss_bytes=_rss(proc.stage_pid))
             info.update(pid=proc.stage_pid, restarts=proc.restarts, finished=proc.finished,
                         moved=proc.moved, fenced=proc.fenced, run_dir=run_dir, manifest=manifest,
                         failed=proc.failed, log=str(proc.log),
@@ -596,14 +596,6 @@ def _flag(argv: Sequence[str], flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args[:-1] else None
 
 
-def _rss_bytes(pid: int | None) -> int | None:
+def _rss(pid: int | None) -> int | None:
     """The resident memory of a stage process (what a CRIU dump of it moves), or None."""
-    if pid is None:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return None if pid is None else process_resident_bytes(pid)

@@ -47,6 +47,7 @@ from dpmigrate import __version__
 from dpmigrate.eventlog import EventLog
 from dpmigrate.runtime import stagehost
 from dpmigrate.runtime.migration_record import RECORD, MigrationDone, MigrationRecord
+from dpmigrate.runtime.supervisor import process_resident_bytes
 
 if TYPE_CHECKING:
     from dpmigrate.runtime.agent import Agent
@@ -102,17 +103,6 @@ def process_cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
     except (OSError, IndexError, ValueError):
         return None
-
-
-def process_resident_bytes(pid: int) -> int | None:
-    """Resident memory of one process (VmRSS), from ``/proc``."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _number(value: object) -> float | None:

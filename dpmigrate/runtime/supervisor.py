@@ -356,6 +356,17 @@ class Supervisor:
             os.waitpid(pid, 0)
 
 
+def process_resident_bytes(pid: int) -> int | None:
+    """Resident memory of one process (VmRSS), from ``/proc``."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def process_start_time(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat (start time in clock ticks); None if gone or a zombie:
     with the PID it names one process for good (a reused PID has another start time)."""

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from dpmigrate import transports
-from dpmigrate.cluster.pki import ring_files
+from dpmigrate.cluster.pki import ring_tls_context
 from dpmigrate.errors import (
     EndOfRing,
     MessageTooLarge,
@@ -47,7 +47,6 @@ from dpmigrate.errors import (
 from dpmigrate.testing.peer import message
 from dpmigrate.transports.base import MAX_MESSAGE, MessageViews, RingReceiver, RingSender
 from dpmigrate.transports.resolver import DirectoryResolver, MemoryResolver
-from dpmigrate.transports.tcp import tls_context
 
 #: Upper bound for any single wait in a check; far above what a healthy ring needs.
 BOUND_S = 30.0
@@ -86,9 +85,7 @@ class Harness:
         if self.tls_dir is None:
             return {}
         if server_side not in self._tls:
-            files = ring_files(self.tls_dir)
-            self._tls[server_side] = tls_context(files.ca, files.cert, files.key,
-                                                 server_side=server_side)  # fmt: skip
+            self._tls[server_side] = ring_tls_context(self.tls_dir, server_side=server_side)
         return {"tls": self._tls[server_side]}
 
     def ring_name(self) -> str:

@@ -24,10 +24,9 @@ import sys
 import time
 
 from dpmigrate import transports
-from dpmigrate.cluster.pki import ring_files
+from dpmigrate.cluster.pki import ring_tls_context
 from dpmigrate.errors import DpmigrateError
 from dpmigrate.transports.resolver import DirectoryResolver
-from dpmigrate.transports.tcp import tls_context
 
 #: Bound on how long a peer process may run: it must never outlive a test.
 MAX_RUNTIME_S = 120.0
@@ -66,8 +65,7 @@ def _then(action: str, end: transports.RingSender | transports.RingReceiver) -> 
 def _tls(args: argparse.Namespace, server_side: bool) -> dict[str, object]:
     if args.tls_dir is None:
         return {}
-    files = ring_files(args.tls_dir)
-    return {"tls": tls_context(files.ca, files.cert, files.key, server_side=server_side)}
+    return {"tls": ring_tls_context(args.tls_dir, server_side=server_side)}
 
 
 def _producer(args: argparse.Namespace) -> dict[str, object]:
