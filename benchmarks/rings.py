@@ -157,6 +157,7 @@ class Plan:
     lat_seconds: float  # one latency repeat
     case_timeout: float  # watchdog for one case, both children together
     ceiling_seconds: float  # one repeat of a ceiling
+    cpus: tuple[int, ...] = ()  # pin A and B to these two CPUs (empty: no pinning)
 
 
 QUICK = Plan(repeats=5, tp_seconds=0.15, lat_seconds=0.1, case_timeout=30.0, ceiling_seconds=0.2)
@@ -868,11 +869,17 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _child_main(
-    fn: Callable[..., dict[str, Any]], args: tuple, result: mpc.Connection, parent: int
+    fn: Callable[..., dict[str, Any]],
+    args: tuple,
+    result: mpc.Connection,
+    parent: int,
+    cpu: int | None,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent(parent)
+    if cpu is not None:  # the whole process, helper threads (mp.Queue's feeder) included
+        os.sched_setaffinity(0, {cpu})
     try:
         out = fn(*args)
     except BaseException as err:
@@ -894,9 +901,12 @@ def run_pair(
     stuck: list[mp.process.BaseProcess] = []
     finished = False
     try:
-        for fn, args in (a, b):
+        for i, (fn, args) in enumerate((a, b)):
             r, w = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child_main, args=(fn, args, w, os.getpid()), daemon=True)
+            cpu = plan.cpus[i] if plan.cpus else None
+            p = ctx.Process(
+                target=_child_main, args=(fn, args, w, os.getpid(), cpu), daemon=True
+            )
             p.start()
             procs.append(p)
             w.close()
@@ -1003,6 +1013,7 @@ def machine_info(plan: Plan, quick: bool) -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)),
+        "pinned_cpus": list(plan.cpus),  # the two processes of a case, one CPU each
         "memory_gib": mem_gib,
         "kernel": platform.release(),
         "os": platform.platform(),
@@ -1220,6 +1231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file ({RESULTS})")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the ceilings")
     parser.add_argument(
+        "--no-pin", action="store_true",
+        help="let the scheduler place both processes of a case (default: one CPU each)",
+    )  # fmt: skip
+    parser.add_argument(
         "--hugepages", type=int, default=0, metavar="N",
         help="reserve N 2 MB hugepages while the benchmark runs (root; given back at the end); "
         "shm-2m needs 6 (two rings of 3 pages)",
@@ -1243,6 +1258,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     plan = QUICK if args.quick else FULL
     if args.repeats:
         plan = dataclasses.replace(plan, repeats=max(1, min(50, args.repeats)))
+    usable = sorted(os.sched_getaffinity(0))
+    if not args.no_pin and len(usable) >= 2:
+        plan = dataclasses.replace(plan, cpus=(usable[0], usable[1]))
     chosen = [t.strip() for t in args.transports.split(",") if t.strip()]
     unknown = [t for t in chosen if t not in TRANSPORTS]
     if unknown:

@@ -120,6 +120,60 @@ def test_take_data_delivers_in_order_and_drops_duplicates() -> None:
     assert r.next_frame() == (fr.CLOSE, 6, b""), "take_data must stop at a control frame"
 
 
+def test_take_views_cuts_views_of_the_buffer_and_stops_after_max_n() -> None:
+    r = reader()
+    for seq in range(5):
+        r.feed(fr.encode_data(seq, b"v%d" % seq))
+    out: list[memoryview] = []
+    assert r.take_views(out, 0, 3) == (3, 0, 6)
+    assert [bytes(v) for v in out] == [b"v0", b"v1", b"v2"]
+    assert all(v.readonly and v.obj is r.buf for v in out), "views of the buffer, not copies"
+    for v in out:
+        v.release()
+    out = []
+    assert r.take_views(out, 3, 10) == (5, 0, 4)
+    assert [bytes(v) for v in out] == [b"v3", b"v4"]
+
+
+def test_the_c_cutter_checks_its_range_and_its_arguments() -> None:
+    from dpmigrate.native import _frames
+
+    buf = bytearray(fr.encode_data(0, b"x"))
+    with pytest.raises(ValueError, match="bad range"):
+        _frames.cut_data(buf, None, 0, len(buf) + 1, 0, 1, 64, fr.DATA_WORD, [])
+    with pytest.raises(ValueError, match="bad range"):
+        _frames.cut_data(buf, None, 5, 4, 0, 1, 64, fr.DATA_WORD, [])
+    with pytest.raises(TypeError):
+        _frames.cut_data(buf, None, 0, len(buf), 0, 1, 64, fr.DATA_WORD, ())  # not a list
+    out: list[bytes] = []
+    assert _frames.cut_data(buf, None, 0, len(buf), 0, 0, 64, fr.DATA_WORD, out)[:4] == (0, 0, 0, 0)
+    assert out == [], "max_n=0 cuts nothing"
+
+
+def test_a_failing_cut_leaves_the_output_and_the_position_as_they_were() -> None:
+    """A payload that cannot be cut midway (its slice fails) must not leave half a batch in
+    the caller's list: the position did not move, so those frames would be cut twice."""
+    from dpmigrate.native import _frames
+
+    buf = bytearray(b"".join(fr.encode_data(seq, b"m%d" % seq) for seq in range(3)))
+
+    class FailsOnTheSecondSlice:
+        calls = 0
+
+        def __getitem__(self, where: slice) -> bytes:
+            self.calls += 1
+            if self.calls == 2:
+                raise MemoryError("injected")
+            return bytes(buf[where])
+
+    src = FailsOnTheSecondSlice()
+    out: list = ["earlier"]
+    with pytest.raises(MemoryError, match="injected"):
+        _frames.cut_data(buf, src, 0, len(buf), 0, 8, 64, fr.DATA_WORD, out)
+    assert src.calls == 2, "the fault must have hit after one payload was cut"
+    assert out == ["earlier"]
+
+
 # --- malformed input ----------------------------------------------------------------------
 
 

@@ -327,19 +327,50 @@ static int wait_result(long rc)
     return -errno;
 }
 
-/* Spin (with the CPU's pause hint) up to r->spin_limit rounds for `ready`; adapt the limit. */
-static int adaptive_spin(struct dpm_ring *r, int (*ready)(struct dpm_ring *, int64_t), int64_t arg)
+static uint64_t now_ns(void)
 {
-    uint32_t limit = r->spin_limit ? r->spin_limit : 128u;
-    for (uint32_t i = 0; i < limit; i++) {
-        if (ready(r, arg)) {
-            r->spin_limit = limit * 2 > DPM_SPIN_MAX ? DPM_SPIN_MAX : limit * 2;
-            return 1;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* vDSO: about 25 ns, no syscall */
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Spin (with the CPU's pause hint) for up to r->spin_ns of wall time until `ready`.
+ * Time, not a count of pauses: a pause lasts from a few to over a hundred cycles depending
+ * on the CPU. Returns 1 if ready; 0 with *started set when the budget ran out. */
+static int adaptive_spin(struct dpm_ring *r, int (*ready)(struct dpm_ring *, int64_t), int64_t arg,
+                         uint64_t *started)
+{
+    if (ready(r, arg))
+        return 1;
+    uint64_t budget = r->spin_ns ? r->spin_ns : DPM_SPIN_MIN_NS * 4;
+    uint64_t t0 = now_ns(), t = t0;
+    while (t - t0 < budget) {
+        for (int i = 0; i < 4; i++) {
+            __builtin_ia32_pause();
+            if (ready(r, arg)) {
+                uint64_t grown = budget * 2 > DPM_SPIN_MAX_NS ? DPM_SPIN_MAX_NS : budget * 2;
+                r->spin_ns = (uint32_t)grown;
+                return 1;
+            }
         }
-        __builtin_ia32_pause();
+        t = now_ns();
     }
-    r->spin_limit = limit / 2 < DPM_SPIN_MIN ? DPM_SPIN_MIN : limit / 2;
+    *started = t0;
     return 0;
+}
+
+/* After a futex sleep (woken or timed out): had the wait been shorter than
+ * DPM_SPIN_MAX_NS, a longer spin would have saved both ends a syscall, so cover it next
+ * time (twice what it took); a longer wait was idle time, so spin less. */
+static void learn_from_sleep(struct dpm_ring *r, uint64_t started)
+{
+    uint64_t took = now_ns() - started;
+    uint64_t budget = r->spin_ns ? r->spin_ns : DPM_SPIN_MIN_NS * 4;
+    if (took < DPM_SPIN_MAX_NS)
+        budget = took * 2 > DPM_SPIN_MAX_NS ? DPM_SPIN_MAX_NS : (took * 2 > budget ? took * 2 : budget);
+    else
+        budget = budget / 2 < DPM_SPIN_MIN_NS ? DPM_SPIN_MIN_NS : budget / 2;
+    r->spin_ns = (uint32_t)budget;
 }
 
 static int data_ready_arg(struct dpm_ring *r, int64_t unused)
@@ -350,7 +381,8 @@ static int data_ready_arg(struct dpm_ring *r, int64_t unused)
 
 int dpm_ring_wait_space(struct dpm_ring *r, int64_t len, int timeout_ms)
 {
-    if (timeout_ms > 0 && adaptive_spin(r, space_ready, len))
+    uint64_t started = 0;
+    if (timeout_ms > 0 && adaptive_spin(r, space_ready, len, &started))
         return 1;
     struct dpm_ring_header *h = r->hdr;
     uint32_t snap = __atomic_load_n(&h->space_ec, __ATOMIC_ACQUIRE);
@@ -362,12 +394,16 @@ int dpm_ring_wait_space(struct dpm_ring *r, int64_t len, int timeout_ms)
     __atomic_store_n(&h->producer_waiting, 0u, __ATOMIC_RELAXED);
     if (err < 0)
         return err;
-    return space_ready(r, len);
+    int ready = space_ready(r, len);
+    if (started != 0)
+        learn_from_sleep(r, started);
+    return ready;
 }
 
 int dpm_ring_wait_data(struct dpm_ring *r, int timeout_ms)
 {
-    if (timeout_ms > 0 && adaptive_spin(r, data_ready_arg, 0))
+    uint64_t started = 0;
+    if (timeout_ms > 0 && adaptive_spin(r, data_ready_arg, 0, &started))
         return 1;
     struct dpm_ring_header *h = r->hdr;
     uint32_t snap = __atomic_load_n(&h->data_ec, __ATOMIC_ACQUIRE);
@@ -379,5 +415,8 @@ int dpm_ring_wait_data(struct dpm_ring *r, int timeout_ms)
     __atomic_store_n(&h->consumer_waiting, 0u, __ATOMIC_RELAXED);
     if (err < 0)
         return err;
-    return data_ready(r);
+    int ready = data_ready(r);
+    if (started != 0)
+        learn_from_sleep(r, started);
+    return ready;
 }

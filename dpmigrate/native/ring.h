@@ -140,13 +140,14 @@ struct dpm_ring {
     /* consumer private state: the read cursor (delivered, maybe not committed) */
     uint64_t read, read_seq;
     uint64_t tail_pub, tail_seq_pub; /* last tail/tail_seq this consumer published */
-    /* adaptive spin before sleeping on the futex: grows while spinning pays off, shrinks
-     * while it does not (a wake-up syscall costs more than a few microseconds of spin) */
-    uint32_t spin_limit;
+    /* adaptive spin before sleeping on the futex, in nanoseconds of wall time: a sleep
+     * costs this end a wake-up latency and the other end a FUTEX_WAKE syscall on its hot
+     * path, so the budget follows how long waits really last (see adaptive_spin) */
+    uint32_t spin_ns;
 };
 
-#define DPM_SPIN_MIN 16u
-#define DPM_SPIN_MAX 2048u
+#define DPM_SPIN_MIN_NS 1000u  /* 1 us: what a wait is allowed to cost when waits are long */
+#define DPM_SPIN_MAX_NS 50000u /* 50 us: longer gaps are idle time, not a burst in progress */
 
 /* Result codes (>= 0 success, < 0 failure) */
 #define DPM_OK 0
