@@ -713,10 +713,11 @@ def _case_child(
 # --------------------------------------------------------------------------- ceilings
 
 
-def _tcp_sender(port: int, plan: Plan) -> dict[str, Any]:
-    """Raw loopback TCP, sending side: big sendall()s, t0 here, t1 from the receiver."""
+def _tcp_sender(port: int, plan: Plan, block_bytes: int) -> dict[str, Any]:
+    """Raw loopback TCP, sending side: sendall()s of block_bytes, t0 here, t1 from the
+    receiver."""
     deadline = time.monotonic() + plan.case_timeout
-    block = memoryview(bytearray(b"\x5a" * (1 << 20)))
+    block = memoryview(bytearray(b"\x5a" * block_bytes))
     with socket.create_connection(("127.0.0.1", port), timeout=CALL_TIMEOUT) as sock:
         sock.settimeout(None)
         if _recv_exact(sock, 1) != b"R":
@@ -734,7 +735,7 @@ def _tcp_sender(port: int, plan: Plan) -> dict[str, Any]:
                 raise BenchError("raw tcp: bad reply from the receiver")
             return (t1 - t0) / 1e9
 
-        rate = 64 / run(64)  # blocks (MiB) per second
+        rate = 64 / run(64)  # blocks per second
         rate = max(16, int(rate * plan.ceiling_seconds / 2)) / run(
             max(16, int(rate * plan.ceiling_seconds / 2))
         )
@@ -746,7 +747,7 @@ def _tcp_sender(port: int, plan: Plan) -> dict[str, Any]:
     return {"mb_s": mbs}
 
 
-def _tcp_receiver(listener: socket.socket, plan: Plan) -> dict[str, Any]:
+def _tcp_receiver(listener: socket.socket, plan: Plan, block_bytes: int) -> dict[str, Any]:
     listener.settimeout(CALL_TIMEOUT)
     sock, _ = listener.accept()
     listener.close()
@@ -760,7 +761,7 @@ def _tcp_receiver(listener: socket.socket, plan: Plan) -> dict[str, Any]:
                 return {"ok": True}
             if kind != b"THRU" or not 0 < blocks <= 1 << 16:
                 raise BenchError(f"raw tcp: bad command {kind!r} {blocks}")
-            want, got = blocks * len(buf), 0
+            want, got = blocks * block_bytes, 0
             for _ in range(want):  # every recv_into returns >= 1 byte or we stop
                 n = sock.recv_into(buf)
                 if n == 0:
@@ -841,14 +842,19 @@ def measure_memcpy_ring(plan: Plan) -> list[float]:
     return out
 
 
-def measure_tcp_loopback(plan: Plan) -> list[float]:
+def measure_tcp_loopback(plan: Plan, block_bytes: int = 1 << 20) -> list[float]:
+    """Two processes, sendall(block_bytes) / recv_into(1 MiB): 1 MiB is the ceiling the
+    target uses; 128 KiB (one ring burst of 32 x 4 KiB per write) is for information."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         port = listener.getsockname()[1]
         a, b = run_pair(
-            (_tcp_sender, (port, plan)), (_tcp_receiver, (listener, plan)), [listener], plan
+            (_tcp_sender, (port, plan, block_bytes)),
+            (_tcp_receiver, (listener, plan, block_bytes)),
+            [listener],
+            plan,
         )
     finally:
         listener.close()
@@ -856,6 +862,10 @@ def measure_tcp_loopback(plan: Plan) -> list[float]:
         if "error" in r:
             raise BenchError(r["error"])
     return a["mb_s"]
+
+
+def measure_tcp_loopback_128k(plan: Plan) -> list[float]:
+    return measure_tcp_loopback(plan, 128 << 10)
 
 
 # --------------------------------------------------------------------------- process handling
@@ -1089,6 +1099,9 @@ def targets(results: list[dict], ceilings: dict[str, Any]) -> list[dict[str, Any
         ("tcp/views 4 KiB bursts of 32: MB/s vs raw loopback TCP",
          ratio(get("tcp/views", 4096, "mb_per_s"), loopback), 0.6, ">=", True),
         ("shm 64 B one-way latency p50 (µs)", lat("shm"), 2.0, "<=", True),
+        ("tcp/views 4 KiB bursts of 32: MB/s vs raw loopback TCP, 128 KiB writes",
+         ratio(get("tcp/views", 4096, "mb_per_s"), ceilings.get("tcp_loopback_128k_mb_s")),
+         0.6, ">=", False),
         ("shm 64 B bursts of 32, owned bytes: msgs/s vs mp.Queue",
          ratio(get("shm", 64, "msgs_per_s"), get("mp.Queue", 64, "msgs_per_s")), 10.0, ">=",
          False),
@@ -1199,6 +1212,12 @@ def render(report: dict[str, Any]) -> None:
         f"{_num(c.get('tcp_loopback_mb_s_min'))}{DASH}{_num(c.get('tcp_loopback_mb_s_max'))}",
         "2 processes, sendall(1 MiB) / recv_into(1 MiB), 127.0.0.1",
     )  # fmt: skip
+    ceil.add_row(
+        "tcp loopback, 128 KiB writes", _num(c.get("tcp_loopback_128k_mb_s")),
+        f"{_num(c.get('tcp_loopback_128k_mb_s_min'))}{DASH}"
+        f"{_num(c.get('tcp_loopback_128k_mb_s_max'))}",
+        "same, one write per 32 x 4 KiB burst (what the tcp ring writes); information",
+    )  # fmt: skip
     if c.get("error"):
         ceil.add_row("[red]error[/]", "", "", c["error"])
     console.print(ceil)
@@ -1295,6 +1314,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 ("memcpy_cached_mb_s", measure_memcpy_cached),
                 ("memcpy_ring_mb_s", measure_memcpy_ring),
                 ("tcp_loopback_mb_s", measure_tcp_loopback),
+                ("tcp_loopback_128k_mb_s", measure_tcp_loopback_128k),
             ):
                 try:
                     xs = fn(plan)

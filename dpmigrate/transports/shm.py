@@ -435,6 +435,26 @@ class ShmSender(RingSender):
             raise WouldBlock(f"ring {self.name!r}: full ({self.capacity} messages retained)")
 
     def send_burst(self, msgs: Sequence[bytes], timeout: float | None = 0) -> int:
+        # Fast path, the steady state of a busy stage: open, connected, nothing to skip,
+        # the link looked at within _LINK_CHECK, and room in the ring. It is _push_waiting
+        # with its calls inlined (each Python call costs about as much as a short burst's
+        # copy); anything else - full, an error to name, a consumer gone - goes the long way.
+        ring = self._ring
+        if (
+            ring is not None
+            and not self._closed
+            and not self._skip
+            and self._conn is not None
+            and not self._consumer_closed
+            and not self._broken
+            and time.monotonic() < self._next_check
+        ):
+            try:
+                n = ring.push_burst(msgs)
+            except (ValueError, TypeError):
+                n = 0  # the long way pushes nothing either, and words the error
+            if n > 0:
+                return n
         return self._push_waiting(msgs, timeout)
 
     # -- closing -----------------------------------------------------------------------
@@ -859,6 +879,16 @@ class ShmReceiver(RingReceiver):
         memory is the producer's retention), so handing out views costs no copy at all."""
         if not isinstance(max_n, int) or max_n < 1:
             raise ValueError(f"ring {self.name!r}: recv_views needs max_n >= 1, got {max_n!r}")
+        ring = self._ring  # fast path: _receive's first step with its calls inlined
+        if (
+            ring is not None
+            and not self._closed
+            and not self._held
+            and time.monotonic() < self._next_check
+        ):
+            msgs = self._pop(ring, max_n, True)
+            if msgs:
+                return msgs
         return self._receive(max_n, timeout, views=True)
 
     def commit(self, upto: int | None = None) -> None:
