@@ -108,6 +108,10 @@ _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 #: What a non-blocking socket raises when it must wait (a TLS one for records too).
 _AGAIN = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _TLS_WRITE = 256 << 10  # bytes joined for one TLS write (TLS cannot gather: one copy)
+#: The consumer's spin before a poll() sleep (see TcpReceiver._spin_read): it adapts between
+#: these bounds (s) to how long its waits turn out to last; a wait longer than _SPIN_MAX is
+#: idle time, not a burst in flight. _SPIN_READS bounds the reads of one spin.
+_SPIN_MIN, _SPIN_MAX, _SPIN_READS = 2e-6, 50e-6, 200
 _TLS_READS = 64  # reads after one poll while TLS holds decrypted bytes the kernel does not
 
 
@@ -1057,6 +1061,7 @@ class TcpReceiver(RingReceiver):
         self._hello_fields = (0, 0)
         self._sock_since = 0.0
         self._heard_at = 0.0  # monotonic time of the last bytes from the producer
+        self._spin = _SPIN_MIN  # s of reading before a poll() sleep (see _spin_read)
         self._replaced_check_at = 0.0
         self._reader = fr.FrameReader(
             _HANDSHAKE_ALLOWED, max_message, size=_RECV_BUFFER, chunk=_RECV_CHUNK
@@ -1338,6 +1343,10 @@ class TcpReceiver(RingReceiver):
             if self._sock is None:
                 continue
             self._send_ack(force=True)
+            if self._welcomed and self._spin_read(deadline):
+                return True
+            if self._sock is None:
+                continue
             now = time.monotonic()
             wake = deadline
             if not self._welcomed:
@@ -1358,6 +1367,35 @@ class TcpReceiver(RingReceiver):
                 self._write_out()
             if not events and self._welcomed:
                 self._check_replaced()
+            if self._welcomed:
+                self._learn_spin(time.monotonic() - now)
+
+    def _spin_read(self, deadline: float | None) -> bool:
+        """Before sleeping in poll(), keep reading for up to the spin budget: a consumer
+        asleep costs the producer a wake-up inside every write (loopback delivers in the
+        writer's own system call), which halved what 128 KiB writes moved here (2.3 vs
+        3.8 GB/s raw, measured side by side). True when something can be returned."""
+        start = time.monotonic()
+        stop = start + self._spin
+        if deadline is not None and deadline < stop:
+            stop = deadline
+        for _ in range(_SPIN_READS):  # bounded in count as well as time
+            if time.monotonic() >= stop:
+                return False
+            if self._read_once():
+                self._spin = min(_SPIN_MAX, self._spin * 2)
+                return True
+            if self._sock is None:
+                return False
+        return False
+
+    def _learn_spin(self, slept: float) -> None:
+        """A poll() sleep that ended sooner than _SPIN_MAX would have been cheaper as a spin:
+        cover it next time; a longer one was idle time: spin less."""
+        if slept < _SPIN_MAX:
+            self._spin = min(_SPIN_MAX, max(self._spin, 2 * slept))
+        else:
+            self._spin = max(_SPIN_MIN, self._spin / 2)
 
     def _check_replaced(self) -> None:
         """Silent producer: drop the link if the registry names a newer producer."""
