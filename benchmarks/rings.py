@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
 """Ring transports against their peers and against the machine's ceilings, in one run.
 
-    .venv/bin/python benchmarks/rings.py             # full run, 2-3 minutes
+    .venv/bin/python benchmarks/rings.py             # full run, about 5 minutes
     .venv/bin/python benchmarks/rings.py --quick     # under a minute
     .venv/bin/python benchmarks/rings.py --quick --transports shm,mp.Queue
 
 Prints the machine, one table of every case (median of the repeats and their min-max), the
-two ceilings and the three targets, and writes ``benchmarks/results/rings.json`` (``--out``
+ceilings and the issue-16 targets, and writes ``benchmarks/results/rings.json`` (``--out``
 to write elsewhere). pyzmq is a benchmark-only extra (``pip install .[bench]``); without it
 the zmq-ipc rows say so and the rest still run.
 
 Cases
-    message size 64 B and 4 KiB, times burst 1 and 32, times six transports:
-    ``shm`` and ``tcp`` (the dpmigrate rings, opened through ``dpmigrate.transports`` with a
-    DirectoryResolver in a temp dir, capacity 1024 messages), ``mp.Queue``, ``mp.Pipe``,
-    ``socketpair`` and ``zmq-ipc``.
+    message size 64 B and 4 KiB, times burst 1 and 32, times the transports: the dpmigrate
+    rings (opened through ``dpmigrate.transports`` with a DirectoryResolver in a temp dir,
+    capacity 1024 messages) ``shm``, ``shm-2m``/``shm-4k`` (2 MB or 4 KB pages only),
+    ``tcp``, ``tcp+tls``, each "/views" row the same ring received with ``recv_views``
+    (bursts only), ``shm-l2/views`` (a 512 KiB data area instead of 4 MiB), and the peers
+    ``mp.Queue``, ``mp.Pipe``, ``socketpair``, ``zmq-ipc`` and ``faster-fifo``.
 
 How each transport is used (a fair user of its API)
     burst 1 is one message per call; burst 32 is the batch API where there is one, and
@@ -47,7 +49,11 @@ Processes
     forks two children: A drives, B echoes. The parent only waits, with a watchdog; any
     child still alive at the end of a case is killed by its PID, and every temp dir is
     removed, also on failure or Ctrl-C. Children die with the parent (PR_SET_PDEATHSIG).
-    One case runs at a time: A and B get one core each on a 2-core machine.
+    One case runs at a time, and A and B are pinned to one CPU each (the first two this
+    process may use; ``--no-pin`` leaves placement to the scheduler), every transport the
+    same way: helper threads (mp.Queue's feeder) share their process's CPU. Pinned, the
+    spread between runs is smaller, and mp.Queue and raw loopback TCP are faster than
+    unpinned on this machine (so the ratios against them are harder, not easier).
 
 Throughput
     A sends a command naming the count N, reads CLOCK_MONOTONIC (t0), sends N messages; B
@@ -70,20 +76,26 @@ Ceilings
       byte copied once. The same copy of 256 KiB buffers (they stay in L2, as the hot part
       of a ring does) is reported as ``memcpy_cached_mb_s`` for information only: a ring
       whose window stays in cache can beat the main-memory figure.
+    * memcpy into a 4 MiB ring: 128 KiB bursts from cache into a cycling 4 MiB area, the
+      copy the shm producer makes with the default ring (information).
     * raw loopback TCP: two forked processes, one ``sendall`` of a 1 MiB memoryview after
       another, the other ``recv_into`` a 1 MiB buffer, no framing; timed with t0/t1 as above.
+      The same with 128 KiB writes (one ring burst of 32 x 4 KiB each) for information.
 
-Targets (measured in the same run)
-    (1) shm 64 B bursts of 32: msgs/s >= 10x mp.Queue with the same bursts;
-    (2) shm 4 KiB bursts: MB/s >= 60% of memcpy;
-    (3) tcp 4 KiB bursts: MB/s >= 60% of raw loopback TCP.
+Targets (issue 16, ratios in the same run)
+    (1) shm/views 64 B bursts of 32: msgs/s >= 10x mp.Queue with the same bursts, and
+        ahead of faster-fifo's put_many/get_many;
+    (2) shm/views 4 KiB bursts of 32: MB/s >= 0.6 of the in-cache memcpy;
+    (3) tcp/views 4 KiB bursts of 32: MB/s >= 0.6 of raw loopback TCP (1 MiB writes);
+    (4) shm one-way latency p50 of single 64 B messages <= 2 us.
+    Below them the same ratios for the other rows and ceilings, for comparison.
 
 Every figure is the median of ``--repeats`` repeats (5 with --quick, 9 otherwise), taken
 with throughput and latency repeats alternating; the JSON adds ``*_min`` / ``*_max`` spread
 fields (and ``close_error`` when a clean close failed after the figures were taken). A case
 that fails (a transport not built yet, an error, a timeout) is reported with ``error`` and
-null figures; the other cases still run. Nothing is pinned to a core: on a small shared
-machine expect a spread of tens of percent, and read the min-max before a single median.
+null figures; the other cases still run. On a small shared machine expect a spread of tens
+of percent even pinned, and read the min-max before a single median.
 """
 
 from __future__ import annotations

@@ -886,8 +886,14 @@ class ShmReceiver(RingReceiver):
             and not self._held
             and time.monotonic() < self._next_check
         ):
-            msgs = self._pop(ring, max_n, True)
+            try:
+                msgs = ring.pop_views(max_n, self._auto_commit)
+            except _ring.RingCorrupt:
+                msgs = None  # let the slow path raise the ProtocolError
             if msgs:
+                if self._auto_commit:
+                    self._committed = self._next_expected
+                self._next_expected += len(msgs)
                 return msgs
         return self._receive(max_n, timeout, views=True)
 
