@@ -366,10 +366,13 @@ static void learn_from_sleep(struct dpm_ring *r, uint64_t started)
 {
     uint64_t took = now_ns() - started;
     uint64_t budget = r->spin_ns ? r->spin_ns : DPM_SPIN_MIN_NS * 4;
-    if (took < DPM_SPIN_MAX_NS)
-        budget = took * 2 > DPM_SPIN_MAX_NS ? DPM_SPIN_MAX_NS : (took * 2 > budget ? took * 2 : budget);
-    else
+    if (took < DPM_SPIN_MAX_NS) {
+        uint64_t cover = took * 2 > DPM_SPIN_MAX_NS ? DPM_SPIN_MAX_NS : took * 2;
+        if (cover > budget)
+            budget = cover;
+    } else {
         budget = budget / 2 < DPM_SPIN_MIN_NS ? DPM_SPIN_MIN_NS : budget / 2;
+    }
     r->spin_ns = (uint32_t)budget;
 }
 
