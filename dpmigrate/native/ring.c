@@ -327,6 +327,12 @@ static int wait_result(long rc)
     return -errno;
 }
 
+/* The current spin budget; a fresh dpm_ring (zeroed) starts at 4 us. */
+static uint64_t spin_budget(const struct dpm_ring *r)
+{
+    return r->spin_ns ? r->spin_ns : DPM_SPIN_MIN_NS * 4;
+}
+
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -342,7 +348,7 @@ static int adaptive_spin(struct dpm_ring *r, int (*ready)(struct dpm_ring *, int
 {
     if (ready(r, arg))
         return 1;
-    uint64_t budget = r->spin_ns ? r->spin_ns : DPM_SPIN_MIN_NS * 4;
+    uint64_t budget = spin_budget(r);
     uint64_t t0 = now_ns(), t = t0;
     while (t - t0 < budget) {
         for (int i = 0; i < 4; i++) {
@@ -365,7 +371,7 @@ static int adaptive_spin(struct dpm_ring *r, int (*ready)(struct dpm_ring *, int
 static void learn_from_sleep(struct dpm_ring *r, uint64_t started)
 {
     uint64_t took = now_ns() - started;
-    uint64_t budget = r->spin_ns ? r->spin_ns : DPM_SPIN_MIN_NS * 4;
+    uint64_t budget = spin_budget(r);
     if (took < DPM_SPIN_MAX_NS) {
         uint64_t cover = took * 2 > DPM_SPIN_MAX_NS ? DPM_SPIN_MAX_NS : took * 2;
         if (cover > budget)
