@@ -151,69 +151,6 @@ def test_burst_is_limited_by_bytes_too(pair: Pair) -> None:
     assert pair.rx.pop_burst(10, True) == [big] * 3 + [b"w" * 1000]
 
 
-def _record_at(fd: int, offset: int) -> tuple[int, int, int]:
-    """(len, flags, seq) of the record header at `offset` in the data area."""
-    return struct.unpack("<IIQ", os.pread(fd, REC, HDR + offset))
-
-
-def test_producer_wraps_early_while_the_consumer_keeps_up() -> None:
-    soft = _ring.WRAP_SOFT_BYTES
-    p = Pair(data_bytes=2 * soft, capacity=1024, max_message=4096)
-    try:
-        msg, size = bytes(range(256)) * 16, _ring.record_bytes(4096)
-        before = 0
-        for _ in range(soft // size + 2):  # the consumer takes and commits every record
-            before, seq = p.tx.positions()[:2]
-            assert p.tx.push(msg) == 1
-            assert p.rx.pop_burst(1, True) == [msg]
-            if p.tx.positions()[0] - before > size:
-                break
-        wrapped_at = before % (2 * soft)
-        assert wrapped_at >= soft, "no wrap before the soft point"
-        assert p.tx.positions()[0] == 2 * soft + size, "the record went to offset 0"
-        assert _record_at(p.fd, wrapped_at) == (2 * soft - wrapped_at - REC, 1, 0)  # a pad
-        assert _record_at(p.fd, 0) == (4096, 0, seq)
-    finally:
-        p.close()
-
-
-def test_a_consumer_that_falls_behind_gets_the_whole_area() -> None:
-    soft = _ring.WRAP_SOFT_BYTES
-    p = Pair(data_bytes=2 * soft, capacity=1024, max_message=4096)
-    try:
-        msg, size = b"x" * 4096, _ring.record_bytes(4096)
-        fit = 2 * soft // size
-        assert p.tx.push_burst([msg] * (fit + 1)) == fit, "nothing committed: all of the area"
-        assert p.tx.positions()[0] == fit * size
-        assert len(p.rx.pop_burst(fit, False)) == fit
-        p.rx.commit()  # a late commit: the area empties at once
-        assert p.tx.push(msg) == 1
-        assert p.tx.positions()[0] == 2 * soft + size
-        # Near the soft point the consumer commits only 10 records: a record would fit at
-        # offset 0, but the producer would have no slack there, so it carries on linearly.
-        k = soft // size - 1
-        assert p.tx.push_burst([msg] * k) == k and p.tx.positions()[0] % (2 * soft) < soft
-        assert len(p.rx.pop_burst(k + 1, False)) == k + 1
-        p.rx.commit_upto(fit + 10)
-        assert p.tx.push_burst([msg] * 2) == 2
-        assert p.tx.positions()[0] == 2 * soft + (k + 3) * size, "linear, no pad"
-        # Once it has committed everything the next try (half a soft lap on) wraps early.
-        assert len(p.rx.pop_burst(10, False)) == 2
-        p.rx.commit()
-        refused_at, before = (k + 2) * size, 0
-        for _ in range(2 * soft // size):
-            before = p.tx.positions()[0]
-            assert p.tx.push(msg) == 1
-            assert p.rx.pop_burst(1, True) == [msg]
-            if p.tx.positions()[0] - before > size:
-                break
-        assert p.tx.positions()[0] == 4 * soft + size
-        wrapped_at = before % (2 * soft)
-        assert refused_at + soft // 2 <= wrapped_at < refused_at + soft // 2 + size
-    finally:
-        p.close()
-
-
 def test_partial_commit_and_resync_skip_delivered(pair: Pair) -> None:
     msgs = [b"m%d" % i for i in range(10)]
     assert pair.tx.push_burst(msgs) == 10

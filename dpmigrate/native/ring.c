@@ -61,8 +61,6 @@ void dpm_ring_init(struct dpm_ring *r, void *base, uint64_t data_bytes, uint64_t
     r->capacity = capacity;
     r->max_message = max_message;
     r->head_seq = r->tail_seq_cache = first_seq;
-    r->wrap_at = r->wrap_next = data_bytes >= 2 * DPM_WRAP_SOFT_BYTES ? DPM_WRAP_SOFT_BYTES
-                                                                      : UINT64_MAX;
 }
 
 const char *dpm_ring_check(const void *base, uint64_t map_bytes)
@@ -129,51 +127,21 @@ int dpm_ring_fits(struct dpm_ring *r, uint32_t len)
     return fits(r, needed_bytes(r, dpm_record_bytes(len)));
 }
 
-/* Fill the `contig` bytes from `off` to the end of the area with pad and go on at offset 0. */
-static inline void wrap(struct dpm_ring *r, uint64_t off, uint64_t contig)
-{
-    if (contig >= sizeof(struct dpm_record)) {
-        struct dpm_record pad = {(uint32_t)(contig - sizeof(struct dpm_record)), DPM_REC_PAD, 0};
-        memcpy(r->data + off, &pad, sizeof(pad));
-    }
-    r->head += contig;
-}
-
-/* Past the soft wrap point: go back to offset 0 now, if the consumer has committed far
- * enough that the record plus half a soft lap of slack fit there. A consumer that keeps up
- * thus keeps the ring's hot memory at about wrap_at bytes (in cache); one that falls
- * behind gets the whole area, since a failed try just carries on linearly. A failed try
- * moves the next one half a soft lap on, so the consumer's line is loaded a bounded number
- * of times per lap. */
-static inline int wrap_early(struct dpm_ring *r, uint64_t off, uint64_t size)
-{
-    uint64_t contig = r->data_bytes - off;
-    r->tail_cache = ld_acq(&r->hdr->tail);
-    r->tail_seq_cache = ld_rlx(&r->hdr->tail_seq);
-    if (!fits_cached(r, contig + size + r->wrap_at / 2)) {
-        r->wrap_next = off + r->wrap_at / 2;
-        return 0;
-    }
-    wrap(r, off, contig);
-    r->wrap_next = r->wrap_at;
-    return 1;
-}
-
 int dpm_ring_put(struct dpm_ring *r, const void *buf, uint32_t len)
 {
     uint64_t size = dpm_record_bytes(len);
     uint64_t off = r->head & r->mask;
     uint64_t contig = r->data_bytes - off;
-    if (off >= r->wrap_next && contig >= size && wrap_early(r, off, size)) {
-        off = 0;
-    } else {
-        if (!fits(r, contig < size ? contig + size : size))
-            return DPM_FULL;
-        if (contig < size) {
-            wrap(r, off, contig);
-            r->wrap_next = r->wrap_at;
-            off = 0;
+    if (!fits(r, contig < size ? contig + size : size))
+        return DPM_FULL;
+    if (contig < size) {
+        if (contig >= sizeof(struct dpm_record)) {
+            struct dpm_record pad = {(uint32_t)(contig - sizeof(struct dpm_record)), DPM_REC_PAD,
+                                     0};
+            memcpy(r->data + off, &pad, sizeof(pad));
         }
+        r->head += contig;
+        off = 0;
     }
     struct dpm_record rec = {len, DPM_REC_DATA, r->head_seq};
     memcpy(r->data + off, &rec, sizeof(rec));

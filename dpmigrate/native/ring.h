@@ -24,9 +24,7 @@
  *   to a multiple of 8. A record never wraps: when the bytes left before the end of the
  *   area cannot hold the whole record, the producer fills them with a PAD record (or, when
  *   fewer than 16 bytes are left, the reader skips them implicitly) and writes the record
- *   at offset 0. The producer may also wrap early, past a soft point, the same way (a PAD
- *   to the end of the area): readers cannot tell the two apart, so this is producer policy,
- *   not ABI.
+ *   at offset 0.
  *
  * Sequence numbers and the window:
  *   head      bytes published by the producer (release store after the records)
@@ -146,17 +144,7 @@ struct dpm_ring {
      * costs this end a wake-up latency and the other end a FUTEX_WAKE syscall on its hot
      * path, so the budget follows how long waits really last (see adaptive_spin) */
     uint32_t spin_ns;
-    /* producer: the soft wrap point (see wrap_early in ring.c; UINT64_MAX = none) and the
-     * offset at which the next early wrap is tried */
-    uint64_t wrap_at, wrap_next;
 };
-
-/* Soft wrap point of a producer whose data area is at least twice this size: about the
- * hot memory of a ring whose consumer keeps up. Half of this core's 1 MiB L2 leaves room
- * for the producer's own source buffers. */
-#ifndef DPM_WRAP_SOFT_BYTES
-#define DPM_WRAP_SOFT_BYTES (512u * 1024u)
-#endif
 
 #define DPM_SPIN_MIN_NS 1000u  /* 1 us: what a wait is allowed to cost when waits are long */
 #define DPM_SPIN_MAX_NS 50000u /* 50 us: longer gaps are idle time, not a burst in progress */
