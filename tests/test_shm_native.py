@@ -176,6 +176,39 @@ def test_corrupt_record_is_reported_not_crashed_on(pair: Pair) -> None:
         pair.rx.pop_burst(1, False)
 
 
+def test_a_corrupt_record_inside_a_batch_is_named_in_every_receive(pair: Pair) -> None:
+    assert pair.tx.push_burst([b"a" * 8, b"b" * 8, b"c" * 8]) == 3
+    os.pwrite(pair.fd, struct.pack("<I", 1 << 30), HDR + 2 * 24)  # the third record's length
+    for pop in (pair.rx.pop_views, pair.rx.pop_burst):
+        again = _ring.Ring(pair.fd, pair.map_bytes)
+        assert again.attach_consumer() is None and again.resync(0)[0] == _ring.OK
+        with pytest.raises(_ring.RingCorrupt, match=r"byte 48 \(seq 2\)"):
+            pop(32, False)
+        again.close()
+
+
+def test_a_hostile_consumer_position_frees_nothing(pair: Pair) -> None:
+    for _ in range(3):  # a few laps, then a full window (capacity 64): the next push must
+        assert pair.tx.push_burst([b"x" * 8] * 64) == 64  # re-read the consumer's position
+        pair.rx.pop_burst(64, False)
+        pair.rx.commit()
+    assert pair.tx.push_burst([b"x" * 8] * 64) == 64
+    head, head_seq, tail, tail_seq = pair.tx.positions()[:4]
+    assert head > 4096 + 8 and tail_seq == head_seq - 64
+    area = os.pread(pair.fd, 4096, HDR)
+    for bad_tail, bad_seq in (
+        (head + 4096, head_seq),  # freed bytes that were never published
+        (head, head_seq + 5),  # freed records that were never published
+        (head - 4096 - 8, head_seq),  # more than a lap behind
+        (tail, (tail_seq - 5000) % (1 << 64)),  # more records held than the window has
+    ):
+        os.pwrite(pair.fd, struct.pack("<QQ", bad_tail, bad_seq), 128)  # the consumer line
+        assert pair.tx.push_burst([b"y" * 8] * 10) == 0
+        assert pair.tx.push(b"y") == 0
+        assert pair.tx.positions()[:2] == (head, head_seq)
+    assert os.pread(pair.fd, 4096, HDR) == area, "not one byte of the area was written"
+
+
 # --- futex waits across processes -----------------------------------------------------------
 
 

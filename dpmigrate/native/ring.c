@@ -151,6 +151,43 @@ int dpm_ring_put(struct dpm_ring *r, const void *buf, uint32_t len)
     return DPM_OK;
 }
 
+uint32_t dpm_ring_put_many(struct dpm_ring *r, const struct dpm_msg *msgs, uint32_t n)
+{
+    uint32_t i = 0;
+    while (i < n) {
+        /* What the cached tail allows without a wrap: the bytes to the end of the area or
+         * to the consumer's committed position, whichever is nearer, and the free window.
+         * The differences are checked, not trusted: the consumer writes the tail. */
+        uint64_t used = r->head - r->tail_cache, used_n = r->head_seq - r->tail_seq_cache;
+        uint64_t room = used <= r->data_bytes ? r->data_bytes - used : 0;
+        uint64_t window = used_n < r->capacity ? r->capacity - used_n : 0;
+        uint64_t contig = r->data_bytes - (r->head & r->mask);
+        uint8_t *p = r->data + (r->head & r->mask), *start = p;
+        uint64_t seq = r->head_seq; /* locals: a store through p may alias *r */
+        if (room > contig)
+            room = contig;
+        for (; i < n && window > 0; i++, window--) {
+            uint64_t size = dpm_record_bytes(msgs[i].len);
+            if (size > room)
+                break;
+            struct dpm_record rec = {msgs[i].len, DPM_REC_DATA, seq++};
+            memcpy(p, &rec, sizeof(rec));
+            memcpy(p + sizeof(rec), msgs[i].buf, msgs[i].len);
+            p += size;
+            room -= size;
+        }
+        r->head += (uint64_t)(p - start);
+        r->head_seq = seq;
+        if (i == n)
+            break;
+        /* The next record needs a fresher tail or a wrap: the one-record path does both. */
+        if (dpm_ring_put(r, msgs[i].buf, msgs[i].len) != DPM_OK)
+            break;
+        i++;
+    }
+    return i;
+}
+
 void dpm_ring_publish(struct dpm_ring *r)
 {
     struct dpm_ring_header *h = r->hdr;
@@ -164,7 +201,7 @@ void dpm_ring_publish(struct dpm_ring *r)
 /* ---------------------------------------------------------------- consumer */
 
 /* Find the next data record at r->read, skipping pad space. check_seq=0 only in resync. */
-static int next_record(struct dpm_ring *r, uint64_t head, struct dpm_record *rec,
+static inline int next_record(struct dpm_ring *r, uint64_t head, struct dpm_record *rec,
                        const uint8_t **payload, int check_seq)
 {
     for (;;) {
@@ -206,6 +243,26 @@ int dpm_ring_peek(struct dpm_ring *r, uint64_t head, struct dpm_record *rec,
                   const uint8_t **payload)
 {
     return next_record(r, head, rec, payload, 1);
+}
+
+int dpm_ring_peek_many(struct dpm_ring *restrict r, uint64_t head, struct dpm_found *restrict out,
+                       uint32_t max_n, uint32_t *found)
+{
+    struct dpm_record rec;
+    const uint8_t *payload;
+    uint32_t n = 0;
+    int rc = DPM_OK;
+    while (n < max_n) {
+        rc = next_record(r, head, &rec, &payload, 1);
+        if (rc != DPM_OK)
+            break;
+        out[n].off = (uint64_t)(payload - r->data);
+        out[n].len = rec.len;
+        n++;
+        dpm_ring_advance(r, &rec);
+    }
+    *found = n;
+    return rc == DPM_CORRUPT ? DPM_CORRUPT : DPM_OK;
 }
 
 static void publish_tail(struct dpm_ring *r, uint64_t pos, uint64_t seq)

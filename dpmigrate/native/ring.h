@@ -174,6 +174,17 @@ int dpm_ring_fits(struct dpm_ring *r, uint32_t len);
 /* Producer: copy one record into the ring without publishing it (DPM_OK or DPM_FULL). */
 int dpm_ring_put(struct dpm_ring *r, const void *buf, uint32_t len);
 
+/* One message for dpm_ring_put_many. */
+struct dpm_msg {
+    const void *buf;
+    uint32_t len; /* at most max_message: the caller checked */
+};
+
+/* Producer: dpm_ring_put for each message in turn, stopping at the first that does not fit;
+ * returns how many were put. One free-space check covers every record that fits before
+ * the end of the area, so a burst of small records costs one copy each and little else. */
+uint32_t dpm_ring_put_many(struct dpm_ring *r, const struct dpm_msg *msgs, uint32_t n);
+
 /* Producer: make everything put so far visible and wake a waiting consumer. */
 void dpm_ring_publish(struct dpm_ring *r);
 
@@ -181,6 +192,18 @@ void dpm_ring_publish(struct dpm_ring *r);
  * DPM_EMPTY, or DPM_CORRUPT. `head` is the value loaded by the caller (acquire). */
 int dpm_ring_peek(struct dpm_ring *r, uint64_t head, struct dpm_record *rec,
                   const uint8_t **payload);
+
+/* Where a record's payload lies in the data area. */
+struct dpm_found {
+    uint64_t off;
+    uint32_t len;
+};
+
+/* Consumer: dpm_ring_peek and dpm_ring_advance for up to max_n records, each checked the
+ * same way. *found receives how many were found and stepped over; DPM_CORRUPT leaves the
+ * cursor on the bad record (after the good ones), otherwise DPM_OK (an empty ring too). */
+int dpm_ring_peek_many(struct dpm_ring *restrict r, uint64_t head, struct dpm_found *restrict out,
+                       uint32_t max_n, uint32_t *found);
 
 /* Consumer: step the read cursor over the record returned by dpm_ring_peek(). */
 static inline void dpm_ring_advance(struct dpm_ring *r, const struct dpm_record *rec)
