@@ -7,6 +7,7 @@ validation, and real ring ends facing a fake peer that speaks raw bytes.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -118,6 +119,73 @@ def test_take_data_delivers_in_order_and_drops_duplicates() -> None:
     assert r.take_data(out, 3) == (6, 2)
     assert out == [b"m3", b"m4", b"m5"]
     assert r.next_frame() == (fr.CLOSE, 6, b""), "take_data must stop at a control frame"
+
+
+def test_write_data_writes_the_frames_encode_data_would() -> None:
+    a, b = socket.socketpair()
+    try:
+        payloads = [b"x", b"", b"yz" * 100]
+        sent = fr.write_data(a.fileno(), 7, payloads)
+        expected = b"".join(fr.encode_data(7 + i, p) for i, p in enumerate(payloads))
+        assert sent == len(expected) == 3 * fr.HEADER_SIZE + 201
+        assert b.recv(4096) == expected
+    finally:
+        a.close()
+        b.close()
+
+
+def test_write_data_takes_what_the_socket_takes_and_checks_its_arguments() -> None:
+    a, b = socket.socketpair()
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        big = [bytes([i]) * 4096 for i in range(64)]
+        sent = fr.write_data(a.fileno(), 0, big)
+        assert 0 < sent < 64 * (4096 + fr.HEADER_SIZE), "a full socket takes part of a burst"
+        with pytest.raises(BlockingIOError):
+            fr.write_data(a.fileno(), 64, big)
+        with pytest.raises(ValueError, match="at most"):
+            fr.write_data(a.fileno(), 0, [b"x"] * (fr.WRITE_MAX + 1))
+        with pytest.raises(TypeError, match="payload 1 is not bytes"):
+            fr.write_data(a.fileno(), 0, [b"x", bytearray(b"y")])
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(OSError) as err:
+        fr.write_data(1 << 20, 0, [b"x"])  # no such descriptor
+    assert err.value.errno == errno.EBADF
+
+
+def test_a_partly_written_burst_is_queued_and_arrives_whole(
+    resolver: MemoryResolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    returned: list[tuple[int, int]] = []
+    real = fr.write_data
+
+    def recording(fd: int, seq: int, payloads: list[bytes]) -> int:
+        sent = real(fd, seq, payloads)
+        returned.append((sent, sum(map(len, payloads)) + fr.HEADER_SIZE * len(payloads)))
+        return sent
+
+    monkeypatch.setattr(fr, "write_data", recording)
+    tx = tcp.open_sender("partial", resolver=resolver, capacity=1024, sockbuf=16384)
+    rx = consumer(resolver, "partial")
+    try:
+        assert rx.recv_burst(1, timeout=0.05) == []  # HELLO on its way
+        deadline = time.monotonic() + 10
+        while not tx.statistics().extra.get("connected") and time.monotonic() < deadline:
+            tx.service(0.01)
+        sent = [bytes([i % 251]) * 4096 + i.to_bytes(4, "big") for i in range(256)]
+        for i in range(0, 256, 32):  # the consumer reads nothing meanwhile
+            assert tx.send_burst(sent[i : i + 32], timeout=1) == 32
+        assert any(0 <= got < want for got, want in returned), "no direct write was partial"
+        got: list[bytes] = []
+        while len(got) < 256 and time.monotonic() < deadline:
+            tx.service(0)
+            got += [bytes(v) for v in rx.recv_views(64, timeout=0.05)]
+        assert got == sent
+    finally:
+        rx.close()
+        tx.close()
 
 
 def test_take_views_cuts_views_of_the_buffer_and_stops_after_max_n() -> None:

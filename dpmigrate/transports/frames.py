@@ -70,9 +70,11 @@ import struct
 from typing import NamedTuple
 
 from dpmigrate.native._frames import HEADER_SIZE as _C_HEADER_SIZE
+from dpmigrate.native._frames import SEND_MAX as _SEND_MAX
 from dpmigrate.native._frames import STOP_GAP as _STOP_GAP
 from dpmigrate.native._frames import STOP_LIMIT as _STOP_LIMIT
 from dpmigrate.native._frames import cut_data as _cut_data
+from dpmigrate.native._frames import send_data as _send_data
 
 MAGIC = b"DR"
 VERSION = 2
@@ -111,6 +113,17 @@ def type_word(frame_type: int) -> int:
 
 
 DATA_WORD = type_word(DATA)
+
+
+WRITE_MAX = _SEND_MAX  # payloads per write_data call
+
+
+def write_data(fd: int, seq: int, payloads: list[bytes]) -> int:
+    """Write DATA frames for ``payloads`` (bytes, at most WRITE_MAX; seq, seq+1, ...) to
+    the socket ``fd`` with one non-blocking sendmsg; returns the bytes the socket took now
+    (the caller queues the rest). OSError as from socket.sendmsg."""
+    return _send_data(fd, seq, payloads, DATA_WORD)
+
 
 NONCE_SIZE = 16
 PROOF_SIZE = 32
