@@ -386,7 +386,14 @@ def test_limits_are_the_same_on_the_destination(
                   f"{charged})")  # fmt: skip
             # the restored memory is the destination group's (the restore's criu swrk was
             # put in it: the tree was born there), not the source's or the agent's
-            assert charged >= 0.8 * anon, (anon, charged)
+            if charged < 0.8 * anon:  # seen once in ~8 clean-clone runs (statesync): say more
+                time.sleep(2)  # a stale memory.stat would have caught up by now
+                later = _anon_charge(moved["pid"], name, seen)
+                groups = Path(f"/proc/{moved['pid']}/cgroup").read_text()
+                raise AssertionError(
+                    f"{strategy}: RssAnon {anon}, group rss {charged}; 2 s later {later}; "
+                    f"groups of the stage: {groups}"
+                )
             assert report.resources is not None
             assert report.resources["limits"] == TABLE_LIMITS, report.resources
             assert report.resources["applied"] == TABLE_APPLIED
