@@ -66,6 +66,7 @@ class MemSender(RingSender):
     def __init__(self, channel: _Channel) -> None:
         self._ch = channel
         self.name = channel.name
+        self._closed = False  # see RingEnd._closed
         self.capacity = channel.capacity
         self._messages = 0
         self._bytes = 0
@@ -176,6 +177,7 @@ class MemReceiver(RingReceiver):
     def __init__(self, channel: _Channel, auto_commit: bool, next_expected: int) -> None:
         self._ch = channel
         self.name = channel.name
+        self._closed = False  # see RingEnd._closed
         self.capacity = channel.capacity
         self._auto_commit = auto_commit
         self._next_expected = next_expected

@@ -140,6 +140,7 @@ class ShmSender(RingSender):
         next_seq: int,
     ) -> None:
         self.name, self.capacity, self._resolver = name, capacity, resolver
+        self._closed = False  # see RingEnd._closed
         self._max_message, self._reconnect_timeout = max_message, reconnect_timeout
         self._fd = -1
         self._ring: _ring.Ring | None = None
@@ -565,6 +566,7 @@ class ShmReceiver(RingReceiver):
         connect_timeout: float,
     ) -> None:
         self.name, self.capacity, self._resolver = name, 0, resolver
+        self._closed = False  # see RingEnd._closed
         self._auto_commit, self._reconnect_timeout = auto_commit, reconnect_timeout
         self._next_expected = self._committed = next_expected
         self._ring: _ring.Ring | None = None

@@ -366,6 +366,7 @@ class TcpSender(RingSender):
                 f"ring {name!r}: max_message {max_message} must be 0 .. {fr.MAX_ANNOUNCED_MESSAGE}"
             )
         self.name = name
+        self._closed = False  # see RingEnd._closed
         self.capacity = capacity
         self.max_message = max_message
         self.reconnect_timeout = reconnect_timeout
@@ -1052,6 +1053,7 @@ class TcpReceiver(RingReceiver):
         if next_expected < 0:
             raise ConfigError(f"ring {name!r}: next_expected must be >= 0, got {next_expected}")
         self.name = name
+        self._closed = False  # see RingEnd._closed
         self.capacity = DEFAULT_CAPACITY  # replaced by the producer's WELCOME
         self.auto_commit = auto_commit
         self.reconnect_timeout = reconnect_timeout
