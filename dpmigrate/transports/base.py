@@ -199,9 +199,9 @@ class RingEnd(abc.ABC):
     name: str
     transport: str
     capacity: int
-    #: Every end also sets this in its __init__: CPython 3.11 reads an instance attribute on
-    #: a fast path, but looks a class default up again on every read, and the hot paths
-    #: read it once per call (about 200 instructions each time, under callgrind).
+    #: Every end also sets this in its __init__: CPython 3.11 specialises the read of an
+    #: instance attribute but not of a class default, and the hot paths read it once per
+    #: call (shm send_burst + recv_views of 32 x 64 B: 10.04k -> 9.50k instructions).
     _closed: bool = False
 
     @property
