@@ -371,7 +371,14 @@ def test_limits_are_the_same_on_the_destination(
             assert source["resources"]["applied"] == TABLE_APPLIED, source["resources"]
             report = cluster.migrate("table", to="node1", strategy=strategy)
             assert not report.rolled_back, report.error
+            # statesync's woken target reports its pid a moment after the placement moved
+            # (a clean-clone run read None here): wait for it, bounded
+            deadline = time.monotonic() + 30
             moved = stage_status(run)
+            while not (moved.get("pid") and moved.get("node") == "node1"):
+                assert time.monotonic() < deadline, run.status()
+                time.sleep(0.05)
+                moved = stage_status(run)
             for record in records:
                 seen.update(d for g in cgroups.load_record(record)["groups"] for d in g)
             assert moved["node"] == "node1"
