@@ -12,7 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import checker_of, paced_flows, reference_checker, require, stage_status
+from support import (
+    checker_of,
+    paced_flows,
+    reference_checker,
+    require,
+    stage_status,
+    wait_until,
+)
 
 from dpmigrate.errors import ConfigError
 from dpmigrate.runtime import cgroups
@@ -373,12 +380,13 @@ def test_limits_are_the_same_on_the_destination(
             assert not report.rolled_back, report.error
             # statesync's woken target reports its pid a moment after the placement moved
             # (a clean-clone run read None here): wait for it, bounded
-            deadline = time.monotonic() + 30
-            moved = stage_status(run)
-            while not (moved.get("pid") and moved.get("node") == "node1"):
-                assert time.monotonic() < deadline, run.status()
-                time.sleep(0.05)
+            def reported_on_node1() -> bool:
                 moved = stage_status(run)
+                return bool(moved.get("pid")) and moved.get("node") == "node1"
+
+            wait_until(reported_on_node1, "the moved stage's pid on node1", timeout=30,
+                       interval=0.05)  # fmt: skip
+            moved = stage_status(run)
             for record in records:
                 seen.update(d for g in cgroups.load_record(record)["groups"] for d in g)
             assert moved["node"] == "node1"

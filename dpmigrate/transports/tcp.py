@@ -271,8 +271,7 @@ class _OutQueue:
 
     def drop(self, n: int) -> None:
         """Forget the first ``n`` queued bytes: they were written another way."""
-        if n:
-            self._consumed(n)
+        self._consumed(n)
 
     def _consumed(self, n: int) -> bool:
         """Drop the first ``n`` bytes written; False when a buffer was cut (the socket took
