@@ -265,6 +265,38 @@ def test_producer_futex_wait_is_woken_by_a_commit_in_another_process(pair: Pair)
     assert pair.tx.push(b"room") == 1
 
 
+def test_a_spinning_pop_takes_what_another_process_pushes_meanwhile(pair: Pair) -> None:
+    """pop(commit, spin=True) watches an empty ring in C for the spin budget (1-50 us); the
+    producer here pushes only once the consumer has announced it is in its pops, so a
+    message caught by a pop that was already spinning is what the spin is for."""
+    assert pair.rx.pop(False, True) is None, "an empty ring: None after the spin, no sleep"
+    parent, child_end = os.pipe()
+
+    def child() -> bool:
+        os.close(parent)
+        os.write(child_end, b"go")
+        for _ in range(200_000):  # each pop spins <= 50 us: bounded to about 10 s
+            msg = pair.rx.pop(True, True)
+            if msg is not None:
+                return msg == b"spun"
+        return False
+
+    pid = _in_child(child)
+    os.close(child_end)
+    assert os.read(parent, 2) == b"go"
+    os.close(parent)
+    time.sleep(0.05)
+    assert pair.tx.push(b"spun") == 1
+    assert _wait_child(pid) == 0
+    assert pair.rx.pop(True, True) == b"spun"  # this process's cursor had not moved
+    pair.tx.set_flags(_ring.PRODUCER_CLOSED)
+    assert pair.rx.pop(False, True) is None, "a flag ends the spin; no record, None"
+    with pytest.raises(TypeError, match="commit"):
+        pair.rx.pop()
+    with pytest.raises(TypeError, match="commit"):
+        pair.rx.pop(True, True, True)
+
+
 def test_waits_time_out_and_flags_wake_them(pair: Pair) -> None:
     start = time.monotonic()
     assert pair.rx.wait_data(100) is False
@@ -366,6 +398,8 @@ def test_entry_points_do_not_leak(pair: Pair) -> None:
         pair.rx.pop_burst(40, True)
         pair.tx.push(b"one")
         pair.rx.pop(True)
+        pair.tx.push(b"two")
+        pair.rx.pop(True, True)
         pair.rx.positions()
         pair.rx.resync(pair.rx.positions()[5])
 

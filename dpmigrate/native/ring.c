@@ -466,6 +466,12 @@ int dpm_ring_wait_space(struct dpm_ring *r, int64_t len, int timeout_ms)
     return ready;
 }
 
+int dpm_ring_spin_data(struct dpm_ring *r)
+{
+    uint64_t started = 0;
+    return adaptive_spin(r, data_ready_arg, 0, &started);
+}
+
 int dpm_ring_wait_data(struct dpm_ring *r, int timeout_ms)
 {
     uint64_t started = 0;

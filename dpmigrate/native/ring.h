@@ -250,4 +250,9 @@ int dpm_ring_wait_space(struct dpm_ring *r, int64_t len, int timeout_ms);
  * is set. Same returns as dpm_ring_wait_space. */
 int dpm_ring_wait_data(struct dpm_ring *r, int timeout_ms);
 
+/* Consumer: spin (no futex, no syscall) for the learnt budget until data or a flag shows.
+ * The first step of dpm_ring_wait_data on its own, for a receive that waits in C before it
+ * goes back to Python: 1 if ready, 0 when the budget ran out. */
+int dpm_ring_spin_data(struct dpm_ring *r);
+
 #endif /* DPM_RING_H */
