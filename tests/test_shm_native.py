@@ -297,6 +297,37 @@ def test_a_spinning_pop_takes_what_another_process_pushes_meanwhile(pair: Pair) 
         pair.rx.pop(True, True, True)
 
 
+def test_burst_pops_spin_on_an_empty_ring_too(pair: Pair) -> None:
+    assert pair.rx.pop_burst(8, True, True) == []
+    assert len(pair.rx.pop_views(8, True, True)) == 0
+    parent, child_end = os.pipe()
+
+    def child() -> bool:
+        os.close(parent)
+        os.write(child_end, b"go")
+        got: list[bytes] = []
+        for _ in range(200_000):  # each pop spins <= 50 us: bounded to about 10 s
+            got += pair.rx.pop_burst(8, True, True)
+            if len(got) >= 3:
+                return got == [b"a", b"b", b"c"]
+        return False
+
+    pid = _in_child(child)
+    os.close(child_end)
+    assert os.read(parent, 2) == b"go"
+    os.close(parent)
+    time.sleep(0.05)
+    assert pair.tx.push_burst([b"a", b"b", b"c"]) == 3
+    assert _wait_child(pid) == 0
+    batch = pair.rx.pop_views(8, True, True)
+    assert [bytes(v) for v in batch] == [b"a", b"b", b"c"]
+    for pop in (pair.rx.pop_burst, pair.rx.pop_views):
+        with pytest.raises(TypeError, match=r"\(max_n, commit\[, spin\]\)"):
+            pop(8)
+        with pytest.raises(TypeError, match="got 4"):
+            pop(8, True, True, True)
+
+
 def test_waits_time_out_and_flags_wake_them(pair: Pair) -> None:
     start = time.monotonic()
     assert pair.rx.wait_data(100) is False

@@ -498,6 +498,21 @@ static void note_consumer_peak(RingObject *self)
         self->peak = avail;
 }
 
+/* The producer's published head; with spin, an empty ring is first watched for the spin
+ * budget (GIL released), as pop(commit, spin) does. */
+static uint64_t head_after_spin(RingObject *self, int spin)
+{
+    uint64_t head = dpm_load_head(&self->r);
+    if (head != self->r.read || !spin)
+        return head;
+    self->waiting = 1; /* close() from another thread must not unmap under the spin */
+    Py_BEGIN_ALLOW_THREADS
+    dpm_ring_spin_data(&self->r);
+    Py_END_ALLOW_THREADS
+    self->waiting = 0;
+    return dpm_load_head(&self->r);
+}
+
 /* pop(commit[, spin]): with spin true, an empty ring is watched for the learnt spin budget
  * (1-50 us, GIL released) before None comes back: a blocking recv() then returns the moment
  * a message lands instead of after a round through Python's wait loop, which on a ping-pong
@@ -516,17 +531,7 @@ static PyObject *Ring_pop(RingObject *self, PyObject *const *args, Py_ssize_t na
         dpm_ring_commit(&self->r);
     struct dpm_record rec;
     const uint8_t *payload;
-    int rc = dpm_ring_peek(&self->r, dpm_load_head(&self->r), &rec, &payload);
-    if (rc == DPM_EMPTY && spin) {
-        int ready;
-        self->waiting = 1; /* close() from another thread must not unmap under the spin */
-        Py_BEGIN_ALLOW_THREADS
-        ready = dpm_ring_spin_data(&self->r);
-        Py_END_ALLOW_THREADS
-        self->waiting = 0;
-        if (ready)
-            rc = dpm_ring_peek(&self->r, dpm_load_head(&self->r), &rec, &payload);
-    }
+    int rc = dpm_ring_peek(&self->r, head_after_spin(self, spin), &rec, &payload);
     if (rc == DPM_EMPTY)
         Py_RETURN_NONE;
     if (rc != DPM_OK)
@@ -541,28 +546,29 @@ static PyObject *Ring_pop(RingObject *self, PyObject *const *args, Py_ssize_t na
     return b;
 }
 
-/* (max_n, commit) of pop_burst/pop_views, read without building an argument tuple: these
- * run once per batch, where parsing a tuple cost about as much as finding 10 records. */
+/* (max_n, commit[, spin]) of pop_burst/pop_views, read without building an argument tuple:
+ * these run once per batch, where parsing a tuple cost about as much as finding 10 records. */
 static int burst_args(PyObject *const *args, Py_ssize_t nargs, const char *fn, Py_ssize_t *max_n,
-                      int *commit)
+                      int *commit, int *spin)
 {
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "%s() takes 2 arguments (max_n, commit), got %zd", fn,
-                     nargs);
+    if (nargs < 2 || nargs > 3) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 2 or 3 arguments (max_n, commit[, spin]), got %zd",
+                     fn, nargs);
         return -1;
     }
     *max_n = PyNumber_AsSsize_t(args[0], PyExc_OverflowError);
     if (*max_n == -1 && PyErr_Occurred())
         return -1;
     *commit = PyObject_IsTrue(args[1]);
-    return *commit < 0 ? -1 : 0;
+    *spin = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    return *commit < 0 || *spin < 0 ? -1 : 0;
 }
 
 static PyObject *Ring_pop_burst(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t max_n;
-    int commit;
-    if (burst_args(args, nargs, "pop_burst", &max_n, &commit) < 0 ||
+    int commit, spin;
+    if (burst_args(args, nargs, "pop_burst", &max_n, &commit, &spin) < 0 ||
         check_role(self, ROLE_CONSUMER, "pop_burst") < 0 || expire_live(self, "receive") < 0)
         return NULL;
     if (max_n < 1)
@@ -572,7 +578,7 @@ static PyObject *Ring_pop_burst(RingObject *self, PyObject *const *args, Py_ssiz
     PyObject *list = PyList_New(0);
     if (list == NULL)
         return NULL;
-    uint64_t head = dpm_load_head(&self->r);
+    uint64_t head = head_after_spin(self, spin);
     struct dpm_record rec;
     const uint8_t *payload;
     for (Py_ssize_t n = 0; n < max_n; n++) {
@@ -606,8 +612,8 @@ static PyObject *Ring_pop_burst(RingObject *self, PyObject *const *args, Py_ssiz
 static PyObject *Ring_pop_views(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t max_n;
-    int commit;
-    if (burst_args(args, nargs, "pop_views", &max_n, &commit) < 0 ||
+    int commit, spin;
+    if (burst_args(args, nargs, "pop_views", &max_n, &commit, &spin) < 0 ||
         check_role(self, ROLE_CONSUMER, "pop_views") < 0 || expire_live(self, "receive") < 0)
         return NULL;
     if (max_n < 1)
@@ -616,7 +622,7 @@ static PyObject *Ring_pop_views(RingObject *self, PyObject *const *args, Py_ssiz
         max_n = (Py_ssize_t)self->r.capacity; /* never more records than the window */
     if (commit)
         dpm_ring_commit(&self->r);
-    uint64_t head = dpm_load_head(&self->r);
+    uint64_t head = head_after_spin(self, spin);
     uint64_t start_seq = self->r.read_seq;
     struct dpm_found stack[VIEWS_STACK], *found = stack;
     Py_ssize_t n = 0, room = VIEWS_STACK;

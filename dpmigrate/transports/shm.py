@@ -797,12 +797,14 @@ class ShmReceiver(RingReceiver):
         if self._held:
             raise held_error(self.name, what)
 
-    def _pop(self, ring: _ring.Ring, max_n: int, views: bool = False) -> list[bytes] | MessageViews:
+    def _pop(
+        self, ring: _ring.Ring, max_n: int, views: bool = False, spin: bool = False
+    ) -> list[bytes] | MessageViews:
         try:
             if views:
-                msgs = ring.pop_views(max_n, self._auto_commit)
+                msgs = ring.pop_views(max_n, self._auto_commit, spin)
             else:
-                msgs = ring.pop_burst(max_n, self._auto_commit)
+                msgs = ring.pop_burst(max_n, self._auto_commit, spin)
         except _ring.RingCorrupt as err:
             raise ProtocolError(
                 f"ring {self.name!r}: the shared memory is corrupt ({err}); restart both stages"
@@ -821,14 +823,16 @@ class ShmReceiver(RingReceiver):
         return self._ring is not None
 
     def _receive(
-        self, max_n: int, timeout: float | None, views: bool = False
+        self, max_n: int, timeout: float | None, views: bool = False, spin: bool = True
     ) -> list[bytes] | MessageViews:
+        """The whole receive; ``spin=False`` when the caller's fast path has just spun."""
         self._check_open()
         if self._held:
             self._check_held("receive")
         ring = self._ring
-        if ring is not None and self._link_ok():
-            msgs = self._pop(ring, max_n, views)
+        if ring is not None and self._link_ok():  # an empty ring: spin in C first (see recv)
+            spin = spin and (timeout is None or timeout >= _SPIN_MAX)
+            msgs = self._pop(ring, max_n, views, spin)
             if msgs:
                 return msgs
         deadline = _monotonic_deadline(timeout)
@@ -875,7 +879,9 @@ class ShmReceiver(RingReceiver):
                     self._committed = self._next_expected
                 self._next_expected += 1
                 return msg
-        got = self._receive(1, timeout)
+            got = self._receive(1, timeout, spin=False)
+        else:
+            got = self._receive(1, timeout)
         if not got:
             raise RingTimeout(f"ring {self.name!r}: nothing arrived within {timeout} s")
         return got[0]
@@ -904,8 +910,9 @@ class ShmReceiver(RingReceiver):
             and not self._held
             and time.monotonic() < self._next_check
         ):
-            try:
-                msgs = ring.pop_views(max_n, self._auto_commit)
+            spin = timeout is None or timeout >= _SPIN_MAX
+            try:  # an empty ring is watched in C for the spin budget first (see recv)
+                msgs = ring.pop_views(max_n, self._auto_commit, spin)
             except _ring.RingCorrupt:
                 msgs = None  # let the slow path raise the ProtocolError
             if msgs:
@@ -913,6 +920,7 @@ class ShmReceiver(RingReceiver):
                     self._committed = self._next_expected
                 self._next_expected += len(msgs)
                 return msgs
+            return self._receive(max_n, timeout, views=True, spin=False)
         return self._receive(max_n, timeout, views=True)
 
     def commit(self, upto: int | None = None) -> None:
