@@ -297,6 +297,28 @@ def test_a_spinning_pop_takes_what_another_process_pushes_meanwhile(pair: Pair) 
         pair.rx.pop(True, True, True)
 
 
+def test_a_wait_right_after_a_failed_spinning_pop_does_not_spin_again(pair: Pair) -> None:
+    """A receive spins in its pop, then (still empty) goes to wait_data: that wait sleeps at
+    once instead of spinning a second budget. One that comes later spins as before."""
+    skipped = False
+    for _ in range(5):  # a preemption of over 1 ms between the two calls would spin again
+        before = pair.rx.spins
+        assert pair.rx.pop(False, True) is None
+        assert pair.rx.spins == before + 1, "the spinning pop spun once"
+        assert pair.rx.wait_data(1) is False
+        if pair.rx.spins == before + 1:
+            skipped = True
+            break
+    assert skipped, "wait_data spun again right after a failed spinning pop"
+    assert pair.rx.pop(False, True) is None
+    time.sleep(0.01)  # the failed spin is no longer fresh (DPM_SPUN_FRESH_NS is 1 ms)
+    before = pair.rx.spins
+    assert pair.rx.wait_data(1) is False
+    assert pair.rx.spins == before + 1, "a later wait spins first"
+    assert pair.tx.push(b"late") == 1
+    assert pair.rx.pop(False, True) == b"late"
+
+
 def test_burst_pops_spin_on_an_empty_ring_too(pair: Pair) -> None:
     assert pair.rx.pop_burst(8, True, True) == []
     assert len(pair.rx.pop_views(8, True, True)) == 0

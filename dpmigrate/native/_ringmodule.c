@@ -25,7 +25,7 @@
  *     .flags() / .set_flags(bits) / .wake()
  *     .positions() -> (head, head_seq, tail, tail_seq, read, read_seq, flags)
  *     .close()
- *     .messages / .bytes / .peak / .role / .closed / .exports / .name
+ *     .messages / .bytes / .peak / .spins / .role / .closed / .exports / .name
  *
  * Zero-copy receive (Views). A Ring exports its data area through the buffer protocol
  * (read-only, consumer mappings only) and counts the buffers it has out (`exports`).
@@ -952,6 +952,8 @@ static PyMemberDef Ring_members[] = {
      "messages pushed or popped through this mapping"},
     {"bytes", T_ULONGLONG, offsetof(RingObject, bytes), READONLY, "payload bytes of those"},
     {"peak", T_ULONGLONG, offsetof(RingObject, peak), READONLY, "highest occupancy seen"},
+    {"spins", T_ULONGLONG, offsetof(RingObject, r.spins), READONLY,
+     "spins (before a futex sleep, or of a spinning pop) this end began"},
     {"role", T_INT, offsetof(RingObject, role), READONLY, "0 none, 1 producer, 2 consumer"},
     {"map_bytes", T_PYSSIZET, offsetof(RingObject, map_bytes), READONLY, "mapping size"},
     {"exports", T_PYSSIZET, offsetof(RingObject, exports), READONLY,

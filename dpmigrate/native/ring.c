@@ -407,6 +407,7 @@ static int adaptive_spin(struct dpm_ring *r, int (*ready)(struct dpm_ring *, int
         return 1;
     uint64_t budget = spin_budget(r);
     uint64_t t0 = now_ns(), t = t0;
+    r->spins++;
     while (t - t0 < budget) {
         for (int i = 0; i < 4; i++) {
             __builtin_ia32_pause();
@@ -469,14 +470,27 @@ int dpm_ring_wait_space(struct dpm_ring *r, int64_t len, int timeout_ms)
 int dpm_ring_spin_data(struct dpm_ring *r)
 {
     uint64_t started = 0;
-    return adaptive_spin(r, data_ready_arg, 0, &started);
+    if (adaptive_spin(r, data_ready_arg, 0, &started)) {
+        r->spun_until = 0;
+        return 1;
+    }
+    r->spun_from = started;
+    r->spun_until = started ? now_ns() : 0;
+    return 0;
 }
 
 int dpm_ring_wait_data(struct dpm_ring *r, int timeout_ms)
 {
     uint64_t started = 0;
-    if (timeout_ms > 0 && adaptive_spin(r, data_ready_arg, 0, &started))
+    uint64_t spun_until = r->spun_until;
+    r->spun_until = 0;
+    if (spun_until != 0 && now_ns() - spun_until < DPM_SPUN_FRESH_NS) {
+        started = r->spun_from; /* a receive has just spun its budget: sleep at once */
+        if (data_ready(r))
+            return 1;
+    } else if (timeout_ms > 0 && adaptive_spin(r, data_ready_arg, 0, &started)) {
         return 1;
+    }
     struct dpm_ring_header *h = r->hdr;
     uint32_t snap = __atomic_load_n(&h->data_ec, __ATOMIC_ACQUIRE);
     __atomic_store_n(&h->consumer_waiting, 1u, __ATOMIC_RELAXED);

@@ -144,10 +144,16 @@ struct dpm_ring {
      * costs this end a wake-up latency and the other end a FUTEX_WAKE syscall on its hot
      * path, so the budget follows how long waits really last (see adaptive_spin) */
     uint32_t spin_ns;
+    /* consumer: when dpm_ring_spin_data last ran out of budget (0: it did not), and when
+     * that spin began; a dpm_ring_wait_data right after it sleeps at once and learns from
+     * that start instead of spinning a second budget */
+    uint64_t spun_until, spun_from;
+    uint64_t spins; /* spins begun by this end: a statistic, and how tests see a skipped one */
 };
 
 #define DPM_SPIN_MIN_NS 1000u  /* 1 us: what a wait is allowed to cost when waits are long */
 #define DPM_SPIN_MAX_NS 50000u /* 50 us: longer gaps are idle time, not a burst in progress */
+#define DPM_SPUN_FRESH_NS 1000000u /* 1 ms: a failed spin this recent stands in for a wait's own */
 
 /* Result codes (>= 0 success, < 0 failure) */
 #define DPM_OK 0
@@ -252,7 +258,8 @@ int dpm_ring_wait_data(struct dpm_ring *r, int timeout_ms);
 
 /* Consumer: spin (no futex, no syscall) for the learnt budget until data or a flag shows.
  * The first step of dpm_ring_wait_data on its own, for a receive that waits in C before it
- * goes back to Python: 1 if ready, 0 when the budget ran out. */
+ * goes back to Python: 1 if ready, 0 when the budget ran out. A dpm_ring_wait_data within
+ * DPM_SPUN_FRESH_NS of that 0 does not spin again: it sleeps, and learns from this spin. */
 int dpm_ring_spin_data(struct dpm_ring *r);
 
 #endif /* DPM_RING_H */
