@@ -15,8 +15,8 @@
  *     .push_burst(msgs) -> n | -1
  *     .wait_space(nbytes, timeout_ms) -> bool   (nbytes < 0: wait until all is committed)
  *     .pop(commit[, spin]) -> bytes | None  (spin: wait the learnt spin budget, no futex)
- *     .pop_burst(max_n, commit) -> list[bytes]
- *     .pop_views(max_n, commit) -> Views     (zero-copy: views into the mapping, see below)
+ *     .pop_burst(max_n, commit[, spin]) -> list[bytes]
+ *     .pop_views(max_n, commit[, spin]) -> Views  (zero-copy: views into the mapping, below)
  *     .expire_views() -> None               (end the live Views batch; ViewsHeld if in use)
  *     .commit() -> None
  *     .commit_upto(seq) -> None             (acknowledge the delivered prefix below seq)
@@ -520,8 +520,8 @@ static uint64_t head_after_spin(RingObject *self, int spin)
 static PyObject *Ring_pop(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 1 || nargs > 2)
-        return PyErr_Format(PyExc_TypeError, "pop() takes 1 or 2 arguments (commit[, spin]), got %zd",
-                            nargs);
+        return PyErr_Format(PyExc_TypeError,
+                            "pop() takes 1 or 2 arguments (commit[, spin]), got %zd", nargs);
     int commit = PyObject_IsTrue(args[0]);
     int spin = nargs == 2 ? PyObject_IsTrue(args[1]) : 0;
     if (commit < 0 || spin < 0 || check_role(self, ROLE_CONSUMER, "pop") < 0 ||
@@ -552,8 +552,8 @@ static int burst_args(PyObject *const *args, Py_ssize_t nargs, const char *fn, P
                       int *commit, int *spin)
 {
     if (nargs < 2 || nargs > 3) {
-        PyErr_Format(PyExc_TypeError, "%s() takes 2 or 3 arguments (max_n, commit[, spin]), got %zd",
-                     fn, nargs);
+        PyErr_Format(PyExc_TypeError,
+                     "%s() takes 2 or 3 arguments (max_n, commit[, spin]), got %zd", fn, nargs);
         return -1;
     }
     *max_n = PyNumber_AsSsize_t(args[0], PyExc_OverflowError);
@@ -926,9 +926,9 @@ static PyMethodDef Ring_methods[] = {
     {"pop", (PyCFunction)(void (*)(void))Ring_pop, METH_FASTCALL,
      "pop(commit[, spin]) -> bytes or None (spin: watch an empty ring for the spin budget)."},
     {"pop_burst", (PyCFunction)(void (*)(void))Ring_pop_burst, METH_FASTCALL,
-     "pop_burst(max_n, commit) -> list of up to max_n messages."},
+     "pop_burst(max_n, commit[, spin]) -> list of up to max_n messages."},
     {"pop_views", (PyCFunction)(void (*)(void))Ring_pop_views, METH_FASTCALL,
-     "pop_views(max_n, commit) -> Views of up to max_n records, valid until the next call."},
+     "pop_views(max_n, commit[, spin]) -> Views of up to max_n records, valid until next call."},
     {"expire_views", (PyCFunction)Ring_expire_views, METH_NOARGS,
      "expire_views(): end the live Views batch; ViewsHeld if its memory is still in use."},
     {"commit", (PyCFunction)Ring_commit, METH_NOARGS, "commit(): publish the read cursor."},
