@@ -13,7 +13,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -236,6 +236,27 @@ def _wait_child(pid: int, bound: float = 20.0) -> int:
     raise AssertionError("child did not finish in time")
 
 
+def _child_popping(pops: Callable[[], bool]) -> int:
+    """Fork a child that runs pops() (its exit code says whether it got what it expected);
+    return once it has said it is about to start, and 50 ms more, so that what the caller
+    pushes next lands while the child's pops are running."""
+    parent, child_end = os.pipe()
+
+    def child() -> bool:
+        os.close(parent)
+        os.write(child_end, b"go")
+        return pops()
+
+    pid = _in_child(child)
+    os.close(child_end)
+    try:
+        assert os.read(parent, 2) == b"go"
+    finally:
+        os.close(parent)
+    time.sleep(0.05)
+    return pid
+
+
 def test_consumer_futex_wait_is_woken_by_another_process(pair: Pair) -> None:
     def child() -> bool:
         start = time.monotonic()
@@ -270,22 +291,15 @@ def test_a_spinning_pop_takes_what_another_process_pushes_meanwhile(pair: Pair) 
     producer here pushes only once the consumer has announced it is in its pops, so a
     message caught by a pop that was already spinning is what the spin is for."""
     assert pair.rx.pop(False, True) is None, "an empty ring: None after the spin, no sleep"
-    parent, child_end = os.pipe()
 
-    def child() -> bool:
-        os.close(parent)
-        os.write(child_end, b"go")
+    def pops() -> bool:
         for _ in range(200_000):  # each pop spins <= 50 us: bounded to about 10 s
             msg = pair.rx.pop(True, True)
             if msg is not None:
                 return msg == b"spun"
         return False
 
-    pid = _in_child(child)
-    os.close(child_end)
-    assert os.read(parent, 2) == b"go"
-    os.close(parent)
-    time.sleep(0.05)
+    pid = _child_popping(pops)
     assert pair.tx.push(b"spun") == 1
     assert _wait_child(pid) == 0
     assert pair.rx.pop(True, True) == b"spun"  # this process's cursor had not moved
@@ -322,11 +336,8 @@ def test_a_wait_right_after_a_failed_spinning_pop_does_not_spin_again(pair: Pair
 def test_burst_pops_spin_on_an_empty_ring_too(pair: Pair) -> None:
     assert pair.rx.pop_burst(8, True, True) == []
     assert len(pair.rx.pop_views(8, True, True)) == 0
-    parent, child_end = os.pipe()
 
-    def child() -> bool:
-        os.close(parent)
-        os.write(child_end, b"go")
+    def pops() -> bool:
         got: list[bytes] = []
         for _ in range(200_000):  # each pop spins <= 50 us: bounded to about 10 s
             got += pair.rx.pop_burst(8, True, True)
@@ -334,11 +345,7 @@ def test_burst_pops_spin_on_an_empty_ring_too(pair: Pair) -> None:
                 return got == [b"a", b"b", b"c"]
         return False
 
-    pid = _in_child(child)
-    os.close(child_end)
-    assert os.read(parent, 2) == b"go"
-    os.close(parent)
-    time.sleep(0.05)
+    pid = _child_popping(pops)
     assert pair.tx.push_burst([b"a", b"b", b"c"]) == 3
     assert _wait_child(pid) == 0
     batch = pair.rx.pop_views(8, True, True)

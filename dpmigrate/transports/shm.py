@@ -426,22 +426,7 @@ class ShmSender(RingSender):
                 return n
 
     def send(self, msg: bytes, timeout: float | None = None) -> None:
-        ring = self._ring  # fast path: send_burst's, for one message (a ping-pong's latency)
-        if (
-            ring is not None
-            and not self._closed
-            and not self._skip
-            and self._conn is not None
-            and not self._consumer_closed
-            and not self._broken
-            and time.monotonic() < self._next_check
-        ):
-            try:
-                if ring.push_burst((msg,)) > 0:
-                    return
-            except (ValueError, TypeError):
-                pass  # the long way pushes nothing either, and words the error
-        if not self._push_waiting((msg,), timeout):
+        if not self.send_burst((msg,), timeout):  # its fast path: a ping-pong's latency
             raise RingTimeout(
                 f"ring {self.name!r}: full for {timeout} s ({self.capacity} messages or "
                 f"{self._data_bytes} bytes retained); is the consumer keeping up?"
