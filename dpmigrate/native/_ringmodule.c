@@ -1071,6 +1071,7 @@ PyMODINIT_FUNC PyInit__ring(void)
         PyModule_AddIntConstant(m, "HEADER_BYTES", DPM_RING_HEADER_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "MIN_DATA_BYTES", DPM_RING_MIN_DATA) < 0 ||
         PyModule_AddIntConstant(m, "HUGE_PAGE_BYTES", DPM_RING_HUGE_PAGE) < 0 ||
+        PyModule_AddIntConstant(m, "SPIN_MAX_NS", DPM_SPIN_MAX_NS) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_HEADER_BYTES", sizeof(struct dpm_record)) < 0 ||
         PyModule_AddIntConstant(m, "PRODUCER_CLOSED", DPM_RING_PRODUCER_CLOSED) < 0 ||
         PyModule_AddIntConstant(m, "CONSUMER_CLOSED", DPM_RING_CONSUMER_CLOSED) < 0 ||

@@ -474,8 +474,8 @@ int dpm_ring_spin_data(struct dpm_ring *r)
         r->spun_until = 0;
         return 1;
     }
-    r->spun_from = started;
-    r->spun_until = started ? now_ns() : 0;
+    r->spun_from = started; /* set whenever the budget ran out */
+    r->spun_until = now_ns();
     return 0;
 }
 

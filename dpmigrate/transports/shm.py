@@ -73,7 +73,7 @@ DEFAULT_RING_BYTES = 4 << 20
 
 _SLICE = 0.05  # longest single futex wait: bounds reaction to Ctrl-C and to a dead peer
 _LINK_CHECK = 0.005  # how often the hot path looks at the liveness socket
-_SPIN_MAX = 50e-6  # the C core's longest spin (DPM_SPIN_MAX_NS): a shorter timeout skips it
+_SPIN_MAX = _ring.SPIN_MAX_NS / 1e9  # the C core's longest spin: a shorter timeout skips it
 _HANDSHAKE_GRACE = 2.0  # a connection that has not said HELLO by then is dropped
 _RETRY = 0.01  # pause between two connection attempts of a reconnecting consumer
 
