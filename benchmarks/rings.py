@@ -107,6 +107,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import multiprocessing as mp
@@ -834,6 +835,7 @@ def measure_memcpy(plan: Plan, size: int = 64 << 20) -> list[float]:
     return out
 
 
+@functools.cache
 def l2_bytes() -> int | None:
     """This CPU's per-core L2 from sysfs (None where the kernel does not say)."""
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
